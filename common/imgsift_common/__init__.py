@@ -1,0 +1,1 @@
+"""What every imgsift service shares: messages, settings, Celery routing, storage, job state."""

@@ -1,0 +1,97 @@
+"""Celery app factory, task names and queue routing: the one place they are defined.
+
+Services never import each other's code; they enqueue the next stage by task name
+(``app.send_task(TaskName.DETECT, ...)``) and the routes below put it on that stage's queue.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import redis.exceptions
+import urllib3.exceptions
+from celery import Celery
+from kombu import Queue  # type: ignore[attr-defined]
+from pydantic import BaseModel
+
+
+class QueueName(StrEnum):
+    CRAWL = "crawl"
+    DETECT = "detect"
+    SIAMESE = "siamese"
+    TRAIN = "train"  # reserved for fine-tuning the Siamese head
+
+
+class TaskName(StrEnum):
+    DISCOVER = "crawler.discover"
+    DOWNLOAD = "crawler.download"
+    DETECT = "detector.detect"
+    COMPARE = "siamese.compare"
+    TRAIN = "siamese.train"
+
+
+# The job marker naming the one discovery chain (of crawler.discover ticks) a job has.
+DISCOVER_CHAIN_MARKER = "discover-chain"
+
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    TaskName.DISCOVER: {"queue": QueueName.CRAWL},
+    TaskName.DOWNLOAD: {"queue": QueueName.CRAWL},
+    TaskName.DETECT: {"queue": QueueName.DETECT},
+    TaskName.COMPARE: {"queue": QueueName.SIAMESE},
+    TaskName.TRAIN: {"queue": QueueName.TRAIN},
+}
+
+
+# Faults a later attempt can outlive: Redis or the object store unreachable or slow, or a 5xx
+# from the store. Tasks retry these with backoff and jitter, a bounded number of times;
+# anything else is a bug or bad data, and retrying cannot help.
+def _transient_errors() -> tuple[type[Exception], ...]:
+    from minio.error import ServerError
+
+    return (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        urllib3.exceptions.MaxRetryError,
+        urllib3.exceptions.ProtocolError,
+        urllib3.exceptions.TimeoutError,
+        ServerError,
+    )
+
+
+TRANSIENT_ERRORS = _transient_errors()
+RETRY_POLICY = {
+    "autoretry_for": TRANSIENT_ERRORS,
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 5,
+}
+
+
+def create_celery_app(name: str, broker_url: str) -> Celery:
+    """A Celery app with imgsift's conventions: JSON only, late acks, prefetch 1."""
+    app = Celery(name, broker=broker_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # job state lives in Redis structures we design, not results
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,  # a killed worker's task goes back on the queue
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(q.value) for q in QueueName],
+        task_default_queue=QueueName.CRAWL.value,
+        task_routes={str(k): v for k, v in TASK_ROUTES.items()},
+        broker_connection_retry_on_startup=True,
+        # With acks_late a task must finish within the visibility timeout or Redis
+        # hands it to another worker; our batches are small, an hour is generous.
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def send(app: Celery, task: TaskName, message: BaseModel, **options: Any) -> None:
+    """Enqueue ``task`` with a pydantic message, serialised as JSON."""
+    app.send_task(str(task), args=[message.model_dump(mode="json")], **options)

@@ -1,0 +1,1200 @@
+"""Job state: the job record, counters, per-URL outcomes, crops and distances.
+
+Two implementations of one interface: :class:`RedisStateStore` for the services and
+:class:`SqliteStateStore` for the embedded ``imgsift`` command. Every write that moves a
+counter is "record once": it is keyed by what it records (a URL, an image key, a crop key)
+and a second delivery of the same work changes nothing, so counters cannot drift when a
+task is redelivered. Distances are stored raw; accepted = distance <= threshold is decided
+when read.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from imgsift_common.messages import (
+    Candidate,
+    Crop,
+    DiscoveryReason,
+    DownloadOutcome,
+    DownloadRecord,
+    FailureReason,
+    Job,
+    JobState,
+    StoredImage,
+    utcnow,
+)
+from imgsift_common.neardup import NearDupQuery, hamming
+
+
+class Counter(StrEnum):
+    DISCOVERED = "discovered"
+    DOWNLOADED = "downloaded"
+    DUPLICATES = "duplicates"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DETECTED = "detected"
+    CROPS = "crops"
+    COMPARED = "compared"
+    COMPARE_FAILED = "compare_failed"  # crops lost or undecodable: counted so the job can finish
+
+
+class Flag(StrEnum):
+    DISCOVERY_DONE = "discovery_done"
+    DISCOVERY_REASON = "discovery_reason:"  # followed by a DiscoveryReason
+
+
+def discovery_reason(flags: set[str]) -> DiscoveryReason | None:
+    """Why discovery stopped, from a job's flags (None while it goes on)."""
+    for flag in flags:
+        if flag.startswith(Flag.DISCOVERY_REASON):
+            return DiscoveryReason(flag.removeprefix(Flag.DISCOVERY_REASON))
+    return None
+
+
+_OUTCOME_COUNTER = {
+    DownloadOutcome.STORED: Counter.DOWNLOADED,
+    DownloadOutcome.DUPLICATE: Counter.DUPLICATES,
+    DownloadOutcome.FAILED: Counter.FAILED,
+    DownloadOutcome.SKIPPED: Counter.SKIPPED,
+}
+
+
+def reason_counter(record: DownloadRecord) -> str | None:
+    if record.reason is None or record.outcome not in (DownloadOutcome.FAILED, DownloadOutcome.SKIPPED):
+        return None
+    return f"{record.outcome.value}:{record.reason.value}"
+
+
+class StreamState(BaseModel):
+    """Where one source stream (a source, with one query) stands: resumable by any worker."""
+
+    cursor: str | None = None
+    pages: int = 0
+    taken: int = 0  # distinct candidate URLs it has given
+    exhausted: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DistancePage:
+    items: list[tuple[str, float]]
+    next_after: tuple[float, str] | None
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class StateStore(Protocol):
+    # jobs
+    def create_job(self, job: Job) -> bool: ...
+    def get_job(self, job_id: str) -> Job | None: ...
+    def save_job(self, job: Job) -> None: ...
+    def update_job(self, job_id: str, **changes: object) -> Job: ...
+    def list_jobs(self, limit: int = 100) -> list[Job]: ...
+    def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> Job: ...
+    def add_note(self, job_id: str, note: str) -> None: ...
+    def notes(self, job_id: str) -> list[str]: ...
+    def counters(self, job_id: str) -> dict[str, int]: ...
+    def set_flag(self, job_id: str, flag: str) -> None: ...
+    def raise_progress(self, job_id: str, fraction: float) -> float: ...
+    def hold_lock(self, job_id: str, name: str, owner: str, ttl: float) -> bool: ...
+    def set_marker(self, job_id: str, name: str, value: str) -> None: ...
+    def get_marker(self, job_id: str, name: str) -> str | None: ...
+    def release_lock(self, job_id: str, name: str, owner: str) -> None: ...
+    def flags(self, job_id: str) -> set[str]: ...
+    # crawl
+    def enqueue_candidates(self, job_id: str, candidates: Iterable[Candidate]) -> list[Candidate]: ...
+    def lease_candidates(self, job_id: str, limit: int, lease_seconds: float) -> list[Candidate]: ...
+    def frontier_size(self, job_id: str) -> int: ...
+    def stream_state(self, job_id: str, stream_id: str) -> StreamState | None: ...
+    def save_stream_state(self, job_id: str, stream_id: str, stream: StreamState) -> None: ...
+    def url_record(self, job_id: str, url: str) -> DownloadRecord | None: ...
+    def sha_owner(self, job_id: str, sha256: str) -> str | None: ...
+    def record_download(
+        self,
+        job_id: str,
+        record: DownloadRecord,
+        image: StoredImage | None,
+        max_images: int,
+        *,
+        near: NearDupQuery | None = None,
+        across_jobs: bool = False,
+    ) -> DownloadRecord: ...
+    def get_image(self, job_id: str, key: str) -> StoredImage | None: ...
+    def image_keys(self, job_id: str) -> list[str]: ...
+    # detect
+    def is_detected(self, job_id: str, image_key: str) -> bool: ...
+    def detected_count(self, job_id: str, image_key: str) -> int | None: ...
+    def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool: ...
+    def get_crops(self, job_id: str, crop_keys: Iterable[str]) -> list[Crop]: ...
+    def crop_keys(self, job_id: str) -> list[str]: ...
+    # siamese
+    def has_distance(self, job_id: str, crop_key: str) -> bool: ...
+    def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool: ...
+    def record_compare_failure(self, job_id: str, crop_key: str) -> bool: ...
+    def count_accepted(self, job_id: str, threshold: float) -> int: ...
+    def distances(self, job_id: str) -> list[tuple[str, float]]: ...
+    def distance_page(
+        self,
+        job_id: str,
+        *,
+        max_distance: float | None = None,
+        min_distance_exclusive: float | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 100,
+    ) -> DistancePage: ...
+    # reset (embedded re-runs with another detector or scorer)
+    def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
+        """Stored images not yet detected, and crops with neither a distance nor a failure."""
+        ...
+
+    def reset_detections(self, job_id: str) -> None: ...
+    def reset_distances(self, job_id: str) -> None: ...
+
+
+def _updated(job: Job, changes: dict[str, object]) -> Job:
+    # The state has its own rules (set_job_state); an update never rewrites it.
+    if "state" in changes or "id" in changes:
+        raise ValueError("update_job changes neither the state nor the id; use set_job_state")
+    return job.model_copy(update={**changes, "updated_at": utcnow()})
+
+
+def _finalised(job: Job, state: JobState, error: str | None) -> Job:
+    # A final state is final: a late task cannot turn "cancelled" back into "completed".
+    if job.state.is_final and state is not job.state:
+        return job
+    return job.model_copy(update={"state": state, "error": error or job.error, "updated_at": utcnow()})
+
+
+# ============================================================================ Redis
+
+
+_ENQUEUE = """
+-- KEYS: seen, frontier, leases, counters ; ARGV: url1, candidate1, url2, candidate2, ...
+-- A URL enters the frontier once per job; its lease starts expired, so it is handed out.
+local new = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    redis.call('ZADD', KEYS[3], 0, ARGV[i])
+    redis.call('HINCRBY', KEYS[4], 'discovered', 1)
+    table.insert(new, ARGV[i])
+  end
+end
+return new
+"""
+
+_LEASE = """
+-- KEYS: frontier, leases ; ARGV: now, lease_until, limit
+local urls = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, url in ipairs(urls) do
+  local candidate = redis.call('HGET', KEYS[1], url)
+  if candidate then
+    redis.call('ZADD', KEYS[2], ARGV[2], url)
+    table.insert(out, candidate)
+  else
+    redis.call('ZREM', KEYS[2], url)
+  end
+end
+return out
+"""
+
+_RECORD_DOWNLOAD = """
+-- Record what became of one URL, once. Exact duplicates (same SHA-256) within the job, and
+-- across jobs when asked, are recorded as duplicates of the first copy. A near-duplicate
+-- (perceptual hash within max distance) that is not larger than the copy kept is recorded as
+-- its duplicate; one that is larger is kept instead, and the smaller copy becomes the
+-- duplicate: its detections and distances are taken back as if it never went downstream.
+-- KEYS: 1 urls, 2 sha, 3 counters, 4 images, 5 frontier, 6 leases, 7 phash, 8 superseded,
+--       9 detected, 10 dist, 11 compare_failed, 12 global sha
+-- ARGV: 1 url, 2 record, 3 sha, 4 image_key, 5 image, 6 max_images, 7 reason counter,
+--       8 outcome counter, 9 across jobs, 10 job id, 11 bucket key prefix, 12 crop key prefix,
+--       13 near (1/0), 14 hi, 15 lo, 16 pixels, 17 max distance, 18 n own, own buckets..., n probe, probe buckets...
+--       ARGV[19 + n own + 1 + n probe]: key prefix of the sets of duplicates, per URL kept
+-- Every duplicate is filed under the URL kept, so when a larger copy replaces it, all of
+-- them are pointed at the new copy: one keeper per group, never a chain.
+local url = ARGV[1]
+local existing = redis.call('HGET', KEYS[1], url)
+redis.call('HDEL', KEYS[5], url)
+redis.call('ZREM', KEYS[6], url)
+if existing then return existing end
+
+local function popcount(x)
+  local c = 0
+  while x ~= 0 do x = bit.band(x, x - 1); c = c + 1 end
+  return c
+end
+local function incr(name, by) redis.call('HINCRBY', KEYS[3], name, by or 1) end
+local function as(outcome, fields)
+  local r = cjson.decode(ARGV[2])
+  r['outcome'] = outcome
+  for k, v in pairs(fields) do r[k] = v end
+  return cjson.encode(r)
+end
+
+local record = ARGV[2]
+local sha = ARGV[3]
+local n_own = tonumber(ARGV[18] or '0')
+local dupes = ARGV[#ARGV]
+if sha == '' then
+  if ARGV[7] ~= '' then incr(ARGV[7]) end
+  incr(ARGV[8])
+  redis.call('HSET', KEYS[1], url, record)
+  return record
+end
+
+local owner = redis.call('HGET', KEYS[2], sha)
+local elsewhere = false
+if ARGV[9] == '1' then
+  local g = redis.call('HGET', KEYS[12], sha)
+  if g and string.sub(g, 1, #ARGV[10] + 1) ~= ARGV[10] .. ' ' then elsewhere = g end
+end
+if owner and owner ~= url then
+  record = as('duplicate', {duplicate_of = owner})
+  redis.call('SADD', dupes .. owner, url)
+  incr('duplicates')
+elseif elsewhere then
+  record = as('duplicate', {duplicate_of = 'job ' .. elsewhere})
+  incr('duplicates')
+elseif tonumber(redis.call('HGET', KEYS[3], 'downloaded') or '0') >= tonumber(ARGV[6]) then
+  record = as('skipped', {reason = 'limit_reached', image_key = cjson.null})
+  incr('skipped')
+  incr('skipped:limit_reached')
+else
+  local keep = true
+  if ARGV[13] == '1' then
+    local hi, lo, pixels, maxd = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
+    local best, best_d = nil, maxd + 1
+    local seen = {}
+    local n_probe = tonumber(ARGV[19 + n_own])
+    for i = 1, n_probe do
+      for _, other in ipairs(redis.call('SMEMBERS', ARGV[11] .. ARGV[19 + n_own + i])) do
+        if not seen[other] and other ~= sha then
+          seen[other] = true
+          local entry = redis.call('HGET', KEYS[7], other)
+          if entry then
+            local f = cjson.decode(entry)
+            local d = popcount(bit.bxor(hi, f['hi'])) + popcount(bit.bxor(lo, f['lo']))
+            if d < best_d then best, best_d = f, d end
+          end
+        end
+      end
+    end
+    if best and pixels <= best['pixels'] then
+      keep = false
+      record = as('duplicate', {duplicate_of = best['url'], hamming = best_d})
+      redis.call('SADD', dupes .. best['url'], url)
+      incr('duplicates')
+    elseif best then
+      -- The new copy is larger: the kept one becomes its duplicate, downstream included.
+      local old = cjson.decode(redis.call('HGET', KEYS[1], best['url']))
+      old['outcome'] = 'duplicate'
+      old['duplicate_of'] = url
+      old['hamming'] = best_d
+      redis.call('HSET', KEYS[1], best['url'], cjson.encode(old))
+      for _, other in ipairs(redis.call('SMEMBERS', dupes .. best['url'])) do
+        local r = cjson.decode(redis.call('HGET', KEYS[1], other))
+        r['duplicate_of'] = url
+        redis.call('HSET', KEYS[1], other, cjson.encode(r))
+        redis.call('SADD', dupes .. url, other)
+      end
+      redis.call('DEL', dupes .. best['url'])
+      redis.call('SADD', dupes .. url, best['url'])
+      redis.call('HSET', KEYS[2], best['sha'], url)
+      redis.call('HDEL', KEYS[4], best['key'])
+      for _, b in ipairs(best['buckets']) do redis.call('SREM', ARGV[11] .. b, best['sha']) end
+      redis.call('HDEL', KEYS[7], best['sha'])
+      incr('downloaded', -1)
+      incr('duplicates')
+      local sha24 = string.sub(best['sha'], 1, 24)
+      redis.call('SADD', KEYS[8], sha24)
+      local n = redis.call('HGET', KEYS[9], best['key'])
+      if n then
+        incr('detected', -1)
+        incr('crops', -tonumber(n))
+        for i = 0, tonumber(n) - 1 do
+          local crop = ARGV[12] .. sha24 .. string.format('-%03d.jpg', i)
+          if redis.call('ZREM', KEYS[10], crop) == 1 then incr('compared', -1) end
+          if redis.call('SREM', KEYS[11], crop) == 1 then incr('compare_failed', -1) end
+        end
+      end
+    end
+  end
+  if keep then
+    redis.call('HSET', KEYS[2], sha, url)
+    redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
+    redis.call('HSET', KEYS[12], sha, ARGV[10] .. ' ' .. url)
+    if ARGV[13] == '1' then
+      local buckets = {}
+      for i = 1, n_own do
+        buckets[i] = ARGV[18 + i]
+        redis.call('SADD', ARGV[11] .. ARGV[18 + i], sha)
+      end
+      redis.call('HSET', KEYS[7], sha, cjson.encode({
+        hi = tonumber(ARGV[14]), lo = tonumber(ARGV[15]), pixels = tonumber(ARGV[16]),
+        sha = sha, key = ARGV[4], url = url, buckets = buckets}))
+    end
+    incr('downloaded')
+  end
+end
+redis.call('HSET', KEYS[1], url, record)
+return record
+"""
+
+_RECORD_DETECTION = """
+-- KEYS: detected, crops, counters, superseded ; ARGV: image_key, n, sha24, crop_key1, crop_json1, ...
+if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then
+  redis.call('HSETNX', KEYS[1], ARGV[1], 0)  -- a larger copy replaced this image: nothing downstream
+  return 0
+end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HINCRBY', KEYS[3], 'detected', 1)
+redis.call('HINCRBY', KEYS[3], 'crops', tonumber(ARGV[2]))
+return 1
+"""
+
+_RECORD_DISTANCE = """
+-- KEYS: dist, counters, superseded ; ARGV: crop_key, distance, sha24
+if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 1 then return 0 end  -- its image was replaced
+local added = redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+if added == 1 then redis.call('HINCRBY', KEYS[2], 'compared', 1) end
+return added
+"""
+
+_RECORD_COMPARE_FAILURE = """
+-- KEYS: failed set, counters ; ARGV: crop_key
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'compare_failed', 1)
+  return 1
+end
+return 0
+"""
+
+_RAISE_PROGRESS = """
+-- KEYS: job progress ; ARGV: fraction ; keeps the highest value ever reported
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local new = tonumber(ARGV[1])
+if new > cur then redis.call('SET', KEYS[1], ARGV[1]); return ARGV[1] end
+return tostring(cur)
+"""
+
+_HOLD_LOCK = """
+-- KEYS: lock ; ARGV: owner, ttl_ms ; take a free lock, or keep one we hold
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+_SET_STATE = """
+-- KEYS: job ; ARGV: new_job_json, expected_state ; compare-and-set on the stored state
+local cur = redis.call('GET', KEYS[1])
+if not cur then return -1 end
+if cjson.decode(cur)['state'] ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class RedisStateStore:
+    """Job state in Redis hashes, sets and sorted sets under ``imgsift:job:{id}:*``."""
+
+    def __init__(self, client: object, prefix: str = "imgsift") -> None:
+        import redis
+
+        assert isinstance(client, redis.Redis)
+        # Any: redis-py's hints do not know that decode_responses=True returns str.
+        self.r: Any = client
+        self.prefix = prefix
+        self._record_download = self.r.register_script(_RECORD_DOWNLOAD)
+        self._enqueue = self.r.register_script(_ENQUEUE)
+        self._lease = self.r.register_script(_LEASE)
+        self._record_detection = self.r.register_script(_RECORD_DETECTION)
+        self._record_distance = self.r.register_script(_RECORD_DISTANCE)
+        self._record_compare_failure = self.r.register_script(_RECORD_COMPARE_FAILURE)
+        self._set_state = self.r.register_script(_SET_STATE)
+        self._raise_progress = self.r.register_script(_RAISE_PROGRESS)
+        self._hold_lock = self.r.register_script(_HOLD_LOCK)
+        self._release_lock = self.r.register_script(_RELEASE_LOCK)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStateStore:
+        import redis
+
+        return cls(redis.Redis.from_url(url, decode_responses=True))
+
+    def _k(self, job_id: str, part: str = "") -> str:
+        return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, job: Job) -> bool:
+        created = bool(self.r.set(self._k(job.id), job.model_dump_json(), nx=True))
+        if created:
+            self.r.zadd(f"{self.prefix}:jobs", {job.id: job.created_at.timestamp()})
+        return created
+
+    def get_job(self, job_id: str) -> Job | None:
+        raw = self.r.get(self._k(job_id))
+        return Job.model_validate_json(raw) if raw else None
+
+    def _require(self, job_id: str) -> Job:
+        job = self.get_job(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def save_job(self, job: Job) -> None:
+        self.r.set(self._k(job.id), job.model_copy(update={"updated_at": utcnow()}).model_dump_json())
+
+    def update_job(self, job_id: str, **changes: object) -> Job:
+        """Change fields of the stored job atomically (optimistic lock), keeping its current state."""
+        import redis
+
+        key = self._k(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    new = _updated(Job.model_validate_json(raw), changes)
+                    pipe.multi()
+                    pipe.set(key, new.model_dump_json())
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    def list_jobs(self, limit: int = 100) -> list[Job]:
+        ids = self.r.zrevrange(f"{self.prefix}:jobs", 0, limit - 1)
+        jobs = [self.get_job(i) for i in ids]
+        return [j for j in jobs if j is not None]
+
+    def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> Job:
+        while True:
+            job = self._require(job_id)
+            new = _finalised(job, state, error)
+            if new is job:
+                return job
+            if self._set_state(keys=[self._k(job_id)], args=[new.model_dump_json(), job.state.value]) == 1:
+                return new
+
+    def add_note(self, job_id: str, note: str) -> None:
+        self.r.hsetnx(self._k(job_id, "notes"), note, utcnow().isoformat())
+
+    def notes(self, job_id: str) -> list[str]:
+        raw = self.r.hgetall(self._k(job_id, "notes"))
+        return [n for n, _ in sorted(raw.items(), key=lambda kv: kv[1])]
+
+    def counters(self, job_id: str) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(self._k(job_id, "counters")).items() if int(v) != 0}
+
+    def set_flag(self, job_id: str, flag: str) -> None:
+        self.r.sadd(self._k(job_id, "flags"), flag)
+
+    def flags(self, job_id: str) -> set[str]:
+        return set(self.r.smembers(self._k(job_id, "flags")))
+
+    def hold_lock(self, job_id: str, name: str, owner: str, ttl: float) -> bool:
+        return self._hold_lock(keys=[self._k(job_id, f"lock:{name}")], args=[owner, int(ttl * 1000)]) == 1
+
+    def release_lock(self, job_id: str, name: str, owner: str) -> None:
+        self._release_lock(keys=[self._k(job_id, f"lock:{name}")], args=[owner])
+
+    def set_marker(self, job_id: str, name: str, value: str) -> None:
+        self.r.hset(self._k(job_id, "markers"), name, value)
+
+    def get_marker(self, job_id: str, name: str) -> str | None:
+        return self.r.hget(self._k(job_id, "markers"), name)
+
+    def raise_progress(self, job_id: str, fraction: float) -> float:
+        return float(self._raise_progress(keys=[self._k(job_id, "progress")], args=[repr(float(fraction))]))
+
+    # ------------------------------------------------------------------ crawl
+    def enqueue_candidates(self, job_id: str, candidates: Iterable[Candidate]) -> list[Candidate]:
+        by_url = {c.image_url: c for c in candidates}
+        if not by_url:
+            return []
+        args: list[str] = []
+        for url, candidate in by_url.items():
+            args += [url, candidate.model_dump_json()]
+        keys = [self._k(job_id, p) for p in ("seen", "frontier", "leases", "counters")]
+        return [by_url[url] for url in self._enqueue(keys=keys, args=args)]
+
+    def lease_candidates(self, job_id: str, limit: int, lease_seconds: float) -> list[Candidate]:
+        now = time.time()
+        keys = [self._k(job_id, "frontier"), self._k(job_id, "leases")]
+        raws = self._lease(keys=keys, args=[repr(now), repr(now + lease_seconds), limit])
+        return [Candidate.model_validate_json(raw) for raw in raws]
+
+    def frontier_size(self, job_id: str) -> int:
+        return int(self.r.hlen(self._k(job_id, "frontier")))
+
+    def stream_state(self, job_id: str, stream_id: str) -> StreamState | None:
+        raw = self.r.hget(self._k(job_id, "streams"), stream_id)
+        return StreamState.model_validate_json(raw) if raw else None
+
+    def save_stream_state(self, job_id: str, stream_id: str, stream: StreamState) -> None:
+        self.r.hset(self._k(job_id, "streams"), stream_id, stream.model_dump_json())
+
+    def url_record(self, job_id: str, url: str) -> DownloadRecord | None:
+        raw = self.r.hget(self._k(job_id, "urls"), url)
+        return DownloadRecord.model_validate_json(raw) if raw else None
+
+    def sha_owner(self, job_id: str, sha256: str) -> str | None:
+        return self.r.hget(self._k(job_id, "sha"), sha256)
+
+    def record_download(
+        self,
+        job_id: str,
+        record: DownloadRecord,
+        image: StoredImage | None,
+        max_images: int,
+        *,
+        near: NearDupQuery | None = None,
+        across_jobs: bool = False,
+    ) -> DownloadRecord:
+        """Record a URL's outcome once; dedupe a stored image exactly, across jobs if asked, and by near hash."""
+        keep = image is not None and record.sha256 is not None
+        args: list[str | int] = [
+            record.url,
+            record.model_dump_json(),
+            record.sha256 if keep and record.sha256 else "",
+            image.key if image else "",
+            image.model_dump_json() if image else "",
+            max_images,
+            reason_counter(record) or "",
+            _OUTCOME_COUNTER[record.outcome].value,
+            "1" if across_jobs else "0",
+            job_id,
+            self._k(job_id, "phash:"),
+            f"jobs/{job_id}/crops/",
+        ]
+        if near is not None and image is not None:
+            args += ["1", near.hi, near.lo, image.width * image.height, near.max_distance, len(near.own_buckets)]
+            args += [*near.own_buckets, len(near.probe_buckets), *near.probe_buckets]
+        else:
+            args += ["0", 0, 0, 0, 0, 0, 0]
+        args.append(self._k(job_id, "dupes:"))
+        names = [*("urls", "sha", "counters", "images", "frontier", "leases", "phash", "superseded")]
+        names += ["detected", "dist", "compare_failed"]
+        keys = [self._k(job_id, n) for n in names] + [f"{self.prefix}:global:sha"]
+        return DownloadRecord.model_validate_json(self._record_download(keys=keys, args=args))
+
+    def get_image(self, job_id: str, key: str) -> StoredImage | None:
+        raw = self.r.hget(self._k(job_id, "images"), key)
+        return StoredImage.model_validate_json(raw) if raw else None
+
+    def image_keys(self, job_id: str) -> list[str]:
+        return sorted(self.r.hkeys(self._k(job_id, "images")))
+
+    # ------------------------------------------------------------------ detect
+    def is_detected(self, job_id: str, image_key: str) -> bool:
+        return bool(self.r.hexists(self._k(job_id, "detected"), image_key))
+
+    def detected_count(self, job_id: str, image_key: str) -> int | None:
+        raw = self.r.hget(self._k(job_id, "detected"), image_key)
+        return int(raw) if raw is not None else None
+
+    def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
+        args: list[str | int] = [image_key, len(crops), _sha24(image_key)]
+        for crop in crops:
+            args += [crop.key, crop.model_dump_json()]
+        keys = [self._k(job_id, n) for n in ("detected", "crops", "counters", "superseded")]
+        return self._record_detection(keys=keys, args=args) == 1
+
+    def get_crops(self, job_id: str, crop_keys: Iterable[str]) -> list[Crop]:
+        keys = list(crop_keys)
+        if not keys:
+            return []
+        raws = self.r.hmget(self._k(job_id, "crops"), keys)
+        return [Crop.model_validate_json(raw) for raw in raws if raw]
+
+    def crop_keys(self, job_id: str) -> list[str]:
+        return sorted(self.r.hkeys(self._k(job_id, "crops")))
+
+    # ------------------------------------------------------------------ siamese
+    def has_distance(self, job_id: str, crop_key: str) -> bool:
+        return self.r.zscore(self._k(job_id, "dist"), crop_key) is not None
+
+    def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
+        keys = [self._k(job_id, "dist"), self._k(job_id, "counters"), self._k(job_id, "superseded")]
+        return self._record_distance(keys=keys, args=[crop_key, repr(float(distance)), _sha24(crop_key)]) == 1
+
+    def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
+        keys = [self._k(job_id, "compare_failed"), self._k(job_id, "counters")]
+        return self._record_compare_failure(keys=keys, args=[crop_key]) == 1
+
+    def count_accepted(self, job_id: str, threshold: float) -> int:
+        return int(self.r.zcount(self._k(job_id, "dist"), "-inf", repr(float(threshold))))
+
+    def distances(self, job_id: str) -> list[tuple[str, float]]:
+        return [(k, float(v)) for k, v in self.r.zrange(self._k(job_id, "dist"), 0, -1, withscores=True)]
+
+    def distance_page(
+        self,
+        job_id: str,
+        *,
+        max_distance: float | None = None,
+        min_distance_exclusive: float | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 100,
+    ) -> DistancePage:
+        low = "-inf" if min_distance_exclusive is None else f"({min_distance_exclusive!r}"
+        high = "+inf" if max_distance is None else repr(float(max_distance))
+        if after is not None:
+            # Inclusive on the cursor's score: ties are resolved by the member order below.
+            low = repr(after[0]) if min_distance_exclusive is None or after[0] > min_distance_exclusive else low
+        items: list[tuple[str, float]] = []
+        offset = 0
+        key = self._k(job_id, "dist")
+        while len(items) <= limit:
+            chunk = self.r.zrangebyscore(key, low, high, start=offset, num=limit + 1, withscores=True)
+            if not chunk:
+                break
+            offset += len(chunk)
+            for member, score in chunk:
+                if after is not None and (score, member) <= (after[0], after[1]):
+                    continue
+                items.append((member, float(score)))
+        return _page(items, limit)
+
+    # ------------------------------------------------------------------ resets
+    def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hkeys(self._k(job_id, "images"))
+        pipe.hkeys(self._k(job_id, "detected"))
+        pipe.hkeys(self._k(job_id, "crops"))
+        pipe.zrange(self._k(job_id, "dist"), 0, -1)
+        pipe.smembers(self._k(job_id, "compare_failed"))
+        images, detected, crops, scored, failed = pipe.execute()
+        return sorted(set(images) - set(detected)), sorted(set(crops) - set(scored) - set(failed))
+
+    def reset_detections(self, job_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(self._k(job_id, "detected"), self._k(job_id, "crops"))
+        pipe.hdel(self._k(job_id, "counters"), Counter.DETECTED, Counter.CROPS)
+        pipe.execute()
+        self.reset_distances(job_id)
+
+    def reset_distances(self, job_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(self._k(job_id, "dist"), self._k(job_id, "compare_failed"))
+        pipe.hdel(self._k(job_id, "counters"), Counter.COMPARED, Counter.COMPARE_FAILED)
+        pipe.execute()
+
+
+def _sha24(key: str) -> str:
+    """The image hash prefix an image or crop key starts its file name with (see keys.py)."""
+    return key.rsplit("/", 1)[-1][:24]
+
+
+def _page(items: list[tuple[str, float]], limit: int) -> DistancePage:
+    items.sort(key=lambda kv: (kv[1], kv[0]))
+    page = items[:limit]
+    more = len(items) > limit
+    return DistancePage(page, (page[-1][1], page[-1][0]) if more and page else None)
+
+
+# ============================================================================ SQLite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created REAL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (job_id TEXT, name TEXT, value INTEGER, PRIMARY KEY (job_id, name));
+CREATE TABLE IF NOT EXISTS flags (job_id TEXT, name TEXT, PRIMARY KEY (job_id, name));
+CREATE TABLE IF NOT EXISTS notes (job_id TEXT, note TEXT, at TEXT, PRIMARY KEY (job_id, note));
+CREATE TABLE IF NOT EXISTS seen (job_id TEXT, url TEXT, PRIMARY KEY (job_id, url));
+CREATE TABLE IF NOT EXISTS frontier (job_id TEXT, url TEXT, body TEXT, lease REAL, PRIMARY KEY (job_id, url));
+CREATE INDEX IF NOT EXISTS frontier_lease ON frontier (job_id, lease);
+CREATE TABLE IF NOT EXISTS streams (job_id TEXT, stream TEXT, body TEXT, PRIMARY KEY (job_id, stream));
+CREATE TABLE IF NOT EXISTS urls (job_id TEXT, url TEXT, body TEXT, PRIMARY KEY (job_id, url));
+CREATE TABLE IF NOT EXISTS sha (job_id TEXT, sha TEXT, url TEXT, PRIMARY KEY (job_id, sha));
+CREATE TABLE IF NOT EXISTS images (job_id TEXT, key TEXT, body TEXT, PRIMARY KEY (job_id, key));
+CREATE TABLE IF NOT EXISTS detected (job_id TEXT, key TEXT, n INTEGER, PRIMARY KEY (job_id, key));
+CREATE TABLE IF NOT EXISTS crops (job_id TEXT, key TEXT, body TEXT, PRIMARY KEY (job_id, key));
+CREATE TABLE IF NOT EXISTS dist (job_id TEXT, key TEXT, distance REAL, PRIMARY KEY (job_id, key));
+CREATE TABLE IF NOT EXISTS locks (job_id TEXT, name TEXT, owner TEXT, until REAL, PRIMARY KEY (job_id, name));
+CREATE TABLE IF NOT EXISTS markers (job_id TEXT, name TEXT, value TEXT, PRIMARY KEY (job_id, name));
+CREATE TABLE IF NOT EXISTS progress (job_id TEXT PRIMARY KEY, fraction REAL);
+CREATE TABLE IF NOT EXISTS compare_failed (job_id TEXT, key TEXT, PRIMARY KEY (job_id, key));
+CREATE TABLE IF NOT EXISTS global_sha (sha TEXT PRIMARY KEY, job_id TEXT, url TEXT);
+CREATE TABLE IF NOT EXISTS phash (job_id TEXT, sha TEXT, hash TEXT, pixels INTEGER, key TEXT, url TEXT,
+                                  PRIMARY KEY (job_id, sha));
+CREATE TABLE IF NOT EXISTS phash_bucket (job_id TEXT, bucket TEXT, sha TEXT, PRIMARY KEY (job_id, bucket, sha));
+CREATE TABLE IF NOT EXISTS superseded (job_id TEXT, sha24 TEXT, PRIMARY KEY (job_id, sha24));
+CREATE TABLE IF NOT EXISTS dupes (job_id TEXT, kept TEXT, url TEXT, PRIMARY KEY (job_id, kept, url));
+CREATE INDEX IF NOT EXISTS dist_order ON dist (job_id, distance, key);
+"""
+
+
+class SqliteStateStore:
+    """The same state in one SQLite file, for the embedded mode (no Redis)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(_SCHEMA)
+        self.lock = threading.RLock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _one(self, sql: str, *args: object) -> tuple | None:  # type: ignore[type-arg]
+        with self.lock:
+            return self.db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, *args: object) -> list[tuple]:  # type: ignore[type-arg]
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def _tx(self) -> _Tx:
+        return _Tx(self)
+
+    def _incr(self, job_id: str, name: str, by: int = 1) -> None:
+        self.db.execute(
+            "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (job_id, name) DO UPDATE SET value = value + ?",
+            (job_id, name, by, by),
+        )
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, job: Job) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs VALUES (?, ?, ?)",
+                (job.id, job.created_at.timestamp(), job.model_dump_json()),
+            )
+            return cur.rowcount == 1
+
+    def get_job(self, job_id: str) -> Job | None:
+        row = self._one("SELECT body FROM jobs WHERE id = ?", job_id)
+        return Job.model_validate_json(row[0]) if row else None
+
+    def save_job(self, job: Job) -> None:
+        body = job.model_copy(update={"updated_at": utcnow()}).model_dump_json()
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET body = ? WHERE id = ?", (body, job.id))
+
+    def update_job(self, job_id: str, **changes: object) -> Job:
+        with self._tx() as db:
+            row = db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            new = _updated(Job.model_validate_json(row[0]), changes)
+            db.execute("UPDATE jobs SET body = ? WHERE id = ?", (new.model_dump_json(), job_id))
+            return new
+
+    def list_jobs(self, limit: int = 100) -> list[Job]:
+        rows = self._all("SELECT body FROM jobs ORDER BY created DESC LIMIT ?", limit)
+        return [Job.model_validate_json(r[0]) for r in rows]
+
+    def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> Job:
+        with self._tx() as db:
+            row = db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            job = Job.model_validate_json(row[0])
+            new = _finalised(job, state, error)
+            if new is not job:
+                db.execute("UPDATE jobs SET body = ? WHERE id = ?", (new.model_dump_json(), job_id))
+            return new
+
+    def add_note(self, job_id: str, note: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO notes VALUES (?, ?, ?)", (job_id, note, utcnow().isoformat()))
+
+    def notes(self, job_id: str) -> list[str]:
+        return [r[0] for r in self._all("SELECT note FROM notes WHERE job_id = ? ORDER BY at", job_id)]
+
+    def counters(self, job_id: str) -> dict[str, int]:
+        return dict(self._all("SELECT name, value FROM counters WHERE job_id = ? AND value != 0", job_id))
+
+    def set_flag(self, job_id: str, flag: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO flags VALUES (?, ?)", (job_id, flag))
+
+    def flags(self, job_id: str) -> set[str]:
+        return {r[0] for r in self._all("SELECT name FROM flags WHERE job_id = ?", job_id)}
+
+    def hold_lock(self, job_id: str, name: str, owner: str, ttl: float) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT owner, until FROM locks WHERE job_id = ? AND name = ?", (job_id, name)).fetchone()
+            if row and row[0] != owner and row[1] > now:
+                return False
+            db.execute("INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?)", (job_id, name, owner, now + ttl))
+            return True
+
+    def release_lock(self, job_id: str, name: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM locks WHERE job_id = ? AND name = ? AND owner = ?", (job_id, name, owner))
+
+    def set_marker(self, job_id: str, name: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO markers VALUES (?, ?, ?)", (job_id, name, value))
+
+    def get_marker(self, job_id: str, name: str) -> str | None:
+        row = self._one("SELECT value FROM markers WHERE job_id = ? AND name = ?", job_id, name)
+        return str(row[0]) if row else None
+
+    def raise_progress(self, job_id: str, fraction: float) -> float:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO progress VALUES (?, ?) ON CONFLICT (job_id) DO UPDATE SET fraction = MAX(fraction, ?)",
+                (job_id, fraction, fraction),
+            )
+            return float(db.execute("SELECT fraction FROM progress WHERE job_id = ?", (job_id,)).fetchone()[0])
+
+    # ------------------------------------------------------------------ crawl
+    def enqueue_candidates(self, job_id: str, candidates: Iterable[Candidate]) -> list[Candidate]:
+        new = []
+        with self._tx() as db:
+            for candidate in {c.image_url: c for c in candidates}.values():
+                url = candidate.image_url
+                if db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (job_id, url)).rowcount != 1:
+                    continue
+                db.execute("INSERT INTO frontier VALUES (?, ?, ?, 0)", (job_id, url, candidate.model_dump_json()))
+                self._incr(job_id, Counter.DISCOVERED)
+                new.append(candidate)
+        return new
+
+    def lease_candidates(self, job_id: str, limit: int, lease_seconds: float) -> list[Candidate]:
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT url, body FROM frontier WHERE job_id = ? AND lease <= ? ORDER BY lease, rowid LIMIT ?",
+                (job_id, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE frontier SET lease = ? WHERE job_id = ? AND url = ?",
+                [(now + lease_seconds, job_id, url) for url, _ in rows],
+            )
+        return [Candidate.model_validate_json(body) for _, body in rows]
+
+    def frontier_size(self, job_id: str) -> int:
+        row = self._one("SELECT COUNT(*) FROM frontier WHERE job_id = ?", job_id)
+        return int(row[0]) if row else 0
+
+    def stream_state(self, job_id: str, stream_id: str) -> StreamState | None:
+        row = self._one("SELECT body FROM streams WHERE job_id = ? AND stream = ?", job_id, stream_id)
+        return StreamState.model_validate_json(row[0]) if row else None
+
+    def save_stream_state(self, job_id: str, stream_id: str, stream: StreamState) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO streams VALUES (?, ?, ?)", (job_id, stream_id, stream.model_dump_json()))
+
+    def url_record(self, job_id: str, url: str) -> DownloadRecord | None:
+        row = self._one("SELECT body FROM urls WHERE job_id = ? AND url = ?", job_id, url)
+        return DownloadRecord.model_validate_json(row[0]) if row else None
+
+    def sha_owner(self, job_id: str, sha256: str) -> str | None:
+        row = self._one("SELECT url FROM sha WHERE job_id = ? AND sha = ?", job_id, sha256)
+        return row[0] if row else None
+
+    def record_download(
+        self,
+        job_id: str,
+        record: DownloadRecord,
+        image: StoredImage | None,
+        max_images: int,
+        *,
+        near: NearDupQuery | None = None,
+        across_jobs: bool = False,
+    ) -> DownloadRecord:
+        """The same rules as the Redis script (see _RECORD_DOWNLOAD), in one transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT body FROM urls WHERE job_id = ? AND url = ?", (job_id, record.url)).fetchone()
+            db.execute("DELETE FROM frontier WHERE job_id = ? AND url = ?", (job_id, record.url))
+            if row:
+                return DownloadRecord.model_validate_json(row[0])
+            if image is None or not record.sha256:
+                if (reason := reason_counter(record)) is not None:
+                    self._incr(job_id, reason)
+                self._incr(job_id, _OUTCOME_COUNTER[record.outcome])
+            else:
+                record = self._record_image(db, job_id, record, image, max_images, near, across_jobs)
+            db.execute("INSERT INTO urls VALUES (?, ?, ?)", (job_id, record.url, record.model_dump_json()))
+            return record
+
+    def _record_image(
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        record: DownloadRecord,
+        image: StoredImage,
+        max_images: int,
+        near: NearDupQuery | None,
+        across_jobs: bool,
+    ) -> DownloadRecord:
+        sha = record.sha256
+        owner = db.execute("SELECT url FROM sha WHERE job_id = ? AND sha = ?", (job_id, sha)).fetchone()
+        elsewhere = (
+            db.execute("SELECT job_id, url FROM global_sha WHERE sha = ? AND job_id != ?", (sha, job_id)).fetchone()
+            if across_jobs
+            else None
+        )
+        downloaded = self._counter(db, job_id, Counter.DOWNLOADED)
+        if owner and owner[0] != record.url:
+            self._incr(job_id, Counter.DUPLICATES)
+            db.execute("INSERT OR IGNORE INTO dupes VALUES (?, ?, ?)", (job_id, owner[0], record.url))
+            return record.model_copy(update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": owner[0]})
+        if elsewhere:
+            self._incr(job_id, Counter.DUPLICATES)
+            of = f"job {elsewhere[0]} {elsewhere[1]}"
+            return record.model_copy(update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": of})
+        if downloaded >= max_images:
+            self._incr(job_id, Counter.SKIPPED)
+            self._incr(job_id, "skipped:limit_reached")
+            update = {"outcome": DownloadOutcome.SKIPPED, "reason": FailureReason.LIMIT_REACHED, "image_key": None}
+            return record.model_copy(update=update)
+        if near is not None:
+            best = self._nearest(db, job_id, near)
+            if best is not None:
+                distance, other = best
+                if image.width * image.height <= other["pixels"]:
+                    self._incr(job_id, Counter.DUPLICATES)
+                    db.execute("INSERT OR IGNORE INTO dupes VALUES (?, ?, ?)", (job_id, other["url"], record.url))
+                    near_dup: dict[str, object] = {
+                        "outcome": DownloadOutcome.DUPLICATE,
+                        "duplicate_of": other["url"],
+                        "hamming": distance,
+                    }
+                    return record.model_copy(update=near_dup)
+                self._supersede(db, job_id, other, record.url, distance)
+        db.execute("INSERT OR REPLACE INTO sha VALUES (?, ?, ?)", (job_id, sha, record.url))
+        db.execute("INSERT OR REPLACE INTO images VALUES (?, ?, ?)", (job_id, image.key, image.model_dump_json()))
+        db.execute("INSERT OR REPLACE INTO global_sha VALUES (?, ?, ?)", (sha, job_id, record.url))
+        if near is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO phash VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, sha, f"{near.hash:016x}", image.width * image.height, image.key, record.url),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO phash_bucket VALUES (?, ?, ?)", [(job_id, b, sha) for b in near.own_buckets]
+            )
+        self._incr(job_id, Counter.DOWNLOADED)
+        return record
+
+    def _counter(self, db: sqlite3.Connection, job_id: str, name: str) -> int:
+        row = db.execute("SELECT value FROM counters WHERE job_id = ? AND name = ?", (job_id, name)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _nearest(self, db: sqlite3.Connection, job_id: str, near: NearDupQuery) -> tuple[int, dict[str, Any]] | None:
+        marks = ",".join("?" * len(near.probe_buckets))
+        rows = db.execute(
+            "SELECT DISTINCT p.sha, p.hash, p.pixels, p.key, p.url FROM phash_bucket b "
+            f"JOIN phash p ON p.job_id = b.job_id AND p.sha = b.sha WHERE b.job_id = ? AND b.bucket IN ({marks})",
+            (job_id, *near.probe_buckets),
+        ).fetchall()
+        best: tuple[int, dict[str, Any]] | None = None
+        for sha, hex_hash, pixels, key, url in rows:
+            distance = hamming(near.hash, int(hex_hash, 16))
+            if distance <= near.max_distance and (best is None or distance < best[0]):
+                best = (distance, {"sha": sha, "pixels": pixels, "key": key, "url": url})
+        return best
+
+    def _supersede(self, db: sqlite3.Connection, job_id: str, old: dict[str, Any], url: str, distance: int) -> None:
+        """The kept copy ``old`` becomes a duplicate of the larger one at ``url``, downstream included."""
+        row = db.execute("SELECT body FROM urls WHERE job_id = ? AND url = ?", (job_id, old["url"])).fetchone()
+        previous = DownloadRecord.model_validate_json(row[0])
+        demoted = previous.model_copy(
+            update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": url, "hamming": distance}
+        )
+        db.execute(
+            "UPDATE urls SET body = ? WHERE job_id = ? AND url = ?", (demoted.model_dump_json(), job_id, old["url"])
+        )
+        members = db.execute("SELECT url FROM dupes WHERE job_id = ? AND kept = ?", (job_id, old["url"])).fetchall()
+        for (member,) in members:
+            body = db.execute("SELECT body FROM urls WHERE job_id = ? AND url = ?", (job_id, member)).fetchone()[0]
+            moved = DownloadRecord.model_validate_json(body).model_copy(update={"duplicate_of": url})
+            db.execute(
+                "UPDATE urls SET body = ? WHERE job_id = ? AND url = ?", (moved.model_dump_json(), job_id, member)
+            )
+        db.execute("UPDATE dupes SET kept = ? WHERE job_id = ? AND kept = ?", (url, job_id, old["url"]))
+        db.execute("INSERT OR IGNORE INTO dupes VALUES (?, ?, ?)", (job_id, url, old["url"]))
+        db.execute("UPDATE sha SET url = ? WHERE job_id = ? AND sha = ?", (url, job_id, old["sha"]))
+        db.execute("DELETE FROM images WHERE job_id = ? AND key = ?", (job_id, old["key"]))
+        db.execute("DELETE FROM phash WHERE job_id = ? AND sha = ?", (job_id, old["sha"]))
+        db.execute("DELETE FROM phash_bucket WHERE job_id = ? AND sha = ?", (job_id, old["sha"]))
+        self._incr(job_id, Counter.DOWNLOADED, -1)
+        self._incr(job_id, Counter.DUPLICATES)
+        sha24 = old["sha"][:24]
+        db.execute("INSERT OR IGNORE INTO superseded VALUES (?, ?)", (job_id, sha24))
+        detected = db.execute("SELECT n FROM detected WHERE job_id = ? AND key = ?", (job_id, old["key"])).fetchone()
+        if detected is None:
+            return
+        self._incr(job_id, Counter.DETECTED, -1)
+        self._incr(job_id, Counter.CROPS, -int(detected[0]))
+        for i in range(int(detected[0])):
+            crop = f"jobs/{job_id}/crops/{sha24}-{i:03d}.jpg"
+            if db.execute("DELETE FROM dist WHERE job_id = ? AND key = ?", (job_id, crop)).rowcount:
+                self._incr(job_id, Counter.COMPARED, -1)
+            if db.execute("DELETE FROM compare_failed WHERE job_id = ? AND key = ?", (job_id, crop)).rowcount:
+                self._incr(job_id, Counter.COMPARE_FAILED, -1)
+
+    def get_image(self, job_id: str, key: str) -> StoredImage | None:
+        row = self._one("SELECT body FROM images WHERE job_id = ? AND key = ?", job_id, key)
+        return StoredImage.model_validate_json(row[0]) if row else None
+
+    def image_keys(self, job_id: str) -> list[str]:
+        return [r[0] for r in self._all("SELECT key FROM images WHERE job_id = ? ORDER BY key", job_id)]
+
+    # ------------------------------------------------------------------ detect
+    def is_detected(self, job_id: str, image_key: str) -> bool:
+        return self._one("SELECT 1 FROM detected WHERE job_id = ? AND key = ?", job_id, image_key) is not None
+
+    def detected_count(self, job_id: str, image_key: str) -> int | None:
+        row = self._one("SELECT n FROM detected WHERE job_id = ? AND key = ?", job_id, image_key)
+        return int(row[0]) if row else None
+
+    def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
+        with self._tx() as db:
+            if self._superseded(db, job_id, image_key):
+                db.execute("INSERT OR IGNORE INTO detected VALUES (?, ?, 0)", (job_id, image_key))
+                return False
+            cur = db.execute("INSERT OR IGNORE INTO detected VALUES (?, ?, ?)", (job_id, image_key, len(crops)))
+            if cur.rowcount != 1:
+                return False
+            db.executemany(
+                "INSERT OR REPLACE INTO crops VALUES (?, ?, ?)", [(job_id, c.key, c.model_dump_json()) for c in crops]
+            )
+            self._incr(job_id, Counter.DETECTED)
+            self._incr(job_id, Counter.CROPS, len(crops))
+            return True
+
+    def get_crops(self, job_id: str, crop_keys: Iterable[str]) -> list[Crop]:
+        out = []
+        for key in crop_keys:
+            row = self._one("SELECT body FROM crops WHERE job_id = ? AND key = ?", job_id, key)
+            if row:
+                out.append(Crop.model_validate_json(row[0]))
+        return out
+
+    def crop_keys(self, job_id: str) -> list[str]:
+        return [r[0] for r in self._all("SELECT key FROM crops WHERE job_id = ? ORDER BY key", job_id)]
+
+    # ------------------------------------------------------------------ siamese
+    def has_distance(self, job_id: str, crop_key: str) -> bool:
+        return self._one("SELECT 1 FROM dist WHERE job_id = ? AND key = ?", job_id, crop_key) is not None
+
+    def _superseded(self, db: sqlite3.Connection, job_id: str, key: str) -> bool:
+        row = db.execute("SELECT 1 FROM superseded WHERE job_id = ? AND sha24 = ?", (job_id, _sha24(key)))
+        return row.fetchone() is not None
+
+    def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
+        with self._tx() as db:
+            if self._superseded(db, job_id, crop_key):
+                return False
+            cur = db.execute("INSERT OR IGNORE INTO dist VALUES (?, ?, ?)", (job_id, crop_key, float(distance)))
+            if cur.rowcount != 1:
+                db.execute("UPDATE dist SET distance = ? WHERE job_id = ? AND key = ?", (distance, job_id, crop_key))
+                return False
+            self._incr(job_id, Counter.COMPARED)
+            return True
+
+    def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
+        with self._tx() as db:
+            if db.execute("INSERT OR IGNORE INTO compare_failed VALUES (?, ?)", (job_id, crop_key)).rowcount != 1:
+                return False
+            self._incr(job_id, Counter.COMPARE_FAILED)
+            return True
+
+    def count_accepted(self, job_id: str, threshold: float) -> int:
+        row = self._one("SELECT COUNT(*) FROM dist WHERE job_id = ? AND distance <= ?", job_id, threshold)
+        return int(row[0]) if row else 0
+
+    def distances(self, job_id: str) -> list[tuple[str, float]]:
+        return [
+            (k, d)
+            for k, d in self._all("SELECT key, distance FROM dist WHERE job_id = ? ORDER BY distance, key", job_id)
+        ]
+
+    def distance_page(
+        self,
+        job_id: str,
+        *,
+        max_distance: float | None = None,
+        min_distance_exclusive: float | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 100,
+    ) -> DistancePage:
+        sql = "SELECT key, distance FROM dist WHERE job_id = ?"
+        args: list[object] = [job_id]
+        if max_distance is not None:
+            sql += " AND distance <= ?"
+            args.append(max_distance)
+        if min_distance_exclusive is not None:
+            sql += " AND distance > ?"
+            args.append(min_distance_exclusive)
+        if after is not None:
+            sql += " AND (distance > ? OR (distance = ? AND key > ?))"
+            args += [after[0], after[0], after[1]]
+        sql += " ORDER BY distance, key LIMIT ?"
+        args.append(limit + 1)
+        return _page([(k, d) for k, d in self._all(sql, *args)], limit)
+
+    # ------------------------------------------------------------------ resets
+    def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
+        images = self._all(
+            "SELECT key FROM images WHERE job_id = ? AND key NOT IN (SELECT key FROM detected WHERE job_id = ?)"
+            " ORDER BY key",
+            job_id,
+            job_id,
+        )
+        crops = self._all(
+            "SELECT key FROM crops WHERE job_id = ? AND key NOT IN (SELECT key FROM dist WHERE job_id = ?)"
+            " AND key NOT IN (SELECT key FROM compare_failed WHERE job_id = ?) ORDER BY key",
+            job_id,
+            job_id,
+            job_id,
+        )
+        return [r[0] for r in images], [r[0] for r in crops]
+
+    def reset_detections(self, job_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM detected WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM crops WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM counters WHERE job_id = ? AND name IN ('detected', 'crops')", (job_id,))
+        self.reset_distances(job_id)
+
+    def reset_distances(self, job_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM dist WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM compare_failed WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM counters WHERE job_id = ? AND name IN ('compared', 'compare_failed')", (job_id,))
+
+
+class _Tx:
+    """``with store._tx() as db``: one immediate transaction under the store's lock."""
+
+    def __init__(self, store: SqliteStateStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store.lock.acquire()
+        self.store.db.execute("BEGIN IMMEDIATE")
+        return self.store.db
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            self.store.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store.lock.release()

@@ -1,0 +1,188 @@
+"""Object storage: one interface, an S3 implementation (MinIO client) and a local folder.
+
+Keys are built only by the functions in :mod:`imgsift_common.keys` from ids and content
+hashes, and every implementation refuses a key that could escape its root.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from imgsift_common.settings import ImgsiftSettings, StorageBackend
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,511}$")
+
+
+class ObjectNotFound(KeyError):
+    """The key has no object."""
+
+
+class InvalidKey(ValueError):
+    """The key could escape the store or holds characters we never generate."""
+
+
+def validate_key(key: str) -> str:
+    if not _KEY_RE.match(key) or any(part in ("", ".", "..") for part in key.split("/")):
+        raise InvalidKey(f"invalid object key {key!r}")
+    return key
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str) -> Iterator[str]: ...
+
+
+def put_json(store: ObjectStore, key: str, value: Any) -> None:
+    store.put(key, json.dumps(value, sort_keys=True, default=str).encode(), "application/json")
+
+
+def get_json(store: ObjectStore, key: str) -> Any:
+    return json.loads(store.get(key))
+
+
+class LocalStore:
+    """Objects as files under ``root``; writes are atomic (temp file, then rename)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        path = (self.root / validate_key(key)).resolve()
+        if self.root not in path.parents:
+            raise InvalidKey(f"key {key!r} escapes the store")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root / prefix
+        start = base if base.is_dir() else base.parent
+        if not start.is_dir():
+            return
+        for path in sorted(start.rglob("*")):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield key
+
+
+class S3Store:
+    """Objects in an S3 bucket through the ``minio`` client (MinIO, AWS S3, moto...)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        *,
+        secure: bool = False,
+        region: str | None = None,
+    ) -> None:
+        from minio import Minio
+
+        self.bucket = bucket
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
+
+    def ensure_bucket(self) -> None:
+        from minio.error import S3Error
+
+        try:
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
+        except S3Error as exc:  # another worker created it between the two calls
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.client.put_object(
+            self.bucket, validate_key(key), io.BytesIO(data), length=len(data), content_type=content_type
+        )
+
+    def get(self, key: str) -> bytes:
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(self.bucket, validate_key(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(key) from None
+            raise
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, validate_key(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise
+        return True
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, validate_key(key))
+
+    def list(self, prefix: str) -> Iterator[str]:
+        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            if obj.object_name is not None:
+                yield obj.object_name
+
+
+def store_from_settings(settings: ImgsiftSettings) -> ObjectStore:
+    """The object store the settings describe; creates the bucket if it is missing."""
+    if settings.storage is StorageBackend.LOCAL:
+        return LocalStore(settings.local_storage_dir)
+    assert settings.s3_access_key is not None and settings.s3_secret_key is not None  # settings validated
+    store = S3Store(
+        settings.s3_endpoint,
+        settings.s3_access_key.get_secret_value(),
+        settings.s3_secret_key.get_secret_value(),
+        settings.s3_bucket,
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+    )
+    store.ensure_bucket()
+    return store

@@ -1,0 +1,356 @@
+"""The crawler's stage functions, free of Celery: one discovery step, and a download batch.
+
+Discovery is a series of small steps over state kept in the job store, so any worker can
+take the next step and a killed one loses nothing:
+
+- a job's sources are *streams*: a source with one query (keyword sources get the job's
+  query first, then widened queries); each stream's cursor is saved after its page's URLs
+  are in the frontier;
+- the *frontier* holds every discovered URL that has no outcome yet; URLs are leased to
+  download tasks and leased again when a lease runs out without an outcome (a killed
+  worker), so no queued URL is lost;
+- each URL's outcome is recorded once, so nothing stored is downloaded again.
+
+"Give me N" (``want_accepted``) is the same loop with another reason to stop: a step pages
+further only while the accepted crops, plus what the work in flight is expected to yield,
+fall short of N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from imgsift_common import keys
+from imgsift_common.messages import (
+    KEYWORD_SOURCES,
+    Candidate,
+    DiscoveryReason,
+    DownloadOutcome,
+    DownloadRecord,
+    FailureReason,
+    Job,
+    SourceSpec,
+    StoredImage,
+    utcnow,
+)
+from imgsift_common.state import Counter, Flag, StateStore, StreamState, discovery_reason
+from imgsift_common.storage import ObjectStore, put_json
+from imgsift_crawler.dedup import query_for
+from imgsift_crawler.fetch import Fetcher, FetchError, Purpose
+from imgsift_crawler.related import load_terms, widened_queries
+from imgsift_crawler.settings import CrawlerSettings
+from imgsift_crawler.sources import SOURCES, SourceContext, SourceError
+from imgsift_crawler.validate import ImageRejected, inspect_image
+
+log = logging.getLogger(__name__)
+
+# ============================================================================ streams
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One source with one query: the unit that is paged and whose cursor is saved."""
+
+    spec: SourceSpec
+    query: str | None
+    tier: int  # 0: the job's own queries; 1, 2...: widened queries, tried in order
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(f"{self.spec.source_id}|{self.query or ''}".encode()).hexdigest()[:16]
+
+
+def job_streams(job: Job, settings: CrawlerSettings) -> list[Stream]:
+    """Every stream of the job, in the order they are tried."""
+    spec = job.spec
+    widen = spec.want_accepted is not None or spec.related_queries is not None or bool(spec.languages)
+    extra = (
+        widened_queries(
+            spec.query, spec.target, spec.related_queries, spec.languages, load_terms(settings.related_terms)
+        )
+        if widen
+        else []
+    )
+    streams = []
+    for source in spec.sources:
+        if source.kind in KEYWORD_SOURCES:
+            streams.append(Stream(source, source.query or spec.query, 0))
+            # A source with its own query keeps it; the others widen with the job.
+            if not source.query:
+                streams += [Stream(source, q, tier) for tier, q in enumerate(extra, start=1)]
+        else:
+            streams.append(Stream(source, None, 0))
+    return sorted(streams, key=lambda s: s.tier)
+
+
+# ============================================================================ one discovery step
+
+
+@dataclass
+class Step:
+    """What one discovery step did and what the caller should do next."""
+
+    batches: list[list[Candidate]] = field(default_factory=list)  # candidates to hand to downloads
+    paged: int = 0  # source pages fetched
+    discovery_done: bool = False
+    reason: DiscoveryReason | None = None
+    frontier: int = 0  # URLs without an outcome yet, leased or not
+
+    @property
+    def finished(self) -> bool:
+        """Discovery is over and every URL it found has an outcome: nothing left to supervise."""
+        return self.discovery_done and self.frontier == 0
+
+
+def crawl_step(job: Job, state: StateStore, fetcher: Fetcher, settings: CrawlerSettings) -> Step:
+    """Advance discovery by at most one page per open stream, then lease out frontier URLs."""
+    step = Step()
+    if Flag.DISCOVERY_DONE not in state.flags(job.id):
+        reason = _stop_reason(job, state)
+        if reason is None and _wants_more(job, state, settings):
+            step.paged = _advance(job, state, fetcher, settings)
+            if step.paged == 0:
+                reason = DiscoveryReason.SOURCES_EXHAUSTED
+        if reason is not None:
+            _finish_discovery(job, state, reason)
+    step.discovery_done = Flag.DISCOVERY_DONE in state.flags(job.id)
+    step.reason = discovery_reason(state.flags(job.id))
+    leased = state.lease_candidates(job.id, settings.frontier_window, settings.lease_seconds)
+    size = max(1, settings.download_batch_size)
+    step.batches = [leased[i : i + size] for i in range(0, len(leased), size)]
+    step.frontier = state.frontier_size(job.id)
+    return step
+
+
+def _stop_reason(job: Job, state: StateStore) -> DiscoveryReason | None:
+    if state.counters(job.id).get(Counter.DOWNLOADED, 0) >= job.spec.limits.max_images:
+        return DiscoveryReason.LIMIT_REACHED
+    want = job.spec.want_accepted
+    if want is not None and state.count_accepted(job.id, job.spec.threshold) >= want:
+        return DiscoveryReason.TARGET_REACHED
+    return None
+
+
+def _wants_more(job: Job, state: StateStore, settings: CrawlerSettings) -> bool:
+    """Whether to fetch more pages now, or let the work in flight come through first."""
+    frontier = state.frontier_size(job.id)
+    if frontier >= settings.frontier_window:
+        return False
+    want = job.spec.want_accepted
+    if want is None:
+        return True
+    c = state.counters(job.id)
+    accepted = state.count_accepted(job.id, job.spec.threshold)
+    # Yields measured so far, optimistic (1) before there is anything to measure.
+    per_image = accepted / c[Counter.DETECTED] if c.get(Counter.DETECTED) else 1.0
+    per_crop = accepted / c[Counter.COMPARED] if c.get(Counter.COMPARED) else 1.0
+    images_in_flight = frontier + max(0, c.get(Counter.DOWNLOADED, 0) - c.get(Counter.DETECTED, 0))
+    crops_in_flight = max(0, c.get(Counter.CROPS, 0) - c.get(Counter.COMPARED, 0) - c.get(Counter.COMPARE_FAILED, 0))
+    return accepted + per_image * images_in_flight + per_crop * crops_in_flight < want
+
+
+def _advance(job: Job, state: StateStore, fetcher: Fetcher, settings: CrawlerSettings) -> int:
+    """Fetch one page of every open stream in the first tier that has one; 0 if none is left."""
+    open_streams: list[tuple[Stream, StreamState]] = []
+    for stream in job_streams(job, settings):
+        current = state.stream_state(job.id, stream.id) or StreamState()
+        if current.exhausted:
+            continue
+        if open_streams and stream.tier != open_streams[0][0].tier:
+            break
+        open_streams.append((stream, current))
+    for stream, current in open_streams:
+        _page(job, stream, current, state, fetcher, settings)
+    return len(open_streams)
+
+
+def _page(
+    job: Job, stream: Stream, current: StreamState, state: StateStore, fetcher: Fetcher, settings: CrawlerSettings
+) -> None:
+    limit = min(stream.spec.limit or job.spec.limits.per_source, job.spec.limits.per_source)
+    ctx = SourceContext(fetcher=fetcher, settings=settings, query=stream.query)
+    name = stream.spec.kind.value + (f" ({stream.query!r})" if stream.query else "")
+    try:
+        page = SOURCES[stream.spec.kind](stream.spec, ctx, current.cursor)
+    except SourceError as exc:
+        log.warning("source failed", extra={"job_id": job.id, "stage": "crawl", "source": name})
+        state.add_note(job.id, f"source {name} failed: {exc}")
+        state.save_stream_state(job.id, stream.id, current.model_copy(update={"exhausted": True, "error": str(exc)}))
+        return
+    distinct = list({c.image_url: c for c in page.candidates}.values())[: max(0, limit - current.taken)]
+    new = state.enqueue_candidates(job.id, distinct)
+    taken = current.taken + len(distinct)
+    # The page's URLs are in the frontier before the cursor moves past them: a crash in
+    # between fetches the page again, and the frontier drops what it already has.
+    state.save_stream_state(
+        job.id,
+        stream.id,
+        StreamState(
+            cursor=page.cursor,
+            pages=current.pages + 1,
+            taken=taken,
+            exhausted=page.cursor is None or taken >= limit,
+        ),
+    )
+    log.info(
+        "source page",
+        extra={"job_id": job.id, "stage": "crawl", "source": name, "found": len(page.candidates), "new": len(new)},
+    )
+
+
+def _finish_discovery(job: Job, state: StateStore, reason: DiscoveryReason) -> None:
+    """Stop discovering; when the job has enough, what is still queued is recorded as skipped."""
+    if reason in (DiscoveryReason.TARGET_REACHED, DiscoveryReason.LIMIT_REACHED):
+        why = FailureReason.TARGET_REACHED if reason is DiscoveryReason.TARGET_REACHED else FailureReason.LIMIT_REACHED
+        while left := state.lease_candidates(job.id, 1000, 0.0):
+            for candidate in left:
+                record = DownloadRecord(url=candidate.image_url, outcome=DownloadOutcome.SKIPPED, reason=why)
+                state.record_download(job.id, record, None, job.spec.limits.max_images)
+    state.set_flag(job.id, Flag.DISCOVERY_REASON + reason.value)
+    state.set_flag(job.id, Flag.DISCOVERY_DONE)
+    log.info("discovery done", extra={"job_id": job.id, "stage": "crawl", "reason": reason.value})
+
+
+# ============================================================================ supervision
+
+WATCH_MARKER = "progress-watch"
+
+
+def stalled_work(
+    job: Job, state: StateStore, stall_seconds: float, now: float | None = None
+) -> tuple[list[str], list[str]] | None:
+    """Work to hand on again when the detect and Siamese stages have stopped moving.
+
+    A worker killed after recording its results but before sending the next stage's message
+    (or a message lost with a broker) leaves images that nobody detects and crops that nobody
+    compares; the frontier cannot see them, because their URLs have outcomes. The discovery
+    chain calls this while a job with an empty frontier is not complete: once the counters
+    have not moved for ``stall_seconds``, it returns the stored images not yet detected and
+    the crops not yet scored, and starts a new watch period. Stages are idempotent, so
+    sending work that was only slow costs time, never a duplicate.
+    """
+    now = time.time() if now is None else now
+    c = state.counters(job.id)
+    signature = ",".join(
+        str(c.get(n, 0)) for n in (Counter.DETECTED, Counter.CROPS, Counter.COMPARED, Counter.COMPARE_FAILED)
+    )
+    previous = state.get_marker(job.id, WATCH_MARKER)
+    seen, _, since = (previous or "").partition("|")
+    if seen != signature or not since:
+        state.set_marker(job.id, WATCH_MARKER, f"{signature}|{now}")
+        return None
+    if now - float(since) < stall_seconds:
+        return None
+    state.set_marker(job.id, WATCH_MARKER, f"{signature}|{now}")
+    images, crops = state.unfinished_work(job.id)
+    if images or crops:
+        log.warning(
+            "stages stalled; handing unfinished work on again",
+            extra={"job_id": job.id, "stage": "crawl", "images": len(images), "crops": len(crops)},
+        )
+    return images, crops
+
+
+# ============================================================================ downloads
+
+
+def fetch_and_store(
+    job: Job, candidate: Candidate, store: ObjectStore, state: StateStore, settings: CrawlerSettings, fetcher: Fetcher
+) -> tuple[DownloadRecord, StoredImage | None]:
+    """Download one candidate, decide by decoding whether it is an image, store it if new."""
+    url = candidate.image_url
+    try:
+        fetched = fetcher.get(url, purpose=Purpose.IMAGE)
+        info = inspect_image(fetched.content, max_pixels=settings.max_pixels, min_side=settings.min_side, phash=True)
+    except (FetchError, ImageRejected) as exc:
+        return DownloadRecord(url=url, outcome=DownloadOutcome.FAILED, reason=exc.reason, detail=exc.detail), None
+    key = keys.image_key(job.id, info.sha256, info.format)
+    record = DownloadRecord(url=url, outcome=DownloadOutcome.STORED, sha256=info.sha256, image_key=key)
+    owner = state.sha_owner(job.id, info.sha256)
+    if owner is not None and owner != url:
+        # A cheap early answer; record_download decides duplicates atomically.
+        return record.model_copy(update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": owner}), None
+    image = StoredImage(
+        job_id=job.id,
+        key=key,
+        sha256=info.sha256,
+        width=info.width,
+        height=info.height,
+        format=info.format,
+        bytes=len(fetched.content),
+        fetched_at=utcnow(),
+        provenance=candidate,
+        phash=f"{info.phash:016x}" if info.phash is not None else None,
+    )
+    # Object first, record second: a crash in between leaves an object that the redelivered
+    # task overwrites with the same bytes, never a record without its object.
+    store.put(key, fetched.content, f"image/{info.format.lower()}")
+    put_json(store, keys.image_meta_key(job.id, info.sha256), image.model_dump(mode="json"))
+    return record, image
+
+
+def download_batch(
+    job: Job,
+    candidates: list[Candidate],
+    store: ObjectStore,
+    state: StateStore,
+    settings: CrawlerSettings,
+    fetcher: Fetcher,
+) -> list[StoredImage]:
+    """Handle a batch of candidates; return the stored images the detector should see.
+
+    Images this batch stored in an earlier, interrupted delivery are returned again, so the
+    detect message that may have been lost is sent again (the detector is idempotent).
+    """
+    todo: list[Candidate] = []
+    stored: list[StoredImage] = []
+    for candidate in candidates:
+        previous = state.url_record(job.id, candidate.image_url)
+        if previous is None:
+            todo.append(candidate)
+        elif previous.outcome is DownloadOutcome.STORED and previous.image_key:
+            image = state.get_image(job.id, previous.image_key)
+            if image is not None:
+                stored.append(image)
+
+    def work(candidate: Candidate) -> tuple[DownloadRecord, StoredImage | None]:
+        if state.counters(job.id).get(Counter.DOWNLOADED, 0) >= job.spec.limits.max_images:
+            # A cheap early exit; record_download below enforces the limit exactly.
+            skipped = DownloadRecord(
+                url=candidate.image_url, outcome=DownloadOutcome.SKIPPED, reason=FailureReason.LIMIT_REACHED
+            )
+            return skipped, None
+        return fetch_and_store(job, candidate, store, state, settings, fetcher)
+
+    near_distance = job.spec.dedup.near_distance
+    near_distance = settings.near_dup_distance if near_distance is None else near_distance
+    with ThreadPoolExecutor(max_workers=max(1, settings.download_concurrency)) as pool:
+        for record, image in pool.map(work, todo):
+            near = (
+                query_for(int(image.phash, 16), near_distance, settings.near_dup_segments)
+                if image and image.phash
+                else None
+            )
+            final = state.record_download(
+                job.id, record, image, job.spec.limits.max_images, near=near, across_jobs=job.spec.dedup.across_jobs
+            )
+            if final.outcome is DownloadOutcome.STORED and image is not None:
+                stored.append(image)
+            elif image is not None and final.outcome is not DownloadOutcome.STORED:
+                _drop_unrecorded(job, state, store, image)
+            log.debug(
+                "download",
+                extra={"job_id": job.id, "stage": "crawl", "url": record.url, "outcome": final.outcome.value},
+            )
+    return stored
+
+
+def _drop_unrecorded(job: Job, state: StateStore, store: ObjectStore, image: StoredImage) -> None:
+    """Remove an object stored for a URL whose record lost the race (duplicate or over the limit)."""
+    if state.get_image(job.id, image.key) is None:
+        store.delete(image.key)
+        store.delete(keys.image_meta_key(job.id, image.sha256))

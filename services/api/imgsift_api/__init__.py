@@ -1,0 +1,1 @@
+"""imgsift API service (FastAPI)."""

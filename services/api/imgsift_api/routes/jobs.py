@@ -1,0 +1,176 @@
+"""Jobs: create with references, read status, list crops at any threshold, change it, cancel."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
+from fastapi.encoders import jsonable_encoder
+from pydantic import ValidationError
+
+from imgsift_api.deps import CeleryDep, JobDep, SettingsDep, StateDep, StoreDep
+from imgsift_api.references import ReferenceRejected, check_reference, store_reference
+from imgsift_api.schemas import CropPage, JobList, JobStatus, ThresholdUpdate
+from imgsift_api.views import crop_page, job_status
+from imgsift_common import keys
+from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, send
+from imgsift_common.messages import DiscoverMessage, Job, JobSpec, JobState, SourceKind
+from imgsift_common.storage import ObjectNotFound
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+SPEC_HELP = (
+    'a JSON JobSpec, e.g. {"query": "golden retriever", "target": "dog", "threshold": 0.9, '
+    '"sources": [{"kind": "openverse"}, {"kind": "site", "start_urls": ["https://example.org/"]}]}'
+)
+
+
+def _parse_spec(raw: str) -> JobSpec:
+    try:
+        spec = JobSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        detail = jsonable_encoder(exc.errors(include_url=False, include_context=False))
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"field": "spec", "errors": detail}) from None
+    for source in spec.sources:
+        if source.kind is SourceKind.URLS and source.path:
+            # A path would name a file on the server: the API takes URLs inline only.
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, "a 'urls' source over the API takes 'urls' (a list), not 'path'"
+            )
+    return spec
+
+
+@router.post("", response_model=JobStatus, status_code=status.HTTP_201_CREATED)
+async def create_job(
+    state: StateDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    spec: Annotated[str, Form(description=SPEC_HELP)],
+    references: Annotated[list[UploadFile], File(description="reference images of what to collect (1 or more)")],
+) -> JobStatus:
+    """Create a job from a JSON spec and its reference images, and start it."""
+    job_spec = _parse_spec(spec)
+    if not references:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "upload at least one reference image")
+    if len(references) > settings.max_references:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"{len(references)} reference images; the limit is {settings.max_references}",
+        )
+    job_id = uuid.uuid4().hex
+    uploads = []
+    for upload in references:
+        data = await upload.read(settings.max_reference_bytes + 1)
+        try:
+            fmt = check_reference(
+                upload.filename or "upload",
+                data,
+                max_bytes=settings.max_reference_bytes,
+                max_pixels=settings.max_reference_pixels,
+            )
+        except ReferenceRejected as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        uploads.append((data, fmt))
+    reference_keys = sorted({store_reference(store, job_id, data, fmt) for data, fmt in uploads})
+    job = Job(id=job_id, spec=job_spec, reference_keys=reference_keys)
+    state.create_job(job)
+    try:
+        chain = uuid.uuid4().hex
+        state.set_marker(job_id, DISCOVER_CHAIN_MARKER, chain)
+        send(celery, TaskName.DISCOVER, DiscoverMessage(job_id=job_id, chain=chain))
+    except Exception as exc:  # the broker is down: say so instead of leaving a job that never starts
+        state.set_job_state(job_id, JobState.FAILED, f"could not enqueue the job: {exc}")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is unreachable; retry later") from exc
+    log.info("job created", extra={"job_id": job_id, "references": len(reference_keys)})
+    return job_status(job, state)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(state: StateDep, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> JobList:
+    """The newest jobs first."""
+    return JobList(items=[job_status(job, state) for job in state.list_jobs(limit)])
+
+
+@router.get("/{job_id}", response_model=JobStatus)
+def get_job(job: JobDep, state: StateDep) -> JobStatus:
+    """A job's status: per-stage counts, failures by reason, progress, notes."""
+    return job_status(job, state)
+
+
+@router.patch("/{job_id}", response_model=JobStatus)
+def update_threshold(job: JobDep, state: StateDep, body: ThresholdUpdate) -> JobStatus:
+    """Change the job's threshold; accepted and rejected are re-decided from stored distances at once."""
+    updated = state.update_job(job.id, spec=job.spec.model_copy(update={"threshold": body.threshold}))
+    return job_status(updated, state)
+
+
+@router.post("/{job_id}/cancel", response_model=JobStatus)
+def cancel_job(job: JobDep, state: StateDep) -> JobStatus:
+    """Cancel a job: queued work for it is dropped; what is stored stays readable."""
+    if job.state.is_final:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job is already {job.state.value}")
+    return job_status(state.set_job_state(job.id, JobState.CANCELLED), state)
+
+
+@router.get("/{job_id}/crops", response_model=CropPage)
+def list_crops(
+    job: JobDep,
+    state: StateDep,
+    settings: SettingsDep,
+    threshold: Annotated[float | None, Query(ge=0.0, le=4.0, description="default: the job's threshold")] = None,
+    accepted: Annotated[bool | None, Query(description="only accepted (true) or rejected (false) crops")] = None,
+    cursor: Annotated[str | None, Query(max_length=2048, description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> CropPage:
+    """Compared crops by ascending distance, each with box, distance, provenance and accepted flag."""
+    try:
+        return crop_page(
+            job,
+            state,
+            threshold=job.spec.threshold if threshold is None else threshold,
+            accepted=accepted,
+            cursor=cursor,
+            limit=min(limit, settings.page_size_max),
+        )
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+
+def _crop(job: Job, state: StateDep, crop_id: str):  # type: ignore[no-untyped-def]
+    try:
+        key = keys.crop_key(job.id, crop_id)
+    except ValueError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no crop {crop_id!r} in job {job.id}") from None
+    found = state.get_crops(job.id, [key])
+    if not found:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no crop {crop_id!r} in job {job.id}")
+    return found[0]
+
+
+def _object(store: StoreDep, key: str, media_type: str) -> Response:
+    try:
+        return Response(store.get(key), media_type=media_type)
+    except ObjectNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "the object is gone from storage") from None
+
+
+@router.get(
+    "/{job_id}/crops/{crop_id}/image", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}}
+)
+def crop_image(job: JobDep, state: StateDep, store: StoreDep, crop_id: str) -> Response:
+    """The crop as JPEG."""
+    return _object(store, _crop(job, state, crop_id).key, "image/jpeg")
+
+
+@router.get(
+    "/{job_id}/crops/{crop_id}/original", response_class=Response, responses={200: {"content": {"image/*": {}}}}
+)
+def crop_original(job: JobDep, state: StateDep, store: StoreDep, crop_id: str) -> Response:
+    """The stored original image the crop was cut from."""
+    crop = _crop(job, state, crop_id)
+    image = state.get_image(job.id, crop.image_key)
+    return _object(store, crop.image_key, f"image/{image.format.lower()}" if image else "application/octet-stream")

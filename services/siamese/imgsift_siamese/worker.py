@@ -1,0 +1,78 @@
+"""Celery worker of the siamese stage.
+
+Start with ``celery -A imgsift_siamese.worker worker -Q siamese --concurrency 1``: one process
+holds one network and batches inside each task. Settings are read at import, so a bad
+configuration stops the worker at start; the stores and the network are opened on the first
+task, in the worker process and never in the prefork parent.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from celery import signals
+
+from imgsift_common.celery_app import RETRY_POLICY, TaskName, create_celery_app
+from imgsift_common.logs import configure_logging
+from imgsift_common.messages import CropBatch, JobState, Stage
+from imgsift_common.progress import finish_if_complete
+from imgsift_common.state import RedisStateStore
+from imgsift_common.storage import ObjectStore, store_from_settings
+from imgsift_siamese.compare import ReferenceImagesError, compare_batch
+from imgsift_siamese.embed import get_embedder
+from imgsift_siamese.settings import SiameseSettings
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def worker_settings() -> SiameseSettings:
+    return SiameseSettings()
+
+
+@functools.cache
+def object_store() -> ObjectStore:
+    return store_from_settings(worker_settings())
+
+
+@functools.cache
+def state_store() -> RedisStateStore:
+    return RedisStateStore.from_url(worker_settings().redis_url)
+
+
+app = create_celery_app("imgsift-siamese", worker_settings().redis_url)
+
+
+@signals.setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    configure_logging(worker_settings().log_level)
+
+
+@app.task(
+    name=str(TaskName.COMPARE),
+    shared=False,  # this app's task only; Celery would otherwise add it to every app the process creates
+    **RETRY_POLICY,
+)
+def compare(payload: dict[str, Any]) -> int:
+    """Record the distance of each crop in the batch to its job's reference images."""
+    batch = CropBatch.model_validate(payload)
+    state = state_store()
+    job = state.get_job(batch.job_id)
+    if job is None or job.state.is_final:
+        log.info(
+            "job missing or finished; batch dropped",
+            extra={"job_id": batch.job_id, "stage": Stage.SIAMESE.value, "state": job.state if job else None},
+        )
+        return 0
+    settings = worker_settings()
+    try:
+        recorded = compare_batch(job, batch.crop_keys, object_store(), state, get_embedder(settings), settings)
+    except ReferenceImagesError as exc:
+        # Without references no crop of this job can ever be scored: fail the job with the reason.
+        log.error("job failed: %s", exc, extra={"job_id": job.id, "stage": Stage.SIAMESE.value})
+        state.set_job_state(job.id, JobState.FAILED, error=str(exc))
+        return 0
+    finish_if_complete(state, job.id)
+    return len(recorded)

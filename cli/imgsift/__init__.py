@@ -1,0 +1,1 @@
+"""imgsift command line and embedded runner."""

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install imgsift, serve a small demo web of real photos on 127.0.0.1, and run
+# `imgsift collect` on it: target "animal" (a COCO supercategory), elephant references.
+# Then move the threshold and re-decide instantly, and score both against the labels.
+#
+# Offline, it uses the COCO128 photos and YOLOv8n weights in ../shared when they are there.
+# Elsewhere: COCO128 is fetched from the ultralytics release assets and YOLOv8n is downloaded
+# by ultralytics itself (both need the internet); or point IMGSIFT_DEMO_COCO and
+# IMGSIFT_DEMO_YOLO at local copies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install.sh
+
+COCO=${IMGSIFT_DEMO_COCO:-../shared/data/coco128}
+YOLO=${IMGSIFT_DEMO_YOLO:-../shared/models/yolov8n.pt}
+PORT=${IMGSIFT_DEMO_PORT:-8765}
+WORK=demo
+mkdir -p "$WORK"
+if [ ! -d "$COCO/images" ]; then
+  echo "fetching COCO128 (6.7 MB) from the ultralytics release assets..."
+  curl -fsSL -o "$WORK/coco128.zip" https://github.com/ultralytics/assets/releases/download/v0.0.0/coco128.zip
+  (cd "$WORK" && unzip -q -o coco128.zip)
+  COCO="$WORK/coco128"
+fi
+[ -f "$YOLO" ] || YOLO=yolov8n.pt  # a name: ultralytics downloads it
+
+# References: the 8 elephants of two photos; the web serves the other 126 photos, among them
+# 9 elephants and 80-odd other animals (giraffes, zebras, dogs, cats, birds...).
+.venv/bin/python scripts/demo_site.py serve --coco "$COCO" --workdir "$WORK" --port "$PORT" \
+  --ref-class elephant --ref-photos 000000000263,000000000312 > "$WORK/site.json" &
+SITE=$!
+trap 'kill $SITE 2>/dev/null || true' EXIT
+for _ in $(seq 50); do [ -s "$WORK/site.json" ] && break; sleep 0.2; done
+cat "$WORK/site.json"
+
+run() {
+  # The demo web is on 127.0.0.1, which the crawler refuses unless it is allowlisted.
+  IMGSIFT_CRAWLER_NETWORK_ALLOWLIST='["127.0.0.1/32"]' .venv/bin/imgsift collect \
+    --source "urls:$WORK/urls.txt" --source "site:http://127.0.0.1:$PORT/" \
+    --target animal --refs "$WORK/refs" --threshold "$1" --out demo-out \
+    --yolo-weights "$YOLO" --backbone mobilenet_v2
+  .venv/bin/python scripts/demo_site.py score --coco "$COCO" --manifest demo-out/manifest.jsonl --ref-class elephant
+}
+echo "== collect at threshold 0.80"
+run 0.80
+echo "== the same job re-decided at threshold 0.90 (no download, no model: stored distances only)"
+run 0.90
+echo "crops: demo-out/accepted/ and demo-out/rejected/, one JSON line per crop in demo-out/manifest.jsonl"

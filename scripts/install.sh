@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install imgsift into .venv: the shared package, the four services, the `imgsift` command
+# and the test tools, at the versions in constraints.txt. Safe to run again.
+#   PYTHON=python3.11          the interpreter for the venv (3.11 or newer)
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu   CPU-only torch wheels (smaller)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  "${PIP[@]}" -c constraints.txt --index-url "$TORCH_INDEX_URL" torch torchvision
+fi
+"${PIP[@]}" -c constraints.txt \
+  -e common -e services/crawler -e services/detector -e services/siamese -e services/api -e cli \
+  -r requirements-dev.txt

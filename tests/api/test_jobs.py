@@ -1,0 +1,184 @@
+"""The REST API against a real Redis and a real S3 endpoint (moto), with real JPEGs."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from imgsift_common import keys
+from imgsift_common.messages import (
+    Candidate,
+    Crop,
+    DiscoverMessage,
+    DownloadOutcome,
+    DownloadRecord,
+    StoredImage,
+    utcnow,
+)
+from imgsift_common.state import RedisStateStore
+from tests.conftest import S3_TEST_CREDENTIALS
+
+SPEC = {"target": "person", "threshold": 0.5, "sources": [{"kind": "urls", "urls": ["http://127.0.0.1:9/a.jpg"]}]}
+
+
+@pytest.fixture
+def api(redis_url: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    for name, value in {
+        **S3_TEST_CREDENTIALS,
+        "IMGSIFT_REDIS_URL": redis_url,
+        "IMGSIFT_S3_ENDPOINT": s3_endpoint,
+        "IMGSIFT_S3_BUCKET": "api-tests",
+    }.items():
+        monkeypatch.setenv(name, value)
+    from imgsift_api.main import app
+
+    with TestClient(app) as client:
+        yield client
+
+
+def _jpeg(color: tuple[int, int, int] = (10, 200, 30), size: tuple[int, int] = (80, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _create(api: TestClient, spec: dict | None = None, refs: list[bytes] | None = None):  # type: ignore[no-untyped-def]
+    files = [("references", (f"ref{i}.jpg", data, "image/jpeg")) for i, data in enumerate(refs or [_jpeg()])]
+    return api.post("/v1/jobs", data={"spec": json.dumps(spec or SPEC)}, files=files)
+
+
+def test_healthz(api: TestClient) -> None:
+    response = api.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "redis": True, "storage": True}
+
+
+def test_create_job_stores_references_and_enqueues_discovery(api: TestClient, redis_url: str, coco128) -> None:  # type: ignore[no-untyped-def]
+    photo = coco128.images[0].read_bytes()
+    response = _create(api, refs=[photo, _jpeg(), photo])
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["state"] == "queued"
+    assert body["references"] == 2  # the same bytes twice are one reference
+    assert body["counts"]["discovered"] == 0
+    job = api.app.state.state.get_job(body["id"])  # type: ignore[attr-defined]
+    assert api.app.state.store.get(job.reference_keys[0]) in (photo, _jpeg())  # type: ignore[attr-defined]
+
+    queued = redis.Redis.from_url(redis_url).lrange("crawl", 0, -1)
+    assert len(queued) == 1
+    envelope = json.loads(queued[0])
+    assert envelope["headers"]["task"] == "crawler.discover"
+    assert envelope["content-type"] == "application/json"
+    args = json.loads(__import__("base64").b64decode(envelope["body"]))[0]
+    assert DiscoverMessage.model_validate(args[0]).job_id == body["id"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "refs", "needle"),
+    [
+        ({"target": "person", "sources": []}, None, "sources"),
+        ({"target": "person", "sources": [{"kind": "openverse"}]}, None, "query"),
+        ({"target": "person", "sources": [{"kind": "urls", "path": "/etc/passwd"}]}, None, "not 'path'"),
+        (SPEC, [b"<html>not an image</html>"], "not an image"),
+        (SPEC, [b""], "empty"),
+    ],
+)
+def test_bad_requests_get_422_with_a_reason(api: TestClient, spec: dict, refs: list[bytes] | None, needle: str) -> None:  # type: ignore[type-arg]
+    response = _create(api, spec, refs)
+    assert response.status_code == 422
+    assert needle in response.text
+
+
+def test_spec_that_is_not_json_and_missing_references(api: TestClient) -> None:
+    assert api.post("/v1/jobs", data={"spec": "{nope"}, files=[("references", ("r.jpg", _jpeg()))]).status_code == 422
+    assert api.post("/v1/jobs", data={"spec": json.dumps(SPEC)}).status_code == 422
+
+
+def test_unknown_and_malformed_job_ids(api: TestClient) -> None:
+    assert api.get("/v1/jobs/0123456789abcdef").status_code == 404
+    assert api.get("/v1/jobs/..%2F..%2Fetc").status_code in (404, 422)
+    assert api.get("/v1/jobs/UPPER_case!").status_code == 422
+
+
+def _fill(state: RedisStateStore, store, job_id: str, distances: list[float]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Give a job one stored image with a crop per distance, as the workers would."""
+    sha = "ab" * 32
+    image_key = keys.image_key(job_id, sha, "JPEG")
+    store.put(image_key, _jpeg(size=(200, 100)))
+    candidate = Candidate(image_url="http://example.test/p.jpg", page_url="http://example.test/", source="site")
+    image = StoredImage(
+        job_id=job_id, key=image_key, sha256=sha, width=200, height=100, format="JPEG", bytes=10,
+        fetched_at=utcnow(), provenance=candidate,
+    )  # fmt: skip
+    record = DownloadRecord(url=candidate.image_url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=image_key)
+    state.record_download(job_id, record, image, max_images=100)
+    crops = []
+    for i, _ in enumerate(distances):
+        cid = keys.crop_id(sha, i)
+        crop = Crop(
+            job_id=job_id, key=keys.crop_key(job_id, cid), crop_id=cid, image_key=image_key,
+            box=(i, 0, i + 10, 10), padded_box=(i, 0, i + 12, 12), score=0.9, class_name="person",
+        )  # fmt: skip
+        store.put(crop.key, _jpeg((i * 20 % 255, 0, 0)))
+        crops.append(crop)
+    state.record_detection(job_id, image_key, crops)
+    for crop, d in zip(crops, distances, strict=True):
+        state.record_distance(job_id, crop.key, d)
+    return [c.crop_id for c in crops]
+
+
+def test_crops_threshold_pagination_and_threshold_change(api: TestClient) -> None:
+    job_id = _create(api).json()["id"]
+    state, store = api.app.state.state, api.app.state.store  # type: ignore[attr-defined]
+    distances = [0.1, 0.3, 0.3, 0.45, 0.6, 0.8, 1.2]
+    _fill(state, store, job_id, distances)
+
+    status = api.get(f"/v1/jobs/{job_id}").json()
+    assert status["counts"] | {"failed_by_reason": None} == {
+        "discovered": 0, "downloaded": 1, "duplicates": 0, "failed": 0, "failed_by_reason": None, "skipped": 0,
+        "detected": 1, "crops": 7, "compared": 7, "compare_failed": 0, "accepted": 4, "rejected": 3,
+    }  # fmt: skip
+
+    # Walk all crops two at a time: ascending distance, every crop once.
+    seen, cursor = [], None
+    while True:
+        page = api.get(f"/v1/jobs/{job_id}/crops", params={"limit": 2, **({"cursor": cursor} if cursor else {})})
+        assert page.status_code == 200
+        body = page.json()
+        seen += body["items"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert [c["distance"] for c in seen] == sorted(distances)
+    assert len({c["crop_id"] for c in seen}) == 7
+    assert [c["accepted"] for c in seen] == [d <= 0.5 for d in sorted(distances)]
+    first = seen[0]
+    assert first["class"] == "person" and first["provenance"]["page_url"] == "http://example.test/"
+    assert api.get(first["crop_url"]).headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(api.get(first["original_url"]).content)).size == (200, 100)
+
+    rejected = api.get(f"/v1/jobs/{job_id}/crops", params={"accepted": False, "threshold": 0.7}).json()
+    assert [c["distance"] for c in rejected["items"]] == [0.8, 1.2]
+
+    patched = api.patch(f"/v1/jobs/{job_id}", json={"threshold": 1.0})
+    assert patched.json()["counts"]["accepted"] == 6 and patched.json()["threshold"] == 1.0
+    assert api.get(f"/v1/jobs/{job_id}/crops", params={"accepted": True}).json()["threshold"] == 1.0
+
+    assert api.get(f"/v1/jobs/{job_id}/crops", params={"cursor": "garbage"}).status_code == 422
+    assert api.patch(f"/v1/jobs/{job_id}", json={"threshold": -1}).status_code == 422
+    assert api.get(f"/v1/jobs/{job_id}/crops/{'0' * 24}-999/image").status_code == 404
+    assert api.get(f"/v1/jobs/{job_id}/crops/..%2Fsecret/image").status_code == 404
+
+
+def test_cancel_is_final(api: TestClient) -> None:
+    job_id = _create(api).json()["id"]
+    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "cancelled"
+    assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    listed = api.get("/v1/jobs").json()["items"]
+    assert [j["id"] for j in listed] == [job_id]

@@ -1,0 +1,159 @@
+"""`imgsift collect`, the embedded mode, run as a real command against a local web of real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imgsift.cli import parse_source
+from tests.support.coco import COCO_NAMES, Coco128
+from tests.support.web import TestWeb, build_photo_site
+
+PERSON = COCO_NAMES.index("person")
+IMGSIFT = str(Path(sys.executable).parent / "imgsift")
+# The test web runs on 127.0.0.1, which the crawler refuses unless allowlisted (docs/crawler.md).
+ENV = {
+    **os.environ,
+    "IMGSIFT_CRAWLER_NETWORK_ALLOWLIST": '["127.0.0.1/32"]',
+    "IMGSIFT_CRAWLER_PER_HOST_INTERVAL": "0.05",
+}
+
+
+def _bundled_mobilenet_v2() -> Path:
+    from imgsift_siamese.backbone import bundled_mobilenet_v2_weights
+
+    return bundled_mobilenet_v2_weights()
+
+
+@pytest.fixture(scope="module")
+def web() -> Iterator[TestWeb]:
+    server = TestWeb().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("collect")
+
+
+@pytest.fixture(scope="module")
+def first_run(web: TestWeb, workdir: Path, coco128: Coco128, yolo_weights: Path) -> dict[str, object]:
+    """One real run of the exact command form from the README, with copies of the weights."""
+    people = coco128.with_class("person")
+    refs_dir = workdir / "refs"
+    refs_dir.mkdir()
+    for photo in people[:2]:  # references cut from photos the web does not serve
+        with Image.open(photo) as im:
+            people_boxes = [b for b in coco128.labels(photo) if b.class_id == PERSON]
+            for i, box in enumerate(b for b in people_boxes if min(b.box[2] - b.box[0], b.box[3] - b.box[1]) >= 48):
+                im.convert("RGB").crop(tuple(round(v) for v in box.box)).save(refs_dir / f"{photo.stem}-{i}.jpg")
+    served = people[2:6] + [p for p in coco128.images if p not in people][:3]
+    index = build_photo_site(web, served[:5])
+    urls_file = workdir / "urls.txt"
+    urls_file.write_text("\n".join(web.add_image(f"/direct/{p.name}", p) for p in served[5:]) + "\n")
+    yolo_copy = workdir / "yolo.pt"
+    shutil.copy(yolo_weights, yolo_copy)
+    mobilenet_copy = workdir / "mobilenet_v2.pt"
+    shutil.copy(_bundled_mobilenet_v2(), mobilenet_copy)
+    out = workdir / "out"
+    command = [
+        IMGSIFT, "collect",
+        "--source", f"urls:{urls_file}", "--source", f"site:{index}",
+        "--target", "person", "--refs", str(refs_dir), "--threshold", "0.85", "--out", str(out),
+        "--yolo-weights", str(yolo_copy), "--backbone", "mobilenet_v2", "--siamese-weights", str(mobilenet_copy),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr
+    return {"out": out, "command": command, "served": served, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def _manifest(out: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_collect_writes_crops_and_a_manifest_with_provenance(first_run: dict, coco128: Coco128) -> None:  # type: ignore[type-arg]
+    out: Path = first_run["out"]
+    rows = _manifest(out)
+    assert rows, first_run["stderr"]
+    assert "detect" in first_run["stderr"] and "compare" in first_run["stderr"]  # progress bars
+    by_name = {p.name: p for p in first_run["served"]}
+    matched = 0
+    for row in rows:
+        for field in ("crop", "image_url", "page_url", "box", "class", "score", "distance", "accepted"):
+            assert field in row
+        assert row["class"] == "person"
+        assert row["accepted"] == (row["distance"] <= 0.85)
+        assert (out / row["crop"]).is_file()
+        assert row["crop"].startswith("accepted/" if row["accepted"] else "rejected/")
+        photo = by_name[row["image_url"].rsplit("/", 1)[-1]]
+        with Image.open(photo) as im:
+            x1, y1, x2, y2 = row["box"]
+            assert 0 <= x1 < x2 <= im.width + 1 and 0 <= y1 < y2 <= im.height + 1
+        with Image.open(out / row["crop"]) as crop:
+            px1, py1, px2, py2 = row["padded_box"]
+            assert crop.size == (round(px2 - px1), round(py2 - py1))
+        matched += coco128.match(photo, tuple(row["box"])) is not None
+        if "/direct/" in row["image_url"]:
+            assert row["page_url"] is None and row["source"] == "urls"
+        else:
+            assert row["page_url"].endswith(".html") and row["source"] == "site"
+    assert matched >= 0.8 * len(rows)  # YOLO's person boxes overlap labelled boxes
+    assert len(list((out / "accepted").iterdir())) + len(list((out / "rejected").iterdir())) == len(rows)
+    assert "accepted" in first_run["stdout"]
+
+
+def test_rerun_with_another_threshold_redecides_without_downloading_or_computing(
+    first_run: dict,  # type: ignore[type-arg]
+    web: TestWeb,
+) -> None:
+    out: Path = first_run["out"]
+    before = {row["crop_id"]: row["distance"] for row in _manifest(out)}
+    requests = len(web.requests)
+    # Remove the weights the first run used: loading a model now would fail the command.
+    command = list(first_run["command"])
+    for flag in ("--yolo-weights", "--siamese-weights"):
+        Path(command[command.index(flag) + 1]).unlink()
+    threshold = sorted(before.values())[len(before) // 2]
+    command[command.index("--threshold") + 1] = str(threshold)
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
+
+    assert result.returncode == 0, result.stderr
+    assert len(web.requests) == requests  # nothing fetched, not even the site's pages
+    rows = _manifest(out)
+    assert {row["crop_id"]: row["distance"] for row in rows} == before
+    assert sum(row["accepted"] for row in rows) == sum(d <= threshold for d in before.values())
+    assert len(list((out / "accepted").iterdir())) == sum(row["accepted"] for row in rows)
+    assert f"at threshold {threshold}" in result.stdout
+
+
+def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
+    import typer
+
+    with pytest.raises(typer.BadParameter, match="unknown source"):
+        parse_source("ftp:x", 1, 10)
+    with pytest.raises(typer.BadParameter, match="existing file"):
+        parse_source(f"urls:{tmp_path / 'none.txt'}", 1, 10)
+    with pytest.raises(typer.BadParameter, match="http"):
+        parse_source("site:example.org", 1, 10)
+    assert parse_source("openverse:red fox", 1, 10).query == "red fox"
+
+    empty_refs = tmp_path / "refs"
+    empty_refs.mkdir()
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
+    result = subprocess.run(
+        [IMGSIFT, "collect", "--source", f"urls:{tmp_path / 'urls.txt'}", "--target", "dog",
+         "--refs", str(empty_refs), "--out", str(tmp_path / "out"), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "no reference images" in result.stderr

@@ -1,0 +1,332 @@
+"""Both job-state stores behave the same: record-once counters, final states, distance pages."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from imgsift_common import keys
+from imgsift_common.messages import (
+    Candidate,
+    Crop,
+    DownloadOutcome,
+    DownloadRecord,
+    FailureReason,
+    Job,
+    JobSpec,
+    JobState,
+    SourceKind,
+    SourceSpec,
+    StoredImage,
+    utcnow,
+)
+from imgsift_common.progress import compute_progress, finish_if_complete
+from imgsift_common.state import Flag, StreamState
+
+JOB = "job-state"
+
+
+def _job(state) -> Job:  # type: ignore[no-untyped-def]
+    job = Job(id=JOB, spec=JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["http://a/1"])], target="dog"))
+    assert state.create_job(job)
+    return job
+
+
+def _image(sha: str, url: str) -> tuple[DownloadRecord, StoredImage]:
+    key = keys.image_key(JOB, sha, "JPEG")
+    image = StoredImage(
+        job_id=JOB, key=key, sha256=sha, width=10, height=10, format="JPEG", bytes=1, fetched_at=utcnow(),
+        provenance=Candidate(image_url=url, source=SourceKind.URLS),
+    )  # fmt: skip
+    return DownloadRecord(url=url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=key), image
+
+
+def test_create_is_once_and_final_states_stick(state_store) -> None:  # type: ignore[no-untyped-def]
+    job = _job(state_store)
+    assert not state_store.create_job(job)
+    assert state_store.set_job_state(JOB, JobState.RUNNING).state is JobState.RUNNING
+    assert state_store.set_job_state(JOB, JobState.CANCELLED).state is JobState.CANCELLED
+    # a late worker cannot complete a cancelled job
+    assert state_store.set_job_state(JOB, JobState.COMPLETED).state is JobState.CANCELLED
+    assert state_store.get_job(JOB).state is JobState.CANCELLED
+
+
+def test_update_job_changes_fields_but_never_the_state(state_store) -> None:  # type: ignore[no-untyped-def]
+    job = _job(state_store)
+    state_store.set_job_state(JOB, JobState.CANCELLED)
+    updated = state_store.update_job(JOB, spec=job.spec.model_copy(update={"threshold": 0.3}))
+    assert updated.spec.threshold == 0.3 and updated.state is JobState.CANCELLED
+    assert state_store.get_job(JOB) == updated
+    with pytest.raises(ValueError, match="set_job_state"):
+        state_store.update_job(JOB, state=JobState.RUNNING)
+
+
+def test_download_records_are_once_per_url_and_dedupe_by_content(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    a = "a" * 64
+    record, image = _image(a, "http://x/1")
+    assert state_store.record_download(JOB, record, image, 10).outcome is DownloadOutcome.STORED
+    # redelivery of the same URL: same answer, no counter moves
+    assert state_store.record_download(JOB, record, image, 10).outcome is DownloadOutcome.STORED
+    copy, copy_image = _image(a, "http://x/copy")
+    dup = state_store.record_download(JOB, copy, copy_image, 10)
+    assert dup.outcome is DownloadOutcome.DUPLICATE and dup.duplicate_of == "http://x/1"
+    failed = DownloadRecord(url="http://x/bad", outcome=DownloadOutcome.FAILED, reason=FailureReason.NOT_AN_IMAGE)
+    state_store.record_download(JOB, failed, None, 10)
+    state_store.record_download(JOB, failed, None, 10)
+    assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1, "failed": 1, "failed:not_an_image": 1}
+    assert state_store.get_image(JOB, image.key) == image
+    assert state_store.image_keys(JOB) == [image.key]
+
+
+def test_image_limit_is_exact(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    outcomes = [state_store.record_download(JOB, *_image(f"{i:064x}", f"http://x/{i}"), 2).outcome for i in range(4)]
+    assert outcomes == [DownloadOutcome.STORED] * 2 + [DownloadOutcome.SKIPPED] * 2
+    assert state_store.counters(JOB)["skipped:limit_reached"] == 2
+
+
+def test_detections_and_distances_are_recorded_once(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    sha = "b" * 64
+    image_key = keys.image_key(JOB, sha, "JPEG")
+    crops = [
+        Crop(job_id=JOB, key=keys.crop_key(JOB, keys.crop_id(sha, i)), crop_id=keys.crop_id(sha, i),
+             image_key=image_key, box=(0, 0, 1, 1), padded_box=(0, 0, 1, 1), score=0.5, class_name="dog")
+        for i in range(3)
+    ]  # fmt: skip
+    assert state_store.record_detection(JOB, image_key, crops)
+    assert not state_store.record_detection(JOB, image_key, crops)
+    assert state_store.is_detected(JOB, image_key)
+    assert state_store.detected_count(JOB, image_key) == 3
+    assert state_store.detected_count(JOB, "jobs/job-state/images/none.jpg") is None
+    for crop, d in zip(crops, [0.2, 0.4, 0.9], strict=True):
+        assert state_store.record_distance(JOB, crop.key, d)
+        assert not state_store.record_distance(JOB, crop.key, d)
+    assert state_store.counters(JOB) == {"detected": 1, "crops": 3, "compared": 3}
+    assert state_store.record_compare_failure(JOB, "lost-crop")
+    assert not state_store.record_compare_failure(JOB, "lost-crop")
+    assert state_store.counters(JOB)["compare_failed"] == 1
+    assert state_store.count_accepted(JOB, 0.4) == 2
+    assert state_store.get_crops(JOB, [crops[1].key]) == [crops[1]]
+    state_store.reset_distances(JOB)
+    assert state_store.counters(JOB) == {"detected": 1, "crops": 3}
+    assert state_store.record_compare_failure(JOB, "lost-crop")  # forgotten with the distances
+    state_store.reset_detections(JOB)
+    assert state_store.counters(JOB) == {}
+    assert not state_store.is_detected(JOB, image_key)
+
+
+def test_distance_pages_walk_every_crop_once_with_ties(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    rng = random.Random(7)
+    distances = {f"k{i:03d}": rng.choice([0.1, 0.25, 0.25, 0.25, 0.5, 0.75, 1.0]) for i in range(40)}
+    for key, d in distances.items():
+        state_store.record_distance(JOB, key, d)
+    for kwargs in ({}, {"max_distance": 0.5}, {"min_distance_exclusive": 0.25}):
+        walked, after = [], None
+        while True:
+            page = state_store.distance_page(JOB, after=after, limit=3, **kwargs)
+            walked += page.items
+            if page.next_after is None:
+                break
+            after = page.next_after
+        expected = sorted(
+            ((k, d) for k, d in distances.items()
+             if d <= kwargs.get("max_distance", 9) and d > kwargs.get("min_distance_exclusive", -1)),
+            key=lambda kv: (kv[1], kv[0]),
+        )  # fmt: skip
+        assert walked == expected
+
+
+def test_frontier_leases_and_releases_on_outcome(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    urls = [Candidate(image_url=f"http://x/{i}", source=SourceKind.URLS) for i in range(5)]
+    assert len(state_store.enqueue_candidates(JOB, urls)) == 5
+    assert state_store.counters(JOB)["discovered"] == 5
+    first = state_store.lease_candidates(JOB, 3, lease_seconds=0.2)
+    rest = state_store.lease_candidates(JOB, 10, lease_seconds=0.2)
+    assert len(first) == 3 and sorted(c.image_url for c in first + rest) == sorted(c.image_url for c in urls)
+    assert state_store.lease_candidates(JOB, 10, lease_seconds=0.2) == []  # every URL is leased
+    # An outcome takes a URL out of the frontier; the others are handed out again once
+    # their lease runs out (the worker that had them died).
+    record, image = _image("d" * 64, first[0].image_url)
+    state_store.record_download(JOB, record, image, 10)
+    assert state_store.frontier_size(JOB) == 4
+    time.sleep(0.3)
+    again = state_store.lease_candidates(JOB, 10, lease_seconds=60)
+    assert sorted(c.image_url for c in again) == sorted(c.image_url for c in urls if c != first[0])
+
+
+def test_stream_state_and_locks(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    assert state_store.stream_state(JOB, "s1") is None
+    state_store.save_stream_state(JOB, "s1", StreamState(cursor="2", pages=1, taken=20))
+    assert state_store.stream_state(JOB, "s1") == StreamState(cursor="2", pages=1, taken=20)
+    assert state_store.hold_lock(JOB, "discover", "a" * 32, ttl=0.2)
+    assert state_store.hold_lock(JOB, "discover", "a" * 32, ttl=0.2)  # the holder keeps it
+    assert not state_store.hold_lock(JOB, "discover", "b" * 32, ttl=0.2)
+    time.sleep(0.3)
+    assert state_store.hold_lock(JOB, "discover", "b" * 32, ttl=0.2)  # expired: taken over
+    state_store.release_lock(JOB, "discover", "b" * 32)
+    assert state_store.hold_lock(JOB, "discover", "a" * 32, ttl=0.2)
+    assert state_store.get_marker(JOB, "chain") is None
+    state_store.set_marker(JOB, "chain", "x")
+    state_store.set_marker(JOB, "chain", "y")
+    assert state_store.get_marker(JOB, "chain") == "y"
+
+
+def test_progress_and_completion(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    assert compute_progress({}, set()).fraction == 0.0
+    assert state_store.raise_progress(JOB, 0.4) == 0.4
+    assert state_store.raise_progress(JOB, 0.3) == 0.4  # what was shown is never taken back
+    assert state_store.raise_progress(JOB, 0.6) == 0.6
+    state_store.set_job_state(JOB, JobState.RUNNING)
+    first = Candidate(image_url="http://x/1", source=SourceKind.URLS)
+    assert state_store.enqueue_candidates(JOB, [first, first]) == [first]
+    assert state_store.enqueue_candidates(JOB, [first]) == []  # once per job
+    assert state_store.frontier_size(JOB) == 1
+    state_store.set_flag(JOB, Flag.DISCOVERY_DONE)
+    assert finish_if_complete(state_store, JOB).state is JobState.RUNNING  # the URL is not handled yet
+    record, image = _image("c" * 64, "http://x/1")
+    state_store.record_download(JOB, record, image, 10)
+    progress = compute_progress(state_store.counters(JOB), state_store.flags(JOB))
+    assert progress.stages["crawl"].state == "done" and progress.stages["detect"].state == "pending"
+    assert 0.3 < progress.fraction < 0.7
+    state_store.record_detection(JOB, image.key, [])  # an image without objects
+    assert finish_if_complete(state_store, JOB).state is JobState.COMPLETED
+    assert compute_progress(state_store.counters(JOB), state_store.flags(JOB)).complete
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a//b", "a/./b", "", "a\\b", "a b"])
+def test_object_keys_cannot_escape(bad: str, local_store) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_common.storage import InvalidKey
+
+    with pytest.raises(InvalidKey):
+        local_store.put(bad, b"x")
+
+
+def test_object_stores_round_trip(object_store) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_common.storage import ObjectNotFound, get_json, put_json
+
+    object_store.put("jobs/j1/a.bin", b"\x00\x01")
+    put_json(object_store, "jobs/j1/b.json", {"x": 1})
+    assert object_store.get("jobs/j1/a.bin") == b"\x00\x01"
+    assert get_json(object_store, "jobs/j1/b.json") == {"x": 1}
+    assert object_store.exists("jobs/j1/a.bin") and not object_store.exists("jobs/j1/none")
+    assert sorted(object_store.list("jobs/j1/")) == ["jobs/j1/a.bin", "jobs/j1/b.json"]
+    object_store.delete("jobs/j1/a.bin")
+    with pytest.raises(ObjectNotFound):
+        object_store.get("jobs/j1/a.bin")
+
+
+def test_keys_refuse_user_strings() -> None:
+    with pytest.raises(ValueError):
+        keys.image_key("../etc", "a" * 64, "JPEG")
+    with pytest.raises(ValueError):
+        keys.crop_key("job-1", "../../x")
+    assert keys.image_key("job-1", "a" * 64, "PNG") == f"jobs/job-1/images/{'a' * 64}.png"
+
+
+def _sized(sha: str, url: str, width: int, height: int, phash: int) -> tuple[DownloadRecord, StoredImage]:
+    record, image = _image(sha, url)
+    return record, image.model_copy(update={"width": width, "height": height, "phash": f"{phash:016x}"})
+
+
+def test_near_duplicate_smaller_copy_is_recorded_as_duplicate(state_store) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_common.neardup import near_dup_query
+
+    _job(state_store)
+    h = 0x0123456789ABCDEF
+    big = _sized("a" * 64, "http://x/big", 800, 600, h)
+    small = _sized("b" * 64, "http://x/small", 400, 300, h ^ 0b101)  # 2 bits away
+    other = _sized("c" * 64, "http://x/other", 400, 300, h ^ 0xFFFF0000)  # 16 bits away
+    for record, image in (big, small, other):
+        state_store.record_download(JOB, record, image, 10, near=near_dup_query(int(image.phash, 16), 6, 4))
+    kept = state_store.url_record(JOB, "http://x/small")
+    assert kept.outcome is DownloadOutcome.DUPLICATE and kept.duplicate_of == "http://x/big" and kept.hamming == 2
+    assert state_store.url_record(JOB, "http://x/other").outcome is DownloadOutcome.STORED
+    assert state_store.counters(JOB) == {"downloaded": 2, "duplicates": 1}
+
+
+def test_near_duplicate_larger_copy_replaces_the_kept_one_downstream_too(state_store) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_common.neardup import near_dup_query
+
+    _job(state_store)
+    h = 0x0F0F0F0F0F0F0F0F
+    small_record, small = _sized("a" * 64, "http://x/small", 400, 300, h)
+    state_store.record_download(JOB, small_record, small, 10, near=near_dup_query(h, 6, 4))
+    # The small copy went downstream: two crops, one compared.
+    crops = [
+        Crop(job_id=JOB, key=keys.crop_key(JOB, keys.crop_id("a" * 64, i)), crop_id=keys.crop_id("a" * 64, i),
+             image_key=small.key, box=(0, 0, 1, 1), padded_box=(0, 0, 1, 1), score=0.5, class_name="dog")
+        for i in range(2)
+    ]  # fmt: skip
+    state_store.record_detection(JOB, small.key, crops)
+    state_store.record_distance(JOB, crops[0].key, 0.3)
+    assert state_store.counters(JOB) == {"downloaded": 1, "detected": 1, "crops": 2, "compared": 1}
+
+    big_record, big = _sized("b" * 64, "http://x/big", 1600, 1200, h ^ 1)
+    final = state_store.record_download(JOB, big_record, big, 10, near=near_dup_query(h ^ 1, 6, 4))
+
+    assert final.outcome is DownloadOutcome.STORED
+    demoted = state_store.url_record(JOB, "http://x/small")
+    assert demoted.outcome is DownloadOutcome.DUPLICATE and demoted.duplicate_of == "http://x/big"
+    # As if the small copy never went downstream: no detection, no crop, no distance counted.
+    assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
+    assert state_store.image_keys(JOB) == [big.key]
+    assert state_store.count_accepted(JOB, 2.0) == 0
+    # Work on the small copy still in flight is dropped when it lands.
+    assert not state_store.record_distance(JOB, crops[1].key, 0.2)
+    assert state_store.count_accepted(JOB, 2.0) == 0
+    assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
+    # Exact copies of the small bytes now point at the copy kept.
+    copy = DownloadRecord(url="http://x/copy", outcome=DownloadOutcome.STORED, sha256="a" * 64, image_key=small.key)
+    assert state_store.record_download(JOB, copy, small, 10).duplicate_of == "http://x/big"
+
+
+def test_superseded_image_detected_later_records_nothing(state_store) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_common.neardup import near_dup_query
+
+    _job(state_store)
+    h = 0x1111222233334444
+    small_record, small = _sized("a" * 64, "http://x/small", 100, 100, h)
+    big_record, big = _sized("b" * 64, "http://x/big", 200, 200, h)
+    state_store.record_download(JOB, small_record, small, 10, near=near_dup_query(h, 6, 4))
+    state_store.record_download(JOB, big_record, big, 10, near=near_dup_query(h, 6, 4))
+    crop_id = keys.crop_id("a" * 64, 0)
+    crop = Crop(
+        job_id=JOB,
+        key=keys.crop_key(JOB, crop_id),
+        crop_id=crop_id,
+        image_key=small.key,
+        box=(0, 0, 1, 1),
+        padded_box=(0, 0, 1, 1),
+        score=0.5,
+        class_name="dog",
+    )
+    assert not state_store.record_detection(JOB, small.key, [crop])
+    assert state_store.is_detected(JOB, small.key)  # a redelivery stops early
+    assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
+
+
+def test_exact_copies_across_jobs_only_when_asked(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    other = Job(
+        id="job-other", spec=JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["http://a/1"])], target="dog")
+    )
+    state_store.create_job(other)
+    record, image = _image("e" * 64, "http://x/first")
+    state_store.record_download(JOB, record, image, 10)
+    again = DownloadRecord(url="http://y/same", outcome=DownloadOutcome.STORED, sha256="e" * 64)
+    other_image = image.model_copy(update={"job_id": "job-other", "key": keys.image_key("job-other", "e" * 64, "JPEG")})
+    assert state_store.record_download("job-other", again, other_image, 10).outcome is DownloadOutcome.STORED
+    third = DownloadRecord(url="http://z/same", outcome=DownloadOutcome.STORED, sha256="e" * 64)
+    state_store.create_job(other.model_copy(update={"id": "job-third"}))
+    third_image = image.model_copy(update={"job_id": "job-third", "key": keys.image_key("job-third", "e" * 64, "JPEG")})
+    dup = state_store.record_download("job-third", third, third_image, 10, across_jobs=True)
+    assert dup.outcome is DownloadOutcome.DUPLICATE
+    assert dup.duplicate_of in (f"job {JOB} http://x/first", "job job-other http://y/same")

@@ -1,0 +1,141 @@
+"""discover + download_batch over a real local site, with each state and object store."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from imgsift_common import keys
+from imgsift_common.messages import DownloadOutcome, FailureReason, Job, JobSpec, Limits, SourceKind, SourceSpec
+from imgsift_common.state import Counter, Flag
+from imgsift_common.storage import get_json
+from imgsift_crawler import pipeline
+from imgsift_crawler.fetch import Fetcher
+from imgsift_crawler.settings import CrawlerSettings
+from tests.support.web import TestWeb, build_photo_site
+
+
+def _job(*sources: SourceSpec, max_images: int = 100) -> Job:
+    return Job(
+        id="job-crawl", spec=JobSpec(sources=list(sources), target="person", limits=Limits(max_images=max_images))
+    )
+
+
+def _run(job, state, store, settings, fetcher) -> list:  # type: ignore[no-untyped-def]
+    """Discovery steps and downloads until discovery is over and every URL has an outcome."""
+    state.create_job(job)
+    stored = []
+    for _ in range(1000):
+        step = pipeline.crawl_step(job, state, fetcher, settings)
+        for batch in step.batches:
+            stored += pipeline.download_batch(job, batch, store, state, settings, fetcher)
+        if step.finished:
+            return stored
+    raise AssertionError("discovery never finished")
+
+
+def test_site_job_stores_unique_images_with_provenance(  # type: ignore[no-untyped-def]
+    web: TestWeb, fetcher: Fetcher, crawler_settings: CrawlerSettings, coco128, state_store, object_store
+) -> None:
+    photos = coco128.images[:8]
+    index = build_photo_site(web, photos)
+    # The same bytes at a second URL, a broken file and an HTML page served as a JPEG.
+    web.add_image("/copy.jpg", photos[0])
+    web.add("/broken.jpg", photos[1].read_bytes()[:3000], "image/jpeg")
+    web.add("/fake.jpg", "<html><body>not a photo</body></html>", "image/jpeg")
+    extra = SourceSpec(kind=SourceKind.URLS, urls=[web.url(p) for p in ("/copy.jpg", "/broken.jpg", "/fake.jpg")])
+    job = _job(SourceSpec(kind=SourceKind.SITE, start_urls=[index]), extra)
+
+    stored = _run(job, state_store, object_store, crawler_settings, fetcher)
+
+    counters = state_store.counters(job.id)
+    assert len(stored) == 8 == counters[Counter.DOWNLOADED]
+    assert counters[Counter.DUPLICATES] == 1
+    # the srcset pages reference a missing thumbnail too: 404s are failures with a reason
+    assert counters["failed:not_an_image"] == 2
+    assert counters["failed:http_error"] >= 1
+    assert (
+        counters[Counter.DISCOVERED]
+        == counters[Counter.DOWNLOADED] + counters[Counter.DUPLICATES] + counters[Counter.FAILED]
+    )
+    assert Flag.DISCOVERY_DONE in state_store.flags(job.id)
+    pair = {web.url("/copy.jpg"), web.url(f"/img/{photos[0].name}")}
+    records = {u: state_store.url_record(job.id, u) for u in pair}
+    assert sorted(r.outcome for r in records.values()) == [DownloadOutcome.DUPLICATE, DownloadOutcome.STORED]
+    dup = next(r for r in records.values() if r.outcome is DownloadOutcome.DUPLICATE)
+    assert dup.duplicate_of == (pair - {dup.url}).pop()
+    assert state_store.url_record(job.id, web.url("/fake.jpg")).reason is FailureReason.NOT_AN_IMAGE
+
+    image = next(i for i in stored if i.provenance.source == "site")
+    assert object_store.get(image.key) == next(p for p in photos if p.name in image.provenance.image_url).read_bytes()
+    meta = get_json(object_store, keys.image_meta_key(job.id, image.sha256))
+    assert meta["provenance"]["page_url"].startswith(web.base + "/gallery/")
+    assert meta["provenance"]["source"] == "site"
+    with Image.open(photos[1]) as im:
+        assert {(i.width, i.height) for i in stored if i.provenance.image_url.endswith(photos[1].name)} == {im.size}
+
+
+def test_rerun_downloads_nothing_and_changes_no_counter(  # type: ignore[no-untyped-def]
+    web: TestWeb, fetcher, crawler_settings, coco128, state_store, local_store
+) -> None:
+    index = build_photo_site(web, coco128.images[:4])
+    job = _job(SourceSpec(kind=SourceKind.SITE, start_urls=[index]))
+    _run(job, state_store, local_store, crawler_settings, fetcher)
+    before = state_store.counters(job.id)
+    requests = len(web.requests)
+
+    # A further step finds discovery done and nothing to lease; a redelivered batch returns the same images.
+    assert pipeline.crawl_step(job, state_store, fetcher, crawler_settings).finished
+    candidates = [state_store.url_record(job.id, web.url(f"/img/{p.name}")) for p in coco128.images[:4]]
+    assert all(r is not None and r.outcome is DownloadOutcome.STORED for r in candidates)
+    from imgsift_common.messages import Candidate
+
+    again = pipeline.download_batch(
+        job,
+        [Candidate(image_url=r.url, source=SourceKind.SITE) for r in candidates],
+        local_store,
+        state_store,
+        crawler_settings,
+        fetcher,
+    )
+    assert len(again) == 4
+    assert state_store.counters(job.id) == before
+    assert len(web.requests) == requests
+
+
+def test_max_images_stops_storing_and_says_why(
+    web, fetcher, crawler_settings, coco128, state_store, local_store
+) -> None:  # type: ignore[no-untyped-def]
+    urls = [web.add_image(f"/p{i}.jpg", p) for i, p in enumerate(coco128.images[:5])]
+    job = _job(SourceSpec(kind=SourceKind.URLS, urls=urls), max_images=3)
+    stored = _run(job, state_store, local_store, crawler_settings, fetcher)
+    counters = state_store.counters(job.id)
+    assert len(stored) == 3 == counters[Counter.DOWNLOADED]
+    assert counters["skipped:limit_reached"] == 2
+    assert len(list(local_store.list(keys.job_prefix(job.id) + "images/"))) == 3 * 2  # image + provenance json
+
+
+def test_failing_source_is_noted_and_others_go_on(
+    web, fetcher, crawler_settings, coco128, state_store, local_store
+) -> None:  # type: ignore[no-untyped-def]
+    good = web.add_image("/ok.jpg", coco128.images[0])
+    job = _job(
+        SourceSpec(kind=SourceKind.URLS, path="/nonexistent/list.txt"),
+        SourceSpec(kind=SourceKind.URLS, urls=[good]),
+    )
+    stored = _run(job, state_store, local_store, crawler_settings, fetcher)
+    assert [i.provenance.image_url for i in stored] == [good]
+    assert any("urls failed" in n and "cannot read" in n for n in state_store.notes(job.id))
+
+
+@pytest.mark.parametrize("per_source", [2])
+def test_per_source_limit(web, fetcher, crawler_settings, coco128, sqlite_state, local_store, per_source: int) -> None:  # type: ignore[no-untyped-def]
+    urls = [web.add_image(f"/q{i}.jpg", p) for i, p in enumerate(coco128.images[:4])]
+    job = Job(
+        id="job-limit",
+        spec=JobSpec(
+            sources=[SourceSpec(kind=SourceKind.URLS, urls=urls)], target="dog", limits=Limits(per_source=per_source)
+        ),
+    )
+    stored = _run(job, sqlite_state, local_store, crawler_settings, fetcher)
+    assert len(stored) == per_source

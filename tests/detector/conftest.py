@@ -1,0 +1,84 @@
+"""Detector fixtures: the real YOLO model (loaded once), settings, and jobs with stored images."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imgsift_common import keys
+from imgsift_common.messages import (
+    Candidate,
+    DownloadOutcome,
+    DownloadRecord,
+    Job,
+    JobSpec,
+    JobState,
+    SourceKind,
+    SourceSpec,
+    StoredImage,
+    utcnow,
+)
+from imgsift_common.state import StateStore
+from imgsift_common.storage import ObjectStore
+from imgsift_detector.model import Detector, get_detector
+from imgsift_detector.settings import DetectorSettings
+
+JOB_ID = "job-detect"
+
+
+@pytest.fixture(scope="session")
+def detector(yolo_weights: Path) -> Detector:
+    """The real yolov8n, loaded once for every detector test (the process cache keeps it)."""
+    return get_detector(str(yolo_weights), "cpu")
+
+
+@pytest.fixture
+def detector_settings(yolo_weights: Path) -> DetectorSettings:
+    return DetectorSettings(storage="local", weights=str(yolo_weights))
+
+
+def make_job(state: StateStore, target: str, job_state: JobState = JobState.RUNNING) -> Job:
+    job = Job(
+        id=JOB_ID,
+        spec=JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["https://example.org/a.jpg"])], target=target),
+        state=job_state,
+    )
+    assert state.create_job(job)
+    return job
+
+
+def add_image(
+    state: StateStore, store: ObjectStore, data: bytes, size: tuple[int, int], *, store_object: bool = True
+) -> StoredImage:
+    """Register an image with the job as the crawler would: object first, then the download record."""
+    sha = hashlib.sha256(data).hexdigest()
+    key = keys.image_key(JOB_ID, sha, "JPEG")
+    url = f"https://example.org/{sha[:12]}.jpg"
+    image = StoredImage(
+        job_id=JOB_ID,
+        key=key,
+        sha256=sha,
+        width=size[0],
+        height=size[1],
+        format="JPEG",
+        bytes=len(data),
+        fetched_at=utcnow(),
+        provenance=Candidate(image_url=url, source=SourceKind.URLS),
+    )
+    if store_object:
+        store.put(key, data, "image/jpeg")
+    record = DownloadRecord(url=url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=key)
+    state.record_download(JOB_ID, record, image, max_images=1000)
+    return image
+
+
+def add_photos(state: StateStore, store: ObjectStore, paths: list[Path]) -> list[StoredImage]:
+    images = []
+    for path in paths:
+        with Image.open(path) as opened:
+            size = opened.size
+        images.append(add_image(state, store, path.read_bytes(), size))
+    return images

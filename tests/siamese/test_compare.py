@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsift_common import keys
+from imgsift_common.state import StateStore
+from imgsift_common.storage import ObjectStore
+from imgsift_siamese import compare
+from imgsift_siamese.compare import ReferenceImagesError, compare_batch, reference_embeddings, reference_embeddings_key
+from imgsift_siamese.embed import Embedder
+from imgsift_siamese.settings import SiameseSettings
+from tests.siamese.stored import JOB_ID, create_job, new_job, put_crops, put_references
+
+
+class CountingEmbedder:
+    """An Embedder that counts the images it is asked to embed."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self.inner = inner
+        self.embedded = 0
+
+    @property
+    def embedding_id(self) -> str:
+        return self.inner.embedding_id
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        self.embedded += len(images)
+        return self.inner.embed_images(images)
+
+
+def test_compare_batch_records_distances_once(
+    state_store: StateStore,
+    object_store: ObjectStore,
+    embedder: Embedder,
+    siamese_settings: SiameseSettings,
+    crops_by_class: dict[str, list[Image.Image]],
+) -> None:
+    elephants = crops_by_class["elephant"]
+    job = create_job(state_store, put_references(object_store, elephants[:3]))
+    elephant_keys = put_crops(object_store, state_store, elephants[3:6], "elephant")
+    other_keys = put_crops(object_store, state_store, [crops_by_class[n][0] for n in ("giraffe", "dog", "bowl")], "x")
+    counting = CountingEmbedder(embedder)
+
+    recorded = compare_batch(job, elephant_keys + other_keys, object_store, state_store, counting, siamese_settings)  # type: ignore[arg-type]
+
+    assert counting.embedded == 3 + 6  # references once, then every crop
+    assert {d.crop_key for d in recorded} == set(elephant_keys + other_keys)
+    distances = dict(state_store.distances(job.id))
+    assert distances == pytest.approx({d.crop_key: d.distance for d in recorded})
+    # Measured: these elephants lie 0.76 to 0.81 from the references, the others 0.88 to 0.99.
+    assert max(distances[k] for k in elephant_keys) < min(distances[k] for k in other_keys)
+    assert all(0 < d < 2 for d in distances.values())
+
+    # The threshold is applied when read: moving it changes the count, nothing is recomputed.
+    between = (max(distances[k] for k in elephant_keys) + min(distances[k] for k in other_keys)) / 2
+    assert state_store.count_accepted(job.id, 0.0) == 0
+    assert state_store.count_accepted(job.id, between) == 3
+    assert state_store.count_accepted(job.id, 2.0) == 6
+    assert state_store.counters(job.id)["compared"] == 6
+
+    # Redelivery of the same batch: nothing embedded, nothing recorded, counters unchanged.
+    again = compare_batch(job, elephant_keys + other_keys, object_store, state_store, counting, siamese_settings)  # type: ignore[arg-type]
+
+    assert again == []
+    assert counting.embedded == 9
+    assert state_store.counters(job.id)["compared"] == 6
+
+    # A batch that overlaps with done work: only its new crop is embedded and recorded.
+    (new_key,) = put_crops(object_store, state_store, elephants[6:7], "elephant")
+    overlapping = compare_batch(job, [*elephant_keys, new_key], object_store, state_store, counting, siamese_settings)  # type: ignore[arg-type]
+
+    assert [d.crop_key for d in overlapping] == [new_key]
+    assert counting.embedded == 10
+    assert state_store.counters(job.id)["compared"] == 7
+
+    embeddings_key = reference_embeddings_key(job.id, embedder.embedding_id, job.reference_keys)
+    assert embeddings_key.startswith(f"jobs/{job.id}/refs/embeddings-{embedder.embedding_id}-")
+    assert object_store.exists(embeddings_key)
+    stored = np.load(io.BytesIO(object_store.get(embeddings_key)), allow_pickle=False)
+    assert stored.shape == (3, 1280)
+    assert np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
+
+
+def test_another_process_reads_the_stored_reference_embeddings(
+    local_store: ObjectStore, embedder: Embedder, crops_by_class: dict[str, list[Image.Image]]
+) -> None:
+    job = new_job(put_references(local_store, crops_by_class["dog"][:2]))
+    first = reference_embeddings(job, local_store, embedder)
+    compare._reference_cache.clear()  # what a fresh worker process starts with
+    counting = CountingEmbedder(embedder)
+
+    second = reference_embeddings(job, local_store, counting)  # type: ignore[arg-type]
+
+    assert counting.embedded == 0
+    assert np.array_equal(first, second)
+
+    # A changed reference set is embedded anew, under its own key.
+    more = job.model_copy(
+        update={"reference_keys": [*job.reference_keys, *put_references(local_store, [crops_by_class["dog"][2]])]}
+    )
+    assert reference_embeddings(more, local_store, counting).shape == (3, 1280)  # type: ignore[arg-type]
+    assert counting.embedded == 3
+    assert len(list(local_store.list(f"jobs/{JOB_ID}/refs/embeddings-"))) == 2
+
+
+def test_a_torn_embeddings_file_is_recomputed(
+    local_store: ObjectStore, embedder: Embedder, crops_by_class: dict[str, list[Image.Image]]
+) -> None:
+    job = new_job(put_references(local_store, crops_by_class["dog"][:2]))
+    key = reference_embeddings_key(job.id, embedder.embedding_id, job.reference_keys)
+    local_store.put(key, b"\x93NUMPY torn")
+
+    embeddings = reference_embeddings(job, local_store, embedder)
+
+    assert embeddings.shape == (2, 1280)
+    assert np.array_equal(np.load(io.BytesIO(local_store.get(key))), embeddings)
+
+
+def test_missing_and_corrupt_crops_are_skipped_with_a_note(
+    sqlite_state: StateStore,
+    local_store: ObjectStore,
+    embedder: Embedder,
+    siamese_settings: SiameseSettings,
+    crops_by_class: dict[str, list[Image.Image]],
+) -> None:
+    job = create_job(sqlite_state, put_references(local_store, crops_by_class["person"][:2]))
+    good, missing, corrupt = put_crops(local_store, sqlite_state, crops_by_class["person"][2:5], "person")
+    local_store.delete(missing)
+    local_store.put(corrupt, b"\xff\xd8\xff\xe0 truncated jpeg")
+
+    recorded = compare_batch(job, [good, missing, corrupt], local_store, sqlite_state, embedder, siamese_settings)
+
+    assert [d.crop_key for d in recorded] == [good]
+    assert [key for key, _ in sqlite_state.distances(job.id)] == [good]
+    notes = sqlite_state.notes(job.id)
+    assert any(missing in note and "missing" in note for note in notes)
+    assert any(corrupt in note and "cannot be decoded" in note for note in notes)
+
+
+def test_mean_k_records_the_mean_of_the_k_nearest(
+    sqlite_state: StateStore,
+    local_store: ObjectStore,
+    embedder: Embedder,
+    siamese_settings: SiameseSettings,
+    crops_by_class: dict[str, list[Image.Image]],
+) -> None:
+    references = crops_by_class["giraffe"][:4]
+    job = create_job(sqlite_state, put_references(local_store, references))
+    crop_keys = put_crops(local_store, sqlite_state, crops_by_class["giraffe"][4:6], "giraffe")
+    settings = siamese_settings.model_copy(update={"distance": "mean_k", "k": 2})
+
+    recorded = compare_batch(job, crop_keys, local_store, sqlite_state, embedder, settings)
+
+    to_refs = np.sqrt(
+        np.maximum(
+            0, 2 - 2 * embedder.embed_images(crops_by_class["giraffe"][4:6]) @ embedder.embed_images(references).T
+        )
+    )
+    expected = np.sort(to_refs, axis=1)[:, :2].mean(axis=1)
+    # The crops went through a JPEG round trip, the direct embeddings did not.
+    assert [d.distance for d in recorded] == pytest.approx(list(expected), abs=0.02)
+
+
+def test_a_job_without_references_cannot_be_compared(
+    sqlite_state: StateStore,
+    local_store: ObjectStore,
+    embedder: Embedder,
+    siamese_settings: SiameseSettings,
+    crops_by_class: dict[str, list[Image.Image]],
+) -> None:
+    job = create_job(sqlite_state, [])
+    crop_keys = put_crops(local_store, sqlite_state, crops_by_class["dog"][:1], "dog")
+
+    with pytest.raises(ReferenceImagesError, match="no reference images"):
+        compare_batch(job, crop_keys, local_store, sqlite_state, embedder, siamese_settings)
+    assert sqlite_state.distances(job.id) == []
+
+
+def test_a_missing_reference_image_is_named(local_store: ObjectStore, embedder: Embedder) -> None:
+    reference = keys.reference_key(JOB_ID, "ab" * 32, "JPEG")
+    job = new_job([reference])
+
+    with pytest.raises(ReferenceImagesError, match=f"{reference} .* missing"):
+        reference_embeddings(job, local_store, embedder)

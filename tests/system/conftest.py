@@ -1,0 +1,43 @@
+"""The compose topology as local processes, for the system tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import S3_TEST_CREDENTIALS, free_port
+from tests.support.stack import Stack
+
+
+@pytest.fixture
+def stack_env(redis_url: str, s3_endpoint: str, yolo_weights: Path) -> dict[str, str]:
+    """The environment compose would give, with test endpoints; tests may add to it before `stack`."""
+    return {
+        **S3_TEST_CREDENTIALS,
+        "IMGSIFT_REDIS_URL": redis_url,
+        "IMGSIFT_S3_ENDPOINT": s3_endpoint,
+        "IMGSIFT_S3_BUCKET": "system-test",
+        "IMGSIFT_DETECTOR_WEIGHTS": str(yolo_weights),
+        "IMGSIFT_DETECTOR_DEVICE": "cpu",
+        "IMGSIFT_SIAMESE_DEVICE": "cpu",
+        "IMGSIFT_CRAWLER_DOWNLOAD_CONCURRENCY": "4",
+        # The test web and the API run on 127.0.0.1, which the crawler refuses by default.
+        "IMGSIFT_CRAWLER_NETWORK_ALLOWLIST": '["127.0.0.1/32"]',
+        "UVICORN_HOST": "127.0.0.1",
+        "UVICORN_PORT": str(free_port()),
+    }
+
+
+@pytest.fixture
+def stack(stack_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Stack, str]]:
+    """The API and one worker per stage, running; yields the stack and the API's base URL."""
+    running = Stack(env=stack_env, logdir=tmp_path)
+    running.start_all()
+    api = f"http://127.0.0.1:{stack_env['UVICORN_PORT']}"
+    try:
+        running.wait_ready(api)
+        yield running, api
+    finally:
+        running.stop_all()

@@ -12,7 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from imgsift.embedded import EmbeddedConfig, EmbeddedError, EmbeddedRunner, Progress
-from imgsift_common.messages import KEYWORD_SOURCES, JobSpec, Limits, SourceKind, SourceSpec
+from imgsift_common.messages import KEYWORD_SOURCES, DedupSpec, JobSpec, Limits, SourceKind, SourceSpec
 
 app = typer.Typer(
     help="imgsift: build clean, labelled image datasets from the open web.",
@@ -105,6 +105,26 @@ def collect(
     per_source: Annotated[int, typer.Option(help="candidate URLs per source at most")] = 200,
     max_depth: Annotated[int, typer.Option(help="link depth of a site crawl")] = 2,
     max_pages: Annotated[int, typer.Option(help="pages a site crawl fetches at most")] = 200,
+    want_accepted: Annotated[
+        int | None,
+        typer.Option(
+            help="give me N: keep paging, then widening the query, until N crops are accepted or the sources run dry"
+        ),
+    ] = None,
+    related: Annotated[
+        list[str] | None,
+        typer.Option(help="a query to widen to, in order (repeat; default: the built-in related terms)"),
+    ] = None,
+    related_terms: Annotated[
+        Path | None, typer.Option(help="JSON file of related terms and translations, replacing the built-in list")
+    ] = None,
+    language: Annotated[
+        list[str] | None, typer.Option(help="also search the query's translation into this language (repeat; de, fr)")
+    ] = None,
+    near_dup_distance: Annotated[
+        int | None,
+        typer.Option(help="perceptual-hash bits within which images are near-duplicates (-1: off; default 6)"),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Crawl, detect, crop and verify in one process; rerun with another --threshold to re-decide instantly."""
@@ -123,13 +143,19 @@ def collect(
             target=target,
             threshold=threshold if threshold is not None else previous if previous is not None else 0.9,
             limits=Limits(max_images=max_images, per_source=per_source),
+            want_accepted=want_accepted,
+            related_queries=related or None,
+            languages=language or [],
+            dedup=DedupSpec(near_distance=near_dup_distance),
         )
+        if related_terms is not None and not related_terms.is_file():
+            raise typer.BadParameter(f"{related_terms} is not a file", param_hint="--related-terms")
         local = {"storage": "local", "local_storage_dir": state_dir / "objects"}
         config = EmbeddedConfig(
             out=out,
             spec=spec,
             refs=refs,
-            crawler=CrawlerSettings(**local),
+            crawler=CrawlerSettings(**local, related_terms=str(related_terms) if related_terms else None),
             detector=DetectorSettings(**local, weights=yolo_weights, device=device),
             siamese=SiameseSettings(**local, backbone=backbone, weights=siamese_weights, device=device),
         )

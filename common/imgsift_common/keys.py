@@ -7,7 +7,17 @@ import re
 from imgsift_common.messages import is_job_id
 
 _HEX = re.compile(r"^[0-9a-f]{16,64}$")
-_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
+_EXT = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "MPO": "jpg",
+    "AVIF": "avif",
+    "HEIF": "heic",
+}
 
 
 def _job(job_id: str) -> str:

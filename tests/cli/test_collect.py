@@ -157,3 +157,18 @@ def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "no reference images" in result.stderr
+
+
+def test_give_me_n_and_widening_options_reach_the_job(tmp_path: Path) -> None:
+    base = [IMGSIFT, "collect", "--source", "openverse", "--query", "elephant", "--target", "animal",
+            "--refs", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "300"}  # rich wraps the error box to the terminal's width
+    missing = subprocess.run(
+        [*base, "--want-accepted", "5", "--related-terms", str(tmp_path / "none.json")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "is not a file" in missing.stderr
+    bad_language = subprocess.run([*base, "--language", "German"], capture_output=True, text=True, timeout=120)
+    assert bad_language.returncode == 2 and "languages" in bad_language.stderr
+    bad_distance = subprocess.run([*base, "--near-dup-distance", "99"], capture_output=True, text=True, timeout=120)
+    assert bad_distance.returncode == 2 and "near_distance" in bad_distance.stderr

@@ -195,7 +195,14 @@ class Fetcher:
                     if retry.after is not None
                     else backoff_delay(attempt, self.settings.backoff_base, self.settings.backoff_max)
                 )
-                log.debug("retrying", extra={"url": str(url), "attempt": attempt + 1, "wait": wait})
+                log.debug(
+                    "retrying",
+                    extra={
+                        "url": str(url.copy_with(query=None)),  # no query: it may hold an API key
+                        "attempt": attempt + 1,
+                        "wait": wait,
+                    },
+                )
                 time.sleep(wait)
                 attempt += 1
 

@@ -29,6 +29,18 @@ from imgsift_detector.settings import DetectorSettings
 log = logging.getLogger(__name__)
 
 
+def _register_heif() -> None:
+    """HEIC/HEIF originals (the crawler stores them where pillow-heif is installed)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener(thumbnails=False)
+
+
+_register_heif()
+
+
 class UnreadableImage(ValueError):
     """Bytes that do not decode to an image."""
 

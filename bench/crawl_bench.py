@@ -1,0 +1,557 @@
+"""Crawler ingest throughput: imgsift against img2dataset on the same URL list, in one run.
+
+    .venv/bin/python bench/crawl_bench.py                 # 2,000 images, 2 processes x 16 threads
+    .venv/bin/python bench/crawl_bench.py --images 500    # a quicker look
+
+What it does, all on loopback:
+
+1. builds a corpus of distinct JPEGs from real photos (COCO128 by default): random crops,
+   flips, sizes and qualities, each kept only if its perceptual hash is more than
+   ``--min-distance`` bits from every photo kept before, so no run drops near-duplicates;
+2. serves the corpus from nginx (Debian's; a generated config, one worker) or, where no
+   nginx is installed, from uvicorn with Starlette's StaticFiles;
+3. starts a Redis server and moto's S3 server on free ports;
+4. runs, one after the other, each as its own processes with the same parallelism:
+   - imgsift's ingest (download, decode check, SHA-256, perceptual hash, near-duplicate
+     lookup, store, record) into the local store, and into the S3 endpoint, the job state in
+     Redis as in the services (``download_batch``, the crawler task's stage function);
+   - img2dataset on the same URL list, with its default re-encoding (resize to 256, JPEG)
+     and with ``--disable_all_reencoding True``;
+   - the S3 endpoint alone: the same objects PUT from disk by the minio client, nothing
+     else, with the same parallelism (moto is a Python server sharing these CPUs, so this is
+     the ceiling of any ingest into it);
+   - imgsift into the local store again on a quarter of the images, to see whether its
+     peak memory grows with the number of images;
+5. prints images per second, peak memory (the sum of the resident sets of the process tree,
+   sampled every 50 ms) and the ratios, and writes them to ``<out>/crawl_bench.json``.
+
+img2dataset is installed into ``.bench/img2dataset`` (its own venv; PyPI) the first time.
+Politeness limits are lifted for imgsift here (one host serves everything: per-host
+concurrency = processes x threads, no interval), since img2dataset has none; robots.txt and
+X-Robots-Tag are still checked by imgsift (the server has no robots.txt: one 404 per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+I2D_VERSION = "1.47.0"
+I2D_VENV = ROOT / ".bench" / "img2dataset"
+I2D_DEFAULT = "img2dataset, default (resize 256, re-encode)"
+I2D_RAW = "img2dataset, --disable_all_reencoding"
+QUARTER = "imgsift, local store, 1/4 of the images"
+S3_CEILING = "S3 (moto) alone: PUT the same objects from disk"
+
+
+# ============================================================================ corpus
+
+
+def build_corpus(photos: Path, out: Path, n: int, min_distance: int, seed: int = 0) -> list[Path]:
+    """``n`` JPEGs whose perceptual hashes are pairwise more than ``min_distance`` bits apart."""
+    import numpy as np
+    from PIL import Image
+
+    from imgsift_crawler.dedup import perceptual_hash_of
+
+    manifest = out / "corpus.json"
+    if manifest.exists():
+        saved = json.loads(manifest.read_text())
+        if saved["n"] == n and saved["min_distance"] == min_distance:
+            return [out / name for name in saved["files"]]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    sources = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not sources:
+        raise SystemExit(f"no photos in {photos}")
+    rng = random.Random(seed)
+    kept: list[int] = []
+    files: list[str] = []
+    attempts = 0
+    while len(files) < n:
+        attempts += 1
+        if attempts > n * 20:
+            raise SystemExit(f"only {len(files)} distinct variants after {attempts} tries; lower --min-distance")
+        src = sources[attempts % len(sources)]
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            f = rng.uniform(0.5, 0.9)
+            cw, ch = int(w * f), int(h * rng.uniform(0.5, 0.9))
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            variant = im.crop((x, y, x + cw, y + ch))
+            if rng.random() < 0.5:
+                variant = variant.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            side = rng.randint(400, 800)
+            scale = side / max(variant.size)
+            variant = variant.resize((max(1, int(variant.width * scale)), max(1, int(variant.height * scale))))
+            buffer = io.BytesIO()
+            variant.save(buffer, "JPEG", quality=rng.randint(75, 95))
+        data = buffer.getvalue()
+        h64 = perceptual_hash_of(data)
+        if kept:
+            xor = np.bitwise_xor(np.array(kept, dtype=np.uint64), np.uint64(h64))
+            if int(np.unpackbits(xor.view(np.uint8)).reshape(len(kept), 64).sum(axis=1).min()) <= min_distance:
+                continue
+        kept.append(h64)
+        name = f"{len(files):05d}.jpg"
+        (out / name).write_bytes(data)
+        files.append(name)
+    manifest.write_text(json.dumps({"n": n, "min_distance": min_distance, "files": files}))
+    return [out / name for name in files]
+
+
+# ============================================================================ servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextmanager
+def process(args: list[str], port: int, **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+    try:
+        wait_for_port(port)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def web_server(root: Path, workdir: Path) -> Iterator[tuple[str, str]]:
+    """Serve ``root`` on loopback; yields (base URL, what serves it)."""
+    port = free_port()
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    if nginx:
+        conf = workdir / "nginx.conf"
+        conf.write_text(
+            f"""worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 100000;
+  client_body_temp_path {workdir}/nginx-tmp;
+  proxy_temp_path {workdir}/nginx-tmp;
+  fastcgi_temp_path {workdir}/nginx-tmp;
+  uwsgi_temp_path {workdir}/nginx-tmp;
+  scgi_temp_path {workdir}/nginx-tmp;
+  types {{ image/jpeg jpg; }}
+  server {{ listen 127.0.0.1:{port}; root {root}; }}
+}}
+"""
+        )
+        with process([nginx, "-c", str(conf), "-e", str(workdir / "nginx-error.log")], port):
+            yield f"http://127.0.0.1:{port}", "nginx"
+        return
+    app = workdir / "static_app.py"
+    app.write_text(
+        "from starlette.applications import Starlette\nfrom starlette.routing import Mount\n"
+        "from starlette.staticfiles import StaticFiles\n"
+        f"app = Starlette(routes=[Mount('/', StaticFiles(directory={str(root)!r}))])\n"
+    )
+    uvicorn = [sys.executable, "-m", "uvicorn", "static_app:app", "--host", "127.0.0.1", "--port", str(port)]
+    with process([*uvicorn, "--log-level", "warning", "--no-access-log"], port, cwd=workdir):
+        yield f"http://127.0.0.1:{port}", "uvicorn + Starlette StaticFiles (no nginx found)"
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with process([*args, "--dir", str(workdir)], port):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    port = free_port()
+    moto = [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)]
+    with process(moto, port):
+        yield f"127.0.0.1:{port}"
+
+
+# ============================================================================ measuring
+
+
+def run_measured(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, float]:
+    """Run a command; its wall time and the peak of the summed RSS of its process tree."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak = 0
+    done = threading.Event()
+    output: list[bytes] = []
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read() if proc.stdout else b""))
+    reader.start()
+
+    def sample() -> None:
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                total = root.memory_info().rss + sum(c.memory_info().rss for c in root.children(recursive=True))
+                peak = max(peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    rc = proc.wait()
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    reader.join()
+    if rc != 0:
+        sys.stderr.write(b"".join(output).decode(errors="replace")[-4000:])
+        raise SystemExit(f"{args[:3]} failed with exit code {rc}")
+    return {"seconds": wall, "peak_rss_mb": peak / 2**20, "output": b"".join(output).decode(errors="replace")}  # type: ignore[dict-item]
+
+
+# ============================================================================ imgsift ingest
+
+
+def ingest_command(urls: Path, store: str, target: str, redis: str, processes: int, threads: int) -> list[str]:
+    return [
+        sys.executable,
+        __file__,
+        "_ingest",
+        "--urls",
+        str(urls),
+        "--store",
+        store,
+        "--target",
+        target,
+        "--redis",
+        redis,
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+    ]
+
+
+def ingest(args: argparse.Namespace) -> None:
+    """imgsift's ingest of a URL list: ``processes`` worker processes, like crawler workers."""
+    urls = Path(args.urls).read_text().split()
+    job_id = f"bench-{uuid.uuid4().hex[:12]}"
+    _create_job(job_id, len(urls), args.redis)
+    parts = [urls[i :: args.processes] for i in range(args.processes)]
+    children = []
+    for part in parts:
+        pid = os.fork()
+        if pid == 0:  # a worker: the parent only waits
+            try:
+                _ingest_part(args, job_id, part)
+                os._exit(0)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                os._exit(1)
+        children.append(pid)
+    failed = sum(os.waitpid(pid, 0)[1] != 0 for pid in children)
+    from imgsift_common.state import RedisStateStore
+
+    counters = RedisStateStore.from_url(args.redis).counters(job_id)
+    print(json.dumps({"job_id": job_id, "counters": counters}))
+    if failed:
+        raise SystemExit(f"{failed} ingest processes failed")
+
+
+def _create_job(job_id: str, n: int, redis: str) -> None:
+    from imgsift_common.messages import Job, JobSpec, Limits, SourceKind, SourceSpec
+    from imgsift_common.state import RedisStateStore
+
+    spec = JobSpec(
+        sources=[SourceSpec(kind=SourceKind.URLS, urls=["http://127.0.0.1/bench"])],
+        target="any",
+        limits=Limits(max_images=n, per_source=n),
+    )
+    RedisStateStore.from_url(redis).create_job(Job(id=job_id, spec=spec))
+
+
+def _ingest_part(args: argparse.Namespace, job_id: str, urls: list[str]) -> None:
+    from imgsift_common.messages import Candidate, SourceKind
+    from imgsift_common.state import RedisStateStore
+    from imgsift_common.storage import LocalStore, ObjectStore, S3Store
+    from imgsift_crawler.fetch import Fetcher
+    from imgsift_crawler.pipeline import download_batch
+    from imgsift_crawler.settings import CrawlerSettings
+
+    settings = CrawlerSettings(
+        storage="local",  # the store is built here; the settings only shape the downloads
+        network_allowlist=["127.0.0.1/32"],
+        download_concurrency=args.threads,
+        per_host_concurrency=args.threads * args.processes,
+        per_host_interval=0.0,
+    )
+    store: ObjectStore
+    if args.store == "s3":
+        s3 = S3Store(args.target, "bench", "bench-secret", "bench")
+        s3.ensure_bucket()
+        store = s3
+    else:
+        store = LocalStore(args.target)
+    state = RedisStateStore.from_url(args.redis)
+    job = state.get_job(job_id)
+    assert job is not None
+    fetcher = Fetcher(settings)
+    batch = args.threads * 8
+    for start in range(0, len(urls), batch):
+        candidates = [Candidate(image_url=u, source=SourceKind.URLS) for u in urls[start : start + batch]]
+        download_batch(job, candidates, store, state, settings, fetcher)
+
+
+def put_only_command(corpus: Path, s3: str, processes: int, threads: int) -> list[str]:
+    args = ["--corpus", str(corpus), "--target", s3, "--processes", str(processes), "--threads", str(threads)]
+    return [sys.executable, __file__, "_put_only", *args]
+
+
+def put_only(args: argparse.Namespace) -> None:
+    """The S3 endpoint's own ceiling: the same objects (image + a 1 kB JSON) PUT by the minio
+    client from files already on disk, with the same processes and threads, nothing else."""
+    files = sorted(Path(args.corpus).glob("*.jpg"))
+    children = []
+    for part in (files[i :: args.processes] for i in range(args.processes)):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _put_part(args.target, args.threads, part)
+                os._exit(0)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                os._exit(1)
+        children.append(pid)
+    if any(os.waitpid(pid, 0)[1] != 0 for pid in children):
+        raise SystemExit("a put process failed")
+
+
+def _put_part(endpoint: str, threads: int, files: list[Path]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgsift_common.storage import S3Store
+
+    store = S3Store(endpoint, "bench", "bench-secret", "bench-put")
+    store.ensure_bucket()
+    sidecar = json.dumps({"provenance": "x" * 1000}).encode()
+
+    def put(path: Path) -> None:
+        store.put(f"put/{path.name}", path.read_bytes(), "image/jpeg")
+        store.put(f"put/{path.name}.json", sidecar, "application/json")
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(put, files))
+
+
+# ============================================================================ img2dataset
+
+
+def img2dataset_bin(spec: str) -> Path | None:
+    if spec == "skip":
+        return None
+    if spec != "auto":
+        return Path(spec)
+    exe = I2D_VENV / "bin" / "img2dataset"
+    if not exe.exists():
+        print(f"installing img2dataset {I2D_VERSION} into {I2D_VENV} (PyPI) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+        pip = [str(I2D_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, f"img2dataset=={I2D_VERSION}"], check=True)
+    return exe
+
+
+def img2dataset_command(exe: Path, urls: Path, out: Path, processes: int, threads: int, reencode: bool) -> list[str]:
+    args = [
+        str(exe),
+        "--url_list",
+        str(urls),
+        "--input_format",
+        "txt",
+        "--output_format",
+        "files",
+        "--output_folder",
+        str(out),
+        "--processes_count",
+        str(processes),
+        "--thread_count",
+        str(threads),
+        "--number_sample_per_shard",
+        "1000",
+        "--timeout",
+        "10",
+    ]
+    return args if reencode else [*args, "--disable_all_reencoding", "True"]
+
+
+def img2dataset_stored(out: Path) -> int:
+    return sum(1 for _ in out.rglob("*.jpg"))
+
+
+# ============================================================================ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--processes", type=int, default=2, help="worker processes, for both tools")
+    parser.add_argument("--threads", type=int, default=16, help="download threads per process, for both tools")
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        default=Path(os.environ.get("IMGSIFT_BENCH_PHOTOS", ROOT.parent / "shared" / "data" / "coco128" / "images")),
+        help="real photos the corpus is cut from (default: ../shared/data/coco128/images)",
+    )
+    parser.add_argument("--min-distance", type=int, default=10, help="perceptual-hash bits between corpus images")
+    parser.add_argument("--img2dataset", default="auto", help="'auto' (install into .bench), a path, or 'skip'")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus_dir = args.out / "corpus"
+    print(f"corpus: {args.images} distinct JPEGs from {args.photos} ...", flush=True)
+    files = build_corpus(args.photos, corpus_dir, args.images, args.min_distance)
+    corpus_bytes = sum(f.stat().st_size for f in files)
+    i2d = img2dataset_bin(args.img2dataset)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="crawl-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        with web_server(corpus_dir, tmp) as (base, server), redis_server(tmp) as redis, s3_server() as s3:
+            urls = tmp / "urls.txt"
+            urls.write_text("".join(f"{base}/{f.name}\n" for f in files))
+            quarter = tmp / "urls-quarter.txt"
+            quarter.write_text("".join(f"{base}/{f.name}\n" for f in files[: len(files) // 4]))
+            env = {
+                **os.environ,
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations would ask PyPI for a newer version
+            }
+            p, t, n = args.processes, args.threads, len(files)
+            runs: list[tuple[str, list[str], int]] = [
+                ("imgsift, local store", ingest_command(urls, "local", str(tmp / "local"), redis, p, t), n),
+                ("imgsift, S3 (moto)", ingest_command(urls, "s3", s3, redis, p, t), n),
+            ]
+            if i2d is not None:
+                runs += [
+                    (I2D_DEFAULT, img2dataset_command(i2d, urls, tmp / "i2d", p, t, True), n),
+                    (I2D_RAW, img2dataset_command(i2d, urls, tmp / "i2d-raw", p, t, False), n),
+                ]
+            runs.append((S3_CEILING, put_only_command(corpus_dir, s3, p, t), n))
+            local_quarter = ingest_command(quarter, "local", str(tmp / "local-q"), redis, p, t)
+            runs.append((QUARTER, local_quarter, n // 4))
+            for name, command, n in runs:
+                print(f"running: {name} ...", flush=True)
+                measured = run_measured(command, env=env, cwd=tmp)
+                output = str(measured.pop("output"))
+                if name.startswith("imgsift"):
+                    counters = json.loads(output.strip().splitlines()[-1])["counters"]
+                    stored = int(counters.get("downloaded", 0))
+                    measured["failed"] = int(counters.get("failed", 0))
+                    measured["duplicates"] = int(counters.get("duplicates", 0))
+                elif name == S3_CEILING:
+                    stored = n
+                else:
+                    stored = img2dataset_stored(tmp / ("i2d" if name == I2D_DEFAULT else "i2d-raw"))
+                measured.update(images=n, stored=stored, images_per_second=stored / measured["seconds"])
+                results[name] = measured
+                print(
+                    f"  {stored}/{n} stored in {measured['seconds']:.1f} s: "
+                    f"{measured['images_per_second']:.0f} images/s, peak {measured['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+
+    ips = {k: v["images_per_second"] for k, v in results.items()}
+    ratios = {}
+    i2d_default = ips.get(I2D_DEFAULT)
+    i2d_raw = ips.get(I2D_RAW)
+    for mine in ("imgsift, local store", "imgsift, S3 (moto)"):
+        if i2d_default:
+            ratios[f"{mine} / img2dataset default"] = ips[mine] / i2d_default
+        if i2d_raw:
+            ratios[f"{mine} / img2dataset no re-encoding"] = ips[mine] / i2d_raw
+    ratios["imgsift, S3 (moto) / S3 (moto) alone"] = ips["imgsift, S3 (moto)"] / ips[S3_CEILING]
+    full, part = results["imgsift, local store"], results[QUARTER]
+    ratios["imgsift peak memory, all / a quarter of the images"] = full["peak_rss_mb"] / part["peak_rss_mb"]
+    report = {
+        "images": len(files),
+        "corpus_mb": corpus_bytes / 2**20,
+        "server": server,
+        "processes": args.processes,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "results": results,
+        "ratios": ratios,
+    }
+    (args.out / "crawl_bench.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"\n{len(files)} images ({corpus_bytes / 2**20:.0f} MB) served by {server}; "
+        f"{args.processes} processes x {args.threads} threads each"
+    )
+    print(f"{'run':48} {'images/s':>9} {'peak MB':>8}")
+    for name, r in results.items():
+        print(f"{name:48} {r['images_per_second']:9.0f} {r['peak_rss_mb']:8.0f}")
+    print()
+    for name, value in ratios.items():
+        print(f"{name:60} {value:5.2f}x")
+    print(f"\nwritten to {args.out / 'crawl_bench.json'}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_ingest":
+        p = argparse.ArgumentParser()
+        for flag in ("--urls", "--store", "--target", "--redis"):
+            p.add_argument(flag, required=True)
+        p.add_argument("--processes", type=int, required=True)
+        p.add_argument("--threads", type=int, required=True)
+        ingest(p.parse_args(sys.argv[2:]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_put_only":
+        p = argparse.ArgumentParser()
+        for flag in ("--corpus", "--target"):
+            p.add_argument(flag, required=True)
+        p.add_argument("--processes", type=int, required=True)
+        p.add_argument("--threads", type=int, required=True)
+        put_only(p.parse_args(sys.argv[2:]))
+    else:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        main()

@@ -87,14 +87,19 @@ class TrainedHead:
         torch.save(
             {
                 "state": self.head.state_dict(),
-                "meta": json.dumps(
-                    {"config": asdict(self.config), "features": self.features, "stats": self.stats,
-                     "held_out": self.held_out}  # fmt: skip
-                ),
+                "meta": json.dumps(self._meta()),
             },
             buffer,
         )
         return buffer.getvalue()
+
+    def _meta(self) -> dict[str, object]:
+        return {
+            "config": asdict(self.config),
+            "features": self.features,
+            "stats": self.stats,
+            "held_out": self.held_out,
+        }
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TrainedHead:

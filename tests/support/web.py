@@ -65,13 +65,9 @@ class TestWeb:
                 hit = Hit(self.path, dict(self.headers.items()), self.connection.getsockname()[0], time.monotonic())
                 with web.lock:
                     web.hits.append(hit)
-                    web.active += 1
-                    web.max_active = max(web.max_active, web.active)
                 try:
                     self._respond()
                 finally:
-                    with web.lock:
-                        web.active -= 1
                     hit.finished = time.monotonic()
 
             def _respond(self) -> None:
@@ -84,7 +80,17 @@ class TestWeb:
                 if route is None:
                     self.send_error(404)
                     return
-                time.sleep(route.delay)
+                # Counted while the answer is held back: the client cannot have finished (and
+                # sent its next request) before the count drops, whereas after the body is
+                # written it can, before this thread runs again, and the count would overlap.
+                with web.lock:
+                    web.active += 1
+                    web.max_active = max(web.max_active, web.active)
+                try:
+                    time.sleep(route.delay)
+                finally:
+                    with web.lock:
+                        web.active -= 1
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
                 if route.send_length:

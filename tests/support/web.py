@@ -42,7 +42,7 @@ class TestWeb:
     """A threaded HTTP server on 127.0.0.1 with a route table and a request log.
 
     ``hits`` records each request's time, connected address and headers; ``max_active`` the
-    most requests the server handled at once. ``add_sequence`` serves a path's responses in
+    most requests the server held at once (during their delay). ``add_sequence`` serves a path's responses in
     turn (503, 503, then 200), the last one to every later request.
     """
 

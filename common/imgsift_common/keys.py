@@ -48,6 +48,14 @@ def reference_key(job_id: str, sha256: str, image_format: str) -> str:
     return f"{_job(job_id)}/refs/{_hex(sha256)}.{extension(image_format)}"
 
 
+def negative_key(job_id: str, sha256: str, image_format: str) -> str:
+    return f"{_job(job_id)}/negatives/{_hex(sha256)}.{extension(image_format)}"
+
+
+def model_key(job_id: str, version: int) -> str:
+    return f"{_job(job_id)}/models/siamese-head-v{int(version)}.pt"
+
+
 def crop_id(image_sha256: str, index: int) -> str:
     return f"{_hex(image_sha256)[:24]}-{index:03d}"
 

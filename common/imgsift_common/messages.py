@@ -224,6 +224,18 @@ class JobSpec(BaseModel):
         return self
 
 
+class SiameseModel(BaseModel):
+    """A Siamese head fine-tuned on the job's references, versioned in the object store."""
+
+    version: Annotated[int, Field(ge=1)]
+    key: str  # object key of the head's weights
+    trained_at: datetime
+    held_out: list[float] = Field(
+        default_factory=list, description="distances of references held out of training: the calibration positives"
+    )
+    stats: dict[str, float] = Field(default_factory=dict)
+
+
 class Job(BaseModel):
     """A job as stored: its spec plus what the system decided about it."""
 
@@ -231,6 +243,14 @@ class Job(BaseModel):
     spec: JobSpec
     state: JobState = JobState.QUEUED
     reference_keys: list[str] = Field(default_factory=list)
+    negative_keys: list[str] = Field(
+        default_factory=list, description="'not this' references: images of what the job must not collect"
+    )
+    model: SiameseModel | None = None  # None: the pretrained embedding
+    reference_distances: list[float] = Field(
+        default_factory=list,
+        description="leave-one-out distances between the references under the pretrained embedding",
+    )
     detect_mode: DetectMode | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -335,6 +355,12 @@ class ImageBatch(JobMessage):
 
 class CropBatch(JobMessage):
     crop_keys: list[str] = Field(min_length=1)
+
+
+class TrainMessage(JobMessage):
+    """Fine-tune the job's Siamese head; ``version`` is the model version the training makes."""
+
+    version: Annotated[int, Field(ge=1)]
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -159,6 +159,12 @@ class StateStore(Protocol):
         """Stored images not yet detected, and crops with neither a distance nor a failure."""
         ...
 
+    def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
+        """A user's mark on a crop: right (True), wrong (False), or no mark (None)."""
+        ...
+
+    def feedback(self, job_id: str) -> dict[str, bool]: ...
+
     def reset_detections(self, job_id: str) -> None: ...
     def reset_distances(self, job_id: str) -> None: ...
 
@@ -679,6 +685,15 @@ class RedisStateStore:
         return _page(items, limit)
 
     # ------------------------------------------------------------------ resets
+    def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
+        if correct is None:
+            self.r.hdel(self._k(job_id, "feedback"), crop_key)
+        else:
+            self.r.hset(self._k(job_id, "feedback"), crop_key, "1" if correct else "0")
+
+    def feedback(self, job_id: str) -> dict[str, bool]:
+        return {k: v == "1" for k, v in self.r.hgetall(self._k(job_id, "feedback")).items()}
+
     def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
         pipe = self.r.pipeline(transaction=False)
         pipe.hkeys(self._k(job_id, "images"))
@@ -742,6 +757,7 @@ CREATE TABLE IF NOT EXISTS phash (job_id TEXT, sha TEXT, hash TEXT, pixels INTEG
 CREATE TABLE IF NOT EXISTS phash_bucket (job_id TEXT, bucket TEXT, sha TEXT, PRIMARY KEY (job_id, bucket, sha));
 CREATE TABLE IF NOT EXISTS superseded (job_id TEXT, sha24 TEXT, PRIMARY KEY (job_id, sha24));
 CREATE TABLE IF NOT EXISTS dupes (job_id TEXT, kept TEXT, url TEXT, PRIMARY KEY (job_id, kept, url));
+CREATE TABLE IF NOT EXISTS feedback (job_id TEXT, key TEXT, correct INTEGER, PRIMARY KEY (job_id, key));
 CREATE INDEX IF NOT EXISTS dist_order ON dist (job_id, distance, key);
 """
 
@@ -1152,6 +1168,16 @@ class SqliteStateStore:
         return _page([(k, d) for k, d in self._all(sql, *args)], limit)
 
     # ------------------------------------------------------------------ resets
+    def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
+        with self._tx() as db:
+            if correct is None:
+                db.execute("DELETE FROM feedback WHERE job_id = ? AND key = ?", (job_id, crop_key))
+            else:
+                db.execute("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?)", (job_id, crop_key, int(correct)))
+
+    def feedback(self, job_id: str) -> dict[str, bool]:
+        return {k: bool(v) for k, v in self._all("SELECT key, correct FROM feedback WHERE job_id = ?", job_id)}
+
     def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
         images = self._all(
             "SELECT key FROM images WHERE job_id = ? AND key NOT IN (SELECT key FROM detected WHERE job_id = ?)"

@@ -330,3 +330,15 @@ def test_exact_copies_across_jobs_only_when_asked(state_store) -> None:  # type:
     dup = state_store.record_download("job-third", third, third_image, 10, across_jobs=True)
     assert dup.outcome is DownloadOutcome.DUPLICATE
     assert dup.duplicate_of in (f"job {JOB} http://x/first", "job job-other http://y/same")
+
+
+def test_feedback_marks_are_set_changed_and_cleared(state_store) -> None:  # type: ignore[no-untyped-def]
+    _job(state_store)
+    a, b = (keys.crop_key(JOB, keys.crop_id(c * 64, 0)) for c in "ab")
+    state_store.set_feedback(JOB, a, True)
+    state_store.set_feedback(JOB, b, False)
+    assert state_store.feedback(JOB) == {a: True, b: False}
+    state_store.set_feedback(JOB, a, False)
+    state_store.set_feedback(JOB, b, None)
+    assert state_store.feedback(JOB) == {a: False}
+    assert state_store.feedback("other-job") == {}

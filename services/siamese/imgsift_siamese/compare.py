@@ -52,22 +52,45 @@ def reference_embeddings(job: Job, store: ObjectStore, embedder: Embedder) -> np
             f"job {job.id} has no reference images, so its crops cannot be compared; "
             "create the job with at least one reference image"
         )
-    cache_key = (job.id, embedder.embedding_id, tuple(job.reference_keys))
+    return _embeddings(job, job.reference_keys, "references", store, embedder)
+
+
+def negative_embeddings(job: Job, store: ObjectStore, embedder: Embedder) -> np.ndarray | None:
+    """Embeddings of the job's "not this" references, or None when it has none."""
+    if not job.negative_keys:
+        return None
+    return _embeddings(job, job.negative_keys, "negatives", store, embedder)
+
+
+def _embeddings(job: Job, image_keys: list[str], kind: str, store: ObjectStore, embedder: Embedder) -> np.ndarray:
+    cache_key = (job.id, embedder.embedding_id, tuple(image_keys))
     if cache_key in _reference_cache:
         _reference_cache.move_to_end(cache_key)
         return _reference_cache[cache_key]
     # Keyed by embedding id (not by distance method): the embeddings do not depend on it.
-    key = reference_embeddings_key(job.id, embedder.embedding_id, job.reference_keys)
-    embeddings = _read_embeddings(job.id, store, key, rows=len(job.reference_keys), dim=embedder.dim)
+    key = reference_embeddings_key(job.id, embedder.embedding_id, image_keys)
+    embeddings = _read_embeddings(job.id, store, key, rows=len(image_keys), dim=embedder.dim)
     if embeddings is None:
-        embeddings = embedder.embed_images([_read_reference(job.id, ref, store) for ref in job.reference_keys])
+        embeddings = embedder.embed_images([_read_reference(job.id, ref, store) for ref in image_keys])
         store.put(key, _npy_bytes(embeddings), "application/octet-stream")
-        log.info("embedded reference images", extra={"job_id": job.id, "stage": Stage.SIAMESE.value, "key": key})
+        log.info(f"embedded {kind}", extra={"job_id": job.id, "stage": Stage.SIAMESE.value, "key": key})
     embeddings.flags.writeable = False  # shared by every batch of the job in this process
     _reference_cache[cache_key] = embeddings
     if len(_reference_cache) > _REFERENCE_CACHE_SIZE:
         _reference_cache.popitem(last=False)
     return embeddings
+
+
+def decided_distance(positive: np.ndarray, negative: np.ndarray | None, margin: float) -> np.ndarray:
+    """The distance a crop is judged by: to the references, raised when a "not this" image is as near.
+
+    ``d + max(0, d + margin - d_not)``: a crop must be nearer the references than the nearest
+    "not this" image by ``margin``, or its distance grows by the shortfall. One number per crop
+    keeps the threshold a single slider, re-decided from stored distances.
+    """
+    if negative is None:
+        return positive
+    return positive + np.maximum(0.0, positive + margin - negative)
 
 
 def compare_batch(
@@ -83,11 +106,20 @@ def compare_batch(
     if not pending:
         return []
     refs = reference_embeddings(job, store, embedder)
+    negatives = negative_embeddings(job, store, embedder)
+    if job.model is None and not job.reference_distances and len(refs) >= 2:
+        # The calibration's positives under the pretrained embedding (a trained head brings its own).
+        loo = [float(v) for v in reference_distance(refs, refs, "nearest_other", settings.k)]
+        job = state.update_job(job.id, reference_distances=loo)
     loaded = [(key, image) for key in pending if (image := _read_crop(job.id, key, store, state)) is not None]
     if not loaded:
         return []
     crops = embedder.embed_images([image for _, image in loaded])
-    distances = reference_distance(crops, refs, settings.distance, settings.k)
+    distances = decided_distance(
+        reference_distance(crops, refs, settings.distance, settings.k),
+        reference_distance(crops, negatives, "nearest", 1) if negatives is not None else None,
+        settings.negative_margin,
+    )
     recorded = [
         Distance(job_id=job.id, crop_key=key, distance=float(distance))
         for (key, _), distance in zip(loaded, distances, strict=True)

@@ -12,6 +12,8 @@ distance to the set is one of:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from imgsift_siamese.settings import DistanceMethod
@@ -26,13 +28,16 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def reference_distance(
-    crops: np.ndarray, refs: np.ndarray, method: DistanceMethod = "nearest", k: int = 3
+    crops: np.ndarray, refs: np.ndarray, method: DistanceMethod | Literal["nearest_other"] = "nearest", k: int = 3
 ) -> np.ndarray:
     """Distance ``(n,)`` of each crop embedding to the reference set, by ``method``."""
     if len(refs) == 0:
         raise ValueError("no reference embeddings: a distance to an empty reference set is undefined")
     distances = pairwise_distances(crops, refs)
     if method == "nearest":
+        return distances.min(axis=1)
+    if method == "nearest_other":  # refs against themselves: each row's nearest other row (leave-one-out)
+        np.fill_diagonal(distances, np.inf)
         return distances.min(axis=1)
     if method == "mean_k":
         if k < 1:

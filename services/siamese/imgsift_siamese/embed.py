@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgsift_common.messages import Job
+from imgsift_common.storage import ObjectStore
 from imgsift_siamese.backbone import build_backbone, weights_identity
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import preprocess
@@ -90,3 +92,32 @@ def _network(backbone: BackboneName, weights: Path | None, device: str) -> tuple
 def short_hash(*parts: object) -> str:
     """A 12-hex-digit digest of ``parts``, stable across processes and Python versions."""
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+# Trained heads of the jobs this process served last, by object key (a few hundred KB each).
+_HEAD_CACHE_SIZE = 16
+_heads: dict[str, torch.nn.Module] = {}
+
+
+def job_embedder(job: Job, store: ObjectStore, settings: SiameseSettings) -> Embedder:
+    """The embedder that scores ``job``'s crops: the pretrained one, or with the job's trained head."""
+    base = get_embedder(settings)
+    if job.model is None:
+        return base
+    from imgsift_siamese.train import TrainedHead
+
+    head = _heads.get(job.model.key)
+    if head is None:
+        head = TrainedHead.from_bytes(store.get(job.model.key)).head.to(base.device)
+        if len(_heads) >= _HEAD_CACHE_SIZE:
+            _heads.pop(next(iter(_heads)))
+        _heads[job.model.key] = head
+    network = SiameseNetwork(base.network.trunk, head)
+    return Embedder(
+        network,
+        backbone=base.backbone,
+        weights_id=f"{base.weights_id}+{job.model.key}",
+        image_size=base.image_size,
+        device=str(base.device),
+        batch_size=base.batch_size,
+    )

@@ -32,3 +32,10 @@ class SiameseSettings(ImgsiftSettings):
         "nearest", description="crop-to-references distance: nearest reference, or mean of the k nearest"
     )
     k: int = Field(3, ge=1, description="references averaged by the 'mean_k' distance (clipped to their number)")
+    negative_margin: float = Field(
+        0.05, ge=0.0, description="how much nearer the references than any 'not this' image a crop must be"
+    )
+    negative_bank: Path | None = Field(
+        None, description="folder of generic negative images (other things) that training contrasts with"
+    )
+    train_epochs: int = Field(60, ge=1, description="passes over the references' views when training a head")

@@ -205,7 +205,7 @@ class TrainingSet:
 
     references: np.ndarray  # (r, f): the references themselves
     views: np.ndarray  # (v, f): augmented views
-    view_group: np.ndarray  # (v,): the reference each view comes from
+    view_group: np.ndarray  # (v,): the reference each view comes from; -1: a positive in every fold
     negatives: np.ndarray  # (n, f)
     negative_weights: np.ndarray  # (n,)
 
@@ -244,7 +244,7 @@ def fit(data: TrainingSet, config: TrainConfig | None = None) -> TrainedHead:
 
 
 def _rows(data: TrainingSet, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    views = data.views[np.isin(data.view_group, refs)]
+    views = data.views[np.isin(data.view_group, refs) | (data.view_group < 0)]  # < 0: in every fold
     return np.concatenate([data.references[refs], views]), data.negatives
 
 

@@ -1,7 +1,8 @@
 """Celery worker of the siamese stage.
 
 Start with ``celery -A imgsift_siamese.worker worker -Q siamese --concurrency 1``: one process
-holds one network and batches inside each task. Settings are read at import, so a bad
+holds one network and batches inside each task. The same worker with ``-Q train`` fine-tunes
+jobs' heads (``siamese.train``), so training scales apart from scoring. Settings are read at import, so a bad
 configuration stops the worker at start; the stores and the network are opened on the first
 task, in the worker process and never in the prefork parent.
 """
@@ -16,13 +17,14 @@ from celery import signals
 
 from imgsift_common.celery_app import RETRY_POLICY, TaskName, create_celery_app
 from imgsift_common.logs import configure_logging
-from imgsift_common.messages import CropBatch, JobState, Stage
+from imgsift_common.messages import CropBatch, JobState, Stage, TrainMessage
 from imgsift_common.progress import finish_if_complete
 from imgsift_common.state import RedisStateStore
 from imgsift_common.storage import ObjectStore, store_from_settings
 from imgsift_siamese.compare import ReferenceImagesError, compare_batch
-from imgsift_siamese.embed import get_embedder
+from imgsift_siamese.embed import job_embedder
 from imgsift_siamese.settings import SiameseSettings
+from imgsift_siamese.training import TrainingError, rescore, train_job
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ def compare(payload: dict[str, Any]) -> int:
         return 0
     settings = worker_settings()
     try:
-        recorded = compare_batch(job, batch.crop_keys, object_store(), state, get_embedder(settings), settings)
+        embedder = job_embedder(job, object_store(), settings)
+        recorded = compare_batch(job, batch.crop_keys, object_store(), state, embedder, settings)
     except ReferenceImagesError as exc:
         # Without references no crop of this job can ever be scored: fail the job with the reason.
         log.error("job failed: %s", exc, extra={"job_id": job.id, "stage": Stage.SIAMESE.value})
@@ -76,3 +79,35 @@ def compare(payload: dict[str, Any]) -> int:
         return 0
     finish_if_complete(state, job.id)
     return len(recorded)
+
+
+@app.task(name=str(TaskName.TRAIN), shared=False, **RETRY_POLICY)
+def train(payload: dict[str, Any]) -> int:
+    """Fine-tune the job's head, then score every crop of the job again with it."""
+    message = TrainMessage.model_validate(payload)
+    state = state_store()
+    fields = {"job_id": message.job_id, "stage": Stage.SIAMESE.value, "version": message.version}
+    job = state.get_job(message.job_id)
+    if job is None:
+        log.info("job missing; training dropped", extra=fields)
+        return 0
+    if job.model is not None and job.model.version >= message.version:
+        log.info("model version already trained; redelivery dropped", extra=fields)
+        return 0
+    owner = f"train-{message.version}"
+    if not state.hold_lock(job.id, "train", owner, 3600.0):
+        log.info("another training of this job runs", extra=fields)
+        return 0
+    try:
+        settings = worker_settings()
+        try:
+            model = train_job(job, object_store(), state, settings, message.version)
+        except TrainingError as exc:
+            state.add_note(job.id, f"training v{message.version} failed: {exc}")
+            log.warning("training failed: %s", exc, extra=fields)
+            return 0
+        job = state.update_job(job.id, model=model)
+        state.add_note(job.id, f"Siamese head v{model.version} trained; every crop scored again with it")
+        return rescore(job, object_store(), state, settings)
+    finally:
+        state.release_lock(job.id, "train", owner)

@@ -1,0 +1,155 @@
+"""Training a job's Siamese head, and re-scoring the job with it: the stage behind ``siamese.train``.
+
+Free of Celery, so the worker's task and ``imgsift train`` run the same code.
+
+- positives: the job's references and augmented views of them, plus crops the user marked right;
+- negatives: the generic negative bank (``IMGSIFT_SIAMESE_NEGATIVE_BANK``, a folder of images
+  of other things), the job's own crops that the current network puts in the far quarter of
+  its distances, and, counted ``hard_weight`` times, the "not this" references and the crops
+  the user marked wrong.
+
+The head is stored as ``jobs/{job}/models/siamese-head-v{n}.pt``; the job records it (and the
+held-out distances calibration needs), and every crop is scored again with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imgsift_common import keys
+from imgsift_common.messages import Job, SiameseModel, Stage, utcnow
+from imgsift_common.state import StateStore
+from imgsift_common.storage import ObjectNotFound, ObjectStore
+from imgsift_siamese.compare import compare_batch
+from imgsift_siamese.embed import get_embedder, job_embedder
+from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image
+from imgsift_siamese.settings import SiameseSettings
+from imgsift_siamese.train import TrainConfig, TrainingSet, augmented_views, fit, pooled_features
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_BANK = 2000  # negative-bank images read at most
+MAX_FAR_CROPS = 500  # the job's own far crops used as negatives at most
+
+
+class TrainingError(RuntimeError):
+    """The job cannot be trained as it stands (too few references, no negatives); says what to do."""
+
+
+def train_job(job: Job, store: ObjectStore, state: StateStore, settings: SiameseSettings, version: int) -> SiameseModel:
+    """Train the job's head on its references and negatives; store it; return what the job records."""
+    if len(job.reference_keys) < 2:
+        raise TrainingError(f"job {job.id} has {len(job.reference_keys)} reference image(s); training needs 2 or more")
+    network = get_embedder(settings).network
+    size, batch = settings.image_size, settings.batch_size
+    config = TrainConfig(epochs=settings.train_epochs)
+
+    refs = [_image(store, k) for k in job.reference_keys]
+    refs = [im for im in refs if im is not None]
+    if len(refs) < 2:
+        raise TrainingError(f"job {job.id}: fewer than 2 of its reference images could be read")
+    views = [v for n, im in enumerate(refs) for v in augmented_views(im, config.augmentations, config.seed + n)]
+    group = np.repeat(np.arange(len(refs)), config.augmentations)
+
+    marks = state.feedback(job.id)
+    right = _crop_images(store, [k for k, ok in marks.items() if ok])
+    wrong = _crop_images(store, [k for k, ok in marks.items() if not ok])
+    not_this = [im for k in job.negative_keys if (im := _image(store, k)) is not None]
+    far = _crop_images(store, _far_crops(job, state))
+
+    ref_rows = pooled_features(network, refs, image_size=size, batch_size=batch)
+    view_rows = pooled_features(network, views + right, image_size=size, batch_size=batch)
+    view_group = np.concatenate([group, np.full(len(right), -1)])  # -1: in every fold
+    parts: list[tuple[np.ndarray, float]] = []
+    if settings.negative_bank is not None:
+        parts.append((_bank_features(settings.negative_bank, settings), 1.0))
+    for images, weight in ((far, 1.0), (not_this + wrong, config.hard_weight)):
+        if images:
+            parts.append((pooled_features(network, images, image_size=size, batch_size=batch), weight))
+    parts = [(rows, w) for rows, w in parts if len(rows)]
+    if not parts:
+        raise TrainingError(
+            f"job {job.id} has nothing to contrast its references with: set IMGSIFT_SIAMESE_NEGATIVE_BANK to a "
+            "folder of images of other things, give 'not this' images, or train after the job has crops"
+        )
+    negatives = np.concatenate([rows for rows, _ in parts])
+    weights = np.concatenate([np.full(len(rows), w) for rows, w in parts])
+    trained = fit(TrainingSet(ref_rows, view_rows, view_group, negatives, weights), config)
+    trained.stats.update(marked_right=float(len(right)), marked_wrong=float(len(wrong)), not_this=float(len(not_this)))
+    key = keys.model_key(job.id, version)
+    store.put(key, trained.to_bytes(), "application/octet-stream")
+    log.info("trained", extra={"job_id": job.id, "stage": Stage.SIAMESE.value, "key": key, **trained.stats})
+    return SiameseModel(version=version, key=key, trained_at=utcnow(), held_out=trained.held_out, stats=trained.stats)
+
+
+def rescore(
+    job: Job,
+    store: ObjectStore,
+    state: StateStore,
+    settings: SiameseSettings,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Forget every distance of the job and score all its crops again with its current network."""
+    state.reset_distances(job.id)
+    embedder = job_embedder(job, store, settings)
+    crop_keys = state.crop_keys(job.id)
+    size = max(1, settings.batch_size)
+    for start in range(0, len(crop_keys), size):
+        compare_batch(job, crop_keys[start : start + size], store, state, embedder, settings)
+        if progress:
+            progress(min(size, len(crop_keys) - start))
+    return len(crop_keys)
+
+
+def _far_crops(job: Job, state: StateStore) -> list[str]:
+    distances = state.distances(job.id)  # ascending
+    if len(distances) < 20:
+        return []
+    far = distances[3 * len(distances) // 4 :]
+    return [k for k, _ in far[-MAX_FAR_CROPS:]]
+
+
+def _image(store: ObjectStore, key: str) -> Image.Image | None:
+    try:
+        return decode_image(store.get(key))
+    except ObjectNotFound:
+        return None
+    except DECODE_ERRORS:
+        return None
+
+
+def _crop_images(store: ObjectStore, crop_keys: list[str]) -> list[Image.Image]:
+    return [im for k in crop_keys if (im := _image(store, k)) is not None]
+
+
+def _bank_features(folder: Path, settings: SiameseSettings) -> np.ndarray:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_BANK]
+    if not files:
+        raise TrainingError(f"the negative bank {folder} holds no images")
+    digest = hashlib.sha256(
+        f"{settings.backbone}:{settings.image_size}\n".encode()
+        + "\n".join(f"{p}:{p.stat().st_size}" for p in files).encode()
+    ).hexdigest()
+    if digest not in _bank_cache:  # the bank is the same for every job: its features once per process
+        images = []
+        for path in files:
+            try:
+                images.append(decode_image(path.read_bytes()))
+            except DECODE_ERRORS:
+                log.warning("negative bank image skipped", extra={"path": str(path)})
+        network = get_embedder(settings).network
+        _bank_cache.clear()
+        _bank_cache[digest] = pooled_features(
+            network, images, image_size=settings.image_size, batch_size=settings.batch_size
+        )
+    return _bank_cache[digest]
+
+
+_bank_cache: dict[str, np.ndarray] = {}

@@ -1,0 +1,123 @@
+"""Fine-tuning the Siamese head on real COCO crops, storing it, and re-scoring a job with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsift_common import keys
+from imgsift_common.state import StateStore
+from imgsift_common.storage import LocalStore
+from imgsift_siamese.compare import compare_batch, decided_distance
+from imgsift_siamese.distance import reference_distance
+from imgsift_siamese.embed import Embedder, job_embedder
+from imgsift_siamese.settings import SiameseSettings
+from imgsift_siamese.train import (
+    TrainConfig,
+    TrainedHead,
+    TrainingSet,
+    augmented_views,
+    embed_features,
+    fit,
+    pooled_features,
+)
+from imgsift_siamese.training import TrainingError, rescore, train_job
+from tests.siamese.stored import create_job, jpeg, put_crops, put_references
+
+OTHERS = ("giraffe", "dog", "person", "bowl")
+
+
+def _separation(pos: np.ndarray, neg: np.ndarray) -> float:
+    """d': how many pooled standard deviations the negatives lie farther than the positives."""
+    return float((neg.mean() - pos.mean()) / np.sqrt((pos.var() + neg.var()) / 2))
+
+
+def test_fine_tuned_head_separates_better_and_reports_held_out_distances(
+    embedder: Embedder, crops_by_class: dict[str, list[Image.Image]]
+) -> None:
+    elephants = crops_by_class["elephant"]
+    network = embedder.network
+    refs = pooled_features(network, elephants[:4])
+    views = pooled_features(network, [v for n, im in enumerate(elephants[:4]) for v in augmented_views(im, 8, n)])
+    bank = pooled_features(network, [im for name in OTHERS for im in crops_by_class[name][:5]])
+    test_pos = pooled_features(network, elephants[4:])
+    test_neg = pooled_features(network, [im for name in OTHERS for im in crops_by_class[name][5:]])
+
+    data = TrainingSet(refs, views, np.repeat(np.arange(4), 8), bank, np.ones(len(bank)))
+    trained = fit(data, TrainConfig())
+
+    def separation(head: object) -> float:
+        r = embed_features(head, refs)  # type: ignore[arg-type]
+        return _separation(
+            reference_distance(embed_features(head, test_pos), r),  # type: ignore[arg-type]
+            reference_distance(embed_features(head, test_neg), r),  # type: ignore[arg-type]
+        )
+
+    pretrained, tuned = separation(None), separation(trained.head)
+    print(f"d' of unseen elephants vs other classes: pretrained {pretrained:.2f}, fine-tuned {tuned:.2f}")
+    assert tuned > pretrained
+    assert len(trained.held_out) == 4 and all(0 <= d <= 2 for d in trained.held_out)
+
+    again = TrainedHead.from_bytes(trained.to_bytes())
+    assert np.allclose(embed_features(again.head, test_pos), embed_features(trained.head, test_pos), atol=1e-6)
+    assert again.held_out == trained.held_out and again.config == trained.config
+
+
+def test_not_this_images_raise_the_decided_distance() -> None:
+    positive = np.array([0.5, 0.5, 0.5])
+    negative = np.array([1.2, 0.52, 0.3])
+    assert decided_distance(positive, None, 0.05).tolist() == [0.5, 0.5, 0.5]
+    assert decided_distance(positive, negative, 0.05) == pytest.approx([0.5, 0.53, 0.75])
+
+
+def test_train_job_stores_a_versioned_head_and_rescoring_uses_it(
+    state_store: StateStore,
+    tmp_path: Path,
+    embedder: Embedder,
+    siamese_settings: SiameseSettings,
+    crops_by_class: dict[str, list[Image.Image]],
+) -> None:
+    store = LocalStore(tmp_path / "objects")
+    elephants = crops_by_class["elephant"]
+    job = create_job(state_store, put_references(store, elephants[:4]))
+    elephant_keys = put_crops(store, state_store, elephants[4:], "elephant")
+    other_keys = put_crops(store, state_store, [crops_by_class[n][6] for n in OTHERS], "animal")
+    compare_batch(job, elephant_keys + other_keys, store, state_store, embedder, siamese_settings)
+    assert state_store.get_job(job.id).reference_distances  # type: ignore[union-attr]
+
+    with pytest.raises(TrainingError, match="nothing to contrast"):
+        train_job(job, store, state_store, siamese_settings, version=1)
+
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    for name in OTHERS:
+        for i, im in enumerate(crops_by_class[name][:5]):
+            (bank / f"{name}-{i}.jpg").write_bytes(jpeg(im))
+    (bank / "notes.txt").write_text("not an image; ignored")
+    state_store.set_feedback(job.id, other_keys[0], False)  # a giraffe marked wrong: a hard negative
+    settings = siamese_settings.model_copy(update={"negative_bank": bank, "train_epochs": 20})
+    model = train_job(job, store, state_store, settings, version=1)
+
+    assert model.key == keys.model_key(job.id, 1) and store.exists(model.key)
+    assert model.stats["marked_wrong"] == 1 and model.stats["negatives"] >= 20
+    job = state_store.update_job(job.id, model=model)
+    tuned = job_embedder(job, store, settings)
+    assert tuned.embedding_id != embedder.embedding_id
+
+    assert rescore(job, store, state_store, settings) == len(elephant_keys + other_keys)
+    distances = dict(state_store.distances(job.id))
+    assert set(distances) == set(elephant_keys + other_keys)
+    assert state_store.counters(job.id)["compared"] == len(distances)
+    assert max(distances[k] for k in elephant_keys) < min(distances[k] for k in other_keys)
+
+
+def test_training_needs_two_references(
+    state_store: StateStore, tmp_path: Path, siamese_settings: SiameseSettings, crops_by_class: dict
+) -> None:  # type: ignore[type-arg]
+    store = LocalStore(tmp_path / "objects")
+    job = create_job(state_store, put_references(store, crops_by_class["elephant"][:1]))
+    with pytest.raises(TrainingError, match="training needs 2 or more"):
+        train_job(job, store, state_store, siamese_settings, version=1)

@@ -283,7 +283,7 @@ def main() -> None:
             ):
                 row[f"{key}_suggested"] = prf(scores <= suggested, positive, total)[2] if suggested is not None else 0.0
                 row[f"{key}_best"] = best_threshold(scores, positive, total)[1]
-                if rotation == 0:
+                if not per_task.get(task.name):  # the first split this task ran in
                     curves.setdefault(task.name, {})[key] = pr_curve(scores, positive, total)
             per_task.setdefault(task.name, []).append({"kind": task.kind, **row})
             print(

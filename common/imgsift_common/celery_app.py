@@ -33,6 +33,8 @@ class TaskName(StrEnum):
 
 # The job marker naming the one discovery chain (of crawler.discover ticks) a job has.
 DISCOVER_CHAIN_MARKER = "discover-chain"
+# The job marker holding the model version the last training request asked for ("0": none pending).
+TRAIN_REQUEST_MARKER = "training-requested"
 
 TASK_ROUTES: dict[str, dict[str, str]] = {
     TaskName.DISCOVER: {"queue": QueueName.CRAWL},

@@ -182,3 +182,54 @@ def test_cancel_is_final(api: TestClient) -> None:
     assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
     listed = api.get("/v1/jobs").json()["items"]
     assert [j["id"] for j in listed] == [job_id]
+
+
+def test_not_this_images_marks_calibration_and_train_requests(api: TestClient, redis_url: str) -> None:
+    files = [
+        ("references", ("r0.jpg", _jpeg((200, 10, 10)), "image/jpeg")),
+        ("references", ("r1.jpg", _jpeg((10, 200, 10)), "image/jpeg")),
+        ("negatives", ("n0.jpg", _jpeg((10, 10, 200)), "image/jpeg")),
+    ]
+    created = api.post("/v1/jobs", data={"spec": json.dumps(SPEC)}, files=files)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["references"] == 2 and body["negatives"] == 1
+    assert body["model"] == {"version": 0, "trained_at": None, "training": False, "stats": {}}
+    assert body["calibration"]["suggested_threshold"] is None  # no held-out distances yet
+    job_id = body["id"]
+    state = api.app.state.state  # type: ignore[attr-defined]
+    assert state.get_job(job_id).negative_keys[0].startswith(f"jobs/{job_id}/negatives/")
+
+    # What the Siamese worker records: leave-one-out reference distances, then crop distances.
+    state.update_job(job_id, reference_distances=[0.3, 0.35, 0.4, 0.45, 0.5])
+    distances = [0.2 + 0.02 * i for i in range(15)] + [0.9 + 0.02 * i for i in range(15)]
+    crop_ids = _fill(state, api.app.state.store, job_id, distances)  # type: ignore[attr-defined]
+    cal = api.get(f"/v1/jobs/{job_id}").json()["calibration"]
+    assert 0.45 <= cal["suggested_threshold"] < 0.9
+    assert sum(cal["histogram"]["counts"]) == 30 and len(cal["histogram"]["edges"]) == 41
+    assert cal["precision"] is not None and cal["recall"] == 1.0  # the job's threshold is 0.5
+
+    # Marks: a wrong crop below the threshold lowers the estimated precision at once.
+    marked = api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[0]}/feedback", json={"correct": False})
+    assert marked.status_code == 200 and marked.json()["marked_wrong"] == 1
+    assert marked.json()["precision"] < cal["precision"]
+    assert (
+        api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[1]}/feedback", json={"correct": True}).json()["marked_right"] == 1
+    )
+    assert api.put(f"/v1/jobs/{job_id}/crops/{'0' * 24}-999/feedback", json={"correct": True}).status_code == 404
+    assert api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[1]}/feedback", json={"correct": "x"}).status_code == 422
+
+    # Train: queued once on the train queue, with the next model version.
+    first = api.post(f"/v1/jobs/{job_id}/train")
+    again = api.post(f"/v1/jobs/{job_id}/train")
+    assert first.status_code == again.status_code == 202
+    assert first.json()["model"]["training"] is True
+    queued = redis.Redis.from_url(redis_url).lrange("train", 0, -1)
+    assert len(queued) == 1
+    envelope = json.loads(queued[0])
+    assert envelope["headers"]["task"] == "siamese.train"
+    args = json.loads(__import__("base64").b64decode(envelope["body"]))[0]
+    assert args[0]["job_id"] == job_id and args[0]["version"] == 1
+
+    one_ref = _create(api).json()["id"]
+    assert api.post(f"/v1/jobs/{one_ref}/train").status_code == 409

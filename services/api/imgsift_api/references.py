@@ -45,3 +45,9 @@ def store_reference(store: ObjectStore, job_id: str, data: bytes, image_format: 
     key = keys.reference_key(job_id, hashlib.sha256(data).hexdigest(), image_format)
     store.put(key, data, f"image/{image_format.lower()}")
     return key
+
+
+def store_negative(store: ObjectStore, job_id: str, data: bytes, image_format: str) -> str:
+    key = keys.negative_key(job_id, hashlib.sha256(data).hexdigest(), image_format)
+    store.put(key, data, f"image/{image_format.lower()}")
+    return key

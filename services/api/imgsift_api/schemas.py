@@ -34,6 +34,31 @@ class Discovery(BaseModel):
     want_accepted: int | None = Field(description="give me N: the accepted crops the job asked for")
 
 
+class CalibrationOut(BaseModel):
+    """Where to put the threshold, and what the current one is estimated to give."""
+
+    suggested_threshold: float | None = Field(
+        description="the threshold with the highest estimated F1; null until the job has two references"
+    )
+    basis: str = Field(description="how the suggestion was made")
+    positive_share: float | None = Field(description="estimated fraction of the crops that show the target")
+    precision: float | None = Field(description="estimated precision at the job's threshold")
+    recall: float | None = Field(description="estimated recall at the job's threshold")
+    f1: float | None = Field(description="estimated F1 at the job's threshold")
+    histogram: dict[str, list[float] | list[int]] = Field(
+        description="crop distances in 40 equal bins over [0, 2]: edges (41) and counts (40)"
+    )
+    marked_right: int
+    marked_wrong: int
+
+
+class ModelOut(BaseModel):
+    version: int = Field(description="0: the pretrained embedding; 1, 2...: heads fine-tuned on this job")
+    trained_at: datetime | None
+    training: bool = Field(description="a training of this job is queued or running")
+    stats: dict[str, float]
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -41,7 +66,10 @@ class JobStatus(BaseModel):
     threshold: float = Field(description="the job's current threshold (accepted = distance <= threshold)")
     detect_mode: DetectMode | None = Field(description="boxes, or whole_image when the target is no detector class")
     references: int
+    negatives: int = Field(description="'not this' reference images")
     counts: Counts
+    calibration: CalibrationOut
+    model: ModelOut
     discovery: Discovery
     stages: dict[Stage, StageProgress]
     progress: float = Field(ge=0, le=1)
@@ -96,3 +124,7 @@ class Health(BaseModel):
     status: str
     redis: bool
     storage: bool
+
+
+class Feedback(BaseModel):
+    correct: bool | None = Field(description="true: the crop shows the target; false: it does not; null: unmark")

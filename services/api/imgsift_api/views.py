@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import json
 
-from imgsift_api.schemas import Counts, CropOut, CropPage, Discovery, JobStatus, Provenance
+from imgsift_api.schemas import CalibrationOut, Counts, CropOut, CropPage, Discovery, JobStatus, ModelOut, Provenance
+from imgsift_common.calibration import calibrate, estimate, histogram
+from imgsift_common.celery_app import TRAIN_REQUEST_MARKER
 from imgsift_common.messages import Job
 from imgsift_common.progress import compute_progress, reported_progress
 from imgsift_common.state import Counter, Flag, StateStore, discovery_reason
@@ -24,6 +26,14 @@ def job_status(job: Job, state: StateStore) -> JobStatus:
         threshold=job.spec.threshold,
         detect_mode=job.detect_mode,
         references=len(job.reference_keys),
+        negatives=len(job.negative_keys),
+        calibration=calibration(job, state),
+        model=ModelOut(
+            version=job.model.version if job.model else 0,
+            trained_at=job.model.trained_at if job.model else None,
+            training=training_requested(job, state),
+            stats=job.model.stats if job.model else {},
+        ),
         counts=Counts(
             discovered=c[Counter.DISCOVERED],
             downloaded=c[Counter.DOWNLOADED],
@@ -49,6 +59,43 @@ def job_status(job: Job, state: StateStore) -> JobStatus:
         error=job.error,
         created_at=job.created_at,
         updated_at=job.updated_at,
+    )
+
+
+TRAINING_MARKER = TRAIN_REQUEST_MARKER
+
+
+def training_requested(job: Job, state: StateStore) -> bool:
+    """Whether a training is queued or running: a version was asked for that the job does not have yet."""
+    requested = state.get_marker(job.id, TRAINING_MARKER)
+    return bool(requested) and int(requested or 0) > (job.model.version if job.model else 0)
+
+
+def positives(job: Job, state: StateStore, distances: dict[str, float]) -> list[float]:
+    """Calibration positives: held-out reference distances, plus the distances of crops marked right."""
+    base = job.model.held_out if job.model else job.reference_distances
+    marks = state.feedback(job.id)
+    return [*base, *(distances[k] for k, ok in marks.items() if ok and k in distances)]
+
+
+def calibration(job: Job, state: StateStore) -> CalibrationOut:
+    distances = dict(state.distances(job.id))
+    marks = state.feedback(job.id)
+    wrong = [distances[k] for k, ok in marks.items() if not ok and k in distances]
+    pos = positives(job, state, distances)
+    values = list(distances.values())
+    cal = calibrate(pos, values, marked_wrong=wrong)
+    at = estimate(job.spec.threshold, pos, values, marked_wrong=wrong)
+    return CalibrationOut(
+        suggested_threshold=cal.suggested,
+        basis=cal.basis,
+        positive_share=cal.positive_share,
+        precision=at.precision,
+        recall=at.recall,
+        f1=at.f1,
+        histogram=histogram(values),
+        marked_right=sum(marks.values()),
+        marked_wrong=len(marks) - sum(marks.values()),
     )
 
 

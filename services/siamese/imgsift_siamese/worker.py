@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import signals
 
-from imgsift_common.celery_app import RETRY_POLICY, TaskName, create_celery_app
+from imgsift_common.celery_app import RETRY_POLICY, TRAIN_REQUEST_MARKER, TaskName, create_celery_app
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import CropBatch, JobState, Stage, TrainMessage
 from imgsift_common.progress import finish_if_complete
@@ -103,6 +103,7 @@ def train(payload: dict[str, Any]) -> int:
         try:
             model = train_job(job, object_store(), state, settings, message.version)
         except TrainingError as exc:
+            state.set_marker(job.id, TRAIN_REQUEST_MARKER, "0")  # nothing pending any more
             state.add_note(job.id, f"training v{message.version} failed: {exc}")
             log.warning("training failed: %s", exc, extra=fields)
             return 0

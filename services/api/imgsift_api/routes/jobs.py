@@ -1,4 +1,4 @@
-"""Jobs: create with references, read status, list crops at any threshold, change it, cancel."""
+"""Jobs: create with references, read status, list crops at any threshold, change it, mark crops, train, cancel."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 
 from imgsift_api.deps import CeleryDep, JobDep, SettingsDep, StateDep, StoreDep
-from imgsift_api.references import ReferenceRejected, check_reference, store_reference
-from imgsift_api.schemas import CropPage, JobList, JobStatus, ThresholdUpdate
-from imgsift_api.views import crop_page, job_status
+from imgsift_api.references import ReferenceRejected, check_reference, store_negative, store_reference
+from imgsift_api.schemas import CalibrationOut, CropPage, Feedback, JobList, JobStatus, ThresholdUpdate
+from imgsift_api.views import TRAINING_MARKER, calibration, crop_page, job_status, training_requested
 from imgsift_common import keys
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, send
-from imgsift_common.messages import DiscoverMessage, Job, JobSpec, JobState, SourceKind
+from imgsift_common.messages import DiscoverMessage, Job, JobSpec, JobState, SourceKind, TrainMessage
 from imgsift_common.storage import ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -51,32 +51,27 @@ async def create_job(
     settings: SettingsDep,
     spec: Annotated[str, Form(description=SPEC_HELP)],
     references: Annotated[list[UploadFile], File(description="reference images of what to collect (1 or more)")],
+    negatives: Annotated[
+        list[UploadFile] | None,
+        File(description="'not this' images: what the job must not collect (a look-alike, a drawing, a logo)"),
+    ] = None,
 ) -> JobStatus:
     """Create a job from a JSON spec and its reference images, and start it."""
     job_spec = _parse_spec(spec)
     if not references:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "upload at least one reference image")
-    if len(references) > settings.max_references:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"{len(references)} reference images; the limit is {settings.max_references}",
-        )
-    job_id = uuid.uuid4().hex
-    uploads = []
-    for upload in references:
-        data = await upload.read(settings.max_reference_bytes + 1)
-        try:
-            fmt = check_reference(
-                upload.filename or "upload",
-                data,
-                max_bytes=settings.max_reference_bytes,
-                max_pixels=settings.max_reference_pixels,
+    for name, files in (("reference", references), ("'not this'", negatives or [])):
+        if len(files) > settings.max_references:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"{len(files)} {name} images; the limit is {settings.max_references}",
             )
-        except ReferenceRejected as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-        uploads.append((data, fmt))
+    job_id = uuid.uuid4().hex
+    uploads = [await _checked(upload, settings) for upload in references]
+    not_this = [await _checked(upload, settings) for upload in negatives or []]
     reference_keys = sorted({store_reference(store, job_id, data, fmt) for data, fmt in uploads})
-    job = Job(id=job_id, spec=job_spec, reference_keys=reference_keys)
+    negative_keys = sorted({store_negative(store, job_id, data, fmt) for data, fmt in not_this})
+    job = Job(id=job_id, spec=job_spec, reference_keys=reference_keys, negative_keys=negative_keys)
     state.create_job(job)
     try:
         chain = uuid.uuid4().hex
@@ -87,6 +82,20 @@ async def create_job(
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is unreachable; retry later") from exc
     log.info("job created", extra={"job_id": job_id, "references": len(reference_keys)})
     return job_status(job, state)
+
+
+async def _checked(upload: UploadFile, settings: SettingsDep) -> tuple[bytes, str]:
+    data = await upload.read(settings.max_reference_bytes + 1)
+    try:
+        fmt = check_reference(
+            upload.filename or "upload",
+            data,
+            max_bytes=settings.max_reference_bytes,
+            max_pixels=settings.max_reference_pixels,
+        )
+    except ReferenceRejected as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return data, fmt
 
 
 @router.get("", response_model=JobList)
@@ -114,6 +123,36 @@ def cancel_job(job: JobDep, state: StateDep) -> JobStatus:
     if job.state.is_final:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job is already {job.state.value}")
     return job_status(state.set_job_state(job.id, JobState.CANCELLED), state)
+
+
+@router.post("/{job_id}/train", response_model=JobStatus, status_code=status.HTTP_202_ACCEPTED)
+def train_job(job: JobDep, state: StateDep, celery: CeleryDep) -> JobStatus:
+    """Fine-tune the job's Siamese head on its references, 'not this' images and marks, then re-score every crop.
+
+    Runs on a worker of the ``train`` queue; ``model.training`` is true until the new version is in
+    place, and ``model.version`` then counts it. A training already queued is not queued twice.
+    """
+    if len(job.reference_keys) < 2:
+        raise HTTPException(status.HTTP_409_CONFLICT, "training needs at least two reference images")
+    if training_requested(job, state):
+        return job_status(job, state)
+    version = (job.model.version if job.model else 0) + 1
+    state.set_marker(job.id, TRAINING_MARKER, str(version))
+    try:
+        send(celery, TaskName.TRAIN, TrainMessage(job_id=job.id, version=version))
+    except Exception as exc:
+        state.set_marker(job.id, TRAINING_MARKER, "0")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is unreachable; retry later") from exc
+    return job_status(job, state)
+
+
+@router.put("/{job_id}/crops/{crop_id}/feedback", response_model=CalibrationOut)
+def mark_crop(job: JobDep, state: StateDep, crop_id: str, body: Feedback) -> CalibrationOut:
+    """Mark a crop right or wrong: it refines the estimates and the suggested threshold at once,
+    and joins the positives (right) or the hard negatives (wrong) of the next training."""
+    crop = _crop(job, state, crop_id)
+    state.set_feedback(job.id, crop.key, body.correct)
+    return calibration(job, state)
 
 
 @router.get("/{job_id}/crops", response_model=CropPage)

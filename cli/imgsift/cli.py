@@ -21,6 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+DEFAULT_THRESHOLD = 0.9  # until the job has a suggested threshold (two references, some crops)
+
 SOURCE_HELP = (
     "where images come from (repeatable): urls:FILE (.txt one URL per line, .csv/.tsv with a url column, "
     ".parquet), site:URL (crawl from URL), and the keyword searches openverse, wikimedia, bing, duckduckgo, "
@@ -89,7 +91,11 @@ def collect(
     source: Annotated[list[str], typer.Option(help=SOURCE_HELP)],
     query: Annotated[str | None, typer.Option(help="keywords for the keyword sources (openverse, bing...)")] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="accept crops with distance <= this (default: the folder's last, else 0.9)")
+        float | None,
+        typer.Option(help="accept crops with distance <= this (default: the folder's last, else the suggested one)"),
+    ] = None,
+    negatives: Annotated[
+        Path | None, typer.Option(help="folder of 'not this' images: what must be rejected (look-alikes, drawings)")
     ] = None,
     yolo_weights: Annotated[
         str, typer.Option(help="YOLO weights: a local .pt path, or a name ultralytics downloads")
@@ -141,7 +147,7 @@ def collect(
             query=query,
             sources=specs,
             target=target,
-            threshold=threshold if threshold is not None else previous if previous is not None else 0.9,
+            threshold=threshold if threshold is not None else previous if previous is not None else DEFAULT_THRESHOLD,
             limits=Limits(max_images=max_images, per_source=per_source),
             want_accepted=want_accepted,
             related_queries=related or None,
@@ -158,6 +164,8 @@ def collect(
             crawler=CrawlerSettings(**local, related_terms=str(related_terms) if related_terms else None),
             detector=DetectorSettings(**local, weights=yolo_weights, device=device),
             siamese=SiameseSettings(**local, backbone=backbone, weights=siamese_weights, device=device),
+            negatives=negatives,
+            auto_threshold=threshold is None and previous is None,
         )
     except ValidationError as exc:
         raise typer.BadParameter(_first_error(exc)) from None
@@ -179,12 +187,110 @@ def collect(
         f"{summary.crops} crops, {summary.compared} compared; at threshold {summary.threshold}: "
         f"{summary.accepted} accepted, {summary.rejected} rejected -> {out}"
     )
+    _echo_calibration(summary, chosen=threshold is not None or previous is not None)
     if summary.discovery is not None:
         typer.echo(f"discovery stopped: {summary.discovery.value}")
     if summary.failed_by_reason:
         typer.echo("failed: " + ", ".join(f"{n} {reason}" for reason, n in summary.failed_by_reason.items()))
     for note in summary.notes:
         typer.echo(f"note: {note}")
+
+
+@app.command()
+def verify(
+    refs: Annotated[Path, typer.Option(help="folder (or file) of reference images of what to keep")],
+    images: Annotated[Path, typer.Option(help="folder of images to verify (searched recursively)")],
+    out: Annotated[Path, typer.Option(help="output folder: accepted/, rejected/, manifest.jsonl, verify.json")],
+    threshold: Annotated[
+        float | None, typer.Option(help="accept distance <= this (default: the suggested threshold)")
+    ] = None,
+    train: Annotated[bool, typer.Option("--train", help="fine-tune the Siamese head on the references first")] = False,
+    negatives: Annotated[
+        Path | None, typer.Option(help="folder of 'not this' images: what must be rejected (look-alikes, drawings)")
+    ] = None,
+    negative_bank: Annotated[
+        Path | None, typer.Option(help="folder of generic images of other things, for --train")
+    ] = None,
+    backbone: Annotated[str, typer.Option(help="mobilenet_v2 or mobilenet_v3_small")] = "mobilenet_v2",
+    siamese_weights: Annotated[Path | None, typer.Option(help="local backbone weights file")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
+) -> None:
+    """Run the Siamese stage alone over images you already have (cleaning an existing dataset)."""
+    from imgsift.verify import VerifyError
+    from imgsift.verify import verify as run_verify
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    given = {"--refs": refs, "--images": images, "--negatives": negatives, "--negative-bank": negative_bank}
+    for name, path in given.items():
+        if path is not None and not path.exists():
+            raise typer.BadParameter(f"{path} does not exist", param_hint=name)
+    try:
+        result = run_verify(
+            refs, images, out, threshold=threshold, train=train, negatives=negatives, negative_bank=negative_bank,
+            backbone=backbone, weights=siamese_weights, device=device,
+        )  # fmt: skip
+    except VerifyError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    how = "given" if threshold is not None else f"suggested: {result.suggested.basis}"
+    typer.echo(
+        f"{result.images} images; at threshold {result.threshold} ({how}): {result.accepted} accepted, "
+        f"{result.images - result.accepted} rejected -> {out}"
+    )
+    if result.precision is not None:
+        typer.echo(f"estimated precision {result.precision:.2f}, recall {result.recall:.2f}")
+    for path in result.unreadable:
+        typer.echo(f"not an image, skipped: {path}")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="the output folder of an earlier `imgsift collect`")],
+    negatives: Annotated[
+        Path | None, typer.Option(help="folder of 'not this' images, added to the job's hard negatives")
+    ] = None,
+    negative_bank: Annotated[Path | None, typer.Option(help="folder of generic images of other things")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="re-decide at this threshold (default: the new suggested one)")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="training passes over the references' views")] = 60,
+    siamese_weights: Annotated[
+        Path | None, typer.Option(help="local backbone weights file (default: the one collect used)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Fine-tune the Siamese head of a collect job on its references, then re-score every crop with it."""
+    from imgsift.embedded import train_collected
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress = BarProgress(enabled=not quiet)
+    try:
+        summary, model = train_collected(
+            out, negatives=negatives, negative_bank=negative_bank, threshold=threshold, epochs=epochs,
+            device=device, progress=progress, weights=siamese_weights,
+        )  # fmt: skip
+    except EmbeddedError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        progress.close()
+    typer.echo(
+        f"Siamese head v{model.version} trained ({int(model.stats.get('negatives', 0))} negatives); "
+        f"{summary.compared} crops scored again; at threshold {summary.threshold}: {summary.accepted} accepted, "
+        f"{summary.rejected} rejected -> {out}"
+    )
+
+
+def _echo_calibration(summary: Any, chosen: bool) -> None:
+    if summary.suggested is None:
+        return
+    if chosen:
+        typer.echo(f"suggested threshold: {summary.suggested} ({summary.suggested_basis})")
+    else:
+        typer.echo(f"threshold {summary.threshold} is the suggested one ({summary.suggested_basis})")
+    if summary.precision is not None:
+        typer.echo(f"estimated at {summary.threshold}: precision {summary.precision:.2f}, recall {summary.recall:.2f}")
 
 
 def _previous_threshold(out: Path) -> float | None:

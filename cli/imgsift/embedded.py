@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from imgsift_common import keys
-from imgsift_common.messages import Job, JobSpec, JobState
+from imgsift_common.calibration import for_job
+from imgsift_common.messages import Job, JobSpec, JobState, SiameseModel
 from imgsift_common.progress import finish_if_complete
 from imgsift_common.state import SqliteStateStore, discovery_reason
 from imgsift_common.storage import LocalStore
@@ -50,6 +51,8 @@ class EmbeddedConfig:
     crawler: Any  # CrawlerSettings
     detector: Any  # DetectorSettings
     siamese: Any  # SiameseSettings
+    negatives: Path | None = None  # "not this" images
+    auto_threshold: bool = False  # decide at the suggested threshold instead of spec.threshold
 
 
 @dataclass
@@ -66,6 +69,10 @@ class RunSummary:
     discovery: Any = None  # why discovery stopped (DiscoveryReason)
     notes: list[str] = field(default_factory=list)
     work_done: dict[str, int] = field(default_factory=dict)  # items each stage handled in this run
+    suggested: float | None = None  # the suggested threshold, when the job has one
+    suggested_basis: str = ""
+    precision: float | None = None  # estimated at ``threshold``
+    recall: float | None = None
 
 
 class EmbeddedError(Exception):
@@ -88,7 +95,7 @@ def scorer_fingerprint(settings: Any, reference_keys: list[str]) -> str:
     return _fingerprint({"refs": reference_keys, **{f: getattr(settings, f) for f in fields}})
 
 
-def load_references(refs: Path, store: LocalStore) -> list[str]:
+def load_references(refs: Path, store: LocalStore, negative: bool = False) -> list[str]:
     """Store the reference images of ``refs`` (a folder or one file); refuse what does not decode."""
     from imgsift_crawler.validate import ImageRejected, inspect_image
 
@@ -102,7 +109,8 @@ def load_references(refs: Path, store: LocalStore) -> list[str]:
             info = inspect_image(data, max_pixels=100_000_000, min_side=8)
         except ImageRejected as exc:
             raise EmbeddedError(f"reference {path} is not usable: {exc.detail}") from None
-        key = keys.reference_key(JOB_ID, info.sha256, info.format)
+        make_key = keys.negative_key if negative else keys.reference_key
+        key = make_key(JOB_ID, info.sha256, info.format)
         if not store.exists(key):
             store.put(key, data)
         found.add(key)
@@ -125,27 +133,48 @@ class EmbeddedRunner:
     def prepare(self) -> Job:
         """Create or update the job in this output folder; drop results its new settings invalidate."""
         reference_keys = load_references(self.config.refs, self.store)
+        negative_keys = (
+            load_references(self.config.negatives, self.store, negative=True) if self.config.negatives else []
+        )
         fingerprints_path = self.state_dir / "fingerprints.json"
         old = json.loads(fingerprints_path.read_text()) if fingerprints_path.exists() else {}
         new = {
             "detector": detector_fingerprint(self.config.detector, self.config.spec.target),
-            "scorer": scorer_fingerprint(self.config.siamese, reference_keys),
+            "scorer": scorer_fingerprint(self.config.siamese, reference_keys + negative_keys),
         }
         job = self.state.get_job(JOB_ID)
         if job is None:
-            job = Job(id=JOB_ID, spec=self.config.spec, reference_keys=reference_keys, state=JobState.RUNNING)
+            job = Job(
+                id=JOB_ID,
+                spec=self.config.spec,
+                reference_keys=reference_keys,
+                negative_keys=negative_keys,
+                state=JobState.RUNNING,
+            )
             self.state.create_job(job)
         else:
             if old.get("detector") != new["detector"]:
                 self.state.reset_detections(JOB_ID)
                 job = job.model_copy(update={"detect_mode": None})
-            elif old.get("scorer") != new["scorer"]:
+            changes: dict[str, Any] = {}
+            if old.get("scorer") != new["scorer"]:
+                # New references or backbone: a head trained on the old ones no longer applies.
                 self.state.reset_distances(JOB_ID)
+                changes = {"model": None, "reference_distances": []}
             job = job.model_copy(
-                update={"spec": self.config.spec, "reference_keys": reference_keys, "state": JobState.RUNNING}
+                update={
+                    "spec": self.config.spec,
+                    "reference_keys": reference_keys,
+                    "negative_keys": negative_keys,
+                    "state": JobState.RUNNING,
+                    **changes,
+                }
             )
             self.state.save_job(job)
         fingerprints_path.write_text(json.dumps(new))
+        siamese = self.config.siamese
+        saved = {"backbone": siamese.backbone, "weights": str(siamese.weights) if siamese.weights else None}
+        (self.state_dir / "siamese.json").write_text(json.dumps(saved))
         return job
 
     def run(self) -> RunSummary:
@@ -177,7 +206,14 @@ class EmbeddedRunner:
                 if step.finished:
                     break
         finish_if_complete(self.state, JOB_ID)
-        summary = self.write_outputs(job.spec.threshold)
+        job = self.state.get_job(JOB_ID) or job
+        threshold = job.spec.threshold
+        if self.config.auto_threshold:
+            suggested = for_job(job, self.state).calibration.suggested
+            if suggested is not None:
+                threshold = suggested
+                job = self.state.update_job(JOB_ID, spec=job.spec.model_copy(update={"threshold": threshold}))
+        summary = self.write_outputs(threshold)
         summary.work_done = done
         summary.notes = self.state.notes(JOB_ID)
         summary.discovery = discovery_reason(self.state.flags(JOB_ID))
@@ -208,11 +244,11 @@ class EmbeddedRunner:
             return 0
         from imgsift_siamese.backbone import WeightsError
         from imgsift_siamese.compare import ReferenceImagesError, compare_batch
-        from imgsift_siamese.embed import get_embedder
+        from imgsift_siamese.embed import job_embedder
 
         settings = self.config.siamese
         try:
-            embedder = get_embedder(settings)
+            embedder = job_embedder(job, self.store, settings)
         except WeightsError as exc:
             raise EmbeddedError(str(exc)) from None
         tick = self.progress.stage("compare", len(todo))
@@ -257,7 +293,13 @@ def write_outputs(out: Path, state: SqliteStateStore, store: LocalStore, thresho
             manifest.write(json.dumps(_manifest_row(rel, crop, image, distance, ok, threshold)) + "\n")
     tmp_manifest.replace(out / "manifest.jsonl")
     c = state.counters(JOB_ID)
+    job = state.get_job(JOB_ID)
+    found = for_job(job, state, threshold) if job else None
     return RunSummary(
+        suggested=found.calibration.suggested if found else None,
+        suggested_basis=found.calibration.basis if found else "",
+        precision=found.at_threshold.precision if found else None,
+        recall=found.at_threshold.recall if found else None,
         downloaded=c.get(Counter.DOWNLOADED, 0),
         failed=c.get(Counter.FAILED, 0),
         duplicates=c.get(Counter.DUPLICATES, 0),
@@ -312,3 +354,58 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+def train_collected(
+    out: Path,
+    *,
+    negatives: Path | None,
+    negative_bank: Path | None,
+    threshold: float | None,
+    epochs: int,
+    device: str,
+    progress: Progress | None = None,
+    weights: Path | None = None,
+) -> tuple[RunSummary, SiameseModel]:
+    """Fine-tune the Siamese head of the collect job in ``out``, re-score its crops, rewrite the outputs."""
+    from imgsift_siamese.backbone import WeightsError
+    from imgsift_siamese.settings import SiameseSettings
+    from imgsift_siamese.training import TrainingError, rescore, train_job
+
+    state_dir = out / STATE_DIR
+    if not (state_dir / "state.sqlite").exists():
+        raise EmbeddedError(f"{out} holds no imgsift collect job; run imgsift collect --out {out} first")
+    progress = progress or Progress()
+    store = LocalStore(state_dir / "objects")
+    state = SqliteStateStore(state_dir / "state.sqlite")
+    try:
+        job = state.get_job(JOB_ID)
+        if job is None:
+            raise EmbeddedError(f"{out} holds no imgsift collect job")
+        if negatives is not None:
+            added = load_references(negatives, store, negative=True)
+            job = state.update_job(JOB_ID, negative_keys=sorted({*job.negative_keys, *added}))
+        saved_path = state_dir / "siamese.json"
+        saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+        settings = SiameseSettings(
+            storage="local",
+            local_storage_dir=state_dir / "objects",
+            backbone=saved.get("backbone", "mobilenet_v2"),
+            weights=weights or saved.get("weights"),
+            negative_bank=negative_bank,
+            train_epochs=epochs,
+            device=device,
+        )
+        version = (job.model.version if job.model else 0) + 1
+        try:
+            model = train_job(job, store, state, settings, version)
+        except (TrainingError, WeightsError) as exc:
+            raise EmbeddedError(str(exc)) from None
+        job = state.update_job(JOB_ID, model=model)
+        rescore(job, store, state, settings, progress.stage("rescore", len(state.crop_keys(JOB_ID))))
+        if threshold is None:
+            threshold = for_job(job, state).calibration.suggested or job.spec.threshold
+        state.update_job(JOB_ID, spec=job.spec.model_copy(update={"threshold": threshold}))
+        return write_outputs(out, state, store, threshold), model
+    finally:
+        state.close()

@@ -30,6 +30,11 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imgsift_common.messages import Job
+    from imgsift_common.state import StateStore
 
 HISTOGRAM_BINS = 40
 MAX_DISTANCE = 2.0  # distances between unit vectors lie in [0, 2]
@@ -142,3 +147,34 @@ def leave_one_out(distance_matrix: Sequence[Sequence[float]]) -> list[float]:
     if n < 2:
         return []
     return [min(distance_matrix[i][j] for j in range(n) if j != i) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class JobCalibration:
+    calibration: Calibration
+    at_threshold: Estimate
+    histogram: dict[str, list[float] | list[int]]
+    marked_right: int
+    marked_wrong: int
+
+
+def for_job(job: Job, state: StateStore, threshold: float | None = None) -> JobCalibration:
+    """A job's calibration from its stored distances, held-out positives and user marks.
+
+    Positives: the trained head's held-out reference distances, or the pretrained leave-one-out
+    ones, plus the distances of crops marked right; crops marked wrong bound the precision.
+    """
+    distances = dict(state.distances(job.id))
+    marks = state.feedback(job.id)
+    base = job.model.held_out if job.model else job.reference_distances
+    positives = [*base, *(distances[k] for k, ok in marks.items() if ok and k in distances)]
+    wrong = [distances[k] for k, ok in marks.items() if not ok and k in distances]
+    values = list(distances.values())
+    at = job.spec.threshold if threshold is None else threshold
+    return JobCalibration(
+        calibration=calibrate(positives, values, marked_wrong=wrong),
+        at_threshold=estimate(at, positives, values, marked_wrong=wrong),
+        histogram=histogram(values),
+        marked_right=sum(marks.values()),
+        marked_wrong=len(marks) - sum(marks.values()),
+    )

@@ -172,3 +172,31 @@ def test_give_me_n_and_widening_options_reach_the_job(tmp_path: Path) -> None:
     assert bad_language.returncode == 2 and "languages" in bad_language.stderr
     bad_distance = subprocess.run([*base, "--near-dup-distance", "99"], capture_output=True, text=True, timeout=120)
     assert bad_distance.returncode == 2 and "near_distance" in bad_distance.stderr
+
+
+def test_train_fine_tunes_the_collect_job_and_rescores_it(first_run: dict, coco128: Coco128, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)  # type: ignore[arg-type]
+    before = _manifest(out)
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    others = [p for p in coco128.images if all(b.class_id != PERSON for b in coco128.labels(p))][10:22]
+    for photo in others:
+        with Image.open(photo) as im:
+            im.convert("RGB").resize((160, 120)).save(bank / photo.name)
+    command = [IMGSIFT, "train", "--out", str(out), "--negative-bank", str(bank), "--epochs", "20", "--quiet",
+               "--siamese-weights", str(_bundled_mobilenet_v2())]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert "Siamese head v1 trained" in result.stdout
+    after = _manifest(out)
+    assert sorted(r["crop_id"] for r in after) == sorted(r["crop_id"] for r in before)  # every crop scored again
+    assert {r["distance"] for r in after} != {r["distance"] for r in before}
+    threshold = after[0]["threshold"]
+    assert all(r["accepted"] == (r["distance"] <= threshold) for r in after)
+    assert len(list((out / "accepted").iterdir())) == sum(r["accepted"] for r in after)
+    assert (out / ".imgsift" / "objects" / "jobs" / "local" / "models" / "siamese-head-v1.pt").exists()
+
+    missing = subprocess.run([IMGSIFT, "train", "--out", str(tmp_path / "nothing")], capture_output=True, text=True,
+                             timeout=120, env={**ENV, "COLUMNS": "300"})  # fmt: skip
+    assert missing.returncode == 2 and "run imgsift collect" in missing.stderr

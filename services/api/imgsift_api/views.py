@@ -6,7 +6,7 @@ import base64
 import json
 
 from imgsift_api.schemas import CalibrationOut, Counts, CropOut, CropPage, Discovery, JobStatus, ModelOut, Provenance
-from imgsift_common.calibration import calibrate, estimate, histogram
+from imgsift_common.calibration import for_job
 from imgsift_common.celery_app import TRAIN_REQUEST_MARKER
 from imgsift_common.messages import Job
 from imgsift_common.progress import compute_progress, reported_progress
@@ -71,21 +71,9 @@ def training_requested(job: Job, state: StateStore) -> bool:
     return bool(requested) and int(requested or 0) > (job.model.version if job.model else 0)
 
 
-def positives(job: Job, state: StateStore, distances: dict[str, float]) -> list[float]:
-    """Calibration positives: held-out reference distances, plus the distances of crops marked right."""
-    base = job.model.held_out if job.model else job.reference_distances
-    marks = state.feedback(job.id)
-    return [*base, *(distances[k] for k, ok in marks.items() if ok and k in distances)]
-
-
 def calibration(job: Job, state: StateStore) -> CalibrationOut:
-    distances = dict(state.distances(job.id))
-    marks = state.feedback(job.id)
-    wrong = [distances[k] for k, ok in marks.items() if not ok and k in distances]
-    pos = positives(job, state, distances)
-    values = list(distances.values())
-    cal = calibrate(pos, values, marked_wrong=wrong)
-    at = estimate(job.spec.threshold, pos, values, marked_wrong=wrong)
+    found = for_job(job, state)
+    cal, at = found.calibration, found.at_threshold
     return CalibrationOut(
         suggested_threshold=cal.suggested,
         basis=cal.basis,
@@ -93,9 +81,9 @@ def calibration(job: Job, state: StateStore) -> CalibrationOut:
         precision=at.precision,
         recall=at.recall,
         f1=at.f1,
-        histogram=histogram(values),
-        marked_right=sum(marks.values()),
-        marked_wrong=len(marks) - sum(marks.values()),
+        histogram=found.histogram,
+        marked_right=found.marked_right,
+        marked_wrong=found.marked_wrong,
     )
 
 

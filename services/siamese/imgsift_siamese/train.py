@@ -2,9 +2,9 @@
 
 What is trained, and why this way:
 
-- The MobileNet trunk stays frozen (ImageNet features); a small projection head
-  (``Linear -> ReLU -> Linear``, 1280 -> 512 -> 128 for MobileNetV2) maps its pooled
-  features to the embedding whose distances decide. With 5 to 50 references, a frozen trunk
+- The MobileNet trunk stays frozen (ImageNet features); a small residual projection head
+  (``x + MLP(x)``, the MLP 1280 -> 512 -> 1280 for MobileNetV2, starting at zero) maps its
+  pooled features to the embedding whose distances decide. With 5 to 50 references, a frozen trunk
   keeps the general features that references alone could not teach, and the features of
   every image are computed once: the head trains on cached feature rows, in seconds on a CPU.
 - Positives: each reference and augmented views of it (random resized crops, flips, colour
@@ -49,9 +49,9 @@ from imgsift_siamese.preprocess import preprocess, to_rgb
 @dataclass(frozen=True)
 class TrainConfig:
     hidden: int = 512
-    dim: int = 128
     margin: float = 0.3
     epochs: int = 60
+    min_steps: int = 200  # optimiser steps at least, however few the references
     batch_positives: int = 32
     batch_negatives: int = 96
     lr: float = 1e-3
@@ -64,12 +64,22 @@ class TrainConfig:
 
 
 class ProjectionHead(nn.Module):
-    def __init__(self, features: int, hidden: int, dim: int, dropout: float = 0.0) -> None:
+    """``x + MLP(x)`` on the trunk's pooled features, the MLP's last layer starting at zero.
+
+    Untrained, it is the identity: the fine-tuned embedding starts exactly at the pretrained
+    one and training moves it only as far as the references and negatives ask.
+    """
+
+    def __init__(self, features: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, features)
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return x + self.net(x)
 
 
 @dataclass
@@ -106,7 +116,7 @@ class TrainedHead:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         meta = json.loads(saved["meta"])
         config = TrainConfig(**meta["config"])
-        head = ProjectionHead(meta["features"], config.hidden, config.dim)
+        head = ProjectionHead(meta["features"], config.hidden)
         head.load_state_dict(saved["state"])
         return cls(head.eval(), config, meta["features"], meta["stats"], meta["held_out"])
 
@@ -167,19 +177,33 @@ def train_head(
     negative_weights: np.ndarray | None = None,
 ) -> ProjectionHead:
     """Train a projection head with the batch-hard triplet loss on feature rows."""
+    # The head's matrices are small: one thread is faster than several, and with other
+    # workers on the machine, many times faster (measured: 50 steps in 0.85 s on one thread,
+    # 17.6 s on two while another process kept both cores busy).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_head(positives, negatives, config, negative_weights)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_head(
+    positives: np.ndarray, negatives: np.ndarray, config: TrainConfig, negative_weights: np.ndarray | None
+) -> ProjectionHead:
     if len(positives) < 2:
         raise ValueError("training needs at least two positive views")
     if len(negatives) == 0:
         raise ValueError("training needs negatives: give a negative bank, 'not this' images, or crops")
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
-    head = ProjectionHead(positives.shape[1], config.hidden, config.dim, config.dropout)
+    head = ProjectionHead(positives.shape[1], config.hidden, config.dropout)
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     pos = torch.from_numpy(positives)
     neg = torch.from_numpy(negatives)
     weights = np.ones(len(negatives)) if negative_weights is None else negative_weights.astype(np.float64)
     p_neg = weights / weights.sum()
-    steps = max(1, len(positives) // config.batch_positives) * config.epochs
+    steps = max(config.min_steps, max(1, len(positives) // config.batch_positives) * config.epochs)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
     head.train()
     for _ in range(steps):

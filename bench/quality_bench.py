@@ -220,6 +220,7 @@ def main() -> None:
     methods = ("classifier", "siamese_pretrained", "siamese_finetuned", "whole_image_pretrained")
     keys = ["yolo_only"] + [f"{m}_{w}" for m in methods for w in ("suggested", "best")]
     per_task: dict[str, list[dict]] = {}
+    raw: list[dict] = []  # per task and split: labels, distances, held-out positives (to study calibration)
     curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     rng = np.random.default_rng(0)
     for rotation in range(args.rotations):
@@ -286,6 +287,19 @@ def main() -> None:
                 if not per_task.get(task.name):  # the first split this task ran in
                     curves.setdefault(task.name, {})[key] = pr_curve(scores, positive, total)
             per_task.setdefault(task.name, []).append({"kind": task.kind, **row})
+            raw.append(
+                {
+                    "task": task.name,
+                    "kind": task.kind,
+                    "rotation": rotation,
+                    "truth": total,
+                    "positive": positive.tolist(),
+                    "pretrained": pre.tolist(),
+                    "finetuned": ft.tolist(),
+                    "loo": leave_one_out(pre_refs),
+                    "held_out": trained.held_out,
+                }
+            )
             print(
                 f"r{rotation} {task.name:26} crops {row['crops']:4} pos {row['positives']:3}/{total:3}  "
                 f"yolo {row['yolo_only']:.2f}  clf {row['classifier_suggested']:.2f}/{row['classifier_best']:.2f}  "
@@ -310,6 +324,7 @@ def main() -> None:
         sel = [r for r in rows if kind == "all" or r["kind"] == kind]
         summary[kind] = {"tasks": len(sel), **{k: float(np.mean([r[k] for r in sel])) for k in keys}}
     (args.out / "quality.json").write_text(json.dumps({"summary": summary, "tasks": rows}, indent=2))
+    (args.out / "distances.json").write_text(json.dumps(raw))
     _plot(curves, rows, args.out)
     print("\nmacro F1 (suggested / best threshold)")
     for kind, s in summary.items():

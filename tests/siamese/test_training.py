@@ -121,3 +121,23 @@ def test_training_needs_two_references(
     job = create_job(state_store, put_references(store, crops_by_class["elephant"][:1]))
     with pytest.raises(TrainingError, match="training needs 2 or more"):
         train_job(job, store, state_store, siamese_settings, version=1)
+
+
+def test_crops_marked_wrong_join_the_not_this_images(
+    state_store: StateStore,
+    tmp_path: Path,
+    embedder: Embedder,
+    siamese_settings: SiameseSettings,
+    crops_by_class: dict[str, list[Image.Image]],
+) -> None:
+    store = LocalStore(tmp_path / "objects")
+    job = create_job(state_store, put_references(store, crops_by_class["elephant"][:4]))
+    giraffes = put_crops(store, state_store, crops_by_class["giraffe"][:2], "giraffe")
+    compare_batch(job, giraffes[1:], store, state_store, embedder, siamese_settings)
+    unmarked = dict(state_store.distances(job.id))[giraffes[1]]
+
+    state_store.set_feedback(job.id, giraffes[0], False)  # the first giraffe is not what we want
+    state_store.reset_distances(job.id)
+    compare_batch(job, giraffes[1:], store, state_store, embedder, siamese_settings)
+    marked = dict(state_store.distances(job.id))[giraffes[1]]
+    assert marked > unmarked

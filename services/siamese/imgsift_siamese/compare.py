@@ -55,11 +55,14 @@ def reference_embeddings(job: Job, store: ObjectStore, embedder: Embedder) -> np
     return _embeddings(job, job.reference_keys, "references", store, embedder)
 
 
-def negative_embeddings(job: Job, store: ObjectStore, embedder: Embedder) -> np.ndarray | None:
-    """Embeddings of the job's "not this" references, or None when it has none."""
-    if not job.negative_keys:
+def negative_embeddings(
+    job: Job, store: ObjectStore, embedder: Embedder, marked_wrong: Sequence[str] = ()
+) -> np.ndarray | None:
+    """Embeddings of the job's "not this" references and the crops marked wrong; None when there are none."""
+    keys = [*job.negative_keys, *sorted(marked_wrong)]
+    if not keys:
         return None
-    return _embeddings(job, job.negative_keys, "negatives", store, embedder)
+    return _embeddings(job, keys, "negatives", store, embedder)
 
 
 def _embeddings(job: Job, image_keys: list[str], kind: str, store: ObjectStore, embedder: Embedder) -> np.ndarray:
@@ -106,7 +109,9 @@ def compare_batch(
     if not pending:
         return []
     refs = reference_embeddings(job, store, embedder)
-    negatives = negative_embeddings(job, store, embedder)
+    # Crops the user marked wrong join the "not this" images: crops like them are judged farther.
+    marked_wrong = [k for k, ok in state.feedback(job.id).items() if not ok and store.exists(k)]
+    negatives = negative_embeddings(job, store, embedder, marked_wrong)
     if job.model is None and not job.reference_distances and len(refs) >= 2:
         # The calibration's positives under the pretrained embedding (a trained head brings its own).
         loo = [float(v) for v in reference_distance(refs, refs, "nearest_other", settings.k)]

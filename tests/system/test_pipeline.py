@@ -155,6 +155,32 @@ def test_job_through_the_services_keeps_the_referenced_animal(
         strict = client.get(f"/v1/jobs/{job_id}/crops", params={"threshold": 0.0, "accepted": True}).json()
         assert strict["items"] == []
 
+        # Calibration, a mark, and fine-tuning through the train queue: a new head, every crop scored again.
+        before = client.get(f"/v1/jobs/{job_id}").json()
+        assert before["calibration"]["suggested_threshold"] is not None and before["model"]["version"] == 0
+        mark = client.put(f"/v1/jobs/{job_id}/crops/{others[0]['crop_id']}/feedback", json={"correct": False})
+        assert mark.status_code == 200 and mark.json()["marked_wrong"] == 1
+        assert client.post(f"/v1/jobs/{job_id}/train").status_code == 202
+        deadline = time.monotonic() + 300
+        while True:
+            trained = client.get(f"/v1/jobs/{job_id}").json()
+            if trained["model"]["version"] == 1 and trained["counts"]["compared"] == counts["compared"]:
+                break
+            assert time.monotonic() < deadline, (trained["model"], trained["notes"])
+            time.sleep(1)
+        assert trained["model"]["training"] is False and trained["model"]["stats"]["marked_wrong"] == 1
+        retrained = {c["crop_id"]: c["distance"] for c in all_crops(client, job_id)}
+        assert set(retrained) == {c["crop_id"] for c in crops}
+        assert retrained != {c["crop_id"]: c["distance"] for c in crops}
+        tuned_elephants = sorted(retrained[c["crop_id"]] for c in elephants)
+        tuned_others = sorted(retrained[c["crop_id"]] for c in others)
+        summary += (
+            f"; after fine-tuning: elephants {tuned_elephants[0]:.2f}-{tuned_elephants[-1]:.2f}, "
+            f"others {tuned_others[0]:.2f}-{tuned_others[-1]:.2f}, "
+            f"suggested threshold {trained['calibration']['suggested_threshold']}"
+        )
+        assert sum(tuned_elephants) / len(tuned_elephants) < sum(tuned_others) / len(tuned_others), summary
+
         # A target that is no detector class: whole images, and the status says why.
         whole = {"target": "golden retriever", "sources": [{"kind": "urls", "urls": listed[:2]}]}
         files = [("references", (name, data, "image/jpeg")) for name, data in _references(coco128)[:1]]

@@ -282,6 +282,47 @@ def train(
     )
 
 
+@app.command("export")
+def export_dataset(
+    out: Annotated[Path, typer.Option(help="the output folder of an earlier `imgsift collect`")],
+    format: Annotated[
+        str, typer.Option("--format", help="imagefolder (zip), yolo (zip), coco (json), jsonl or csv (manifest)")
+    ],
+    to: Annotated[
+        Path | None, typer.Option(help="file to write (default: OUT/exports/<format>-<threshold>.<ext>)")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="accepted = distance <= this (default: the job's)")] = None,
+) -> None:
+    """Export the collected dataset: accepted crops as ImageFolder, YOLO or COCO; the manifest as JSONL or CSV."""
+    from imgsift.embedded import STATE_DIR
+    from imgsift_common.exports import ExportFormat, export
+    from imgsift_common.state import SqliteStateStore
+    from imgsift_common.storage import LocalStore
+
+    try:
+        fmt = ExportFormat(format.lower())
+    except ValueError:
+        choices = ", ".join(f.value for f in ExportFormat)
+        raise typer.BadParameter(f"unknown format {format!r}; use one of {choices}", param_hint="--format") from None
+    state_path = out / STATE_DIR / "state.sqlite"
+    if not state_path.exists():
+        raise typer.BadParameter(f"{out} holds no imgsift collect job; run imgsift collect first", param_hint="--out")
+    state = SqliteStateStore(state_path)
+    try:
+        job = state.get_job("local")
+        if job is None:
+            raise typer.BadParameter(f"{out} holds no imgsift collect job", param_hint="--out")
+        chosen = job.spec.threshold if threshold is None else threshold
+        dest = to or out / "exports" / f"{fmt.value}-{chosen}{fmt.suffix}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        result = export(fmt, job, state, LocalStore(out / STATE_DIR / "objects"), chosen, dest)
+    finally:
+        state.close()
+    typer.echo(f"{fmt.value}: {result.crops} crops from {result.images} images at threshold {chosen} -> {dest}")
+    if result.missing:
+        typer.echo(f"skipped {result.missing} crops whose files are gone from the store")
+
+
 def _echo_calibration(summary: Any, chosen: bool) -> None:
     if summary.suggested is None:
         return

@@ -20,6 +20,7 @@ from typing import Any
 
 from imgsift_common import keys
 from imgsift_common.calibration import for_job
+from imgsift_common.exports import manifest_row
 from imgsift_common.messages import Job, JobSpec, JobState, SiameseModel
 from imgsift_common.progress import finish_if_complete
 from imgsift_common.state import SqliteStateStore, discovery_reason
@@ -290,7 +291,7 @@ def write_outputs(out: Path, state: SqliteStateStore, store: LocalStore, thresho
             rel = f"{'accepted' if ok else 'rejected'}/{crop.crop_id}.jpg"
             _link_or_copy(store.path(crop.key), out / rel)
             image = state.get_image(JOB_ID, crop.image_key)
-            manifest.write(json.dumps(_manifest_row(rel, crop, image, distance, ok, threshold)) + "\n")
+            manifest.write(json.dumps({"crop": rel, **manifest_row(crop, image, distance, threshold)}) + "\n")
     tmp_manifest.replace(out / "manifest.jsonl")
     c = state.counters(JOB_ID)
     job = state.get_job(JOB_ID)
@@ -310,32 +311,6 @@ def write_outputs(out: Path, state: SqliteStateStore, store: LocalStore, thresho
         threshold=threshold,
         failed_by_reason={k.split(":", 1)[1]: v for k, v in sorted(c.items()) if ":" in k},
     )
-
-
-def _manifest_row(rel: str, crop: Any, image: Any, distance: float, ok: bool, threshold: float) -> dict[str, Any]:
-    prov = image.provenance if image else None
-    return {
-        "crop": rel,
-        "crop_id": crop.crop_id,
-        "image_url": prov.image_url if prov else None,
-        "page_url": prov.page_url if prov else None,
-        "source": prov.source.value if prov else None,
-        "title": prov.title if prov else None,
-        "license": prov.license if prov else None,
-        "license_url": prov.license_url if prov else None,
-        "author": prov.author if prov else None,
-        "fetched_at": image.fetched_at.isoformat() if image else None,
-        "image_sha256": image.sha256 if image else None,
-        "image_size": [image.width, image.height] if image else None,
-        "box": [round(v, 2) for v in crop.box],
-        "padded_box": [round(v, 2) for v in crop.padded_box],
-        "class": crop.class_name,
-        "score": round(crop.score, 4),
-        "whole_image": crop.whole_image,
-        "distance": distance,
-        "threshold": threshold,
-        "accepted": ok,
-    }
 
 
 def _fresh_dirs(out: Path, names: tuple[str, ...]) -> None:

@@ -200,3 +200,41 @@ def test_train_fine_tunes_the_collect_job_and_rescores_it(first_run: dict, coco1
     missing = subprocess.run([IMGSIFT, "train", "--out", str(tmp_path / "nothing")], capture_output=True, text=True,
                              timeout=120, env={**ENV, "COLUMNS": "300"})  # fmt: skip
     assert missing.returncode == 2 and "run imgsift collect" in missing.stderr
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "yolo", "coco", "jsonl", "csv"])
+def test_export_writes_each_format_from_the_collect_folder(first_run: dict, tmp_path: Path, fmt: str) -> None:  # type: ignore[type-arg]
+    out = first_run["out"]
+    accepted = [r for r in _manifest(out) if r["accepted"]]  # type: ignore[arg-type]
+    dest = tmp_path / f"export-{fmt}"
+    result = subprocess.run([IMGSIFT, "export", "--out", str(out), "--format", fmt, "--to", str(dest)],
+                            capture_output=True, text=True, timeout=120, env=ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert dest.exists()
+    if fmt == "imagefolder":
+        import zipfile
+
+        with zipfile.ZipFile(dest) as archive:
+            assert sorted(n.rsplit("/", 1)[-1] for n in archive.namelist()) == sorted(
+                f"{r['crop_id']}.jpg" for r in accepted
+            )
+    elif fmt == "yolo":
+        import zipfile
+
+        with zipfile.ZipFile(dest) as archive:
+            lines = [
+                ln
+                for n in archive.namelist()
+                if n.startswith("labels/")
+                for ln in archive.read(n).decode().splitlines()
+            ]
+            assert len(lines) == len(accepted) and "data.yaml" in archive.namelist()
+    elif fmt == "coco":
+        from pycocotools.coco import COCO
+
+        assert len(COCO(str(dest)).getAnnIds()) == len(accepted)
+    else:
+        assert f"{len(_manifest(out))} crops" in result.stdout  # type: ignore[arg-type]
+    bad = subprocess.run([IMGSIFT, "export", "--out", str(out), "--format", "pdf"], capture_output=True, text=True,
+                         timeout=120, env={**ENV, "COLUMNS": "300"})  # fmt: skip
+    assert bad.returncode == 2 and "unknown format" in bad.stderr

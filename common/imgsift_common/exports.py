@@ -1,0 +1,282 @@
+"""Dataset exports of a job at a threshold, written to a file one crop at a time.
+
+Formats:
+
+- ``imagefolder``: a zip of the accepted crops, ``{class}/{crop_id}.jpg`` (torchvision's
+  ImageFolder layout);
+- ``yolo``: a zip of a YOLO detection dataset: ``images/{sha256}.{ext}`` (the originals that
+  have accepted boxes), ``labels/{sha256}.txt`` (only the accepted boxes: ``class cx cy w h``,
+  normalised), ``data.yaml`` (``path``, ``train``, ``val``, ``names``);
+- ``coco``: COCO detection JSON (``images``, ``annotations`` with ``bbox`` [x, y, w, h] in
+  pixels, ``categories``) of the accepted boxes, with each image's provenance and licence;
+- ``jsonl`` / ``csv``: the manifest of every compared crop (accepted or not) with its
+  distance, box, class, provenance and licence.
+
+Crops are read page by page from the job state (``distance_page``) and crop or image bytes one
+at a time, so memory does not grow with the job; the YOLO and COCO exports keep only the
+accepted boxes per image (a few numbers each) until they are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import IO, Any
+
+from imgsift_common.messages import Crop, Job, StoredImage
+from imgsift_common.state import StateStore
+from imgsift_common.storage import ObjectNotFound, ObjectStore
+
+PAGE = 500
+
+
+class ExportFormat(StrEnum):
+    IMAGEFOLDER = "imagefolder"
+    YOLO = "yolo"
+    COCO = "coco"
+    JSONL = "jsonl"
+    CSV = "csv"
+
+    @property
+    def suffix(self) -> str:
+        return {"imagefolder": ".zip", "yolo": ".zip", "coco": ".json", "jsonl": ".jsonl", "csv": ".csv"}[self.value]
+
+    @property
+    def media_type(self) -> str:
+        return {".zip": "application/zip", ".json": "application/json", ".jsonl": "application/x-ndjson",
+                ".csv": "text/csv"}[self.suffix]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    format: ExportFormat
+    threshold: float
+    crops: int  # crops written (accepted ones, or every compared one for a manifest)
+    images: int  # original images written or referenced
+    missing: int  # crops or images gone from the store: skipped, counted here
+
+
+MANIFEST_FIELDS = [
+    "crop_id", "crop_key", "accepted", "distance", "threshold", "class", "score", "box", "padded_box",
+    "whole_image", "image_key", "image_sha256", "image_width", "image_height", "image_url", "page_url",
+    "source", "title", "license", "license_url", "author", "fetched_at",
+]  # fmt: skip
+
+
+def manifest_row(crop: Crop, image: StoredImage | None, distance: float, threshold: float) -> dict[str, Any]:
+    """One crop with its decision and its image's provenance: the manifest's row."""
+    prov = image.provenance if image else None
+    return {
+        "crop_id": crop.crop_id,
+        "crop_key": crop.key,
+        "accepted": distance <= threshold,
+        "distance": distance,
+        "threshold": threshold,
+        "class": crop.class_name,
+        "score": round(crop.score, 4),
+        "box": [round(v, 2) for v in crop.box],
+        "padded_box": [round(v, 2) for v in crop.padded_box],
+        "whole_image": crop.whole_image,
+        "image_key": crop.image_key,
+        "image_sha256": image.sha256 if image else None,
+        "image_width": image.width if image else None,
+        "image_height": image.height if image else None,
+        "image_url": prov.image_url if prov else None,
+        "page_url": prov.page_url if prov else None,
+        "source": prov.source.value if prov else None,
+        "title": prov.title if prov else None,
+        "license": prov.license if prov else None,
+        "license_url": prov.license_url if prov else None,
+        "author": prov.author if prov else None,
+        "fetched_at": image.fetched_at.isoformat() if image else None,
+    }
+
+
+def scored_crops(
+    job: Job, state: StateStore, threshold: float, *, accepted_only: bool
+) -> Iterator[tuple[Crop, StoredImage | None, float]]:
+    """The job's compared crops by ascending distance, a page at a time."""
+    after = None
+    images: dict[str, StoredImage | None] = {}
+    while True:
+        page = state.distance_page(job.id, max_distance=threshold if accepted_only else None, after=after, limit=PAGE)
+        crops = {c.key: c for c in state.get_crops(job.id, [k for k, _ in page.items])}
+        images.clear()  # one page of images at a time
+        for key, distance in page.items:
+            crop = crops.get(key)
+            if crop is None:
+                continue
+            if crop.image_key not in images:
+                images[crop.image_key] = state.get_image(job.id, crop.image_key)
+            yield crop, images[crop.image_key], distance
+        if page.next_after is None:
+            return
+        after = page.next_after
+
+
+def export(
+    fmt: ExportFormat, job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path
+) -> ExportResult:
+    """Write the ``fmt`` export of ``job`` at ``threshold`` to the file ``dest``."""
+    writer = {
+        ExportFormat.IMAGEFOLDER: _imagefolder,
+        ExportFormat.YOLO: _yolo,
+        ExportFormat.COCO: _coco,
+        ExportFormat.JSONL: _jsonl,
+        ExportFormat.CSV: _csv,
+    }[fmt]
+    tmp = dest.with_name(dest.name + ".part")
+    result = writer(job, state, store, threshold, tmp)
+    tmp.replace(dest)
+    return ExportResult(fmt, threshold, *result)
+
+
+def _imagefolder(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
+    crops = missing = 0
+    images: set[str] = set()
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as archive:  # JPEGs do not compress
+        for crop, _, _ in scored_crops(job, state, threshold, accepted_only=True):
+            try:
+                data = store.get(crop.key)
+            except ObjectNotFound:
+                missing += 1
+                continue
+            archive.writestr(f"{_folder(crop.class_name)}/{crop.crop_id}.jpg", data)
+            crops += 1
+            images.add(crop.image_key)
+    return crops, len(images), missing
+
+
+def _folder(class_name: str | None) -> str:
+    return (class_name or "object").replace("/", "_").replace(" ", "_")
+
+
+def _accepted_by_image(
+    job: Job, state: StateStore, threshold: float
+) -> tuple[dict[str, list[Crop]], dict[str, StoredImage], list[str]]:
+    by_image: dict[str, list[Crop]] = {}
+    images: dict[str, StoredImage] = {}
+    names: set[str] = set()
+    for crop, image, _ in scored_crops(job, state, threshold, accepted_only=True):
+        if image is None:
+            continue
+        by_image.setdefault(crop.image_key, []).append(crop)
+        images.setdefault(crop.image_key, image)
+        names.add(crop.class_name or "object")
+    return by_image, images, sorted(names)
+
+
+def _yolo(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
+    by_image, images, names = _accepted_by_image(job, state, threshold)
+    index = {name: i for i, name in enumerate(names)}
+    crops = written = missing = 0
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
+        for key, boxes in sorted(by_image.items()):
+            image = images[key]
+            try:
+                data = store.get(key)
+            except ObjectNotFound:
+                missing += len(boxes)
+                continue
+            stem = image.sha256
+            archive.writestr(f"images/{stem}.{key.rsplit('.', 1)[-1]}", data, zipfile.ZIP_STORED)
+            lines = []
+            for crop in boxes:
+                x1, y1, x2, y2 = crop.box
+                cx, cy = (x1 + x2) / 2 / image.width, (y1 + y2) / 2 / image.height
+                w, h = (x2 - x1) / image.width, (y2 - y1) / image.height
+                lines.append(f"{index[crop.class_name or 'object']} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+            archive.writestr(f"labels/{stem}.txt", "\n".join(lines) + "\n")
+            crops += len(boxes)
+            written += 1
+        names_yaml = "\n".join(f"  {i}: {json.dumps(name)}" for i, name in enumerate(names))
+        archive.writestr(
+            "data.yaml",
+            f"# imgsift job {job.id}, threshold {threshold}: only the accepted boxes\n"
+            f"path: .\ntrain: images\nval: images\nnames:\n{names_yaml}\n",
+        )
+    return crops, written, missing
+
+
+def _coco(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
+    by_image, images, names = _accepted_by_image(job, state, threshold)
+    category = {name: i + 1 for i, name in enumerate(names)}
+    licences: dict[tuple[str | None, str | None], int] = {}
+    crops = 0
+    with dest.open("w", encoding="utf-8") as out:
+        out.write('{"info": ' + json.dumps({"description": f"imgsift job {job.id}", "threshold": threshold}))
+        out.write(',\n"images": [')
+        for n, key in enumerate(sorted(by_image)):
+            image = images[key]
+            prov = image.provenance
+            licence = licences.setdefault((prov.license, prov.license_url), len(licences) + 1)
+            entry = {
+                "id": n + 1, "file_name": key.rsplit("/", 1)[-1], "width": image.width, "height": image.height,
+                "license": licence, "coco_url": prov.image_url, "flickr_url": prov.page_url,
+                "date_captured": image.fetched_at.isoformat(), "imgsift": {"key": key, "author": prov.author,
+                "title": prov.title, "source": prov.source.value},
+            }  # fmt: skip
+            out.write(("," if n else "") + "\n" + json.dumps(entry))
+        out.write('],\n"annotations": [')
+        for n, key in enumerate(sorted(by_image)):
+            for crop in by_image[key]:
+                x1, y1, x2, y2 = crop.box
+                w, h = x2 - x1, y2 - y1
+                entry = {
+                    "id": crops + 1, "image_id": n + 1, "category_id": category[crop.class_name or "object"],
+                    "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)], "area": round(w * h, 2),
+                    "iscrowd": 0, "score": round(crop.score, 4), "imgsift": {"crop_id": crop.crop_id},
+                }  # fmt: skip
+                out.write(("," if crops else "") + "\n" + json.dumps(entry))
+                crops += 1
+        out.write('],\n"categories": ' + json.dumps([{"id": i, "name": n} for n, i in category.items()]))
+        out.write(',\n"licenses": ' + json.dumps([{"id": i, "name": k[0], "url": k[1]} for k, i in licences.items()]))
+        out.write("}\n")
+    return crops, len(by_image), 0
+
+
+def _rows(job: Job, state: StateStore, threshold: float) -> Iterator[dict[str, Any]]:
+    for crop, image, distance in scored_crops(job, state, threshold, accepted_only=False):
+        yield manifest_row(crop, image, distance, threshold)
+
+
+def _jsonl(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
+    return _write_rows(dest, _rows(job, state, threshold), lambda out: _JsonLines(out))
+
+
+def _csv(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
+    return _write_rows(dest, _rows(job, state, threshold), lambda out: _Csv(out))
+
+
+class _JsonLines:
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.out.write(json.dumps(row) + "\n")
+
+
+class _Csv:
+    def __init__(self, out: IO[str]) -> None:
+        self.writer = csv.DictWriter(out, fieldnames=MANIFEST_FIELDS)
+        self.writer.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+
+
+def _write_rows(dest: Path, rows: Iterator[dict[str, Any]], make: Any) -> tuple[int, int, int]:
+    count = 0
+    images: set[str] = set()
+    with dest.open("w", encoding="utf-8", newline="") as out:
+        writer = make(out)
+        for row in rows:
+            writer.write(row)
+            count += 1
+            images.add(row["image_key"])
+    return count, len(images), 0

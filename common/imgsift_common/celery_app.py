@@ -20,7 +20,8 @@ class QueueName(StrEnum):
     CRAWL = "crawl"
     DETECT = "detect"
     SIAMESE = "siamese"
-    TRAIN = "train"  # reserved for fine-tuning the Siamese head
+    TRAIN = "train"  # fine-tuning the Siamese head (the siamese worker)
+    EXPORT = "export"  # dataset exports (the crawler worker: no model needed)
 
 
 class TaskName(StrEnum):
@@ -29,6 +30,7 @@ class TaskName(StrEnum):
     DETECT = "detector.detect"
     COMPARE = "siamese.compare"
     TRAIN = "siamese.train"
+    EXPORT = "crawler.export"
 
 
 # The job marker naming the one discovery chain (of crawler.discover ticks) a job has.
@@ -42,6 +44,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TaskName.DETECT: {"queue": QueueName.DETECT},
     TaskName.COMPARE: {"queue": QueueName.SIAMESE},
     TaskName.TRAIN: {"queue": QueueName.TRAIN},
+    TaskName.EXPORT: {"queue": QueueName.EXPORT},
 }
 
 

@@ -24,11 +24,15 @@ import json
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
-from imgsift_common.messages import Crop, Job, StoredImage
+from pydantic import BaseModel
+
+from imgsift_common import keys
+from imgsift_common.messages import Crop, ExportMessage, Job, StoredImage, utcnow
 from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 
@@ -280,3 +284,77 @@ def _write_rows(dest: Path, rows: Iterator[dict[str, Any]], make: Any) -> tuple[
             count += 1
             images.add(row["image_key"])
     return count, len(images), 0
+
+
+# ---------------------------------------------------------------------------- exports as a task
+
+
+class ExportState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ExportStatus(BaseModel):
+    id: str
+    format: ExportFormat
+    threshold: float
+    state: ExportState
+    key: str | None = None  # object key of the finished file
+    crops: int | None = None
+    images: int | None = None
+    missing: int | None = None
+    error: str | None = None
+    created_at: datetime
+    finished_at: datetime | None = None
+
+
+def export_marker(export_id: str) -> str:
+    return f"export:{export_id}"
+
+
+def save_status(state: StateStore, job_id: str, status: ExportStatus) -> None:
+    state.set_marker(job_id, export_marker(status.id), status.model_dump_json())
+
+
+def load_status(state: StateStore, job_id: str, export_id: str) -> ExportStatus | None:
+    raw = state.get_marker(job_id, export_marker(export_id))
+    return ExportStatus.model_validate_json(raw) if raw else None
+
+
+def export_key(job_id: str, export_id: str, fmt: ExportFormat) -> str:
+    return f"{keys.job_prefix(job_id)}exports/{export_id}{fmt.suffix}"
+
+
+def run_export(message: ExportMessage, state: StateStore, store: ObjectStore, workdir: Path) -> ExportStatus | None:
+    """The export task's stage: build the file in ``workdir``, upload it, record the outcome. Idempotent."""
+    status = load_status(state, message.job_id, message.export_id)
+    job = state.get_job(message.job_id)
+    if status is None or job is None or status.state is ExportState.DONE:
+        return status
+    save_status(state, job.id, status.model_copy(update={"state": ExportState.RUNNING}))
+    fmt = ExportFormat(message.format)
+    dest = workdir / f"{message.export_id}{fmt.suffix}"
+    try:
+        result = export(fmt, job, state, store, message.threshold, dest)
+        key = export_key(job.id, message.export_id, fmt)
+        store.put_file(key, dest, fmt.media_type)
+    except (OSError, ValueError) as exc:  # a full disk, a broken record: say so, do not retry forever
+        failed = status.model_copy(update={"state": ExportState.FAILED, "error": str(exc), "finished_at": utcnow()})
+        save_status(state, job.id, failed)
+        return failed
+    finally:
+        dest.unlink(missing_ok=True)
+    done = status.model_copy(
+        update={
+            "state": ExportState.DONE,
+            "key": key,
+            "crops": result.crops,
+            "images": result.images,
+            "missing": result.missing,
+            "finished_at": utcnow(),
+        }
+    )
+    save_status(state, job.id, done)
+    return done

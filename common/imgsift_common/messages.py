@@ -357,6 +357,14 @@ class CropBatch(JobMessage):
     crop_keys: list[str] = Field(min_length=1)
 
 
+class ExportMessage(JobMessage):
+    """Build one export of a job into the object store."""
+
+    export_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    format: str
+    threshold: Annotated[float, Field(ge=0.0, le=4.0)]
+
+
 class TrainMessage(JobMessage):
     """Fine-tune the job's Siamese head; ``version`` is the model version the training makes."""
 

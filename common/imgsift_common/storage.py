@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,14 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
 
     def list(self, prefix: str) -> Iterator[str]: ...
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """Upload a file without reading it into memory."""
+        ...
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes, a chunk at a time."""
+        ...
 
 
 def put_json(store: ObjectStore, key: str, value: Any) -> None:
@@ -84,6 +93,27 @@ class LocalStore:
             return self.path(key).read_bytes()
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            handle = self.path(key).open("rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        with handle:
+            while chunk := handle.read(chunk_size):
+                yield chunk
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -164,6 +194,25 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, validate_key(key))
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        # fput_object uploads in parts: a large export never sits in memory.
+        self.client.fput_object(self.bucket, validate_key(key), str(path), content_type=content_type)
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(self.bucket, validate_key(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(key) from None
+            raise
+        try:
+            yield from response.stream(chunk_size)
+        finally:
+            response.close()
+            response.release_conn()
 
     def list(self, prefix: str) -> Iterator[str]:
         for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):

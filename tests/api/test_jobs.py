@@ -233,3 +233,41 @@ def test_not_this_images_marks_calibration_and_train_requests(api: TestClient, r
 
     one_ref = _create(api).json()["id"]
     assert api.post(f"/v1/jobs/{one_ref}/train").status_code == 409
+
+
+def test_exports_are_queued_built_into_storage_and_streamed(api: TestClient, redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import zipfile
+
+    from imgsift_common.exports import run_export
+    from imgsift_common.messages import ExportMessage
+
+    job_id = _create(api).json()["id"]
+    state, store = api.app.state.state, api.app.state.store  # type: ignore[attr-defined]
+    crop_ids = _fill(state, store, job_id, [0.1, 0.3, 0.7])
+
+    created = api.post(f"/v1/jobs/{job_id}/exports", json={"format": "imagefolder"})
+    assert created.status_code == 202, created.text
+    export = created.json()
+    assert export["state"] == "queued" and export["threshold"] == 0.5 and export["download_url"] is None
+    assert api.get(f"/v1/jobs/{job_id}/exports/{export['id']}/download").status_code == 409
+
+    # The crawler worker's export task, run here on the queued message itself.
+    queued = redis.Redis.from_url(redis_url).lrange("export", 0, -1)
+    assert len(queued) == 1
+    envelope = json.loads(queued[0])
+    assert envelope["headers"]["task"] == "crawler.export"
+    message = ExportMessage.model_validate(json.loads(__import__("base64").b64decode(envelope["body"]))[0][0])
+    assert run_export(message, state, store, tmp_path).state == "done"  # type: ignore[union-attr]
+    assert run_export(message, state, store, tmp_path).state == "done"  # type: ignore[union-attr]  # idempotent
+
+    done = api.get(f"/v1/jobs/{job_id}/exports/{export['id']}").json()
+    assert done["state"] == "done" and done["crops"] == 2 and done["images"] == 1
+    download = api.get(done["download_url"])
+    assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+    assert "attachment" in download.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        assert sorted(n.rsplit("/", 1)[-1] for n in archive.namelist()) == sorted(f"{c}.jpg" for c in crop_ids[:2])
+
+    assert api.post(f"/v1/jobs/{job_id}/exports", json={"format": "pdf"}).status_code == 422
+    assert api.get(f"/v1/jobs/{job_id}/exports/{'0' * 32}").status_code == 404
+    assert api.get(f"/v1/jobs/{job_id}/exports/..%2Fx").status_code == 404

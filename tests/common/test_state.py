@@ -223,6 +223,19 @@ def test_object_stores_round_trip(object_store) -> None:  # type: ignore[no-unty
         object_store.get("jobs/j1/a.bin")
 
 
+def test_object_stores_take_and_stream_files(object_store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_common.storage import ObjectNotFound
+
+    big = tmp_path / "big.bin"
+    data = random.Random(1).randbytes(3 * 1024 * 1024 + 17)  # more than one chunk, an odd tail
+    big.write_bytes(data)
+    object_store.put_file("jobs/j1/exports/big.zip", big, "application/zip")
+    chunks = list(object_store.iter_chunks("jobs/j1/exports/big.zip", chunk_size=1 << 20))
+    assert len(chunks) >= 4 and b"".join(chunks) == data
+    with pytest.raises(ObjectNotFound):
+        list(object_store.iter_chunks("jobs/j1/exports/none.zip"))
+
+
 def test_keys_refuse_user_strings() -> None:
     with pytest.raises(ValueError):
         keys.image_key("../etc", "a" * 64, "JPEG")

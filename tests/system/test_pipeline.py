@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -79,7 +80,7 @@ def all_crops(client: httpx.Client, job_id: str, **params: object) -> list[dict]
 
 
 def test_job_through_the_services_keeps_the_referenced_animal(
-    stack: tuple[Stack, str], web: TestWeb, coco128: Coco128
+    stack: tuple[Stack, str], web: TestWeb, coco128: Coco128, tmp_path: Path
 ) -> None:
     running, api = stack
     site_photos = [coco128.image(s) for s in ELEPHANT_PHOTOS + OTHER_ANIMAL_PHOTOS[:10]]
@@ -180,6 +181,20 @@ def test_job_through_the_services_keeps_the_referenced_animal(
             f"suggested threshold {trained['calibration']['suggested_threshold']}"
         )
         assert sum(tuned_elephants) / len(tuned_elephants) < sum(tuned_others) / len(tuned_others), summary
+
+        # A dataset export through the export queue (the crawler worker), streamed back.
+        created = client.post(f"/v1/jobs/{job_id}/exports", json={"format": "coco", "threshold": 0.5})
+        assert created.status_code == 202, created.text
+        deadline = time.monotonic() + 120
+        while (export := client.get(f"/v1/jobs/{job_id}/exports/{created.json()['id']}").json())["state"] != "done":
+            assert export["state"] in ("queued", "running") and time.monotonic() < deadline, export
+            time.sleep(0.5)
+        coco_file = tmp_path / "coco.json"
+        coco_file.write_bytes(client.get(export["download_url"]).content)
+        from pycocotools.coco import COCO
+
+        accepted_now = client.get(f"/v1/jobs/{job_id}/crops", params={"threshold": 0.5, "accepted": True, "limit": 500})
+        assert len(COCO(str(coco_file)).getAnnIds()) == export["crops"] == len(accepted_now.json()["items"])
 
         # A target that is no detector class: whole images, and the status says why.
         whole = {"target": "golden retriever", "sources": [{"kind": "urls", "urls": listed[:2]}]}

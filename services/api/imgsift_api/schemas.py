@@ -7,6 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
+from imgsift_common.exports import ExportFormat, ExportState
 from imgsift_common.messages import Box, DetectMode, DiscoveryReason, JobSpec, JobState, SourceKind, Stage
 from imgsift_common.progress import StageProgress
 
@@ -128,3 +129,22 @@ class Health(BaseModel):
 
 class Feedback(BaseModel):
     correct: bool | None = Field(description="true: the crop shows the target; false: it does not; null: unmark")
+
+
+class ExportRequest(BaseModel):
+    format: ExportFormat = Field(description="imagefolder (zip), yolo (zip), coco (json), jsonl or csv (manifest)")
+    threshold: Annotated[float | None, Field(ge=0.0, le=4.0, description="default: the job's threshold")] = None
+
+
+class ExportOut(BaseModel):
+    id: str
+    format: ExportFormat
+    threshold: float
+    state: ExportState
+    crops: int | None = Field(description="crops written (accepted crops, or every compared crop for a manifest)")
+    images: int | None
+    missing: int | None = Field(description="crops or images gone from storage, skipped")
+    error: str | None
+    download_url: str | None = Field(description="API path that streams the file once the export is done")
+    created_at: datetime
+    finished_at: datetime | None

@@ -1,6 +1,7 @@
 """Celery tasks of the crawler: thin wrappers that parse a message, call the stage, enqueue the next.
 
-Start with ``celery -A imgsift_crawler.worker worker -Q crawl``.
+Start with ``celery -A imgsift_crawler.worker worker -Q crawl,export`` (``export``: dataset
+exports, which need the store and the state but no model).
 
 A job's discovery is one chain of ``crawler.discover`` ticks: each tick takes discovery
 steps for a few seconds, hands the leased URLs to ``crawler.download`` tasks, and enqueues
@@ -30,7 +31,15 @@ from celery import Task, signals
 
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, RETRY_POLICY, TaskName, create_celery_app, send
 from imgsift_common.logs import configure_logging
-from imgsift_common.messages import CropBatch, DiscoverMessage, DownloadBatch, ImageBatch, Job, JobState
+from imgsift_common.messages import (
+    CropBatch,
+    DiscoverMessage,
+    DownloadBatch,
+    ExportMessage,
+    ImageBatch,
+    Job,
+    JobState,
+)
 from imgsift_common.progress import finish_if_complete
 from imgsift_common.state import RedisStateStore, StateStore
 from imgsift_common.storage import ObjectStore, store_from_settings
@@ -167,3 +176,20 @@ def download(payload: dict[str, Any]) -> None:
     if images:
         send(app, TaskName.DETECT, ImageBatch(job_id=job.id, image_keys=[i.key for i in images]))
     finish_if_complete(state(), job.id)
+
+
+@app.task(name=TaskName.EXPORT, shared=False, **RETRY_POLICY)
+def export(payload: dict[str, Any]) -> None:
+    """Build a dataset export of a job into the object store (crawler workers hold no model)."""
+    import tempfile
+    from pathlib import Path
+
+    from imgsift_common.exports import run_export
+
+    message = ExportMessage.model_validate(payload)
+    with tempfile.TemporaryDirectory(prefix="imgsift-export-") as workdir:
+        status = run_export(message, state(), store(), Path(workdir))
+    log.info(
+        "export",
+        extra={"job_id": message.job_id, "export_id": message.export_id, "state": status.state if status else None},
+    )

@@ -3,20 +3,41 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from imgsift_api.deps import CeleryDep, JobDep, SettingsDep, StateDep, StoreDep
 from imgsift_api.references import ReferenceRejected, check_reference, store_negative, store_reference
-from imgsift_api.schemas import CalibrationOut, CropPage, Feedback, JobList, JobStatus, ThresholdUpdate
+from imgsift_api.schemas import (
+    CalibrationOut,
+    CropPage,
+    ExportOut,
+    ExportRequest,
+    Feedback,
+    JobList,
+    JobStatus,
+    ThresholdUpdate,
+)
 from imgsift_api.views import TRAINING_MARKER, calibration, crop_page, job_status, training_requested
 from imgsift_common import keys
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, send
-from imgsift_common.messages import DiscoverMessage, Job, JobSpec, JobState, SourceKind, TrainMessage
+from imgsift_common.exports import ExportState, ExportStatus, load_status, save_status
+from imgsift_common.messages import (
+    DiscoverMessage,
+    ExportMessage,
+    Job,
+    JobSpec,
+    JobState,
+    SourceKind,
+    TrainMessage,
+    utcnow,
+)
 from imgsift_common.storage import ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -213,3 +234,62 @@ def crop_original(job: JobDep, state: StateDep, store: StoreDep, crop_id: str) -
     crop = _crop(job, state, crop_id)
     image = state.get_image(job.id, crop.image_key)
     return _object(store, crop.image_key, f"image/{image.format.lower()}" if image else "application/octet-stream")
+
+
+def _export_out(job: Job, status: ExportStatus) -> ExportOut:
+    done = status.state is ExportState.DONE
+    return ExportOut(
+        **status.model_dump(exclude={"key"}),
+        download_url=f"/v1/jobs/{job.id}/exports/{status.id}/download" if done else None,
+    )
+
+
+@router.post("/{job_id}/exports", response_model=ExportOut, status_code=status.HTTP_202_ACCEPTED)
+def create_export(job: JobDep, state: StateDep, celery: CeleryDep, body: ExportRequest) -> ExportOut:
+    """Build a dataset export in the background (the ``export`` queue); poll it, then download it."""
+    threshold = job.spec.threshold if body.threshold is None else body.threshold
+    export = ExportStatus(
+        id=uuid.uuid4().hex, format=body.format, threshold=threshold, state=ExportState.QUEUED, created_at=utcnow()
+    )
+    save_status(state, job.id, export)
+    try:
+        message = ExportMessage(job_id=job.id, export_id=export.id, format=body.format.value, threshold=threshold)
+        send(celery, TaskName.EXPORT, message)
+    except Exception as exc:
+        failed = export.model_copy(update={"state": ExportState.FAILED, "error": "the job queue is unreachable"})
+        save_status(state, job.id, failed)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is unreachable; retry later") from exc
+    return _export_out(job, export)
+
+
+def _export_status(job: Job, state: StateDep, export_id: str) -> ExportStatus:
+    found = load_status(state, job.id, export_id) if re.fullmatch(r"[0-9a-f]{32}", export_id) else None
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no export {export_id!r} in job {job.id}")
+    return found
+
+
+@router.get("/{job_id}/exports/{export_id}", response_model=ExportOut)
+def get_export(job: JobDep, state: StateDep, export_id: str) -> ExportOut:
+    """An export's state; ``download_url`` once it is done."""
+    return _export_out(job, _export_status(job, state, export_id))
+
+
+@router.get(
+    "/{job_id}/exports/{export_id}/download",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {}, "application/json": {}, "text/csv": {}}}},
+)
+def download_export(job: JobDep, state: StateDep, store: StoreDep, export_id: str) -> StreamingResponse:
+    """The export's file, streamed from storage a chunk at a time."""
+    export = _export_status(job, state, export_id)
+    if export.state is not ExportState.DONE or export.key is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"export {export_id} is {export.state.value}, not done")
+    if not store.exists(export.key):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "the export's file is gone from storage")
+    name = f"imgsift-{job.id}-{export.format.value}-{export.threshold}{export.format.suffix}"
+    return StreamingResponse(
+        store.iter_chunks(export.key),
+        media_type=export.format.media_type,
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )

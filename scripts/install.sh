@@ -14,3 +14,9 @@ fi
 "${PIP[@]}" -c constraints.txt \
   -e common -e services/crawler -e services/detector -e services/siamese -e services/api -e cli \
   -r requirements-dev.txt
+
+# The UI test drives Debian's Chromium through Playwright (a browser download fails offline).
+# Installed where this runs as root with apt; elsewhere that test skips and says why.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get install -y -q chromium >/dev/null 2>&1 || echo "install.sh: could not install chromium; the UI test will skip" >&2
+fi

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from imgsift_api.routes import health, jobs
 from imgsift_api.settings import ApiSettings
@@ -37,3 +40,10 @@ app = FastAPI(
 )
 app.include_router(health.router)
 app.include_router(jobs.router, prefix="/v1")
+# The web UI: plain HTML and JavaScript over the same REST API, served from this package.
+app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
+
+
+@app.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/ui/")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
@@ -293,3 +296,30 @@ def download_export(job: JobDep, state: StateDep, store: StoreDep, export_id: st
         media_type=export.format.media_type,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+EVENT_INTERVAL = 1.0  # seconds between two looks at a job for its event stream
+
+
+@router.get(
+    "/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}}
+)
+async def job_events(job: JobDep, state: StateDep, request: Request) -> StreamingResponse:
+    """Server-sent events: the job's status (``event: status``) whenever it changes, ``event: end`` when final."""
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while not await request.is_disconnected():
+            current = await run_in_threadpool(state.get_job, job.id)
+            if current is None:
+                return
+            body = (await run_in_threadpool(job_status, current, state)).model_dump_json()
+            if body != last:
+                yield f"event: status\ndata: {body}\n\n"
+                last = body
+            if current.state.is_final:
+                yield "event: end\ndata: {}\n\n"
+                return
+            await asyncio.sleep(EVENT_INTERVAL)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,163 @@
+"""The web UI in a real browser: Playwright driving Debian's Chromium against the whole stack.
+
+A job is created through the form (URL list of real COCO photos on the local test web,
+reference images given to the file input), its progress is watched until it completes, the
+threshold slider is moved and the gallery's accepted count checked against the API, a crop is
+marked, and every export is downloaded through its button and validated. Screenshots of the
+main pages go to ``test-artifacts/ui/``.
+
+Chromium is told to resolve no name but loopback (``--host-resolver-rules``) and to keep its
+background services off, so the browser sends nothing beyond this machine either.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.support.coco import Coco128
+from tests.support.web import TestWeb
+from tests.system.test_pipeline import ELEPHANT_PHOTOS, OTHER_ANIMAL_PHOTOS, _references
+
+pytestmark = pytest.mark.system
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
+LOOPBACK_ONLY = [
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-domain-reliability",
+    "--disable-sync",
+    "--no-first-run",
+    "--no-sandbox",  # the test runs as root
+]
+
+
+def _crops(client: httpx.Client, job_id: str, threshold: float, accepted: bool | None = None) -> list[dict]:  # type: ignore[type-arg]
+    items, cursor = [], None
+    while True:
+        params: dict[str, object] = {"threshold": threshold, "limit": 500}
+        if accepted is not None:
+            params["accepted"] = accepted
+        if cursor:
+            params["cursor"] = cursor
+        body = client.get(f"/v1/jobs/{job_id}/crops", params=params).json()  # type: ignore[arg-type]
+        items += body["items"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return items
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_ui_creates_a_job_watches_it_moves_the_threshold_marks_and_exports(
+    stack, web: TestWeb, coco128: Coco128, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect, sync_playwright
+
+    _running, api = stack
+    photos = [coco128.image(s) for s in ELEPHANT_PHOTOS + OTHER_ANIMAL_PHOTOS[:6]]
+    urls = [web.add_image(f"/photos/{p.name}", p) for p in photos]
+    refs = []
+    for name, data in _references(coco128):
+        path = tmp_path / name
+        path.write_bytes(data)
+        refs.append(str(path))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    with sync_playwright() as pw, httpx.Client(base_url=api, timeout=30) as client:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LOOPBACK_ONLY)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+        page.goto(f"{api}/")
+        expect(page.locator("#new-job")).to_be_visible()
+        page.fill("textarea[name=urls]", "\n".join(urls))
+        page.fill("input[name=target]", "animal")
+        page.fill("input[name=threshold]", "0.8")
+        page.set_input_files("#refs", refs)
+        expect(page.locator("#refs-list")).to_contain_text(Path(refs[0]).name)
+        page.screenshot(path=ARTIFACTS / "1-new-job.png", full_page=True)
+        page.click("button[type=submit]")
+
+        page.wait_for_url("**/ui/#/jobs/*")
+        job_id = page.url.rsplit("/", 1)[-1]
+        expect(page.locator(".stage")).to_have_count(3)
+        expect(page.locator("#job-state")).to_have_text("completed", timeout=400_000)
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        compared = status["counts"]["compared"]
+        assert compared > 0
+        expect(page.locator("#gallery .crop")).to_have_count(compared, timeout=30_000)
+        expect(page.locator(".stage[data-stage=siamese]")).to_contain_text("done")
+        page.screenshot(path=ARTIFACTS / "2-job-completed.png", full_page=True)
+
+        # The slider re-partitions the gallery at once; its count is what the API says for that threshold.
+        distances = sorted(c["distance"] for c in _crops(client, job_id, 2.0))
+        for value in (0.75, (distances[0] + distances[-1]) / 2, 0.9):
+            threshold = round(value, 3)
+            page.locator("#threshold").fill(str(threshold))
+            shown = float(page.locator("#threshold").input_value())
+            expected = len(_crops(client, job_id, shown, accepted=True))
+            expect(page.locator("#accepted-count")).to_have_text(str(expected))
+            expect(page.locator("#gallery .crop.accepted")).to_have_count(expected)
+        assert client.get(f"/v1/jobs/{job_id}").json()["threshold"] == shown  # saved on release
+        expect(page.locator("#threshold-line")).to_have_count(1)
+        page.screenshot(path=ARTIFACTS / "3-threshold-moved.png", full_page=True)
+
+        # A click marks a crop right; the estimates follow.
+        first = page.locator("#gallery .crop").first
+        first.click()
+        expect(first).to_have_class("crop accepted marked-right")
+        expect(page.locator("#details")).to_contain_text("licence")
+        assert client.get(f"/v1/jobs/{job_id}").json()["calibration"]["marked_right"] == 1
+
+        # Every export through its button, then validated.
+        accepted = _crops(client, job_id, shown, accepted=True)
+        downloads = {}
+        for fmt in ("imagefolder", "yolo", "coco", "jsonl", "csv"):
+            with page.expect_download(timeout=60_000) as info:
+                page.click(f"#export-{fmt}")
+            target = tmp_path / f"export-{fmt}"
+            info.value.save_as(target)
+            downloads[fmt] = target
+        page.screenshot(path=ARTIFACTS / "4-exports.png", full_page=True)
+        browser.close()
+
+    _check_exports(downloads, accepted, compared)
+
+
+def _check_exports(files: dict[str, Path], accepted: list[dict], compared: int) -> None:  # type: ignore[type-arg]
+    from pycocotools.coco import COCO
+
+    with zipfile.ZipFile(files["imagefolder"]) as archive:
+        assert sorted(n.rsplit("/", 1)[-1] for n in archive.namelist()) == sorted(
+            f"{c['crop_id']}.jpg" for c in accepted
+        )
+    want = sorted((c["class"], tuple(round(v) for v in c["box"])) for c in accepted)
+    with zipfile.ZipFile(files["yolo"]) as archive:
+        from PIL import Image
+
+        names = yaml.safe_load(archive.read("data.yaml"))["names"]
+        found = []
+        for name in archive.namelist():
+            if not name.startswith("labels/"):
+                continue
+            stem = name.removeprefix("labels/").removesuffix(".txt")
+            image_name = next(n for n in archive.namelist() if n.startswith(f"images/{stem}."))
+            w, h = Image.open(io.BytesIO(archive.read(image_name))).size
+            for line in archive.read(name).decode().splitlines():
+                cls, cx, cy, bw, bh = (float(v) for v in line.split())
+                box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
+                found.append((names[int(cls)], tuple(round(v) for v in box)))
+        assert sorted(found) == want
+    coco = COCO(str(files["coco"]))
+    assert len(coco.getAnnIds()) == len(accepted)
+    rows = [json.loads(line) for line in files["jsonl"].read_text().splitlines()]
+    assert len(rows) == compared and sum(r["accepted"] for r in rows) == len(accepted)
+    assert len(list(csv.DictReader(files["csv"].open()))) == compared

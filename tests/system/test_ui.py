@@ -127,6 +127,14 @@ def test_ui_creates_a_job_watches_it_moves_the_threshold_marks_and_exports(
             info.value.save_as(target)
             downloads[fmt] = target
         page.screenshot(path=ARTIFACTS / "4-exports.png", full_page=True)
+
+        # The list of jobs links to the job.
+        page.goto(f"{api}/ui/#/")
+        expect(page.locator("#jobs tbody tr")).to_have_count(1)
+        expect(page.locator("#jobs tbody tr")).to_contain_text("completed")
+        page.screenshot(path=ARTIFACTS / "5-jobs.png", full_page=True)
+        page.click(f"a[href='#/jobs/{job_id}']")
+        expect(page.locator("#job-id")).to_have_text(job_id)
         browser.close()
 
     _check_exports(downloads, accepted, compared)

@@ -10,6 +10,7 @@ when read.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 import time
@@ -111,6 +112,10 @@ class StateStore(Protocol):
     def hold_lock(self, job_id: str, name: str, owner: str, ttl: float) -> bool: ...
     def set_marker(self, job_id: str, name: str, value: str) -> None: ...
     def get_marker(self, job_id: str, name: str) -> str | None: ...
+    def claim_idempotency_key(self, key: str, job_id: str, ttl: float) -> str:
+        """Bind ``key`` to ``job_id`` unless it is bound already; the job id it is bound to."""
+        ...
+
     def release_lock(self, job_id: str, name: str, owner: str) -> None: ...
     def flags(self, job_id: str) -> set[str]: ...
     # crawl
@@ -529,6 +534,12 @@ class RedisStateStore:
     def set_marker(self, job_id: str, name: str, value: str) -> None:
         self.r.hset(self._k(job_id, "markers"), name, value)
 
+    def claim_idempotency_key(self, key: str, job_id: str, ttl: float) -> str:
+        name = f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+        if self.r.set(name, job_id, nx=True, px=max(1, int(ttl * 1000))):
+            return job_id
+        return str(self.r.get(name) or job_id)
+
     def get_marker(self, job_id: str, name: str) -> str | None:
         return self.r.hget(self._k(job_id, "markers"), name)
 
@@ -758,6 +769,7 @@ CREATE TABLE IF NOT EXISTS phash_bucket (job_id TEXT, bucket TEXT, sha TEXT, PRI
 CREATE TABLE IF NOT EXISTS superseded (job_id TEXT, sha24 TEXT, PRIMARY KEY (job_id, sha24));
 CREATE TABLE IF NOT EXISTS dupes (job_id TEXT, kept TEXT, url TEXT, PRIMARY KEY (job_id, kept, url));
 CREATE TABLE IF NOT EXISTS feedback (job_id TEXT, key TEXT, correct INTEGER, PRIMARY KEY (job_id, key));
+CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, job_id TEXT, until REAL);
 CREATE INDEX IF NOT EXISTS dist_order ON dist (job_id, distance, key);
 """
 
@@ -862,6 +874,15 @@ class SqliteStateStore:
     def release_lock(self, job_id: str, name: str, owner: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM locks WHERE job_id = ? AND name = ? AND owner = ?", (job_id, name, owner))
+
+    def claim_idempotency_key(self, key: str, job_id: str, ttl: float) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM idempotency WHERE until < ?", (now,))
+            db.execute("INSERT OR IGNORE INTO idempotency VALUES (?, ?, ?)", (digest, job_id, now + ttl))
+            row = db.execute("SELECT job_id FROM idempotency WHERE key = ?", (digest,)).fetchone()
+            return str(row[0])
 
     def set_marker(self, job_id: str, name: str, value: str) -> None:
         with self._tx() as db:

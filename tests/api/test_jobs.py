@@ -271,3 +271,18 @@ def test_exports_are_queued_built_into_storage_and_streamed(api: TestClient, red
     assert api.post(f"/v1/jobs/{job_id}/exports", json={"format": "pdf"}).status_code == 422
     assert api.get(f"/v1/jobs/{job_id}/exports/{'0' * 32}").status_code == 404
     assert api.get(f"/v1/jobs/{job_id}/exports/..%2Fx").status_code == 404
+
+
+def test_a_retried_post_with_the_same_idempotency_key_returns_the_first_job(api: TestClient, redis_url: str) -> None:
+    files = [("references", ("r.jpg", _jpeg(), "image/jpeg"))]
+    headers = {"Idempotency-Key": "client-order-7"}
+    first = api.post("/v1/jobs", data={"spec": json.dumps(SPEC)}, files=files, headers=headers)
+    again = api.post("/v1/jobs", data={"spec": json.dumps(SPEC)}, files=files, headers=headers)
+    other = api.post("/v1/jobs", data={"spec": json.dumps(SPEC)}, files=files, headers={"Idempotency-Key": "other"})
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] != other.json()["id"]
+    assert len(redis.Redis.from_url(redis_url).lrange("crawl", 0, -1)) == 2  # two jobs started, not three
+    # A refused request binds no key: fixing it and retrying with the same key creates the job.
+    bad = api.post("/v1/jobs", data={"spec": "{}"}, files=files, headers={"Idempotency-Key": "k3"})
+    fixed = api.post("/v1/jobs", data={"spec": json.dumps(SPEC)}, files=files, headers={"Idempotency-Key": "k3"})
+    assert bad.status_code == 422 and fixed.status_code == 201

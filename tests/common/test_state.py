@@ -355,3 +355,11 @@ def test_feedback_marks_are_set_changed_and_cleared(state_store) -> None:  # typ
     state_store.set_feedback(JOB, b, None)
     assert state_store.feedback(JOB) == {a: False}
     assert state_store.feedback("other-job") == {}
+
+
+def test_idempotency_keys_bind_once_and_expire(state_store) -> None:  # type: ignore[no-untyped-def]
+    assert state_store.claim_idempotency_key("client-42", "job-a", ttl=60) == "job-a"
+    assert state_store.claim_idempotency_key("client-42", "job-b", ttl=60) == "job-a"
+    assert state_store.claim_idempotency_key("client-43", "job-c", ttl=0.05) == "job-c"
+    time.sleep(0.1)
+    assert state_store.claim_idempotency_key("client-43", "job-d", ttl=60) == "job-d"

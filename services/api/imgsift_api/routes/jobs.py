@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
@@ -67,21 +67,34 @@ def _parse_spec(raw: str) -> JobSpec:
     return spec
 
 
+IDEMPOTENCY_TTL = 24 * 3600.0  # seconds a retried POST with the same Idempotency-Key returns the first job
+
+
 @router.post("", response_model=JobStatus, status_code=status.HTTP_201_CREATED)
 async def create_job(
     state: StateDep,
     store: StoreDep,
     celery: CeleryDep,
     settings: SettingsDep,
+    response: Response,
     spec: Annotated[str, Form(description=SPEC_HELP)],
     references: Annotated[list[UploadFile], File(description="reference images of what to collect (1 or more)")],
     negatives: Annotated[
         list[UploadFile] | None,
         File(description="'not this' images: what the job must not collect (a look-alike, a drawing, a logo)"),
     ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=200,
+            description="a client's unique key for this creation: a retried POST with the same key (within 24 "
+            "hours) returns the job the first one created, with 200 instead of 201, and creates nothing",
+        ),
+    ] = None,
 ) -> JobStatus:
     """Create a job from a JSON spec and its reference images, and start it."""
     job_spec = _parse_spec(spec)
+    job_id = uuid.uuid4().hex
     if not references:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "upload at least one reference image")
     for name, files in (("reference", references), ("'not this'", negatives or [])):
@@ -90,9 +103,22 @@ async def create_job(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 f"{len(files)} {name} images; the limit is {settings.max_references}",
             )
-    job_id = uuid.uuid4().hex
     uploads = [await _checked(upload, settings) for upload in references]
     not_this = [await _checked(upload, settings) for upload in negatives or []]
+    # Claimed once the request is known to be valid: a refused request binds no key.
+    if idempotency_key is not None:
+        first = state.claim_idempotency_key(idempotency_key, job_id, IDEMPOTENCY_TTL)
+        if first != job_id:
+            existing = state.get_job(first)
+            for _ in range(50):  # the first request may still be storing its references
+                if existing is not None:
+                    break
+                await asyncio.sleep(0.1)
+                existing = state.get_job(first)
+            if existing is None:
+                raise HTTPException(status.HTTP_409_CONFLICT, "a job with this Idempotency-Key is being created")
+            response.status_code = status.HTTP_200_OK
+            return job_status(existing, state)
     reference_keys = sorted({store_reference(store, job_id, data, fmt) for data, fmt in uploads})
     negative_keys = sorted({store_negative(store, job_id, data, fmt) for data, fmt in not_this})
     job = Job(id=job_id, spec=job_spec, reference_keys=reference_keys, negative_keys=negative_keys)

@@ -158,6 +158,7 @@ class StateStore(Protocol):
         min_distance_exclusive: float | None = None,
         after: tuple[float, str] | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> DistancePage: ...
     # reset (embedded re-runs with another detector or scorer)
     def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
@@ -675,25 +676,34 @@ class RedisStateStore:
         min_distance_exclusive: float | None = None,
         after: tuple[float, str] | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> DistancePage:
         low = "-inf" if min_distance_exclusive is None else f"({min_distance_exclusive!r}"
         high = "+inf" if max_distance is None else repr(float(max_distance))
         if after is not None:
             # Inclusive on the cursor's score: ties are resolved by the member order below.
-            low = repr(after[0]) if min_distance_exclusive is None or after[0] > min_distance_exclusive else low
+            if descending:
+                high = repr(after[0]) if max_distance is None or after[0] < max_distance else high
+            else:
+                low = repr(after[0]) if min_distance_exclusive is None or after[0] > min_distance_exclusive else low
         items: list[tuple[str, float]] = []
         offset = 0
         key = self._k(job_id, "dist")
         while len(items) <= limit:
-            chunk = self.r.zrangebyscore(key, low, high, start=offset, num=limit + 1, withscores=True)
+            if descending:  # equal scores come by member, descending: the reverse of ascending order
+                chunk = self.r.zrevrangebyscore(key, high, low, start=offset, num=limit + 1, withscores=True)
+            else:
+                chunk = self.r.zrangebyscore(key, low, high, start=offset, num=limit + 1, withscores=True)
             if not chunk:
                 break
             offset += len(chunk)
             for member, score in chunk:
-                if after is not None and (score, member) <= (after[0], after[1]):
-                    continue
+                if after is not None:
+                    seen = (score, member) >= after if descending else (score, member) <= after
+                    if seen:
+                        continue
                 items.append((member, float(score)))
-        return _page(items, limit)
+        return _page(items, limit, descending)
 
     # ------------------------------------------------------------------ resets
     def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
@@ -734,8 +744,8 @@ def _sha24(key: str) -> str:
     return key.rsplit("/", 1)[-1][:24]
 
 
-def _page(items: list[tuple[str, float]], limit: int) -> DistancePage:
-    items.sort(key=lambda kv: (kv[1], kv[0]))
+def _page(items: list[tuple[str, float]], limit: int, descending: bool = False) -> DistancePage:
+    items.sort(key=lambda kv: (kv[1], kv[0]), reverse=descending)
     page = items[:limit]
     more = len(items) > limit
     return DistancePage(page, (page[-1][1], page[-1][0]) if more and page else None)
@@ -1172,6 +1182,7 @@ class SqliteStateStore:
         min_distance_exclusive: float | None = None,
         after: tuple[float, str] | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> DistancePage:
         sql = "SELECT key, distance FROM dist WHERE job_id = ?"
         args: list[object] = [job_id]
@@ -1182,11 +1193,12 @@ class SqliteStateStore:
             sql += " AND distance > ?"
             args.append(min_distance_exclusive)
         if after is not None:
-            sql += " AND (distance > ? OR (distance = ? AND key > ?))"
+            op = "<" if descending else ">"
+            sql += f" AND (distance {op} ? OR (distance = ? AND key {op} ?))"
             args += [after[0], after[0], after[1]]
-        sql += " ORDER BY distance, key LIMIT ?"
+        sql += " ORDER BY distance DESC, key DESC LIMIT ?" if descending else " ORDER BY distance, key LIMIT ?"
         args.append(limit + 1)
-        return _page([(k, d) for k, d in self._all(sql, *args)], limit)
+        return _page([(k, d) for k, d in self._all(sql, *args)], limit, descending)
 
     # ------------------------------------------------------------------ resets
     def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:

@@ -286,3 +286,30 @@ def test_a_retried_post_with_the_same_idempotency_key_returns_the_first_job(api:
     bad = api.post("/v1/jobs", data={"spec": "{}"}, files=files, headers={"Idempotency-Key": "k3"})
     fixed = api.post("/v1/jobs", data={"spec": json.dumps(SPEC)}, files=files, headers={"Idempotency-Key": "k3"})
     assert bad.status_code == 422 and fixed.status_code == 201
+
+
+def test_crop_listing_filters_and_sorts(api: TestClient) -> None:
+    job_id = _create(api).json()["id"]
+    state, store = api.app.state.state, api.app.state.store  # type: ignore[attr-defined]
+    distances = [0.1, 0.3, 0.3, 0.45, 0.6, 0.8, 1.2]
+    _fill(state, store, job_id, distances)
+
+    def walk(**params: object) -> list[float]:
+        seen, cursor = [], None
+        while True:
+            query = {"limit": 2, **params, **({"cursor": cursor} if cursor else {})}
+            body = api.get(f"/v1/jobs/{job_id}/crops", params=query).json()  # type: ignore[arg-type]
+            seen += [c["distance"] for c in body["items"]]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                return seen
+
+    assert walk(order="-distance") == sorted(distances, reverse=True)
+    assert walk(min_distance=0.3, max_distance=0.8) == [0.3, 0.3, 0.45, 0.6, 0.8]
+    assert walk(min_distance=0.3, max_distance=0.8, order="-distance") == [0.8, 0.6, 0.45, 0.3, 0.3]
+    assert walk(accepted=True, threshold=0.5, order="-distance") == [0.45, 0.3, 0.3, 0.1]
+    assert walk(**{"class": "person"}) == sorted(distances)
+    assert walk(**{"class": "dog"}) == []
+    assert walk(source="site") == sorted(distances) and walk(source="openverse") == []
+    assert api.get(f"/v1/jobs/{job_id}/crops", params={"source": "ftp"}).status_code == 422
+    assert api.get(f"/v1/jobs/{job_id}/crops", params={"order": "score"}).status_code == 422

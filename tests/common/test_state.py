@@ -125,20 +125,22 @@ def test_distance_pages_walk_every_crop_once_with_ties(state_store) -> None:  # 
     distances = {f"k{i:03d}": rng.choice([0.1, 0.25, 0.25, 0.25, 0.5, 0.75, 1.0]) for i in range(40)}
     for key, d in distances.items():
         state_store.record_distance(JOB, key, d)
-    for kwargs in ({}, {"max_distance": 0.5}, {"min_distance_exclusive": 0.25}):
-        walked, after = [], None
-        while True:
-            page = state_store.distance_page(JOB, after=after, limit=3, **kwargs)
-            walked += page.items
-            if page.next_after is None:
-                break
-            after = page.next_after
-        expected = sorted(
-            ((k, d) for k, d in distances.items()
-             if d <= kwargs.get("max_distance", 9) and d > kwargs.get("min_distance_exclusive", -1)),
-            key=lambda kv: (kv[1], kv[0]),
-        )  # fmt: skip
-        assert walked == expected
+    bounds: list[dict[str, float]] = [{}, {"max_distance": 0.5}, {"min_distance_exclusive": 0.25}]
+    for kwargs in bounds:
+        for descending in (False, True):
+            walked, after = [], None
+            while True:
+                page = state_store.distance_page(JOB, after=after, limit=3, descending=descending, **kwargs)
+                walked += page.items
+                if page.next_after is None:
+                    break
+                after = page.next_after
+            expected = sorted(
+                ((k, d) for k, d in distances.items()
+                 if d <= kwargs.get("max_distance", 9) and d > kwargs.get("min_distance_exclusive", -1)),
+                key=lambda kv: (kv[1], kv[0]), reverse=descending,
+            )  # fmt: skip
+            assert walked == expected
 
 
 def test_frontier_leases_and_releases_on_outcome(state_store) -> None:  # type: ignore[no-untyped-def]

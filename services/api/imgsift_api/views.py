@@ -8,7 +8,7 @@ import json
 from imgsift_api.schemas import CalibrationOut, Counts, CropOut, CropPage, Discovery, JobStatus, ModelOut, Provenance
 from imgsift_common.calibration import for_job
 from imgsift_common.celery_app import TRAIN_REQUEST_MARKER
-from imgsift_common.messages import Job
+from imgsift_common.messages import Crop, Job, StoredImage
 from imgsift_common.progress import compute_progress, reported_progress
 from imgsift_common.state import Counter, Flag, StateStore, discovery_reason
 
@@ -101,6 +101,9 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValueError("cursor is not one this API issued; start again without a cursor") from exc
 
 
+SCAN_PAGES = 20  # pages a filtered listing reads at most per request; its cursor goes on from there
+
+
 def crop_page(
     job: Job,
     state: StateStore,
@@ -109,38 +112,64 @@ def crop_page(
     accepted: bool | None,
     cursor: str | None,
     limit: int,
+    class_name: str | None = None,
+    source: str | None = None,
+    min_distance: float | None = None,
+    max_distance: float | None = None,
+    descending: bool = False,
 ) -> CropPage:
-    page = state.distance_page(
-        job.id,
-        max_distance=threshold if accepted is True else None,
-        min_distance_exclusive=threshold if accepted is False else None,
-        after=decode_cursor(cursor) if cursor else None,
-        limit=limit,
-    )
-    distances = dict(page.items)
-    crops = state.get_crops(job.id, [key for key, _ in page.items])
-    items = []
-    for crop in crops:
-        image = state.get_image(job.id, crop.image_key)
-        distance = distances[crop.key]
-        base = f"/v1/jobs/{job.id}/crops/{crop.crop_id}"
-        items.append(
-            CropOut(
-                crop_id=crop.crop_id,
-                crop_url=f"{base}/image",
-                original_url=f"{base}/original",
-                box=crop.box,
-                padded_box=crop.padded_box,
-                class_name=crop.class_name,
-                score=crop.score,
-                whole_image=crop.whole_image,
-                distance=distance,
-                accepted=distance <= threshold,
-                provenance=Provenance(**image.provenance.model_dump(), fetched_at=image.fetched_at) if image else None,
-            )
+    """A page of compared crops, by distance (ascending or descending), filtered.
+
+    The distance filters (``accepted``, ``min_distance``, ``max_distance``) are ranges of the
+    sorted index; ``class`` and ``source`` are checked per crop, so a filtered page may hold
+    fewer than ``limit`` crops while ``next_cursor`` still leads on.
+    """
+    upper = threshold if accepted is True else None
+    if max_distance is not None:
+        upper = max_distance if upper is None else min(upper, max_distance)
+    lower = threshold if accepted is False else None
+    if min_distance is not None:  # inclusive: just below it, exclusive
+        floor = min_distance - 1e-12
+        lower = floor if lower is None else max(lower, floor)
+    after = decode_cursor(cursor) if cursor else None
+    items: list[CropOut] = []
+    more = True
+    for _ in range(SCAN_PAGES):
+        page = state.distance_page(
+            job.id, max_distance=upper, min_distance_exclusive=lower, after=after, limit=limit, descending=descending
         )
-    return CropPage(
-        threshold=threshold,
-        items=items,
-        next_cursor=encode_cursor(page.next_after) if page.next_after else None,
+        crops = {c.key: c for c in state.get_crops(job.id, [key for key, _ in page.items])}
+        full = False
+        for key, distance in page.items:
+            after = (distance, key)
+            crop = crops.get(key)
+            if crop is None or (class_name is not None and crop.class_name != class_name):
+                continue
+            image = state.get_image(job.id, crop.image_key)
+            if source is not None and (image is None or image.provenance.source.value != source):
+                continue
+            items.append(_crop_out(job, crop, image, distance, threshold))
+            if len(items) == limit:
+                full = True
+                break
+        more = (full and (key, distance) != page.items[-1]) or page.next_after is not None
+        if full or page.next_after is None:
+            break
+    return CropPage(threshold=threshold, items=items, next_cursor=encode_cursor(after) if more and after else None)
+
+
+def _crop_out(job: Job, crop: Crop, image: StoredImage | None, distance: float, threshold: float) -> CropOut:
+    base = f"/v1/jobs/{job.id}/crops/{crop.crop_id}"
+    return CropOut(
+        crop_id=crop.crop_id,
+        crop_url=f"{base}/image",
+        original_url=f"{base}/original",
+        box=crop.box,
+        padded_box=crop.padded_box,
+        class_name=crop.class_name,
+        score=crop.score,
+        whole_image=crop.whole_image,
+        distance=distance,
+        accepted=distance <= threshold,
+        provenance=Provenance(**image.provenance.model_dump(), fetched_at=image.fetched_at) if image else None,
     )

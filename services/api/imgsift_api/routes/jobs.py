@@ -7,7 +7,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
@@ -214,8 +214,13 @@ def list_crops(
     accepted: Annotated[bool | None, Query(description="only accepted (true) or rejected (false) crops")] = None,
     cursor: Annotated[str | None, Query(max_length=2048, description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    class_name: Annotated[str | None, Query(alias="class", max_length=100, description="detector class")] = None,
+    source: Annotated[SourceKind | None, Query(description="the source the crop's image came from")] = None,
+    min_distance: Annotated[float | None, Query(ge=0.0, le=4.0, description="distance >= this")] = None,
+    max_distance: Annotated[float | None, Query(ge=0.0, le=4.0, description="distance <= this")] = None,
+    order: Annotated[Literal["distance", "-distance"], Query(description="by distance, or descending")] = "distance",
 ) -> CropPage:
-    """Compared crops by ascending distance, each with box, distance, provenance and accepted flag."""
+    """Compared crops by distance, each with box, distance, provenance and accepted flag; filtered and paged."""
     try:
         return crop_page(
             job,
@@ -224,6 +229,11 @@ def list_crops(
             accepted=accepted,
             cursor=cursor,
             limit=min(limit, settings.page_size_max),
+            class_name=class_name,
+            source=source.value if source else None,
+            min_distance=min_distance,
+            max_distance=max_distance,
+            descending=order == "-distance",
         )
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None

@@ -22,6 +22,7 @@ class QueueName(StrEnum):
     SIAMESE = "siamese"
     TRAIN = "train"  # fine-tuning the Siamese head (the siamese worker)
     EXPORT = "export"  # dataset exports (the crawler worker: no model needed)
+    EVENTS = "events"  # webhook deliveries (the crawler worker: its network rules apply)
 
 
 class TaskName(StrEnum):
@@ -31,6 +32,7 @@ class TaskName(StrEnum):
     COMPARE = "siamese.compare"
     TRAIN = "siamese.train"
     EXPORT = "crawler.export"
+    WEBHOOK = "crawler.webhook"
 
 
 # The job marker naming the one discovery chain (of crawler.discover ticks) a job has.
@@ -45,6 +47,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TaskName.COMPARE: {"queue": QueueName.SIAMESE},
     TaskName.TRAIN: {"queue": QueueName.TRAIN},
     TaskName.EXPORT: {"queue": QueueName.EXPORT},
+    TaskName.WEBHOOK: {"queue": QueueName.EVENTS},
 }
 
 

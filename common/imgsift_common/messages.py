@@ -184,6 +184,25 @@ class DedupSpec(BaseModel):
     ] = None
 
 
+class WebhookEvent(StrEnum):
+    STARTED = "job.started"
+    CRAWL_DONE = "stage.crawl.done"
+    DETECT_DONE = "stage.detect.done"
+    SIAMESE_DONE = "stage.siamese.done"
+    COMPLETED = "job.completed"
+    FAILED = "job.failed"
+    CANCELLED = "job.cancelled"
+
+
+class WebhookSpec(BaseModel):
+    """A URL told about the job's events: signed POSTs, retried, under the crawler's network rules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, Field(min_length=8, max_length=2000, pattern=r"^https?://")]
+    events: list[WebhookEvent] | None = Field(default=None, description="null: every event")
+
+
 class JobSpec(BaseModel):
     """What a user asks for. Everything a stage needs to know about the job."""
 
@@ -215,6 +234,7 @@ class JobSpec(BaseModel):
         max_length=10,
         description="also search translations of the query into these languages (ISO 639-1), where known",
     )
+    webhooks: list[WebhookSpec] = Field(default_factory=list, max_length=5)
 
     @model_validator(mode="after")
     def _query_for_keyword_sources(self) -> JobSpec:
@@ -363,6 +383,14 @@ class ExportMessage(JobMessage):
     export_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     format: str
     threshold: Annotated[float, Field(ge=0.0, le=4.0)]
+
+
+class WebhookMessage(JobMessage):
+    """Deliver one event to one webhook."""
+
+    delivery_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    event: WebhookEvent
+    url: str
 
 
 class TrainMessage(JobMessage):

@@ -116,6 +116,10 @@ class StateStore(Protocol):
         """Bind ``key`` to ``job_id`` unless it is bound already; the job id it is bound to."""
         ...
 
+    def markers(self, job_id: str, prefix: str) -> dict[str, str]:
+        """Every marker of the job whose name starts with ``prefix``."""
+        ...
+
     def release_lock(self, job_id: str, name: str, owner: str) -> None: ...
     def flags(self, job_id: str) -> set[str]: ...
     # crawl
@@ -535,6 +539,10 @@ class RedisStateStore:
     def set_marker(self, job_id: str, name: str, value: str) -> None:
         self.r.hset(self._k(job_id, "markers"), name, value)
 
+    def markers(self, job_id: str, prefix: str) -> dict[str, str]:
+        found = self.r.hscan_iter(self._k(job_id, "markers"), match=prefix.replace("*", "\\*") + "*")
+        return dict(found)
+
     def claim_idempotency_key(self, key: str, job_id: str, ttl: float) -> str:
         name = f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
         if self.r.set(name, job_id, nx=True, px=max(1, int(ttl * 1000))):
@@ -884,6 +892,11 @@ class SqliteStateStore:
     def release_lock(self, job_id: str, name: str, owner: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM locks WHERE job_id = ? AND name = ? AND owner = ?", (job_id, name, owner))
+
+    def markers(self, job_id: str, prefix: str) -> dict[str, str]:
+        rows = self._all("SELECT name, value FROM markers WHERE job_id = ? AND substr(name, 1, ?) = ?",
+                         job_id, len(prefix), prefix)  # fmt: skip
+        return {name: value for name, value in rows}
 
     def claim_idempotency_key(self, key: str, job_id: str, ttl: float) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()

@@ -27,6 +27,7 @@ from imgsift_client.errors import (
     WaitTimeout,
 )
 from imgsift_client.models import Calibration, Crop, Export, Job, Provenance
+from imgsift_client.webhooks import InvalidSignature, verify_webhook
 
 __all__ = [
     "AsyncImgsiftClient",
@@ -37,10 +38,12 @@ __all__ = [
     "ImgsiftClient",
     "ImgsiftError",
     "InvalidRequest",
+    "InvalidSignature",
     "Job",
     "JobFailed",
     "NotFound",
     "Provenance",
     "Unavailable",
     "WaitTimeout",
+    "verify_webhook",
 ]

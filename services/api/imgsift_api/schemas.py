@@ -78,6 +78,10 @@ class JobStatus(BaseModel):
     error: str | None
     created_at: datetime
     updated_at: datetime
+    webhook_secret: str | None = Field(
+        default=None,
+        description="in the creation answer only, when the spec has webhooks: the key that signs every delivery",
+    )
 
 
 class JobList(BaseModel):

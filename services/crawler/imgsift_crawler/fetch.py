@@ -168,6 +168,25 @@ class Fetcher:
             start = start.copy_merge_params(params)
         return self._with_retries(start, rules)
 
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """POST ``body`` under the same address rules as every fetch; the answer's status.
+
+        For webhooks: no robots.txt (the receiver asked for the call), no redirect followed
+        (a 3xx is the answer), no retry here (the delivery task retries with backoff).
+        """
+        target = self._parse(url)
+        pin = self._vet(target)
+        try:
+            with pinned(pin):
+                response = self.client.post(target, content=body, headers=headers)
+        except BlockedAddress as exc:
+            raise FetchError(FailureReason.BLOCKED_ADDRESS, str(exc)) from None
+        except httpx.TimeoutException as exc:
+            raise FetchError(FailureReason.TIMEOUT, type(exc).__name__) from exc
+        except httpx.HTTPError as exc:
+            raise FetchError(FailureReason.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}") from exc
+        return response.status_code
+
     # ------------------------------------------------------------------ retries and redirects
 
     def _with_retries(self, url: httpx.URL, rules: _Rules) -> Fetched:

@@ -39,6 +39,7 @@ class CrawlerSettings(ImgsiftSettings):
     frontier_window: int = Field(512, description="candidate URLs leased to download tasks at once, per job")
     lease_seconds: float = Field(600.0, description="seconds before a leased URL without an outcome is sent again")
     step_interval: float = Field(2.0, description="seconds between two discovery steps of a job that waits")
+    webhook_backoff: float = Field(2.0, description="seconds before the first webhook retry; doubled each time")
     stall_seconds: float = Field(
         120.0,
         description="seconds without detect or Siamese progress after which unfinished images and crops are "

@@ -1,7 +1,7 @@
 """Celery tasks of the crawler: thin wrappers that parse a message, call the stage, enqueue the next.
 
-Start with ``celery -A imgsift_crawler.worker worker -Q crawl,export`` (``export``: dataset
-exports, which need the store and the state but no model).
+Start with ``celery -A imgsift_crawler.worker worker -Q crawl,export,events`` (``export``: dataset
+exports, which need the store and the state but no model; ``events``: webhook deliveries).
 
 A job's discovery is one chain of ``crawler.discover`` ticks: each tick takes discovery
 steps for a few seconds, hands the leased URLs to ``crawler.download`` tasks, and enqueues
@@ -29,6 +29,7 @@ from typing import Any
 
 from celery import Task, signals
 
+from imgsift_common import webhooks
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, RETRY_POLICY, TaskName, create_celery_app, send
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import (
@@ -36,15 +37,18 @@ from imgsift_common.messages import (
     DiscoverMessage,
     DownloadBatch,
     ExportMessage,
+    FailureReason,
     ImageBatch,
     Job,
     JobState,
+    WebhookMessage,
+    utcnow,
 )
 from imgsift_common.progress import finish_if_complete
 from imgsift_common.state import RedisStateStore, StateStore
 from imgsift_common.storage import ObjectStore, store_from_settings
 from imgsift_crawler import pipeline
-from imgsift_crawler.fetch import Fetcher
+from imgsift_crawler.fetch import Fetcher, FetchError
 from imgsift_crawler.net.limits import RedisHostLimiter
 from imgsift_crawler.settings import CrawlerSettings
 
@@ -125,6 +129,7 @@ def discover(self: Task, payload: dict[str, Any]) -> None:
     try:
         if job.state is JobState.QUEUED:
             job = state().set_job_state(job.id, JobState.RUNNING)
+            notify(job.id)
         if _tick(job):
             # Waiting on downloads, detections or comparisons, or the tick used its time.
             discover.apply_async(args=[payload], countdown=settings.step_interval)
@@ -146,6 +151,7 @@ def _tick(job: Job) -> bool:
             # Every URL has an outcome; the chain stays on as the job's supervisor until the
             # later stages have finished, re-sending what a killed worker left behind.
             current = finish_if_complete(state(), job.id)
+            notify(job.id)
             if current is None or current.state.is_final:
                 return False
             _resend_stalled(current)
@@ -176,6 +182,7 @@ def download(payload: dict[str, Any]) -> None:
     if images:
         send(app, TaskName.DETECT, ImageBatch(job_id=job.id, image_keys=[i.key for i in images]))
     finish_if_complete(state(), job.id)
+    notify(job.id)
 
 
 @app.task(name=TaskName.EXPORT, shared=False, **RETRY_POLICY)
@@ -193,3 +200,43 @@ def export(payload: dict[str, Any]) -> None:
         "export",
         extra={"job_id": message.job_id, "export_id": message.export_id, "state": status.state if status else None},
     )
+
+
+def notify(job_id: str) -> None:
+    """Hand the job's newly true events to webhook deliveries (each event once per webhook)."""
+    webhooks.notify(state(), job_id, lambda message: send(app, TaskName.WEBHOOK, message))
+
+
+@app.task(name=TaskName.WEBHOOK, shared=False, bind=True, max_retries=webhooks.MAX_ATTEMPTS - 1)
+def webhook(self: Task, payload: dict[str, Any]) -> None:
+    """POST one signed event to one webhook; retried with backoff while the receiver fails."""
+    message = WebhookMessage.model_validate(payload)
+    job = state().get_job(message.job_id)
+    secret = state().get_marker(message.job_id, webhooks.SECRET_MARKER)
+    if job is None or secret is None:
+        return
+    body = webhooks.payload(job, state(), message)
+    headers = {
+        "Content-Type": "application/json",
+        "X-Imgsift-Event": message.event.value,
+        "X-Imgsift-Delivery": message.delivery_id,
+        webhooks.SIGNATURE_HEADER: webhooks.sign(secret, body, int(time.time())),
+    }
+    status: int | None = None
+    error = None
+    try:
+        status = fetcher().post(message.url, body, headers)
+    except FetchError as exc:
+        error = f"{exc.reason.value}: {exc.detail}"
+        if exc.reason in (FailureReason.BLOCKED_ADDRESS, FailureReason.INVALID_URL):
+            webhooks.record_attempt(
+                state(), job.id, message.delivery_id, webhooks.Attempt(at=utcnow(), error=error), "failed"
+            )
+            return  # no retry makes a refused address acceptable
+    ok = status is not None and 200 <= status < 300
+    last = self.request.retries >= webhooks.MAX_ATTEMPTS - 1
+    outcome = "delivered" if ok else ("failed" if last or not webhooks.retryable(status) else "pending")
+    attempt = webhooks.Attempt(at=utcnow(), status=status, error=error)
+    webhooks.record_attempt(state(), job.id, message.delivery_id, attempt, outcome)
+    if outcome == "pending":
+        raise self.retry(countdown=min(settings.webhook_backoff * 2**self.request.retries, 600.0))

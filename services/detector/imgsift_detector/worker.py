@@ -12,6 +12,7 @@ import logging
 from functools import cache
 from typing import Any
 
+from imgsift_common import webhooks
 from imgsift_common.celery_app import RETRY_POLICY, TaskName, create_celery_app, send
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import CropBatch, ImageBatch, JobState, Stage
@@ -60,6 +61,7 @@ def detect(payload: dict[str, Any]) -> None:
     except WeightsError as exc:
         # No retry fixes a configuration; fail the job with the reason the API shows, not leave it running.
         state().set_job_state(job.id, JobState.FAILED, str(exc))
+        webhooks.notify(state(), job.id, lambda m: send(app, TaskName.WEBHOOK, m))
         raise
     crops = detect_batch(job, message.image_keys, store(), state(), detector, settings)
     crop_keys = [crop.key for crop in crops]
@@ -67,3 +69,4 @@ def detect(payload: dict[str, Any]) -> None:
         send(app, TaskName.COMPARE, CropBatch(job_id=job.id, crop_keys=crop_keys[start : start + CROPS_PER_MESSAGE]))
     log.info("batch detected", extra={**fields, "image_keys": message.image_keys, "crops": len(crop_keys)})
     finish_if_complete(state(), job.id)  # a job whose images hold no target ends here
+    webhooks.notify(state(), job.id, lambda m: send(app, TaskName.WEBHOOK, m))

@@ -15,7 +15,8 @@ from typing import Any
 
 from celery import signals
 
-from imgsift_common.celery_app import RETRY_POLICY, TRAIN_REQUEST_MARKER, TaskName, create_celery_app
+from imgsift_common import webhooks
+from imgsift_common.celery_app import RETRY_POLICY, TRAIN_REQUEST_MARKER, TaskName, create_celery_app, send
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import CropBatch, JobState, Stage, TrainMessage
 from imgsift_common.progress import finish_if_complete
@@ -76,8 +77,10 @@ def compare(payload: dict[str, Any]) -> int:
         # Without references no crop of this job can ever be scored: fail the job with the reason.
         log.error("job failed: %s", exc, extra={"job_id": job.id, "stage": Stage.SIAMESE.value})
         state.set_job_state(job.id, JobState.FAILED, error=str(exc))
+        webhooks.notify(state, job.id, lambda m: send(app, TaskName.WEBHOOK, m))
         return 0
     finish_if_complete(state, job.id)
+    webhooks.notify(state, job.id, lambda m: send(app, TaskName.WEBHOOK, m))
     return len(recorded)
 
 

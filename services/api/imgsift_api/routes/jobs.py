@@ -28,7 +28,7 @@ from imgsift_api.schemas import (
     ThresholdUpdate,
 )
 from imgsift_api.views import TRAINING_MARKER, calibration, crop_page, job_status, training_requested
-from imgsift_common import keys
+from imgsift_common import keys, webhooks
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, send
 from imgsift_common.exports import ExportState, ExportStatus, load_status, save_status
 from imgsift_common.messages import (
@@ -42,6 +42,7 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.storage import ObjectNotFound
+from imgsift_common.webhooks import Delivery
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -122,6 +123,9 @@ async def create_job(
     reference_keys = sorted({store_reference(store, job_id, data, fmt) for data, fmt in uploads})
     negative_keys = sorted({store_negative(store, job_id, data, fmt) for data, fmt in not_this})
     job = Job(id=job_id, spec=job_spec, reference_keys=reference_keys, negative_keys=negative_keys)
+    secret = webhooks.new_secret() if job_spec.webhooks else None
+    if secret:
+        state.set_marker(job_id, webhooks.SECRET_MARKER, secret)  # before the job exists: no event unsigned
     state.create_job(job)
     try:
         chain = uuid.uuid4().hex
@@ -131,7 +135,7 @@ async def create_job(
         state.set_job_state(job_id, JobState.FAILED, f"could not enqueue the job: {exc}")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the job queue is unreachable; retry later") from exc
     log.info("job created", extra={"job_id": job_id, "references": len(reference_keys)})
-    return job_status(job, state)
+    return job_status(job, state).model_copy(update={"webhook_secret": secret})
 
 
 async def _checked(upload: UploadFile, settings: SettingsDep) -> tuple[bytes, str]:
@@ -168,11 +172,13 @@ def update_threshold(job: JobDep, state: StateDep, body: ThresholdUpdate) -> Job
 
 
 @router.post("/{job_id}/cancel", response_model=JobStatus)
-def cancel_job(job: JobDep, state: StateDep) -> JobStatus:
+def cancel_job(job: JobDep, state: StateDep, celery: CeleryDep) -> JobStatus:
     """Cancel a job: queued work for it is dropped; what is stored stays readable."""
     if job.state.is_final:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job is already {job.state.value}")
-    return job_status(state.set_job_state(job.id, JobState.CANCELLED), state)
+    cancelled = state.set_job_state(job.id, JobState.CANCELLED)
+    webhooks.notify(state, job.id, lambda m: send(celery, TaskName.WEBHOOK, m))
+    return job_status(cancelled, state)
 
 
 @router.post("/{job_id}/train", response_model=JobStatus, status_code=status.HTTP_202_ACCEPTED)
@@ -359,3 +365,9 @@ async def job_events(job: JobDep, state: StateDep, request: Request) -> Streamin
             await asyncio.sleep(EVENT_INTERVAL)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/{job_id}/webhooks/deliveries", response_model=list[Delivery])
+def webhook_deliveries(job: JobDep, state: StateDep) -> list[Delivery]:
+    """Every webhook delivery of the job with each attempt's outcome (status code or error)."""
+    return webhooks.deliveries(state, job.id)

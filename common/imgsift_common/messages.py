@@ -103,6 +103,7 @@ class FailureReason(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     TOO_SMALL = "too_small"
     TOO_MANY_PIXELS = "too_many_pixels"
+    TOO_MANY_FRAMES = "too_many_frames"  # an animation longer than the crawler's frame cap
     BLOCKED_ADDRESS = "blocked_address"  # private, loopback, link-local, metadata...: refused before connecting
     ROBOTS_DISALLOWED = "robots_disallowed"  # robots.txt says no (or could not be read: RFC 9309 says no)
     OPTED_OUT = "opted_out"  # X-Robots-Tag or <meta name="robots">: noai, noimageai, noindex, none

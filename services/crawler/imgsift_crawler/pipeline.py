@@ -265,7 +265,13 @@ def fetch_and_store(
     url = candidate.image_url
     try:
         fetched = fetcher.get(url, purpose=Purpose.IMAGE)
-        info = inspect_image(fetched.content, max_pixels=settings.max_pixels, min_side=settings.min_side, phash=True)
+        info = inspect_image(
+            fetched.content,
+            max_pixels=settings.max_pixels,
+            min_side=settings.min_side,
+            phash=True,
+            max_frames=settings.max_frames,
+        )
     except (FetchError, ImageRejected) as exc:
         return DownloadRecord(url=url, outcome=DownloadOutcome.FAILED, reason=exc.reason, detail=exc.detail), None
     key = keys.image_key(job.id, info.sha256, info.format)

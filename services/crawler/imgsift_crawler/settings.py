@@ -27,6 +27,7 @@ class CrawlerSettings(ImgsiftSettings):
         64_000_000, description="pixels an image may decode to (guards against decompression bombs)"
     )
     min_side: int = Field(32, description="pixels the shorter side of an image must have")
+    max_frames: int = Field(1000, ge=1, description="frames an animated image (GIF, WebP) may have")
     download_concurrency: int = Field(8, description="downloads in flight inside one download task")
     download_batch_size: int = Field(16, description="candidate URLs per download task")
     near_dup_distance: int = Field(

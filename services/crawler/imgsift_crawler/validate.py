@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -52,7 +53,9 @@ class ImageInfo:
     phash: int | None = None  # 64-bit perceptual hash, when asked for
 
 
-def inspect_image(data: bytes, *, max_pixels: int, min_side: int, phash: bool = False) -> ImageInfo:
+def inspect_image(
+    data: bytes, *, max_pixels: int, min_side: int, phash: bool = False, max_frames: int | None = None
+) -> ImageInfo:
     """Decode ``data`` fully and return what it is, or raise :class:`ImageRejected` with why.
 
     With ``phash`` the perceptual hash comes from the same decode. A JPEG is then decoded
@@ -73,11 +76,22 @@ def inspect_image(data: bytes, *, max_pixels: int, min_side: int, phash: bool = 
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageRejected(FailureReason.TOO_MANY_PIXELS, f"{width}x{height} is over {max_pixels} pixels")
+                if max_frames is not None and getattr(image, "is_animated", False):
+                    # Counting walks the frames' headers, not their pixels; then back to the first.
+                    frames = getattr(image, "n_frames", 1)
+                    if frames > max_frames:
+                        raise ImageRejected(FailureReason.TOO_MANY_FRAMES, f"{frames} frames; the cap is {max_frames}")
+                    image.seek(0)
                 if phash and image_format == "JPEG":
                     image.draft("L", (HASH_DRAFT, HASH_DRAFT))
                 image.load()  # decode every byte of the first frame: truncated files fail here
-                if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNED:
+                try:
+                    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                except Exception as exc:  # a hostile EXIF block: whatever the parser trips on, refuse it
+                    raise ImageRejected(FailureReason.NOT_AN_IMAGE, f"unreadable EXIF metadata: {exc}") from exc
+                if orientation in _TURNED:
                     width, height = height, width
+                _check_exif(image.info.get("exif"))
                 hashed = perceptual_hash(image) if phash else None
         except ImageRejected:
             raise
@@ -92,6 +106,27 @@ def inspect_image(data: bytes, *, max_pixels: int, min_side: int, phash: bool = 
     return ImageInfo(
         format=image_format, width=width, height=height, sha256=hashlib.sha256(data).hexdigest(), phash=hashed
     )
+
+
+def _check_exif(exif: object) -> None:
+    """Refuse EXIF whose first directory claims more entries than its segment holds (a parser trap)."""
+    if not isinstance(exif, bytes) or len(exif) < 14:
+        return
+    tiff = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 10:
+        raise ImageRejected(FailureReason.NOT_AN_IMAGE, "malformed EXIF metadata: no TIFF header")
+    (offset,) = struct.unpack(order + "I", tiff[4:8])
+    if offset + 2 > len(tiff):
+        raise ImageRejected(
+            FailureReason.NOT_AN_IMAGE, f"malformed EXIF metadata: directory at {offset} is past the end"
+        )
+    (entries,) = struct.unpack(order + "H", tiff[offset : offset + 2])
+    if offset + 2 + 12 * entries > len(tiff):
+        raise ImageRejected(
+            FailureReason.NOT_AN_IMAGE,
+            f"malformed EXIF metadata: {entries} directory entries do not fit in its {len(tiff)} bytes",
+        )
 
 
 def _sniff(data: bytes) -> str:

@@ -97,7 +97,77 @@ def create_celery_app(name: str, broker_url: str) -> Celery:
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,
     )
+    _route_failures_to_dead_letters(app, broker_url)
     return app
+
+
+# ---------------------------------------------------------------------------- dead letters
+
+DEAD_LETTERS_KEY = "imgsift:dead-letters"
+DEAD_LETTERS_KEPT = 10_000
+
+
+class DeadLetter(BaseModel):
+    """A task that failed for good: a poison message, or a transient fault past its retries."""
+
+    task: str
+    task_id: str
+    job_id: str | None
+    error: str
+    args: str  # the message as received, cut to 2,000 characters
+    retries: int
+    failed_at: str
+
+
+def _route_failures_to_dead_letters(app: Celery, broker_url: str) -> None:
+    """Record every task of ``app`` that fails for good, instead of retrying it forever.
+
+    Late acknowledgement acks a failed task (``task_acks_on_failure_or_timeout``), so the
+    broker never redelivers it; the record is what an operator sees (``GET /v1/dead-letters``).
+    """
+    from celery import signals
+
+    def on_failure(sender: Any = None, task_id: str = "", exception: BaseException | None = None,
+                   args: Any = None, **_: Any) -> None:  # fmt: skip
+        if sender is None or getattr(sender, "app", None) is not app:
+            return
+        record_dead_letter(broker_url, getattr(sender, "name", "?"), task_id, args, exception,
+                           getattr(getattr(sender, "request", None), "retries", 0) or 0)  # fmt: skip
+
+    signals.task_failure.connect(on_failure, weak=False)
+
+
+def record_dead_letter(
+    redis_url: str, task: str, task_id: str, args: Any, exception: BaseException | None, retries: int
+) -> DeadLetter:
+    import datetime
+    import json
+
+    import redis
+
+    payload = args[0] if isinstance(args, (list, tuple)) and args else args
+    job_id = payload.get("job_id") if isinstance(payload, dict) else None
+    letter = DeadLetter(
+        task=task,
+        task_id=task_id,
+        job_id=str(job_id) if job_id is not None else None,
+        error=f"{type(exception).__name__}: {exception}"[:2000] if exception else "unknown",
+        args=json.dumps(args, default=str)[:2000],
+        retries=retries,
+        failed_at=datetime.datetime.now(datetime.UTC).isoformat(),
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.lpush(DEAD_LETTERS_KEY, letter.model_dump_json())
+        client.ltrim(DEAD_LETTERS_KEY, 0, DEAD_LETTERS_KEPT - 1)
+    finally:
+        client.close()
+    return letter
+
+
+def dead_letters(client: Any, limit: int = 100) -> list[DeadLetter]:
+    """The newest dead letters first, from a redis-py client."""
+    return [DeadLetter.model_validate_json(raw) for raw in client.lrange(DEAD_LETTERS_KEY, 0, limit - 1)]
 
 
 def send(app: Celery, task: TaskName, message: BaseModel, **options: Any) -> None:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from imgsift_api.routes import health, jobs
+from imgsift_api.routes import health, jobs, operations
 from imgsift_api.settings import ApiSettings
 from imgsift_common.celery_app import create_celery_app
 from imgsift_common.logs import configure_logging
@@ -40,6 +40,7 @@ app = FastAPI(
 )
 app.include_router(health.router)
 app.include_router(jobs.router, prefix="/v1")
+app.include_router(operations.router, prefix="/v1")
 # The web UI: plain HTML and JavaScript over the same REST API, served from this package.
 app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
 

@@ -72,3 +72,41 @@ def test_killed_crawler_resumes_without_refetching_or_losing_urls(
     again = [u for u in urls if fetched[u.removeprefix(web.base)] > 1]
     assert len(again) <= 16, again  # at most the downloads in flight in the killed worker
     print(f"stored before the kill: {len(before)}, fetched twice: {len(again)}")
+
+
+def test_killed_detector_and_siamese_workers_lose_and_duplicate_nothing(
+    stack, web: TestWeb, coco128: Coco128, redis_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of the detector, then of the Siamese worker, twice each, mid-batch: the job
+    completes, every image is detected once, every crop compared once, the counters agree."""
+    running, api = stack
+    photos = coco128.images[:PHOTOS]
+    urls = [web.add(f"/img/{p.name}", p.read_bytes(), "image/jpeg") for p in photos]
+    spec = {"target": "any", "threshold": 0.9, "sources": [{"kind": "urls", "urls": urls}]}
+    state = RedisStateStore.from_url(redis_url)
+    kills = []
+    with httpx.Client(base_url=api, timeout=30) as client:
+        files = [("references", ("ref.jpg", coco128.images[-1].read_bytes(), "image/jpeg"))]
+        job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files).json()["id"]
+        for service, counter, at in (
+            ("detector", "detected", 4), ("detector", "detected", 12),
+            ("siamese", "compared", 10), ("siamese", "compared", 40),
+        ):  # fmt: skip
+            deadline = time.monotonic() + 300
+            while state.counters(job_id).get(counter, 0) < at:
+                assert time.monotonic() < deadline, (service, state.counters(job_id))
+                time.sleep(0.05)
+            running.stop(service, signal.SIGKILL)
+            kills.append((service, dict(state.counters(job_id))))
+            running.start(service)
+        status = wait_until_final(client, job_id, running)
+
+    assert status["state"] == "completed", status
+    counts = status["counts"]
+    images, crops = state.image_keys(job_id), state.crop_keys(job_id)
+    assert counts["downloaded"] == len(images) == PHOTOS
+    assert counts["detected"] == len(images) and all(state.is_detected(job_id, k) for k in images)
+    assert counts["crops"] == len(crops) == len(set(crops))  # no duplicate crop
+    assert counts["compared"] + counts["compare_failed"] == len(crops) == len(state.distances(job_id))
+    assert sum(state.detected_count(job_id, k) or 0 for k in images) == len(crops)  # no crop counted twice
+    print(f"kills at: {kills}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, ImageOps
 
@@ -106,7 +107,35 @@ def detect_batch(
         else:
             pending.append(image)
 
-    loaded = _load_images(job.id, pending, store, state)
+    # Images are read and decoded in a thread pool, ahead of the model: while one forward pass
+    # runs, the next batch's JPEGs decode (Pillow releases the GIL) and the last batch's crops
+    # are written.
+    size = max(1, settings.batch_size)
+    with ThreadPoolExecutor(max_workers=max(1, settings.decode_threads)) as pool:
+        futures = [pool.submit(_load_one, image, store) for image in pending]
+        for start in range(0, len(futures), size):
+            loaded = []
+            for future in futures[start : start + size]:
+                image, pixels, problem = future.result()
+                if pixels is None:
+                    _record_unreadable(job.id, image, problem, state)
+                else:
+                    loaded.append((image, pixels))
+            crops += _detect_loaded(job, loaded, targets, detector, settings, store, state)
+    return crops
+
+
+def _detect_loaded(
+    job: Job,
+    loaded: list[tuple[StoredImage, Image.Image]],
+    targets: frozenset[int] | None,
+    detector: Detector,
+    settings: DetectorSettings,
+    store: ObjectStore,
+    state: StateStore,
+) -> list[Crop]:
+    if not loaded:
+        return []
     if targets is None:
         cuts = [[_whole_image(pixels)] for _, pixels in loaded]
     else:
@@ -121,6 +150,7 @@ def detect_batch(
             _target_cuts(detections, targets, pixels, settings)
             for (_, pixels), detections in zip(loaded, found, strict=True)
         ]
+    crops: list[Crop] = []
     for (image, pixels), image_cuts in zip(loaded, cuts, strict=True):
         crops += _store_crops(job.id, image, pixels, image_cuts, targets is None, store, state, settings)
     return crops
@@ -151,20 +181,21 @@ def _recorded_crops(job_id: str, image: StoredImage, state: StateStore) -> list[
     return state.get_crops(job_id, [keys.crop_key(job_id, keys.crop_id(image.sha256, i)) for i in range(count)])
 
 
-def _load_images(
-    job_id: str, images: list[StoredImage], store: ObjectStore, state: StateStore
-) -> list[tuple[StoredImage, Image.Image]]:
-    """Each image with its pixels; one that is missing or broken is recorded with no crops and a note."""
-    loaded = []
-    for image in images:
-        try:
-            loaded.append((image, load_image(store.get(image.key))))
-        except (ObjectNotFound, UnreadableImage) as exc:
-            problem = "its object is missing from the store" if isinstance(exc, ObjectNotFound) else str(exc)
-            log.warning("image unreadable; recorded with no crops", extra=_log_fields(job_id, image.key))
-            state.add_note(job_id, f"image {image.key} has no crops: {problem}")
-            state.record_detection(job_id, image.key, [])
-    return loaded
+def _load_one(image: StoredImage, store: ObjectStore) -> tuple[StoredImage, Image.Image | None, str]:
+    """An image's pixels, or None and why; run in the decode pool."""
+    try:
+        return image, load_image(store.get(image.key)), ""
+    except ObjectNotFound:
+        return image, None, "its object is missing from the store"
+    except UnreadableImage as exc:
+        return image, None, str(exc)
+
+
+def _record_unreadable(job_id: str, image: StoredImage, problem: str, state: StateStore) -> None:
+    """A missing or broken image is recorded with no crops and a note, so the job can finish."""
+    log.warning("image unreadable; recorded with no crops", extra=_log_fields(job_id, image.key))
+    state.add_note(job_id, f"image {image.key} has no crops: {problem}")
+    state.record_detection(job_id, image.key, [])
 
 
 def _whole_image(pixels: Image.Image) -> tuple[Detection, Box]:

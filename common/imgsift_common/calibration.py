@@ -60,6 +60,38 @@ def _cdf(sorted_values: Sequence[float], t: float) -> float:
     return bisect_right(sorted_values, t) / len(sorted_values) if sorted_values else 0.0
 
 
+class Distribution:
+    """The job's crop distances as a CDF: from the values, or from counts at known thresholds.
+
+    A job of 100,000 crops is calibrated from a few hundred counts (one Redis round trip of
+    ZCOUNTs), never by reading every distance.
+    """
+
+    def __init__(self, n: int, thresholds: Sequence[float], counts: Sequence[int]) -> None:
+        self.n = n
+        self.thresholds = list(thresholds)  # ascending
+        self.counts = list(counts)
+
+    @classmethod
+    def from_values(cls, values: Sequence[float], grid: Sequence[float]) -> Distribution:
+        ordered = sorted(values)
+        points = sorted(set(grid))
+        return cls(len(ordered), points, [bisect_right(ordered, t) for t in points])
+
+    def count(self, t: float) -> int:
+        """Crops with distance <= t (exact on the grid; the nearest grid point below otherwise)."""
+        i = bisect_right(self.thresholds, t) - 1
+        return self.counts[i] if i >= 0 else 0
+
+    def cdf(self, t: float) -> float:
+        return self.count(t) / self.n if self.n else 0.0
+
+
+def grid_for(positives: Sequence[float], *extra: float) -> list[float]:
+    """The thresholds a calibration looks at: an even grid over [0, 2], the positives, the extras."""
+    return sorted({*(MAX_DISTANCE * i / GRID for i in range(GRID + 1)), *positives, *extra})
+
+
 def quantile(sorted_values: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile of sorted values (numpy's default method)."""
     pos = (len(sorted_values) - 1) * q
@@ -67,50 +99,52 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def positive_share(positives: Sequence[float], crops: Sequence[float]) -> float | None:
-    p, d = sorted(positives), sorted(crops)
-    if not p or not d:
+def positive_share(positives: Sequence[float], crops: Sequence[float] | Distribution) -> float | None:
+    p = sorted(positives)
+    d = crops if isinstance(crops, Distribution) else Distribution.from_values(crops, grid_for(p))
+    if not p or not d.n:
         return None
-    ratios = sorted(_cdf(d, t) / max(_cdf(p, t), 1e-9) for t in p[len(p) // 2 :])
-    return min(1.0, max(1.0 / len(d), ratios[len(ratios) // 2]))
+    ratios = sorted(d.cdf(t) / max(_cdf(p, t), 1e-9) for t in p[len(p) // 2 :])
+    return min(1.0, max(1.0 / d.n, ratios[len(ratios) // 2]))
 
 
 def calibrate(
     positives: Sequence[float],
-    crops: Sequence[float],
+    crops: Sequence[float] | Distribution,
     *,
     marked_wrong: Sequence[float] = (),
     min_crops: int = 20,
 ) -> Calibration:
     """Suggest a threshold from held-out positive distances and the job's crop distances."""
-    p, d = sorted(positives), sorted(crops)
+    p = sorted(positives)
     if not p:
         return Calibration(None, None, "no held-out positive distances (give at least two references)")
-    if len(d) < min_crops:
+    grid = grid_for(p)
+    d = crops if isinstance(crops, Distribution) else Distribution.from_values(crops, grid)
+    if d.n < min_crops:
         return Calibration(round(quantile(p, 0.9), 4), None, f"90th percentile of {len(p)} held-out positives")
     pi = positive_share(p, d)
     assert pi is not None
     wrong = sorted(marked_wrong)
-    grid = sorted({*(MAX_DISTANCE * i / GRID for i in range(GRID + 1)), *p})
     best_t, best_f1 = grid[0], -1.0
     for t in grid:
         f1 = _estimate(t, p, d, pi, wrong).f1 or 0.0
         if f1 > best_f1:
             best_t, best_f1 = t, f1
-    basis = f"estimated F1 maximum ({len(p)} held-out positives, {len(d)} crops"
+    basis = f"estimated F1 maximum ({len(p)} held-out positives, {d.n} crops"
     basis += f", {len(wrong)} marked wrong)" if wrong else ")"
     return Calibration(round(best_t, 4), round(pi, 4), basis)
 
 
-def _estimate(t: float, p: Sequence[float], d: Sequence[float], pi: float, wrong: Sequence[float]) -> Estimate:
+def _estimate(t: float, p: Sequence[float], d: Distribution, pi: float, wrong: Sequence[float]) -> Estimate:
     recall = _cdf(p, t)
-    below = _cdf(d, t)
+    below = d.cdf(t)
     if below == 0:
         precision = 1.0
     else:
         precision = min(1.0, pi * recall / below)
         if wrong:  # marked wrong: negatives for certain, so at most this share is right
-            precision = min(precision, max(0.0, 1.0 - bisect_right(wrong, t) / (below * len(d))))
+            precision = min(precision, max(0.0, 1.0 - bisect_right(wrong, t) / (below * d.n)))
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return Estimate(t, precision, recall, f1)
 
@@ -118,14 +152,15 @@ def _estimate(t: float, p: Sequence[float], d: Sequence[float], pi: float, wrong
 def estimate(
     threshold: float,
     positives: Sequence[float],
-    crops: Sequence[float],
+    crops: Sequence[float] | Distribution,
     *,
     marked_wrong: Sequence[float] = (),
 ) -> Estimate:
     """Estimated precision, recall and F1 of accepting crops with distance <= ``threshold``."""
-    p, d = sorted(positives), sorted(crops)
+    p = sorted(positives)
     if not p:
         return Estimate(threshold, None, None, None)
+    d = crops if isinstance(crops, Distribution) else Distribution.from_values(crops, grid_for(p, threshold))
     pi = positive_share(p, d)
     if pi is None:
         return Estimate(threshold, None, round(_cdf(p, threshold), 4), None)
@@ -163,18 +198,25 @@ def for_job(job: Job, state: StateStore, threshold: float | None = None) -> JobC
 
     Positives: the trained head's held-out reference distances, or the pretrained leave-one-out
     ones, plus the distances of crops marked right; crops marked wrong bound the precision.
+    The crop distances are read as counts at the calibration's thresholds, not one by one.
     """
-    distances = dict(state.distances(job.id))
     marks = state.feedback(job.id)
+    marked = state.distances_of(job.id, list(marks))
     base = job.model.held_out if job.model else job.reference_distances
-    positives = [*base, *(distances[k] for k, ok in marks.items() if ok and k in distances)]
-    wrong = [distances[k] for k, ok in marks.items() if not ok and k in distances]
-    values = list(distances.values())
+    positives = [*base, *(d for k, d in marked.items() if marks[k])]
+    wrong = [d for k, d in marked.items() if not marks[k]]
     at = job.spec.threshold if threshold is None else threshold
+    edges = [round(MAX_DISTANCE * i / HISTOGRAM_BINS, 4) for i in range(HISTOGRAM_BINS + 1)]
+    grid = grid_for(positives, at, *edges)
+    counts = state.count_below(job.id, grid)
+    total = state.count_below(job.id, [float("inf")])[0]
+    dist = Distribution(total, grid, counts)
+    below_edges = [dist.count(e) for e in edges[1:-1]]
+    bins = [b - a for a, b in zip([0, *below_edges], [*below_edges, total], strict=True)]
     return JobCalibration(
-        calibration=calibrate(positives, values, marked_wrong=wrong),
-        at_threshold=estimate(at, positives, values, marked_wrong=wrong),
-        histogram=histogram(values),
+        calibration=calibrate(positives, dist, marked_wrong=wrong),
+        at_threshold=estimate(at, positives, dist, marked_wrong=wrong),
+        histogram={"edges": edges, "counts": bins},
         marked_right=sum(marks.values()),
         marked_wrong=len(marks) - sum(marks.values()),
     )

@@ -10,6 +10,7 @@ when read.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import sqlite3
 import threading
@@ -153,6 +154,11 @@ class StateStore(Protocol):
     def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool: ...
     def record_compare_failure(self, job_id: str, crop_key: str) -> bool: ...
     def count_accepted(self, job_id: str, threshold: float) -> int: ...
+    def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
+        """For each threshold, how many crops have a distance <= it (one round trip)."""
+        ...
+
+    def distances_of(self, job_id: str, crop_keys: list[str]) -> dict[str, float]: ...
     def distances(self, job_id: str) -> list[tuple[str, float]]: ...
     def distance_page(
         self,
@@ -673,6 +679,18 @@ class RedisStateStore:
     def count_accepted(self, job_id: str, threshold: float) -> int:
         return int(self.r.zcount(self._k(job_id, "dist"), "-inf", repr(float(threshold))))
 
+    def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
+        pipe = self.r.pipeline(transaction=False)
+        for t in thresholds:
+            pipe.zcount(self._k(job_id, "dist"), "-inf", repr(float(t)))
+        return [int(n) for n in pipe.execute()]
+
+    def distances_of(self, job_id: str, crop_keys: list[str]) -> dict[str, float]:
+        if not crop_keys:
+            return {}
+        scores = self.r.zmscore(self._k(job_id, "dist"), crop_keys)
+        return {k: float(v) for k, v in zip(crop_keys, scores, strict=True) if v is not None}
+
     def distances(self, job_id: str) -> list[tuple[str, float]]:
         return [(k, float(v)) for k, v in self.r.zrange(self._k(job_id, "dist"), 0, -1, withscores=True)]
 
@@ -1180,6 +1198,18 @@ class SqliteStateStore:
     def count_accepted(self, job_id: str, threshold: float) -> int:
         row = self._one("SELECT COUNT(*) FROM dist WHERE job_id = ? AND distance <= ?", job_id, threshold)
         return int(row[0]) if row else 0
+
+    def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
+        values = [r[0] for r in self._all("SELECT distance FROM dist WHERE job_id = ? ORDER BY distance", job_id)]
+        return [bisect.bisect_right(values, t) for t in thresholds]
+
+    def distances_of(self, job_id: str, crop_keys: list[str]) -> dict[str, float]:
+        found = {}
+        for key in crop_keys:
+            row = self._one("SELECT distance FROM dist WHERE job_id = ? AND key = ?", job_id, key)
+            if row:
+                found[key] = float(row[0])
+        return found
 
     def distances(self, job_id: str) -> list[tuple[str, float]]:
         return [

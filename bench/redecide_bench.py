@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,24 +25,9 @@ from pathlib import Path
 
 import httpx
 import redis
+from crawl_bench import free_port, wait_for_port  # bench/ is on the path of a bench script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing on port {port}")
 
 
 def fill(redis_url: str, job_id: str, n: int) -> None:
@@ -84,7 +68,7 @@ def main() -> None:
         )
         api = None
         try:
-            wait(redis_port)
+            wait_for_port(redis_port)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
             print(f"filling {args.crops} crops ...", flush=True)
             fill(redis_url, job_id, args.crops)
@@ -95,7 +79,7 @@ def main() -> None:
                  "--port", str(api_port), "--log-level", "warning"],
                 env=env, stdout=subprocess.DEVNULL,
             )  # fmt: skip
-            wait(api_port)
+            wait_for_port(api_port)
             client = redis.Redis.from_url(redis_url)
             thresholds = [0.3 + 0.04 * i for i in range(20)]
             bare, patch, page = [], [], []

@@ -62,10 +62,18 @@ def negative_embeddings(
     keys = [*job.negative_keys, *sorted(marked_wrong)]
     if not keys:
         return None
-    return _embeddings(job, keys, "negatives", store, embedder)
+    # A marked crop whose object is gone is left out (the uploaded images are required).
+    return _embeddings(job, keys, "negatives", store, embedder, optional=frozenset(marked_wrong))
 
 
-def _embeddings(job: Job, image_keys: list[str], kind: str, store: ObjectStore, embedder: Embedder) -> np.ndarray:
+def _embeddings(
+    job: Job,
+    image_keys: list[str],
+    kind: str,
+    store: ObjectStore,
+    embedder: Embedder,
+    optional: frozenset[str] = frozenset(),
+) -> np.ndarray:
     cache_key = (job.id, embedder.embedding_id, tuple(image_keys))
     if cache_key in _reference_cache:
         _reference_cache.move_to_end(cache_key)
@@ -74,7 +82,13 @@ def _embeddings(job: Job, image_keys: list[str], kind: str, store: ObjectStore, 
     key = reference_embeddings_key(job.id, embedder.embedding_id, image_keys)
     embeddings = _read_embeddings(job.id, store, key, rows=len(image_keys), dim=embedder.dim)
     if embeddings is None:
-        embeddings = embedder.embed_images([_read_reference(job.id, ref, store) for ref in image_keys])
+        images = [
+            image
+            for ref in image_keys
+            if (image := read_image_or_none(store, ref) if ref in optional else _read_reference(job.id, ref, store))
+            is not None
+        ]
+        embeddings = embedder.embed_images(images)
         store.put(key, _npy_bytes(embeddings), "application/octet-stream")
         log.info(f"embedded {kind}", extra={"job_id": job.id, "stage": Stage.SIAMESE.value, "key": key})
     embeddings.flags.writeable = False  # shared by every batch of the job in this process
@@ -110,7 +124,7 @@ def compare_batch(
         return []
     refs = reference_embeddings(job, store, embedder)
     # Crops the user marked wrong join the "not this" images: crops like them are judged farther.
-    marked_wrong = [k for k, ok in state.feedback(job.id).items() if not ok and store.exists(k)]
+    marked_wrong = [k for k, ok in state.feedback(job.id).items() if not ok]
     negatives = negative_embeddings(job, store, embedder, marked_wrong)
     if job.model is None and not job.reference_distances and len(refs) >= 2:
         # The calibration's positives under the pretrained embedding (a trained head brings its own).
@@ -142,6 +156,14 @@ def compare_batch(
         },
     )
     return recorded
+
+
+def read_image_or_none(store: ObjectStore, key: str) -> Image.Image | None:
+    """An image from the store, or None when it is missing or does not decode."""
+    try:
+        return decode_image(store.get(key))
+    except (ObjectNotFound, *DECODE_ERRORS):
+        return None
 
 
 def _read_reference(job_id: str, key: str, store: ObjectStore) -> Image.Image:

@@ -41,7 +41,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from imgsift_siamese.distance import pairwise_distances, reference_distance
+from imgsift_siamese.distance import reference_distance
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import preprocess, to_rgb
 
@@ -261,9 +261,7 @@ def fit(data: TrainingSet, config: TrainConfig | None = None) -> TrainedHead:
         "negative_distance_median": float(np.median(reference_distance(negs, refs))),
     }
     if r >= 2:
-        d = pairwise_distances(refs, refs)
-        np.fill_diagonal(d, np.inf)
-        stats["reference_nearest_median"] = float(np.median(d.min(axis=1)))
+        stats["reference_nearest_median"] = float(np.median(leave_one_out(refs)))
     return TrainedHead(head, config, data.references.shape[1], stats, held_out)
 
 
@@ -276,6 +274,4 @@ def leave_one_out(references: np.ndarray) -> list[float]:
     """Each reference's distance to the nearest other one (unit-norm embedding rows)."""
     if len(references) < 2:
         return []
-    d = pairwise_distances(references, references)
-    np.fill_diagonal(d, np.inf)
-    return [float(v) for v in d.min(axis=1)]
+    return [float(v) for v in reference_distance(references, references, "nearest_other")]

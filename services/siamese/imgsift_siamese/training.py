@@ -25,8 +25,8 @@ from PIL import Image
 from imgsift_common import keys
 from imgsift_common.messages import Job, SiameseModel, Stage, utcnow
 from imgsift_common.state import StateStore
-from imgsift_common.storage import ObjectNotFound, ObjectStore
-from imgsift_siamese.compare import compare_batch
+from imgsift_common.storage import ObjectStore
+from imgsift_siamese.compare import compare_batch, read_image_or_none
 from imgsift_siamese.embed import get_embedder, job_embedder
 from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image
 from imgsift_siamese.settings import SiameseSettings
@@ -51,7 +51,7 @@ def train_job(job: Job, store: ObjectStore, state: StateStore, settings: Siamese
     size, batch = settings.image_size, settings.batch_size
     config = TrainConfig(epochs=settings.train_epochs)
 
-    refs = [_image(store, k) for k in job.reference_keys]
+    refs = [read_image_or_none(store, k) for k in job.reference_keys]
     refs = [im for im in refs if im is not None]
     if len(refs) < 2:
         raise TrainingError(f"job {job.id}: fewer than 2 of its reference images could be read")
@@ -61,7 +61,7 @@ def train_job(job: Job, store: ObjectStore, state: StateStore, settings: Siamese
     marks = state.feedback(job.id)
     right = _crop_images(store, [k for k, ok in marks.items() if ok])
     wrong = _crop_images(store, [k for k, ok in marks.items() if not ok])
-    not_this = [im for k in job.negative_keys if (im := _image(store, k)) is not None]
+    not_this = [im for k in job.negative_keys if (im := read_image_or_none(store, k)) is not None]
     far = _crop_images(store, _far_crops(job, state))
 
     ref_rows = pooled_features(network, refs, image_size=size, batch_size=batch)
@@ -116,17 +116,8 @@ def _far_crops(job: Job, state: StateStore) -> list[str]:
     return [k for k, _ in far[-MAX_FAR_CROPS:]]
 
 
-def _image(store: ObjectStore, key: str) -> Image.Image | None:
-    try:
-        return decode_image(store.get(key))
-    except ObjectNotFound:
-        return None
-    except DECODE_ERRORS:
-        return None
-
-
 def _crop_images(store: ObjectStore, crop_keys: list[str]) -> list[Image.Image]:
-    return [im for k in crop_keys if (im := _image(store, k)) is not None]
+    return [im for k in crop_keys if (im := read_image_or_none(store, k)) is not None]
 
 
 def _bank_features(folder: Path, settings: SiameseSettings) -> np.ndarray:

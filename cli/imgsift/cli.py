@@ -360,3 +360,63 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------- API keys
+
+keys_app = typer.Typer(help="API keys of an imgsift deployment (talks to its Redis directly: for operators).")
+app.add_typer(keys_app, name="keys")
+REDIS_HELP = "the deployment's Redis (default: IMGSIFT_REDIS_URL, else redis://localhost:6379/0)"
+
+
+def _key_store(redis_url: str | None) -> Any:
+    import os
+
+    import redis
+
+    from imgsift_common.apikeys import ApiKeyStore
+
+    url = redis_url or os.environ.get("IMGSIFT_REDIS_URL", "redis://localhost:6379/0")
+    return ApiKeyStore(redis.Redis.from_url(url, decode_responses=True))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="who or what the key is for")],
+    admin: Annotated[bool, typer.Option(help="may manage keys and read operator views")] = False,
+    rate_limit: Annotated[str | None, typer.Option(help="e.g. 120/minute (default: the API's)")] = None,
+    redis_url: Annotated[str | None, typer.Option(help=REDIS_HELP)] = None,
+) -> None:
+    """Create a key and print it: it is shown this once; imgsift keeps only its hash."""
+    if rate_limit is not None:
+        from limits import parse
+
+        try:
+            parse(rate_limit)
+        except ValueError:
+            raise typer.BadParameter(f"{rate_limit!r}: write e.g. 120/minute", param_hint="--rate-limit") from None
+    record, key = _key_store(redis_url).create(name, admin=admin, rate_limit=rate_limit)
+    typer.echo(f"id {record.id} ({record.name}{', admin' if record.admin else ''}):", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(redis_url: Annotated[str | None, typer.Option(help=REDIS_HELP)] = None) -> None:
+    """Every key's id, name, role and rate limit (never the keys)."""
+    for record in _key_store(redis_url).list():
+        role = "admin" if record.admin else "user"
+        typer.echo(
+            f"{record.id}\t{role}\t{record.rate_limit or 'default'}\t{record.created_at:%Y-%m-%d}\t{record.name}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (imgsift keys list)")],
+    redis_url: Annotated[str | None, typer.Option(help=REDIS_HELP)] = None,
+) -> None:
+    """Revoke a key at once."""
+    if not _key_store(redis_url).revoke(key_id):
+        typer.echo(f"no key with id {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")

@@ -262,6 +262,9 @@ class Job(BaseModel):
 
     id: Annotated[str, Field(pattern=JOB_ID_PATTERN)]
     spec: JobSpec
+    owner: str | None = Field(
+        None, description="id of the API key that created the job (None: made in one process by the CLI)"
+    )
     state: JobState = JobState.QUEUED
     reference_keys: list[str] = Field(default_factory=list)
     negative_keys: list[str] = Field(

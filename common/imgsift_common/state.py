@@ -103,7 +103,10 @@ class StateStore(Protocol):
     def get_job(self, job_id: str) -> Job | None: ...
     def save_job(self, job: Job) -> None: ...
     def update_job(self, job_id: str, **changes: object) -> Job: ...
-    def list_jobs(self, limit: int = 100) -> list[Job]: ...
+    def list_jobs(self, limit: int = 100, owner: str | None = None) -> list[Job]:
+        """The newest jobs first; with ``owner``, only the jobs that API key created."""
+        ...
+
     def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> Job: ...
     def add_note(self, job_id: str, note: str) -> None: ...
     def notes(self, job_id: str) -> list[str]: ...
@@ -471,7 +474,12 @@ class RedisStateStore:
         created = bool(self.r.set(self._k(job.id), job.model_dump_json(), nx=True))
         if created:
             self.r.zadd(f"{self.prefix}:jobs", {job.id: job.created_at.timestamp()})
+            if job.owner is not None:
+                self.r.zadd(self._owner_jobs(job.owner), {job.id: job.created_at.timestamp()})
         return created
+
+    def _owner_jobs(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:jobs"
 
     def get_job(self, job_id: str) -> Job | None:
         raw = self.r.get(self._k(job_id))
@@ -506,8 +514,9 @@ class RedisStateStore:
                 except redis.WatchError:
                     continue
 
-    def list_jobs(self, limit: int = 100) -> list[Job]:
-        ids = self.r.zrevrange(f"{self.prefix}:jobs", 0, limit - 1)
+    def list_jobs(self, limit: int = 100, owner: str | None = None) -> list[Job]:
+        index = f"{self.prefix}:jobs" if owner is None else self._owner_jobs(owner)
+        ids = self.r.zrevrange(index, 0, limit - 1)
         jobs = [self.get_job(i) for i in ids]
         return [j for j in jobs if j is not None]
 
@@ -866,7 +875,14 @@ class SqliteStateStore:
             db.execute("UPDATE jobs SET body = ? WHERE id = ?", (new.model_dump_json(), job_id))
             return new
 
-    def list_jobs(self, limit: int = 100) -> list[Job]:
+    def list_jobs(self, limit: int = 100, owner: str | None = None) -> list[Job]:
+        if owner is not None:
+            rows = self._all(
+                "SELECT body FROM jobs WHERE json_extract(body, '$.owner') = ? ORDER BY created DESC LIMIT ?",
+                owner,
+                limit,
+            )
+            return [Job.model_validate_json(r[0]) for r in rows]
         rows = self._all("SELECT body FROM jobs ORDER BY created DESC LIMIT ?", limit)
         return [Job.model_validate_json(r[0]) for r in rows]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -22,24 +21,8 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.state import RedisStateStore
-from tests.conftest import S3_TEST_CREDENTIALS
 
 SPEC = {"target": "person", "threshold": 0.5, "sources": [{"kind": "urls", "urls": ["http://127.0.0.1:9/a.jpg"]}]}
-
-
-@pytest.fixture
-def api(redis_url: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    for name, value in {
-        **S3_TEST_CREDENTIALS,
-        "IMGSIFT_REDIS_URL": redis_url,
-        "IMGSIFT_S3_ENDPOINT": s3_endpoint,
-        "IMGSIFT_S3_BUCKET": "api-tests",
-    }.items():
-        monkeypatch.setenv(name, value)
-    from imgsift_api.main import app
-
-    with TestClient(app) as client:
-        yield client
 
 
 def _jpeg(color: tuple[int, int, int] = (10, 200, 30), size: tuple[int, int] = (80, 60)) -> bytes:

@@ -365,3 +365,16 @@ def test_idempotency_keys_bind_once_and_expire(state_store) -> None:  # type: ig
     assert state_store.claim_idempotency_key("client-43", "job-c", ttl=0.05) == "job-c"
     time.sleep(0.1)
     assert state_store.claim_idempotency_key("client-43", "job-d", ttl=60) == "job-d"
+
+
+def test_jobs_are_listed_per_owner(state_store) -> None:  # type: ignore[no-untyped-def]
+    """The API lists a key's jobs only: the owner index of each store."""
+    spec = JobSpec(target="dog", sources=[SourceSpec(kind=SourceKind.URLS, urls=["http://127.0.0.1:9/a.jpg"])])
+    jobs = [Job(id=f"{i:032x}", spec=spec, owner=owner) for i, owner in enumerate(["a", "b", "a", None], start=1)]
+    for job in jobs:
+        state_store.create_job(job)
+    assert [j.id for j in state_store.list_jobs(owner="a")] == [jobs[2].id, jobs[0].id]
+    assert [j.id for j in state_store.list_jobs(owner="b")] == [jobs[1].id]
+    assert state_store.list_jobs(owner="c") == []
+    assert len(state_store.list_jobs()) == 4
+    assert [j.id for j in state_store.list_jobs(limit=1, owner="a")] == [jobs[2].id]

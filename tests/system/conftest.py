@@ -10,6 +10,10 @@ import pytest
 from tests.conftest import S3_TEST_CREDENTIALS, free_port
 from tests.support.stack import Stack
 
+# The operator's first key (compose's IMGSIFT_API_BOOTSTRAP_KEY): every API call but /healthz needs a key.
+TEST_API_KEY = "isk_systemtest_3f9c1a7e5b2d4c6e8a0b1c2d3e4f5a6b"
+AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+
 
 @pytest.fixture
 def stack_env(redis_url: str, s3_endpoint: str, yolo_weights: Path) -> dict[str, str]:
@@ -17,6 +21,7 @@ def stack_env(redis_url: str, s3_endpoint: str, yolo_weights: Path) -> dict[str,
     return {
         **S3_TEST_CREDENTIALS,
         "IMGSIFT_REDIS_URL": redis_url,
+        "IMGSIFT_API_BOOTSTRAP_KEY": TEST_API_KEY,
         "IMGSIFT_S3_ENDPOINT": s3_endpoint,
         "IMGSIFT_S3_BUCKET": "system-test",
         "IMGSIFT_DETECTOR_WEIGHTS": str(yolo_weights),

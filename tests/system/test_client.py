@@ -6,11 +6,13 @@ import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
-from imgsift_client import AsyncImgsiftClient, ImgsiftClient, InvalidRequest, NotFound
+from imgsift_client import AsyncImgsiftClient, Forbidden, ImgsiftClient, InvalidRequest, NotFound, Unauthorized
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
+from tests.system.conftest import AUTH, TEST_API_KEY
 from tests.system.test_pipeline import ELEPHANT_PHOTOS, OTHER_ANIMAL_PHOTOS, _references
 
 pytestmark = pytest.mark.system
@@ -23,7 +25,7 @@ def test_client_creates_waits_pages_rethresholds_exports_and_raises_typed_errors
     urls = [web.add_image(f"/p/{s}.jpg", coco128.image(s)) for s in ELEPHANT_PHOTOS + OTHER_ANIMAL_PHOTOS[:4]]
     spec = {"target": "animal", "threshold": 0.8, "sources": [{"kind": "urls", "urls": urls}]}
     seen: list[float] = []
-    with ImgsiftClient(api) as imgsift:
+    with ImgsiftClient(api, api_key=TEST_API_KEY) as imgsift:
         job = imgsift.create_job(spec, references=_references(coco128), idempotency_key="system-client-1")
         assert imgsift.create_job(spec, references=_references(coco128), idempotency_key="system-client-1").id == job.id
         done = imgsift.wait(job.id, timeout=400, poll=0.5, on_progress=lambda j: seen.append(j.progress))
@@ -53,7 +55,7 @@ def test_client_creates_waits_pages_rethresholds_exports_and_raises_typed_errors
         assert invalid.value.status == 422 and "sources" in invalid.value.message
 
     async def async_flow() -> tuple[str, int]:
-        async with AsyncImgsiftClient(api) as client:
+        async with AsyncImgsiftClient(api, api_key=TEST_API_KEY) as client:
             again = await client.wait(job.id, timeout=30)
             crops = [c async for c in client.crops(job.id, threshold=0.8, accepted=True, page_size=2)]
             with pytest.raises(NotFound):
@@ -61,3 +63,13 @@ def test_client_creates_waits_pages_rethresholds_exports_and_raises_typed_errors
             return again.state, len(crops)
 
     assert asyncio.run(async_flow()) == ("completed", len(accepted))
+
+    # Keys: a wrong key is Unauthorized; another tenant's key finds no such job.
+    with ImgsiftClient(api, api_key="isk_not_a_key_of_this_stack_0") as stranger, pytest.raises(Unauthorized):
+        stranger.get_job(job.id)
+    other = httpx.post(f"{api}/v1/keys", json={"name": "other team"}, headers=AUTH, timeout=10).json()["key"]
+    with ImgsiftClient(api, api_key=other) as tenant:
+        with pytest.raises(NotFound):
+            tenant.get_job(job.id)
+        with pytest.raises(Forbidden):
+            tenant._call("GET", "/v1/dead-letters")

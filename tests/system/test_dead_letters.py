@@ -12,6 +12,7 @@ import pytest
 from imgsift_common.celery_app import TaskName, create_celery_app
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
+from tests.system.conftest import AUTH
 from tests.system.test_pipeline import ELEPHANT_PHOTOS, _references, wait_until_final
 
 pytestmark = pytest.mark.system
@@ -29,7 +30,7 @@ def test_poison_messages_are_dead_lettered_not_retried_forever(
     }
     for task, payload in poison.items():
         producer.send_task(str(task), args=[payload])
-    with httpx.Client(base_url=api, timeout=30) as client:
+    with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         deadline = time.monotonic() + 120
         while len(letters := client.get("/v1/dead-letters").json()) < len(poison):
             assert time.monotonic() < deadline, letters

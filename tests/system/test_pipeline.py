@@ -23,6 +23,7 @@ from imgsift_detector.coco import COCO_SUPERCATEGORIES
 from tests.support.coco import COCO_NAMES, Coco128
 from tests.support.stack import Stack
 from tests.support.web import TestWeb, build_photo_site
+from tests.system.conftest import AUTH
 
 pytestmark = pytest.mark.system
 
@@ -94,7 +95,7 @@ def test_job_through_the_services_keeps_the_referenced_animal(
         "threshold": THRESHOLD,
         "sources": [{"kind": "site", "start_urls": [index], "max_depth": 1}, {"kind": "urls", "urls": listed}],
     }
-    with httpx.Client(base_url=api, timeout=30) as client:
+    with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         files = [("references", (name, data, "image/jpeg")) for name, data in _references(coco128)]
         created = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files)
         assert created.status_code == 201, created.text

@@ -17,6 +17,7 @@ from imgsift_common.messages import DownloadOutcome
 from imgsift_common.state import RedisStateStore
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
+from tests.system.conftest import AUTH
 from tests.system.test_pipeline import wait_until_final
 
 pytestmark = pytest.mark.system
@@ -46,7 +47,7 @@ def test_killed_crawler_resumes_without_refetching_or_losing_urls(
     urls = [web.add(f"/slow/{p.name}", p.read_bytes(), "image/jpeg", delay=0.3) for p in photos]
     spec = {"target": "person", "threshold": 0.9, "sources": [{"kind": "urls", "urls": urls}]}
     state = RedisStateStore.from_url(redis_url)
-    with httpx.Client(base_url=api, timeout=30) as client:
+    with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         files = [("references", ("ref.jpg", coco128.images[-1].read_bytes(), "image/jpeg"))]
         job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files).json()["id"]
 
@@ -85,7 +86,7 @@ def test_killed_detector_and_siamese_workers_lose_and_duplicate_nothing(
     spec = {"target": "any", "threshold": 0.9, "sources": [{"kind": "urls", "urls": urls}]}
     state = RedisStateStore.from_url(redis_url)
     kills = []
-    with httpx.Client(base_url=api, timeout=30) as client:
+    with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         files = [("references", ("ref.jpg", coco128.images[-1].read_bytes(), "image/jpeg"))]
         job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files).json()["id"]
         for service, counter, at in (

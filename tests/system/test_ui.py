@@ -25,6 +25,7 @@ import yaml
 
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
+from tests.system.conftest import AUTH, TEST_API_KEY
 from tests.system.test_pipeline import ELEPHANT_PHOTOS, OTHER_ANIMAL_PHOTOS, _references
 
 pytestmark = pytest.mark.system
@@ -73,11 +74,19 @@ def test_ui_creates_a_job_watches_it_moves_the_threshold_marks_and_exports(
         refs.append(str(path))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
-    with sync_playwright() as pw, httpx.Client(base_url=api, timeout=30) as client:
+    with sync_playwright() as pw, httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LOOPBACK_ONLY)
         page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
         page.goto(f"{api}/")
+        # Not signed in: the UI asks for a key, refuses a wrong one, then keeps a right one in its cookie.
+        expect(page.locator("#signin")).to_be_visible()
+        page.fill("input[name=api_key]", "isk_not_a_key_of_this_stack_0")
+        page.click("#signin button[type=submit]")
+        expect(page.locator("#signin-error")).to_contain_text("not known")
+        page.fill("input[name=api_key]", TEST_API_KEY)
+        page.click("#signin button[type=submit]")
         expect(page.locator("#new-job")).to_be_visible()
+        expect(page.locator("#who")).to_contain_text("admin")
         page.fill("textarea[name=urls]", "\n".join(urls))
         page.fill("input[name=target]", "animal")
         page.fill("input[name=threshold]", "0.8")

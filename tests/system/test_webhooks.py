@@ -14,6 +14,7 @@ import pytest
 from imgsift_client import verify_webhook
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
+from tests.system.conftest import AUTH
 from tests.system.test_pipeline import ELEPHANT_PHOTOS, _references
 
 pytestmark = pytest.mark.system
@@ -63,7 +64,7 @@ def test_webhooks_are_signed_retried_listed_and_kept_off_private_addresses(
             "webhooks": [{"url": good.url}, {"url": private.url, "events": ["job.completed"]}],
         }  # fmt: skip
         files = [("references", (n, d, "image/jpeg")) for n, d in _references(coco128)[:2]]
-        with httpx.Client(base_url=api, timeout=30) as client:
+        with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
             created = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files)
             assert created.status_code == 201, created.text
             job_id, secret = created.json()["id"], created.json()["webhook_secret"]

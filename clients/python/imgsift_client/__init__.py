@@ -2,7 +2,7 @@
 
     from imgsift_client import ImgsiftClient
 
-    with ImgsiftClient("http://localhost:8000") as imgsift:
+    with ImgsiftClient("http://localhost:8000", api_key="isk_...") as imgsift:
         job = imgsift.create_job(
             {"query": "elephant", "target": "animal", "sources": [{"kind": "openverse"}]},
             references=["refs/e1.jpg", "refs/e2.jpg"],
@@ -19,10 +19,14 @@ Errors are :class:`ImgsiftError` subclasses carrying the API's status and messag
 from imgsift_client.client import AsyncImgsiftClient, ImgsiftClient
 from imgsift_client.errors import (
     Conflict,
+    Forbidden,
     ImgsiftError,
     InvalidRequest,
     JobFailed,
     NotFound,
+    RateLimited,
+    TooLarge,
+    Unauthorized,
     Unavailable,
     WaitTimeout,
 )
@@ -35,6 +39,7 @@ __all__ = [
     "Conflict",
     "Crop",
     "Export",
+    "Forbidden",
     "ImgsiftClient",
     "ImgsiftError",
     "InvalidRequest",
@@ -43,6 +48,9 @@ __all__ = [
     "JobFailed",
     "NotFound",
     "Provenance",
+    "RateLimited",
+    "TooLarge",
+    "Unauthorized",
     "Unavailable",
     "WaitTimeout",
     "verify_webhook",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -33,6 +34,11 @@ def _files(field: str, items: Iterable[FileLike]) -> list[tuple[str, tuple[str, 
     return out
 
 
+def _auth(api_key: str | None) -> dict[str, str]:
+    key = api_key or os.environ.get("IMGSIFT_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _check(response: httpx.Response) -> Any:
     if response.is_success:
         return response.json() if response.content else None
@@ -40,7 +46,7 @@ def _check(response: httpx.Response) -> Any:
         body = response.json()
     except ValueError:
         body = response.text
-    raise error_for(response.status_code, body)
+    raise error_for(response.status_code, body, response.headers.get("Retry-After"))
 
 
 def _crop_params(threshold: float | None, accepted: bool | None, page_size: int, cursor: str | None) -> dict[str, Any]:
@@ -71,7 +77,7 @@ def _final(job: Job) -> Job:
 
 
 class ImgsiftClient:
-    """Blocking client. ``api_key`` is sent as ``Authorization: Bearer`` when given."""
+    """Blocking client. ``api_key`` (default: the IMGSIFT_API_KEY variable) is sent as ``Authorization: Bearer``."""
 
     def __init__(
         self,
@@ -81,7 +87,7 @@ class ImgsiftClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = _auth(api_key)
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
 
     def __enter__(self) -> ImgsiftClient:
@@ -210,7 +216,7 @@ class AsyncImgsiftClient:
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = _auth(api_key)
         self.http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
 
     async def __aenter__(self) -> AsyncImgsiftClient:

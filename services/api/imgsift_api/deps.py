@@ -7,6 +7,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, HTTPException, Path, Request, status
 
+from imgsift_api.auth import Principal
 from imgsift_api.settings import ApiSettings
 from imgsift_common.messages import JOB_ID_PATTERN, Job
 from imgsift_common.state import StateStore
@@ -35,9 +36,10 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 
 
-def get_job(state: StateDep, job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)]) -> Job:
+def get_job(state: StateDep, principal: Principal, job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)]) -> Job:
     job = state.get_job(job_id)
-    if job is None:
+    # Another key's job answers exactly like a job that does not exist: ids leak nothing.
+    if job is None or job.owner != principal.id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id {job_id!r}; list jobs with GET /v1/jobs")
     return job
 

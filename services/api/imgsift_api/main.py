@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+import redis.exceptions
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from imgsift_api.routes import health, jobs, operations
+from imgsift_api.auth import BodyLimit, RateLimiter, get_principal
+from imgsift_api.routes import health, jobs, keys, operations
 from imgsift_api.settings import ApiSettings
+from imgsift_common.apikeys import ApiKeyStore
 from imgsift_common.celery_app import create_celery_app
 from imgsift_common.logs import configure_logging
 from imgsift_common.state import RedisStateStore
@@ -29,6 +32,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.state = RedisStateStore.from_url(settings.redis_url)
     app.state.store = store_from_settings(settings)
     app.state.celery = create_celery_app("imgsift-api", settings.redis_url)
+    app.state.keys = ApiKeyStore(app.state.state.r)
+    app.state.limiter = RateLimiter(settings.redis_url, settings.rate_limit)
+    if settings.bootstrap_key is not None:
+        app.state.keys.add(
+            settings.bootstrap_key.get_secret_value(), "bootstrap (IMGSIFT_API_BOOTSTRAP_KEY)", admin=True
+        )
     yield
 
 
@@ -38,9 +47,21 @@ app = FastAPI(
     summary="Build clean, labelled image datasets from the open web.",
     lifespan=lifespan,
 )
+app.add_middleware(BodyLimit)
 app.include_router(health.router)
-app.include_router(jobs.router, prefix="/v1")
-app.include_router(operations.router, prefix="/v1")
+# Every route under /v1 needs an API key, except signing the UI in (routes/keys.py).
+app.include_router(jobs.router, prefix="/v1", dependencies=[Depends(get_principal)])
+app.include_router(operations.router, prefix="/v1", dependencies=[Depends(get_principal)])
+app.include_router(keys.router, prefix="/v1")
+
+
+@app.exception_handler(redis.exceptions.ConnectionError)
+@app.exception_handler(redis.exceptions.TimeoutError)
+async def state_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    """Redis down or restarting: a clear 503 the client can retry, not a 500."""
+    return JSONResponse({"detail": "the job state store is unreachable; retry later"}, status_code=503)
+
+
 # The web UI: plain HTML and JavaScript over the same REST API, served from this package.
 app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
 
@@ -48,3 +69,4 @@ app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True),
 @app.get("/", include_in_schema=False)
 def root() -> RedirectResponse:
     return RedirectResponse("/ui/")
+

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
+from imgsift_common.apikeys import ApiKey
 from imgsift_common.exports import ExportFormat, ExportState
 from imgsift_common.messages import Box, DetectMode, DiscoveryReason, JobSpec, JobState, SourceKind, Stage
 from imgsift_common.progress import StageProgress
@@ -152,3 +153,19 @@ class ExportOut(BaseModel):
     download_url: str | None = Field(description="API path that streams the file once the export is done")
     created_at: datetime
     finished_at: datetime | None
+
+
+class KeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200, description="who or what the key is for")
+    admin: bool = Field(False, description="may manage keys and read operator views")
+    rate_limit: str | None = Field(
+        None, max_length=50, description="e.g. '120/minute'; default: the API's IMGSIFT_API_RATE_LIMIT"
+    )
+
+
+class KeyCreated(ApiKey):
+    key: str = Field(description="the API key: shown this once, stored only as a hash")
+
+
+class Login(BaseModel):
+    api_key: SecretStr = Field(description="an API key")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from imgsift_common.settings import ImgsiftSettings
@@ -15,3 +15,14 @@ class ApiSettings(ImgsiftSettings):
     max_references: int = Field(50, description="reference images one job may have")
     max_reference_pixels: int = Field(40_000_000, description="pixels one reference image may decode to")
     page_size_max: int = Field(500, description="largest page of crops one request may ask for")
+    max_request_bytes: int = Field(
+        256 * 1024 * 1024, description="bytes one request body may have (413 beyond; uploads included)"
+    )
+    bootstrap_key: SecretStr | None = Field(
+        None,
+        description="the operator's first admin API key (any 16-200 letters, digits, '_' or '-', e.g. from "
+        "`openssl rand -hex 32`): registered, hashed, at every start; more keys with POST /v1/keys",
+    )
+    rate_limit: str = Field(
+        "600/minute", description="requests one API key may make, e.g. '600/minute' (a key may have its own)"
+    )

@@ -15,6 +15,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from imgsift_api.auth import Principal
 from imgsift_api.deps import CeleryDep, JobDep, SettingsDep, StateDep, StoreDep
 from imgsift_api.references import ReferenceRejected, check_reference, store_negative, store_reference
 from imgsift_api.schemas import (
@@ -73,6 +74,7 @@ IDEMPOTENCY_TTL = 24 * 3600.0  # seconds a retried POST with the same Idempotenc
 
 @router.post("", response_model=JobStatus, status_code=status.HTTP_201_CREATED)
 async def create_job(
+    principal: Principal,
     state: StateDep,
     store: StoreDep,
     celery: CeleryDep,
@@ -108,7 +110,8 @@ async def create_job(
     not_this = [await _checked(upload, settings) for upload in negatives or []]
     # Claimed once the request is known to be valid: a refused request binds no key.
     if idempotency_key is not None:
-        first = state.claim_idempotency_key(idempotency_key, job_id, IDEMPOTENCY_TTL)
+        # Scoped by key: another tenant's equal Idempotency-Key neither finds nor blocks this one.
+        first = state.claim_idempotency_key(f"{principal.id}:{idempotency_key}", job_id, IDEMPOTENCY_TTL)
         if first != job_id:
             existing = state.get_job(first)
             for _ in range(50):  # the first request may still be storing its references
@@ -122,7 +125,7 @@ async def create_job(
             return job_status(existing, state)
     reference_keys = sorted({store_reference(store, job_id, data, fmt) for data, fmt in uploads})
     negative_keys = sorted({store_negative(store, job_id, data, fmt) for data, fmt in not_this})
-    job = Job(id=job_id, spec=job_spec, reference_keys=reference_keys, negative_keys=negative_keys)
+    job = Job(id=job_id, spec=job_spec, owner=principal.id, reference_keys=reference_keys, negative_keys=negative_keys)
     secret = webhooks.new_secret() if job_spec.webhooks else None
     if secret:
         state.set_marker(job_id, webhooks.SECRET_MARKER, secret)  # before the job exists: no event unsigned
@@ -153,9 +156,9 @@ async def _checked(upload: UploadFile, settings: SettingsDep) -> tuple[bytes, st
 
 
 @router.get("", response_model=JobList)
-def list_jobs(state: StateDep, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> JobList:
-    """The newest jobs first."""
-    return JobList(items=[job_status(job, state) for job in state.list_jobs(limit)])
+def list_jobs(principal: Principal, state: StateDep, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> JobList:
+    """The calling key's jobs, newest first."""
+    return JobList(items=[job_status(job, state) for job in state.list_jobs(limit, owner=principal.id)])
 
 
 @router.get("/{job_id}", response_model=JobStatus)

@@ -12,6 +12,10 @@ let cleanup = () => {};
 
 async function api(path, options = {}) {
   const response = await fetch(path, options);
+  if (response.status === 401) {
+    showSignIn("Your API key was refused (revoked?). Sign in again.");
+    throw new Error("401: not signed in");
+  }
   if (!response.ok) {
     let detail = response.statusText;
     try { detail = JSON.stringify((await response.json()).detail); } catch { /* not JSON */ }
@@ -26,9 +30,41 @@ function render(templateId) {
   view.replaceChildren(document.getElementById(templateId).content.cloneNode(true));
 }
 
-function route() {
+async function route() {
+  // Signed in = the API accepts the HttpOnly session cookie that POST /v1/session set.
+  const me = await fetch("/v1/session");
+  if (me.status === 401) { showSignIn(); return; }
+  const key = await me.json();
+  const who = document.getElementById("who");
+  who.replaceChildren(`key: ${key.name}${key.admin ? " (admin)" : ""} · `);
+  const out = document.createElement("a");
+  out.href = "#/";
+  out.id = "sign-out";
+  out.textContent = "sign out";
+  out.addEventListener("click", async (event) => {
+    event.preventDefault();
+    await fetch("/v1/session", { method: "DELETE" });
+    who.replaceChildren();
+    showSignIn();
+  });
+  who.append(out);
   const match = location.hash.match(/^#\/jobs\/([0-9a-f]{32})$/);
   if (match) showJob(match[1]); else showHome();
+}
+
+function showSignIn(message = "") {
+  render("signin-view");
+  document.getElementById("signin-error").textContent = message;
+  document.getElementById("signin").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const response = await fetch("/v1/session", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ api_key: event.target.api_key.value.trim() }),
+    });
+    if (response.ok) route();
+    else document.getElementById("signin-error").textContent = "That key is not known to this imgsift.";
+  });
 }
 window.addEventListener("hashchange", route);
 route();

@@ -33,6 +33,8 @@ HEADER = """\
 REQUIRED = {
     "IMGSIFT_S3_ACCESS_KEY": "change-me-access-key",
     "IMGSIFT_S3_SECRET_KEY": "change-me-secret-key-at-least-8-chars",
+    # compose refuses to start without it: the first admin API key (make one: openssl rand -hex 32)
+    "IMGSIFT_API_BOOTSTRAP_KEY": "change-me-admin-api-key-0123456789",
 }
 
 

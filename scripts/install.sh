@@ -20,3 +20,21 @@ fi
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get install -y -q chromium >/dev/null 2>&1 || echo "install.sh: could not install chromium; the UI test will skip" >&2
 fi
+
+# tests/deploy checks the KEDA ScaledObjects with @kubernetes-models/keda, pinned by
+# tools/keda/package-lock.json and installed into .tools/keda (not committed). Best effort:
+# without it the KEDA tests fail where node is installed and skip where it is not.
+if command -v npm >/dev/null 2>&1; then
+  if ! cmp -s tools/keda/package-lock.json .tools/keda/installed-lock.json \
+    || [ ! -f .tools/keda/node_modules/@kubernetes-models/keda/package.json ]; then
+    mkdir -p .tools/keda
+    cp tools/keda/package.json tools/keda/package-lock.json .tools/keda/
+    if npm ci --prefix .tools/keda --no-audit --no-fund --loglevel=error; then
+      cp tools/keda/package-lock.json .tools/keda/installed-lock.json
+    else
+      echo "install.sh: npm could not install tools/keda; the KEDA tests will fail" >&2
+    fi
+  fi
+else
+  echo "install.sh: npm not found; tools/keda not installed, so the KEDA tests fail (or skip without node)" >&2
+fi

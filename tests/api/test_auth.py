@@ -201,3 +201,16 @@ def test_user_strings_never_reach_object_keys(api: TestClient) -> None:
     )
     job = api.app.state.state.get_job(named.json()["id"])  # type: ignore[attr-defined]
     assert all(".." not in k and k.startswith(f"jobs/{job.id}/") for k in job.reference_keys)
+
+
+def test_the_env_example_placeholder_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from imgsift_api.settings import ApiSettings
+
+    monkeypatch.setenv("IMGSIFT_STORAGE", "local")
+    monkeypatch.setenv("IMGSIFT_API_BOOTSTRAP_KEY", "change-me-admin-api-key-0123456789")
+    with pytest.raises(ValidationError, match="placeholder"):
+        ApiSettings()
+    monkeypatch.setenv("IMGSIFT_API_BOOTSTRAP_KEY", "0123456789abcdef0123456789abcdef")
+    assert ApiSettings().bootstrap_key is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from imgsift_common.settings import ImgsiftSettings
@@ -26,3 +26,13 @@ class ApiSettings(ImgsiftSettings):
     rate_limit: str = Field(
         "600/minute", description="requests one API key may make, e.g. '600/minute' (a key may have its own)"
     )
+
+    @field_validator("bootstrap_key")
+    @classmethod
+    def _not_the_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        # .env.example ships a placeholder so compose starts from a copy; an admin key anyone can read is refused.
+        if value is not None and value.get_secret_value().startswith("change-me"):
+            raise ValueError(
+                "IMGSIFT_API_BOOTSTRAP_KEY is still the .env.example placeholder; set your own (openssl rand -hex 32)"
+            )
+        return value

@@ -15,6 +15,9 @@ from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 from pydantic import BaseModel
 
+from imgsift_common import broker
+from imgsift_common.settings import DEFAULT_TASK_MAX_RETRIES
+
 
 class QueueName(StrEnum):
     CRAWL = "crawl"
@@ -55,9 +58,11 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
 # from the store. Tasks retry these with backoff and jitter, a bounded number of times;
 # anything else is a bug or bad data, and retrying cannot help.
 def _transient_errors() -> tuple[type[Exception], ...]:
+    from kombu.exceptions import OperationalError
     from minio.error import ServerError
 
     return (
+        OperationalError,  # the broker unreachable when a task sends the next stage's message
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
         urllib3.exceptions.MaxRetryError,
@@ -68,13 +73,27 @@ def _transient_errors() -> tuple[type[Exception], ...]:
 
 
 TRANSIENT_ERRORS = _transient_errors()
-RETRY_POLICY = {
-    "autoretry_for": TRANSIENT_ERRORS,
-    "retry_backoff": 2,
-    "retry_backoff_max": 60,
-    "retry_jitter": True,
-    "max_retries": 5,
-}
+
+
+def retry_policy(max_retries: int = DEFAULT_TASK_MAX_RETRIES) -> dict[str, Any]:
+    """The options of a task that retries transient faults with backoff, ``max_retries`` times.
+
+    By default (``IMGSIFT_TASK_MAX_RETRIES``, 8) the retries wait at most 2, 4, 8, 16, 32, 60,
+    60 and 60 s, each drawn at random below that (full jitter, so tasks that failed together
+    do not come back together): 242 s at most, 121 s on average. Eight, not five: with five the
+    waits add up to less than 30 s for 45% of the tasks whose attempts fail at once, so a
+    30-second outage would already lose work (docs/reliability.md, "Outages").
+    """
+    return {
+        "autoretry_for": TRANSIENT_ERRORS,
+        "retry_backoff": 2,
+        "retry_backoff_max": 60,
+        "retry_jitter": True,
+        "max_retries": max_retries,
+    }
+
+
+RETRY_POLICY = retry_policy()  # the default; workers use retry_policy(settings.task_max_retries)
 
 
 def create_celery_app(name: str, broker_url: str) -> Celery:
@@ -92,12 +111,21 @@ def create_celery_app(name: str, broker_url: str) -> Celery:
         task_default_queue=QueueName.CRAWL.value,
         task_routes={str(k): v for k, v in TASK_ROUTES.items()},
         broker_connection_retry_on_startup=True,
+        # Sending a message (the next stage, a retry) waits up to about a minute for the broker to
+        # come back (0, 1, 2, 3, 4, then 5 s between tries) instead of one second: a task that
+        # meets a Redis restart carries on, rather than failing or having its retry refused.
+        task_publish_retry_policy={"max_retries": 15, "interval_start": 0, "interval_step": 1, "interval_max": 5},
+        # kombu's Redis transport, but a worker survives a Redis restart (imgsift_common/broker.py).
+        **({"broker_transport": broker.TRANSPORT} if broker_url.startswith(("redis://", "rediss://")) else {}),
         # With acks_late a task must finish within the visibility timeout or Redis
         # hands it to another worker; our batches are small, an hour is generous.
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,
     )
     _route_failures_to_dead_letters(app, broker_url)
+    from imgsift_common.metrics import instrument_celery  # imports this module
+
+    instrument_celery(app)  # Prometheus: tasks, durations, items per stage (IMGSIFT_METRICS_PORT)
     return app
 
 
@@ -131,8 +159,9 @@ def _route_failures_to_dead_letters(app: Celery, broker_url: str) -> None:
                    args: Any = None, **_: Any) -> None:  # fmt: skip
         if sender is None or getattr(sender, "app", None) is not app:
             return
-        record_dead_letter(broker_url, getattr(sender, "name", "?"), task_id, args, exception,
-                           getattr(getattr(sender, "request", None), "retries", 0) or 0)  # fmt: skip
+        letter = record_dead_letter(broker_url, getattr(sender, "name", "?"), task_id, args, exception,
+                                    getattr(getattr(sender, "request", None), "retries", 0) or 0)  # fmt: skip
+        _settle_job(app, broker_url, letter, args)
 
     signals.task_failure.connect(on_failure, weak=False)
 
@@ -163,6 +192,27 @@ def record_dead_letter(
     finally:
         client.close()
     return letter
+
+
+def _settle_job(app: Celery, redis_url: str, letter: DeadLetter, args: Any) -> None:
+    """Record in the letter's job what its task could not do (imgsift_common.failed_tasks)."""
+    if letter.job_id is None:
+        return
+    from imgsift_common import webhooks
+    from imgsift_common.failed_tasks import settle_failed_task
+    from imgsift_common.state import RedisStateStore
+
+    state = RedisStateStore.from_url(redis_url)
+    try:
+        payload = args[0] if isinstance(args, (list, tuple)) and args else args
+        settle_failed_task(
+            state,
+            letter,
+            payload,
+            lambda job_id: webhooks.notify(state, job_id, lambda m: send(app, TaskName.WEBHOOK, m)),
+        )
+    finally:
+        state.r.close()
 
 
 def dead_letters(client: Any, limit: int = 100) -> list[DeadLetter]:

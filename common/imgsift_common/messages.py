@@ -110,6 +110,9 @@ class FailureReason(StrEnum):
     LIMIT_REACHED = "limit_reached"
     TARGET_REACHED = "target_reached"
     CANCELLED = "cancelled"
+    # The download task failed for good (a fault outlived its bounded retries, e.g. the object
+    # store unreachable for minutes): the job's notes and GET /v1/dead-letters say what happened.
+    TASK_FAILED = "task_failed"
 
 
 class DiscoveryReason(StrEnum):

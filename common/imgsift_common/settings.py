@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +25,18 @@ class StorageBackend(StrEnum):
 def _env(name: str) -> AliasChoices:
     # Shared fields ignore the subclass prefix: IMGSIFT_REDIS_URL everywhere.
     return AliasChoices(f"IMGSIFT_{name}", name.lower())
+
+
+# A TCP port, where "" (a variable set but empty) means none, like 0: off.
+MetricsPort = Annotated[int | None, BeforeValidator(lambda v: None if v == "" else v)]
+METRICS_PORT_HELP = (
+    "port each Celery worker's main process serves Prometheus metrics on, at /metrics (0 or empty: off); "
+    "the API serves /metrics on its own port"
+)
+
+
+# Why eight: imgsift_common.celery_app.retry_policy.
+DEFAULT_TASK_MAX_RETRIES = 8
 
 
 class ImgsiftSettings(BaseSettings):
@@ -53,6 +66,24 @@ class ImgsiftSettings(BaseSettings):
         description="folder for objects when storage=local (one machine or a shared volume)",
     )
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"), description="DEBUG, INFO, WARNING or ERROR")
+    s3_timeout: float = Field(
+        20.0,
+        gt=0,
+        validation_alias=_env("S3_TIMEOUT"),
+        description="seconds to connect to S3, and to wait for each read, before the request is tried again",
+    )
+    task_max_retries: int = Field(
+        DEFAULT_TASK_MAX_RETRIES,
+        ge=0,
+        validation_alias=_env("TASK_MAX_RETRIES"),
+        description=(
+            "times a task retries a transient fault (Redis or S3 unreachable), waiting up to 2, 4, ... 60 s "
+            "(jittered); then it fails for good: a dead letter, and the job records the loss"
+        ),
+    )
+    metrics_port: MetricsPort = Field(
+        default=9100, ge=0, le=65535, validation_alias=_env("METRICS_PORT"), description=METRICS_PORT_HELP
+    )
 
     @model_validator(mode="after")
     def _secrets_for_s3(self) -> ImgsiftSettings:
@@ -63,3 +94,14 @@ class ImgsiftSettings(BaseSettings):
                 "IMGSIFT_STORAGE=local with IMGSIFT_LOCAL_STORAGE_DIR for a single machine"
             )
         return self
+
+
+class MetricsSettings(BaseSettings):
+    """The one shared setting the worker metrics read at start (``imgsift_common.metrics``), which
+    needs none of the others (no S3 secrets): the same ``IMGSIFT_METRICS_PORT`` as above."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGSIFT_", extra="ignore", populate_by_name=True)
+
+    metrics_port: MetricsPort = Field(
+        default=9100, ge=0, le=65535, validation_alias=_env("METRICS_PORT"), description=METRICS_PORT_HELP
+    )

@@ -145,11 +145,25 @@ class S3Store:
         *,
         secure: bool = False,
         region: str | None = None,
+        timeout: float = 20.0,
     ) -> None:
+        import certifi
+        import urllib3
         from minio import Minio
 
         self.bucket = bucket
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
+        # minio's own client, but with a bounded wait: its default (5 minutes to connect and per
+        # read) would hold a task that long on an unreachable store instead of letting it retry.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        )
+        self.client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http
+        )
 
     def ensure_bucket(self) -> None:
         from minio.error import S3Error
@@ -232,6 +246,7 @@ def store_from_settings(settings: ImgsiftSettings) -> ObjectStore:
         settings.s3_bucket,
         secure=settings.s3_secure,
         region=settings.s3_region,
+        timeout=settings.s3_timeout,
     )
     store.ensure_bucket()
     return store

@@ -17,6 +17,7 @@ import redis
 
 from imgsift_common.celery_app import QueueName, TaskName
 from imgsift_common.messages import CropBatch, ImageBatch, JobState
+from imgsift_common.settings import DEFAULT_TASK_MAX_RETRIES
 from imgsift_common.state import Counter, Flag, RedisStateStore
 from imgsift_common.storage import LocalStore
 from imgsift_detector.model import WeightsError
@@ -119,6 +120,6 @@ def test_unavailable_weights_fail_the_job_with_the_fix(  # type: ignore[no-untyp
 def test_the_task_is_routed_to_the_detect_queue_and_retries_only_transient_faults(worker: ModuleType) -> None:
     task = worker.app.tasks[TaskName.DETECT]
     assert worker.app.amqp.router.route({}, task.name)["queue"].name == QueueName.DETECT
-    assert task.max_retries == 5
+    assert task.max_retries == DEFAULT_TASK_MAX_RETRIES  # IMGSIFT_TASK_MAX_RETRIES
     assert redis.ConnectionError in task.autoretry_for
     assert not any(issubclass(ValueError, fault) for fault in task.autoretry_for)  # a bad message is no outage

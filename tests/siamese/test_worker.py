@@ -9,6 +9,7 @@ import redis.exceptions
 from PIL import Image
 
 from imgsift_common.messages import JobState
+from imgsift_common.settings import DEFAULT_TASK_MAX_RETRIES
 from imgsift_common.state import Flag, RedisStateStore
 from imgsift_common.storage import LocalStore
 from tests.siamese.stored import JOB_ID, create_job, put_crops, put_references
@@ -101,7 +102,7 @@ class UnreachableState:
 @pytest.mark.parametrize(
     ("error", "attempts"),
     [
-        (redis.exceptions.ConnectionError("Redis went away"), 1 + 5),  # transient: retried up to max_retries
+        (redis.exceptions.ConnectionError("Redis went away"), 1 + DEFAULT_TASK_MAX_RETRIES),  # transient: retried
         (RuntimeError("a bug"), 1),  # anything else: retrying cannot help
     ],
 )

@@ -15,6 +15,7 @@ import pytest
 
 from imgsift_common.messages import DownloadOutcome
 from imgsift_common.state import RedisStateStore
+from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
 from tests.system.conftest import AUTH
@@ -102,12 +103,5 @@ def test_killed_detector_and_siamese_workers_lose_and_duplicate_nothing(
             running.start(service)
         status = wait_until_final(client, job_id, running)
 
-    assert status["state"] == "completed", status
-    counts = status["counts"]
-    images, crops = state.image_keys(job_id), state.crop_keys(job_id)
-    assert counts["downloaded"] == len(images) == PHOTOS
-    assert counts["detected"] == len(images) and all(state.is_detected(job_id, k) for k in images)
-    assert counts["crops"] == len(crops) == len(set(crops))  # no duplicate crop
-    assert counts["compared"] + counts["compare_failed"] == len(crops) == len(state.distances(job_id))
-    assert sum(state.detected_count(job_id, k) or 0 for k in images) == len(crops)  # no crop counted twice
+    assert_each_image_and_crop_handled_once(status, state, job_id, PHOTOS)
     print(f"kills at: {kills}")

@@ -9,10 +9,13 @@ the next tick, until discovery is over and every URL has an outcome.
 
 - The job records its current chain's token; a tick of any other chain stops (it was
   superseded), so a job never has two chains for long.
-- A tick holds a lock while it runs, so two deliveries of one tick never step at once.
-- A crawler worker that starts gives every unfinished job a new chain: if the worker that
-  ran a job's tick died (a kill, an outage), its job goes on at once, without waiting for
-  the broker to redeliver the lost tick.
+- A tick holds a lock while it runs, so two deliveries of one tick never step at once. A new
+  chain's first tick that finds the lock held waits for it (the old tick may have died holding
+  it); a tick of a chain that already ran stops.
+- A crawler worker that starts, or connects again after losing the broker (a Redis restart),
+  gives every unfinished job a new chain: if the worker that ran a job's tick died (a kill, an
+  outage), or dropped the tick it held with its broker connection, the job goes on at once,
+  without waiting for the broker to redeliver the lost tick.
 - Once every URL has an outcome the chain stays on as the job's supervisor until the job is
   complete: when the detect and Siamese counters stop moving (``stall_seconds``), it sends
   the images not yet detected and the crops not yet compared again, which a worker killed
@@ -27,10 +30,10 @@ import uuid
 from functools import cache
 from typing import Any
 
-from celery import Task, signals
+from celery import Task, bootsteps
 
 from imgsift_common import webhooks
-from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, RETRY_POLICY, TaskName, create_celery_app, send
+from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, create_celery_app, retry_policy, send
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import (
     CropBatch,
@@ -61,6 +64,7 @@ app = create_celery_app("imgsift-crawler", settings.redis_url)
 TICK_SECONDS = 20.0  # how long one discover tick may keep stepping before it hands over
 LOCK = "discover"
 CHAIN = DISCOVER_CHAIN_MARKER
+RUNNING_CHAIN = "discover-chain-running"  # the chain whose tick last held the lock
 RESEND_IMAGES = 16  # images per detect message when unfinished work is handed on again
 RESEND_CROPS = 64  # crops per compare message, likewise
 
@@ -101,16 +105,33 @@ def start_chain(job_id: str) -> None:
     send(app, TaskName.DISCOVER, DiscoverMessage(job_id=job_id, chain=chain))
 
 
-@signals.worker_ready.connect
-def _resume_unfinished_jobs(**_: Any) -> None:
-    """Give every unfinished job a new discovery chain when a crawler worker starts."""
+def _resume_unfinished_jobs() -> None:
+    """Give every unfinished job a new discovery chain."""
     for job in state().list_jobs(limit=10_000):
         if not job.state.is_final and state().get_marker(job.id, CHAIN) is not None:
             log.info("resuming discovery", extra={"job_id": job.id, "stage": "crawl"})
             start_chain(job.id)
 
 
-@app.task(name=TaskName.DISCOVER, shared=False, bind=True, **RETRY_POLICY)
+class _ResumeDiscoveryOnConnect(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Resume every unfinished job each time this worker connects to the broker: at start, and
+    after the broker was lost and is back (Redis restarted).
+
+    At start: the worker that ran a job's tick may have died. After a broker restart: a worker
+    drops the countdown tick it held with the lost connection, and the broker hands it out
+    again only after its visibility timeout (an hour). Either way the job goes on at once.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        _resume_unfinished_jobs()  # a connection error here makes the consumer reconnect and try again
+
+
+app.steps["consumer"].add(_ResumeDiscoveryOnConnect)
+
+
+@app.task(name=TaskName.DISCOVER, shared=False, bind=True, **retry_policy(settings.task_max_retries))
 def discover(self: Task, payload: dict[str, Any]) -> None:
     """One tick of a job's discovery: page its sources, lease URLs to downloads, schedule the next tick."""
     message = DiscoverMessage.model_validate(payload)
@@ -125,7 +146,12 @@ def discover(self: Task, payload: dict[str, Any]) -> None:
     # One execution at a time: a redelivered copy of this tick runs only if the first died.
     owner = str(self.request.id or message.chain)
     if not state().hold_lock(job.id, LOCK, owner, _lock_ttl()):
-        return
+        if state().get_marker(job.id, RUNNING_CHAIN) != message.chain:
+            # A new chain (the job resumed) waits for the tick holding the lock to end, or for
+            # the lock to expire if that tick died holding it (Redis lost in mid-tick).
+            discover.apply_async(args=[payload], countdown=settings.step_interval)
+        return  # else a second copy of a chain that runs: the copy that holds the lock goes on
+    state().set_marker(job.id, RUNNING_CHAIN, message.chain)
     try:
         if job.state is JobState.QUEUED:
             job = state().set_job_state(job.id, JobState.RUNNING)
@@ -171,7 +197,7 @@ def _resend_stalled(job: Job) -> None:
         send(app, TaskName.COMPARE, CropBatch(job_id=job.id, crop_keys=crops[start : start + RESEND_CROPS]))
 
 
-@app.task(name=TaskName.DOWNLOAD, shared=False, **RETRY_POLICY)
+@app.task(name=TaskName.DOWNLOAD, shared=False, **retry_policy(settings.task_max_retries))
 def download(payload: dict[str, Any]) -> None:
     """Download, validate and store a batch of candidates; send the stored images to the detector."""
     message = DownloadBatch.model_validate(payload)
@@ -185,7 +211,7 @@ def download(payload: dict[str, Any]) -> None:
     notify(job.id)
 
 
-@app.task(name=TaskName.EXPORT, shared=False, **RETRY_POLICY)
+@app.task(name=TaskName.EXPORT, shared=False, **retry_policy(settings.task_max_retries))
 def export(payload: dict[str, Any]) -> None:
     """Build a dataset export of a job into the object store (crawler workers hold no model)."""
     import tempfile
@@ -207,7 +233,8 @@ def notify(job_id: str) -> None:
     webhooks.notify(state(), job_id, lambda message: send(app, TaskName.WEBHOOK, message))
 
 
-@app.task(name=TaskName.WEBHOOK, shared=False, bind=True, max_retries=webhooks.MAX_ATTEMPTS - 1)
+# Retried by itself while the receiver fails, and on transient faults (Redis unreachable) too.
+@app.task(name=TaskName.WEBHOOK, shared=False, bind=True, **retry_policy(webhooks.MAX_ATTEMPTS - 1))
 def webhook(self: Task, payload: dict[str, Any]) -> None:
     """POST one signed event to one webhook; retried with backoff while the receiver fails."""
     message = WebhookMessage.model_validate(payload)

@@ -1,0 +1,22 @@
+"""Assertions the fault tests share: a job that went through a fault lost and duplicated nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imgsift_common.state import StateStore
+
+
+def assert_each_image_and_crop_handled_once(
+    status: dict[str, Any], state: StateStore, job_id: str, images: int
+) -> None:
+    """The job completed; each of its ``images`` was stored and detected once, each crop compared
+    once, and the counters the API shows equal the records in the state store."""
+    assert status["state"] == "completed", status
+    counts = status["counts"]
+    image_keys, crops = state.image_keys(job_id), state.crop_keys(job_id)
+    assert counts["downloaded"] == len(image_keys) == images, counts
+    assert counts["detected"] == len(image_keys) and all(state.is_detected(job_id, k) for k in image_keys)
+    assert counts["crops"] == len(crops) == len(set(crops))  # no duplicate crop
+    assert counts["compared"] + counts["compare_failed"] == len(crops) == len(state.distances(job_id)), counts
+    assert sum(state.detected_count(job_id, k) or 0 for k in image_keys) == len(crops)  # no crop counted twice

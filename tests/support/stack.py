@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,12 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
     return _VAR.sub(sub, value)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def service_command(service: str, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The command and environment compose gives ``service``, with ``env`` overriding."""
     spec = compose_file()["services"][service]
@@ -52,23 +59,37 @@ def service_command(service: str, env: dict[str, str]) -> tuple[list[str], dict[
 
 @dataclass
 class Stack:
-    """The four app services running as child processes; logs go to files under ``logdir``."""
+    """The four app services running as child processes; logs go to files under ``logdir``.
+
+    ``start(service, name)`` starts another replica of a service under its own name (like
+    ``docker compose up --scale``). Each worker serves its metrics on a port of its own
+    (``metrics_ports``), as it would in its own container, unless ``env`` sets IMGSIFT_METRICS_PORT.
+    """
 
     env: dict[str, str]
     logdir: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, IO[bytes]] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
-    def start(self, service: str) -> subprocess.Popen[bytes]:
+    def start(self, service: str, name: str | None = None) -> subprocess.Popen[bytes]:
+        name = name or service
         command, environment = service_command(service, self.env)
         bindir = Path(sys.executable).parent
         command[0] = str(bindir / command[0]) if (bindir / command[0]).exists() else command[0]
+        if "--hostname" in command:  # replicas on one machine need distinct Celery node names
+            command[command.index("--hostname") + 1] = f"{name}@%h"
         full_env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
-        log = (self.logdir / f"{service}.log").open("ab")
-        self.logs[service] = log
+        if service != "api" and "IMGSIFT_METRICS_PORT" not in self.env:
+            self.metrics_ports[name] = _free_port()
+            full_env["IMGSIFT_METRICS_PORT"] = str(self.metrics_ports[name])
+            # Its values under logdir, not a temporary folder that a SIGKILL would leave behind.
+            full_env["PROMETHEUS_MULTIPROC_DIR"] = str(self.logdir / f"metrics-{name}")
+        log = (self.logdir / f"{name}.log").open("ab")
+        self.logs[name] = log
         # Own process group, so a stop also ends the Celery prefork children.
         proc = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[service] = proc
+        self.procs[name] = proc
         return proc
 
     def start_all(self) -> None:
@@ -99,9 +120,9 @@ class Stack:
                 raise RuntimeError(f"{service} exited with {proc.returncode}:\n{self.log(service)[-4000:]}")
 
     def wait_ready(self, api_url: str, timeout: float = 120) -> None:
-        """The API answers /healthz and every worker has logged that it is ready."""
+        """The API answers /healthz and every worker started has logged that it is ready."""
         deadline = time.monotonic() + timeout
-        pending = set(APP_SERVICES)
+        pending = set(self.procs)
         while pending and time.monotonic() < deadline:
             self.check_alive()
             if "api" in pending:

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import minio.error
 import redis.exceptions
+import urllib3.exceptions
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from imgsift_api.auth import BodyLimit, RateLimiter, get_principal
@@ -20,6 +22,7 @@ from imgsift_api.settings import ApiSettings
 from imgsift_common.apikeys import ApiKeyStore
 from imgsift_common.celery_app import create_celery_app
 from imgsift_common.logs import configure_logging
+from imgsift_common.metrics import api_metrics
 from imgsift_common.state import RedisStateStore
 from imgsift_common.storage import store_from_settings
 
@@ -62,6 +65,15 @@ async def state_unreachable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "the job state store is unreachable; retry later"}, status_code=503)
 
 
+@app.exception_handler(urllib3.exceptions.MaxRetryError)
+@app.exception_handler(urllib3.exceptions.ProtocolError)
+@app.exception_handler(urllib3.exceptions.TimeoutError)
+@app.exception_handler(minio.error.ServerError)
+async def store_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    """The object store down or failing (after the client's own retries): a 503 to retry, not a 500."""
+    return JSONResponse({"detail": "the object store is unreachable; retry later"}, status_code=503)
+
+
 # The web UI: plain HTML and JavaScript over the same REST API, served from this package.
 app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
 
@@ -70,3 +82,9 @@ app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True),
 def root() -> RedirectResponse:
     return RedirectResponse("/ui/")
 
+
+@app.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics, no key needed: queue depths and dead letters (read from Redis now), this process."""
+    body, content_type = api_metrics(request.app.state.state.r)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,526 @@
+"""Scaling and end to end: real jobs through the whole stack as local processes.
+
+    .venv/bin/python bench/scale_bench.py                        # scaling: 600 images, 1 then 2 workers per stage
+    .venv/bin/python bench/scale_bench.py --e2e --images 2000    # end to end: one 2,000-image job, compose topology
+
+Both modes start what ``tests/support/stack.py`` starts for the system tests (the API under
+uvicorn and Celery workers with docker-compose.yml's commands and environment, each its own
+process group), against a Redis server and moto's S3 server (a separate process, so the
+bench's own threads do not share its interpreter) on free loopback ports. The images are
+``--images`` distinct JPEGs cut from real photos (COCO128: random crops, flips, sizes and
+qualities, pairwise more than 10 perceptual-hash bits apart, so nothing is dropped as a
+near-duplicate; ``crawl_bench.build_corpus``), served over HTTP on 127.0.0.1, and the job
+lists their URLs (a ``urls`` source) with target ``--target`` (default ``any``: every object
+YOLOv8n finds is cropped and scored). Politeness limits are lifted (one host serves
+everything): per-host concurrency 64, no interval.
+
+Scaling (the default): for 1 and for 2 worker processes (replicas, like ``docker compose up
+--scale``) per stage, one job is run stage by stage: the crawler(s) first, alone, until every
+URL has an outcome; then the detector(s), alone, over the queued images; then the Siamese
+worker(s) over the queued crops. Each stage so has the whole machine, and its rate is read
+from the job's counters in Redis (sampled every 0.2 s) from the first counted result to the
+last, so worker start-up and model loading stay out of it. The crawler's stall re-sending is
+switched off (``IMGSIFT_CRAWLER_STALL_SECONDS``) while later stages wait on purpose.
+
+End to end (``--e2e``): every service starts at once (``--replicas`` per worker stage, 1 by
+default: the compose file's topology), then one job runs with all stages overlapping; the
+figure is stored images per second from job creation to completion.
+
+Both report, per stage: items, images (or crops) per second, busy time (the sum of the
+stage's task run times, from each worker's Prometheus histogram
+``imgsift_task_duration_seconds``, scraped on its ``IMGSIFT_METRICS_PORT``), CPU seconds, and
+the peak memory of each worker's process tree (the main process and its pool children;
+resident set summed every 0.5 s, proportional set every 5 s: PSS counts pages the prefork
+children share with their parent once). Results go to ``--out`` (``bench-out/scale/``) as
+JSON and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+from crawl_bench import build_corpus, free_port, redis_server, s3_server, web_server  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from imgsift_common.state import RedisStateStore  # noqa: E402
+from tests.support.stack import Stack  # noqa: E402
+
+API_KEY = "isk_scalebench_0123456789abcdef0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+STAGES = ("crawl", "detect", "siamese")
+# The task whose run times are a stage's busy time (the crawler's discover ticks are reported apart).
+STAGE_COUNTER = {"crawl": "downloaded", "detect": "detected", "siamese": "compared"}
+STAGE_TASK = {"crawl": "crawler.download", "detect": "detector.detect", "siamese": "siamese.compare"}
+SERVICE_OF = {"crawl": "crawler", "detect": "detector", "siamese": "siamese"}
+UNIT = {"crawl": "images", "detect": "images", "siamese": "crops"}
+
+
+# ============================================================================ sampling
+
+
+class Sampler(threading.Thread):
+    """Peak memory and CPU time of each process tree of the stack, and the API's queue depths."""
+
+    def __init__(self, stack: Stack, api: str) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.api = stack, api
+        self.done = threading.Event()
+        self.peak_rss: dict[str, int] = {}
+        self.peak_pss: dict[str, int] = {}
+        self.cpu: dict[str, dict[int, float]] = {}  # name -> pid -> user+system seconds, last seen
+        self.peak_queue: dict[str, float] = {}
+
+    def run(self) -> None:
+        tick = 0
+        while not self.done.is_set():
+            full = tick % 10 == 0
+            for name, proc in list(self.stack.procs.items()):
+                try:
+                    root = psutil.Process(proc.pid)
+                    tree = [root, *root.children(recursive=True)]
+                except psutil.Error:
+                    continue
+                rss = pss = 0
+                for p in tree:
+                    try:
+                        rss += p.memory_info().rss
+                        if full:
+                            pss += p.memory_full_info().pss
+                        times = p.cpu_times()
+                        self.cpu.setdefault(name, {})[p.pid] = times.user + times.system
+                    except psutil.Error:
+                        pass
+                self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
+                if full:
+                    self.peak_pss[name] = max(self.peak_pss.get(name, 0), pss)
+            if tick % 2 == 0:
+                try:
+                    metrics = scrape(f"{self.api}/metrics")
+                    for (metric, labels), value in metrics.items():
+                        if metric == "imgsift_queue_depth":
+                            queue = dict(labels)["queue"]
+                            self.peak_queue[queue] = max(self.peak_queue.get(queue, 0), value)
+                except httpx.HTTPError:
+                    pass
+            tick += 1
+            self.done.wait(0.5)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+    def cpu_seconds(self, name: str) -> float:
+        return sum(self.cpu.get(name, {}).values())
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(url, timeout=10).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def worker_stage_metrics(stack: Stack) -> dict[str, dict[str, float]]:
+    """Busy seconds and tasks per task, and items per stage, summed over the workers' Prometheus metrics."""
+    busy: dict[str, float] = {}
+    tasks: dict[str, float] = {}
+    items: dict[str, float] = {}
+    for name, port in stack.metrics_ports.items():
+        if name not in stack.procs:
+            continue
+        for (metric, labels), value in scrape(f"http://127.0.0.1:{port}/metrics").items():
+            tags = dict(labels)
+            if metric == "imgsift_task_duration_seconds_sum":
+                busy[tags["task"]] = busy.get(tags["task"], 0.0) + value
+            elif metric == "imgsift_task_duration_seconds_count":
+                tasks[tags["task"]] = tasks.get(tags["task"], 0.0) + value
+            elif metric == "imgsift_stage_items_total":
+                items[tags["stage"]] = items.get(tags["stage"], 0.0) + value
+    out = {
+        stage: {
+            "busy_seconds": busy.get(STAGE_TASK[stage], 0.0),
+            "tasks": tasks.get(STAGE_TASK[stage], 0.0),
+            "task_items": items.get(stage, 0.0),
+        }
+        for stage in STAGES
+    }
+    out["crawl"]["discover_busy_seconds"] = busy.get("crawler.discover", 0.0)
+    return out
+
+
+# ============================================================================ the job
+
+
+def references(photos: Path, n: int = 3) -> list[tuple[str, bytes]]:
+    files = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[-n:]
+    return [(p.name, p.read_bytes()) for p in files]
+
+
+def create_job(api: str, urls: list[str], args: argparse.Namespace) -> str:
+    spec = {
+        "target": args.target,
+        "threshold": args.threshold,
+        "sources": [{"kind": "urls", "urls": urls}],
+        "limits": {"max_images": len(urls), "per_source": len(urls)},
+    }
+    files = [("references", (name, data, "image/jpeg")) for name, data in references(args.photos)]
+    response = httpx.post(f"{api}/v1/jobs", data={"spec": json.dumps(spec)}, files=files, headers=AUTH, timeout=120)
+    if response.status_code != 201:
+        raise SystemExit(f"job not created: {response.status_code} {response.text[:2000]}")
+    return str(response.json()["id"])
+
+
+def url_outcomes(c: dict[str, int]) -> int:
+    return c.get("downloaded", 0) + c.get("duplicates", 0) + c.get("failed", 0) + c.get("skipped", 0)
+
+
+def compared(c: dict[str, int]) -> int:
+    return c.get("compared", 0) + c.get("compare_failed", 0)
+
+
+def watch(
+    state: RedisStateStore,
+    stack: Stack,
+    job_id: str,
+    value: Callable[[dict[str, int]], int],
+    target: Callable[[dict[str, int]], int],
+    timeout: float,
+) -> dict[str, float]:
+    """Wait until ``value(counters) >= target(counters)``; the stage's rate from its counters.
+
+    ``steady_per_second`` counts from the first result seen to the last, so the stage's
+    start-up (worker imports, model loading, the first batch) stays out of it.
+    """
+    start = time.monotonic()
+    initial = value(state.counters(job_id))
+    first: tuple[float, int] | None = None
+    while True:
+        counters = state.counters(job_id)
+        now, v = time.monotonic(), value(counters)
+        if first is None and v > initial:
+            first = (now, v)
+        if v >= target(counters) and (first is not None or v > 0):
+            break
+        if now - start > timeout:
+            raise SystemExit(f"stage not done after {timeout:.0f} s: {counters}")
+        stack.check_alive()
+        time.sleep(0.2)
+    t_first, v_first = first or (now, v)
+    steady = (v - v_first) / (now - t_first) if now > t_first and v > v_first else float("nan")
+    return {
+        "items": v,
+        "seconds": now - start,
+        "per_second": v / (now - start),
+        "steady_seconds": now - t_first,
+        "steady_per_second": steady,
+    }
+
+
+def wait_final(state: RedisStateStore, stack: Stack, job_id: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = state.get_job(job_id)
+        if job is not None and job.state.is_final:
+            return str(job.state.value)
+        stack.check_alive()
+        time.sleep(0.2)
+    raise SystemExit(f"job {job_id} not final after {timeout:.0f} s: {state.counters(job_id)}")
+
+
+# ============================================================================ runs
+
+
+def stack_env(redis: str, s3: str, tmp: Path, args: argparse.Namespace, staged: bool) -> dict[str, str]:
+    env = {
+        "IMGSIFT_REDIS_URL": redis,
+        "IMGSIFT_S3_ACCESS_KEY": "bench",
+        "IMGSIFT_S3_SECRET_KEY": "bench-secret",
+        "IMGSIFT_S3_ENDPOINT": s3,
+        "IMGSIFT_S3_BUCKET": "scale-bench",
+        "IMGSIFT_API_BOOTSTRAP_KEY": API_KEY,
+        "IMGSIFT_API_RATE_LIMIT": "100000/minute",
+        "IMGSIFT_DETECTOR_WEIGHTS": str(args.weights),
+        "IMGSIFT_DETECTOR_DEVICE": "cpu",
+        "IMGSIFT_SIAMESE_DEVICE": "cpu",
+        "IMGSIFT_CRAWLER_NETWORK_ALLOWLIST": '["127.0.0.1/32"]',
+        "IMGSIFT_CRAWLER_PER_HOST_CONCURRENCY": "64",
+        "IMGSIFT_CRAWLER_PER_HOST_INTERVAL": "0",
+        "UVICORN_HOST": "127.0.0.1",
+        "UVICORN_PORT": str(free_port()),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
+    if args.store == "local":
+        env.update(IMGSIFT_STORAGE="local", IMGSIFT_LOCAL_STORAGE_DIR=str(tmp / "objects"))
+    if staged:  # later stages wait on purpose: no re-sending of their "stalled" work meanwhile
+        env["IMGSIFT_CRAWLER_STALL_SECONDS"] = "86400"
+    return env
+
+
+def start(stack: Stack, service: str, replicas: int) -> None:
+    for i in range(replicas):
+        stack.start(service, name=service if replicas == 1 else f"{service}-{i + 1}")
+
+
+def memory_report(stack_names: list[str], sampler: Sampler) -> dict[str, dict[str, float]]:
+    return {
+        name: {
+            "peak_rss_mb": sampler.peak_rss.get(name, 0) / 2**20,
+            "peak_pss_mb": sampler.peak_pss.get(name, 0) / 2**20,
+            "cpu_seconds": sampler.cpu_seconds(name),
+        }
+        for name in stack_names
+    }
+
+
+def run_staged(replicas: int, urls: list[str], base_env: dict[str, str], tmp: Path, args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
+    logdir = tmp / f"logs-staged-{replicas}"
+    logdir.mkdir()
+    stack = Stack(env={**base_env, "UVICORN_PORT": str(free_port())}, logdir=logdir)
+    api = f"http://127.0.0.1:{stack.env['UVICORN_PORT']}"
+    state = RedisStateStore.from_url(base_env["IMGSIFT_REDIS_URL"])
+    sampler = Sampler(stack, api)
+    names: list[str] = []
+    try:
+        stack.start("api")
+        start(stack, "crawler", replicas)
+        stack.wait_ready(api, timeout=300)
+        sampler.start()
+        job_id = create_job(api, urls, args)
+        print(f"  job {job_id}: crawl ({replicas} crawler worker(s)) ...", flush=True)
+        stages: dict[str, dict[str, float]] = {}
+        stages["crawl"] = watch(state, stack, job_id, url_outcomes, lambda c: len(urls), args.timeout)
+        print(f"  detect ({replicas} detector worker(s)) ...", flush=True)
+        start(stack, "detector", replicas)
+        stages["detect"] = watch(
+            state, stack, job_id, lambda c: c.get("detected", 0), lambda c: c.get("downloaded", 0), args.timeout
+        )
+        print(f"  siamese ({replicas} Siamese worker(s)) ...", flush=True)
+        start(stack, "siamese", replicas)
+        stages["siamese"] = watch(state, stack, job_id, compared, lambda c: c.get("crops", 0), args.timeout)
+        final = wait_final(state, stack, job_id, args.timeout)
+        busy = worker_stage_metrics(stack)
+        names = list(stack.procs)
+    finally:
+        sampler.stop()
+        stack.stop_all()
+    counters = state.counters(job_id)
+    for stage in STAGES:
+        stages[stage].update(busy[stage])
+        trees = [n for n in names if n.split("-")[0] == SERVICE_OF[stage]]
+        stages[stage]["cpu_seconds"] = sum(sampler.cpu_seconds(n) for n in trees)
+    return {
+        "replicas": replicas,
+        "job": job_id,
+        "state": final,
+        "counters": counters,
+        "stages": stages,
+        "processes": memory_report(names, sampler),
+        "peak_queue_depth": sampler.peak_queue,
+    }
+
+
+def run_e2e(urls: list[str], base_env: dict[str, str], tmp: Path, args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
+    logdir = tmp / "logs-e2e"
+    logdir.mkdir()
+    stack = Stack(env=base_env, logdir=logdir)
+    api = f"http://127.0.0.1:{stack.env['UVICORN_PORT']}"
+    state = RedisStateStore.from_url(base_env["IMGSIFT_REDIS_URL"])
+    sampler = Sampler(stack, api)
+    try:
+        stack.start("api")
+        for service in ("crawler", "detector", "siamese"):
+            start(stack, service, args.replicas)
+        stack.wait_ready(api, timeout=300)
+        sampler.start()
+        t0 = time.monotonic()
+        job_id = create_job(api, urls, args)
+        print(f"  job {job_id}: every stage at once ...", flush=True)
+        done: dict[str, float] = {}
+        while True:
+            c = state.counters(job_id)
+            now = time.monotonic() - t0
+            if "crawl" not in done and url_outcomes(c) >= len(urls):
+                done["crawl"] = now
+            if "crawl" in done and "detect" not in done and c.get("detected", 0) >= c.get("downloaded", 0):
+                done["detect"] = now
+            job = state.get_job(job_id)
+            if job is not None and job.state.is_final:
+                done["siamese"] = now
+                final = job.state.value
+                break
+            if now > args.timeout:
+                raise SystemExit(f"job not done after {args.timeout:.0f} s: {c}")
+            stack.check_alive()
+            time.sleep(0.2)
+        wall = time.monotonic() - t0
+        busy = worker_stage_metrics(stack)
+        names = list(stack.procs)
+    finally:
+        sampler.stop()
+        stack.stop_all()
+    counters = state.counters(job_id)
+    stages = {}
+    for stage in STAGES:
+        trees = [n for n in names if n.split("-")[0] == SERVICE_OF[stage]]
+        workers = args.replicas * (4 if stage == "crawl" else 1)  # crawler: --concurrency 4 in compose
+        stages[stage] = {
+            "items": counters.get(STAGE_COUNTER[stage], 0),
+            **busy[stage],
+            "done_after_seconds": done.get(stage, float("nan")),
+            "cpu_seconds": sum(sampler.cpu_seconds(n) for n in trees),
+            "busy_fraction": busy[stage]["busy_seconds"] / (wall * workers),
+        }
+    return {
+        "replicas": args.replicas,
+        "job": job_id,
+        "state": final,
+        "counters": counters,
+        "wall_seconds": wall,
+        "images_per_second": counters.get("downloaded", 0) / wall,
+        "stages": stages,
+        "processes": memory_report(names, sampler),
+        "peak_queue_depth": sampler.peak_queue,
+    }
+
+
+# ============================================================================ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--e2e", action="store_true", help="one job, every stage at once (default: the scaling runs)")
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--replicas", type=int, default=1, help="--e2e: worker processes per stage")
+    parser.add_argument("--scale", default="1,2", help="scaling: worker processes per stage to compare")
+    parser.add_argument("--target", default="any", help="the job's target (a class, a supercategory or 'any')")
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--store", choices=("s3", "local"), default="s3", help="s3: moto's S3 server (default)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a stage (or the e2e job) may take")
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        default=Path(os.environ.get("IMGSIFT_BENCH_PHOTOS", ROOT.parent / "shared" / "data" / "coco128" / "images")),
+        help="real photos the images are cut from (default: ../shared/data/coco128/images)",
+    )
+    parser.add_argument("--weights", type=Path, default=ROOT.parent / "shared" / "models" / "yolov8n.pt")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "scale")
+    parser.add_argument("--report", type=Path, help="print the tables of a JSON file this bench wrote, and stop")
+    args = parser.parse_args()
+    if args.report:
+        print_report(json.loads(args.report.read_text()))
+        return
+    if not args.weights.is_file():
+        raise SystemExit(f"no YOLO weights at {args.weights} (--weights)")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    # The corpus crawl_bench builds (2,000 images, 10 bits apart) serves any prefix: a subset of
+    # pairwise-distinct images is pairwise distinct.
+    corpus_dir = ROOT / "bench-out" / "corpus" if args.images <= 2000 else args.out / f"corpus-{args.images}"
+    print(f"corpus: distinct JPEGs from {args.photos} in {corpus_dir} ...", flush=True)
+    files = build_corpus(args.photos, corpus_dir, max(args.images, 2000), 10)[: args.images]
+    load = os.getloadavg()
+    report: dict[str, Any] = {
+        "mode": "e2e" if args.e2e else "scaling",
+        "images": len(files),
+        "corpus_mb": sum(f.stat().st_size for f in files) / 2**20,
+        "target": args.target,
+        "store": args.store,
+        "cpus": os.cpu_count(),
+        "load_average_at_start": load,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp_name, ExitStack() as servers:
+        tmp = Path(tmp_name)
+        base, server = servers.enter_context(web_server(corpus_dir, tmp))
+        redis = servers.enter_context(redis_server(tmp))
+        s3 = servers.enter_context(s3_server())
+        report["server"] = server
+        urls = [f"{base}/{f.name}" for f in files]
+        if args.e2e:
+            print(f"end to end: {len(urls)} images, {args.replicas} worker(s) per stage", flush=True)
+            env = stack_env(redis, s3, tmp, args, staged=False)
+            report["run"] = run_e2e(urls, env, tmp, args)
+        else:
+            report["runs"] = {}
+            for replicas in (int(r) for r in args.scale.split(",")):
+                print(f"scaling: {len(urls)} images, {replicas} worker(s) per stage, one stage at a time", flush=True)
+                env = stack_env(redis, s3, tmp, args, staged=True)
+                report["runs"][str(replicas)] = run_staged(replicas, urls, env, tmp, args)
+    report["load_average_at_end"] = os.getloadavg()
+    name = "e2e_bench.json" if args.e2e else "scale_bench.json"
+    (args.out / name).write_text(json.dumps(report, indent=2))
+    print_report(report)
+    print(f"\nwritten to {args.out / name}")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    load = report["load_average_at_start"][0]
+    print(
+        f"\n{report['images']} images ({report['corpus_mb']:.0f} MB), target {report['target']!r}, "
+        f"store {report['store']}, {report['cpus']} CPUs, load average {load:.1f} at start, "
+        f"{report['load_average_at_end'][0]:.1f} at the end"
+    )
+    if report["mode"] == "e2e":
+        run = report["run"]
+        c = run["counters"]
+        print(
+            f"job {run['state']} in {run['wall_seconds']:.1f} s: {run['images_per_second']:.2f} images/s "
+            f"({c.get('downloaded', 0)} stored, {c.get('detected', 0)} detected, {c.get('crops', 0)} crops, "
+            f"{c.get('compared', 0)} compared)"
+        )
+        print(f"\n{'stage':8} {'items':>7} {'done at s':>10} {'busy s':>8} {'busy %':>7} {'CPU s':>8}")
+        for stage, s in run["stages"].items():
+            print(
+                f"{stage:8} {s['items']:7.0f} {s['done_after_seconds']:10.1f} {s['busy_seconds']:8.1f} "
+                f"{100 * s['busy_fraction']:6.0f}% {s['cpu_seconds']:8.1f}"
+            )
+        print_processes(run)
+        return
+    runs = report["runs"]
+    keys = list(runs)
+    print(f"\n{'stage':8} {'unit':7} " + " ".join(f"{k + ' worker(s)/s':>14}" for k in keys) + f" {'ratio':>7}")
+    for stage in STAGES:
+        rates = [runs[k]["stages"][stage]["steady_per_second"] for k in keys]
+        ratio = rates[-1] / rates[0] if len(rates) > 1 and rates[0] else float("nan")
+        print(f"{stage:8} {UNIT[stage]:7} " + " ".join(f"{r:14.2f}" for r in rates) + f" {ratio:6.2f}x")
+    for k in keys:
+        print(f"\n{k} worker(s) per stage (cores: the stage's CPU seconds / its seconds, start-up included):")
+        header = f"{'stage':8} {'items':>7} {'steady s':>9} {'stage s':>8} {'busy s':>8} {'CPU s':>8}"
+        print(f"{header} {'CPU s/item':>11} {'cores':>6}")
+        for stage, s in runs[k]["stages"].items():
+            busy, cpu, items = s["busy_seconds"], s["cpu_seconds"], s["items"]
+            print(
+                f"{stage:8} {items:7.0f} {s['steady_seconds']:9.1f} {s['seconds']:8.1f} {busy:8.1f} {cpu:8.1f} "
+                f"{cpu / max(items, 1):11.3f} {cpu / s['seconds']:6.2f}"
+            )
+        print_processes(runs[k])
+
+
+def print_processes(run: dict[str, Any]) -> None:
+    print(f"\n{'process tree':14} {'peak RSS MB':>12} {'peak PSS MB':>12} {'CPU s':>8}")
+    for name, p in run["processes"].items():
+        print(f"{name:14} {p['peak_rss_mb']:12.0f} {p['peak_pss_mb']:12.0f} {p['cpu_seconds']:8.1f}")
+    depth = ", ".join(f"{q} {int(n)}" for q, n in sorted(run["peak_queue_depth"].items()) if n)
+    print(f"peak queue depths (messages): {depth or 'none seen'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -225,11 +225,11 @@ class EmbeddedRunner:
         if not todo:
             return 0  # no model is loaded when there is nothing to detect
         from imgsift_detector.detect import detect_batch
-        from imgsift_detector.model import WeightsError, get_detector
+        from imgsift_detector.model import WeightsError, detector_from_settings
 
         settings = self.config.detector
         try:
-            detector = get_detector(settings.weights, settings.device, half=settings.half)
+            detector = detector_from_settings(settings)
         except WeightsError as exc:
             raise EmbeddedError(str(exc)) from None
         tick = self.progress.stage("detect", len(todo))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from PIL import Image
 
 from imgsift_common import keys
@@ -211,3 +212,41 @@ def test_missing_and_broken_images_are_recorded_without_crops(  # type: ignore[n
     assert any(broken.key in n and "decode" in n for n in notes)
     assert any(html.key in n and "decode" in n for n in notes)
     assert any(missing.key in n and "missing" in n for n in notes)
+
+
+class FailingPuts:
+    """A store whose writes fail from the ``fail_from``-th on; reads go to the real one."""
+
+    def __init__(self, store, fail_from: int) -> None:  # type: ignore[no-untyped-def]
+        self.store, self.fail_from, self.puts = store, fail_from, 0
+
+    def get(self, key: str) -> bytes:
+        return self.store.get(key)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.puts += 1
+        if self.puts >= self.fail_from:
+            raise OSError("the object store is down")
+        self.store.put(key, data, content_type)
+
+
+def test_a_failed_crop_write_fails_the_batch_and_records_nothing_unstored(  # type: ignore[no-untyped-def]
+    detector_settings, coco128: Coco128, sqlite_state, local_store
+) -> None:
+    # Crops are written on a writer thread while the model runs on: its failure still fails the batch.
+    fixed = FixedDetector([Detection(box=(10, 10, 110, 110), score=0.9, class_id=0, class_name="person")])
+    job = make_job(sqlite_state, "person")
+    images = add_photos(sqlite_state, local_store, [coco128.image(s) for s in [*PERSON_STEMS, DOG_STEM]])
+    settings = detector_settings.model_copy(update={"batch_size": 2})
+    failing = FailingPuts(local_store, fail_from=2)
+
+    with pytest.raises(OSError, match="the object store is down"):
+        detect_batch(job, [i.key for i in images], failing, sqlite_state, fixed, settings)
+
+    detected = [sqlite_state.is_detected(JOB_ID, i.key) for i in images]
+    assert detected[0] and not any(detected[1:])  # only the image whose crop was stored is recorded
+    assert sqlite_state.counters(JOB_ID)[Counter.CROPS] == 1
+
+    # The redelivered batch detects the rest.
+    crops = detect_batch(job, [i.key for i in images], local_store, sqlite_state, fixed, settings)
+    assert len(crops) == 4 and all(sqlite_state.is_detected(JOB_ID, i.key) for i in images)

@@ -7,8 +7,8 @@ from PIL import Image
 
 from imgsift_detector.coco import COCO_CLASSES
 from imgsift_detector.detect import UnreadableImage, load_image
-from imgsift_detector.model import Detector, WeightsError, get_detector
-from tests.support.coco import Coco128, iou
+from imgsift_detector.model import Detector, WeightsError, get_detector, letterboxed_shape, shape_batches
+from tests.support.coco import Coco128
 
 # person + umbrella (portrait), persons + giraffes, giraffes
 STEMS = ["000000000036", "000000000136", "000000000025"]
@@ -44,16 +44,57 @@ def test_predict_finds_the_labelled_objects(detector: Detector, coco128: Coco128
     assert found_classes[2] >= {"giraffe"}
 
 
-def test_batches_of_any_size_give_each_image_its_own_boxes(detector: Detector, coco128: Coco128) -> None:
-    images = [load_image(coco128.image(stem).read_bytes()) for stem in STEMS]
+# Photos of eight sizes that letterbox to three shapes (height, width) at imgsz 640, stride 32.
+MIXED = {
+    "000000000536": (480, 640),  # 448 x 336
+    "000000000623": (640, 480),  # 375 x 500, portrait
+    "000000000136": (480, 640),  # 500 x 374
+    "000000000025": (448, 640),  # 640 x 426
+    "000000000077": (480, 640),  # 500 x 375
+    "000000000064": (640, 480),  # 480 x 640
+    "000000000009": (480, 640),  # 640 x 480
+    "000000000560": (448, 640),  # 460 x 312
+}
 
-    one_by_one = detector.predict(images, batch_size=1)
-    together = detector.predict(images, batch_size=16)
 
-    # A mixed-shape batch is letterboxed differently, so boxes move a little, never to another image.
-    for alone, batched in zip(one_by_one, together, strict=True):
-        for d in (d for d in alone if d.score >= CONFIDENT):
-            assert any(b.class_id == d.class_id and iou(b.box, d.box) >= 0.9 for b in batched), d
+def test_letterboxed_shapes_are_those_ultralytics_gives_one_image(coco128: Coco128) -> None:
+    import numpy as np
+    from ultralytics.data.augment import LetterBox
+
+    for stem, shape in MIXED.items():
+        with Image.open(coco128.image(stem)) as image:
+            width, height = image.size
+        assert letterboxed_shape(width, height, 640) == shape
+        assert LetterBox(640, auto=True, stride=32)(image=np.zeros((height, width, 3), np.uint8)).shape[:2] == shape
+    assert letterboxed_shape(1000, 10, 640) == (32, 640)  # a thin strip: at least one pixel, padded to the stride
+    assert letterboxed_shape(300, 200, 600) == (416, 608)  # imgsz rounded up to the stride, as ultralytics does
+
+
+def test_shape_batches_group_by_letterboxed_shape_in_order_of_first_sight() -> None:
+    sizes = [(640, 480), (480, 640), (500, 375), (640, 426), (640, 478), (375, 500), (640, 480)]
+    assert shape_batches(sizes, 640, 16) == [[0, 2, 4, 6], [1, 5], [3]]
+    assert shape_batches(sizes, 640, 2) == [[0, 2], [4, 6], [1, 5], [3]]
+    assert shape_batches([], 640, 16) == []
+
+
+def test_a_batch_finds_exactly_the_boxes_each_image_gets_alone(detector: Detector, coco128: Coco128) -> None:
+    images = [load_image(coco128.image(stem).read_bytes()) for stem in MIXED]
+    shapes: list[tuple[int, ...]] = []
+    hook = detector._model.predictor.model.register_forward_pre_hook(lambda _, args: shapes.append(args[0].shape))
+    try:
+        together = detector.predict(images, batch_size=16)
+    finally:
+        hook.remove()
+    alone = detector.predict(images, batch_size=1)
+
+    # One forward pass per letterboxed shape, each image padded as it is alone: no 640 x 640 square.
+    assert [tuple(s) for s in shapes] == [(4, 3, 480, 640), (2, 3, 640, 480), (2, 3, 448, 640)]
+    assert sum(len(found) for found in alone) >= 20
+    for one, batched in zip(alone, together, strict=True):
+        assert [d.class_id for d in batched] == [d.class_id for d in one]
+        for a, b in zip(one, batched, strict=True):
+            assert max(abs(p - q) for p, q in zip(a.box, b.box, strict=True)) < 0.01, (a, b)
+            assert abs(a.score - b.score) < 1e-4
 
 
 def test_loading_the_model_leaves_pillow_to_refuse_non_images(detector: Detector) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from PIL import Image, ImageOps
 
@@ -108,11 +108,15 @@ def detect_batch(
             pending.append(image)
 
     # Images are read and decoded in a thread pool, ahead of the model: while one forward pass
-    # runs, the next batch's JPEGs decode (Pillow releases the GIL) and the last batch's crops
-    # are written.
+    # runs, the next batch's JPEGs decode (Pillow releases the GIL). A writer thread cuts, encodes,
+    # stores and records each batch's crops while the model runs on the next batch.
     size = max(1, settings.batch_size)
-    with ThreadPoolExecutor(max_workers=max(1, settings.decode_threads)) as pool:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, settings.decode_threads)) as pool,
+        ThreadPoolExecutor(max_workers=1) as writer,
+    ):
         futures = [pool.submit(_load_one, image, store) for image in pending]
+        written: list[Future[list[Crop]]] = []
         for start in range(0, len(futures), size):
             loaded = []
             for future in futures[start : start + size]:
@@ -121,38 +125,54 @@ def detect_batch(
                     _record_unreadable(job.id, image, problem, state)
                 else:
                     loaded.append((image, pixels))
-            crops += _detect_loaded(job, loaded, targets, detector, settings, store, state)
+            for done in written:
+                if done.done():
+                    done.result()  # a write that failed raises here: no point detecting on
+            if loaded:
+                cuts = _find_cuts(loaded, targets, detector, settings)
+                written.append(
+                    writer.submit(_store_loaded, job.id, loaded, cuts, targets is None, store, state, settings)
+                )
+        for done in written:
+            crops += done.result()
     return crops
 
 
-def _detect_loaded(
-    job: Job,
+def _find_cuts(
     loaded: list[tuple[StoredImage, Image.Image]],
     targets: frozenset[int] | None,
     detector: Detector,
     settings: DetectorSettings,
+) -> list[list[tuple[Detection, Box]]]:
+    """Each loaded image's detections to crop, with their padded boxes; the whole image if no target."""
+    if targets is None:
+        return [[_whole_image(pixels)] for _, pixels in loaded]
+    found = detector.predict(
+        [pixels for _, pixels in loaded],
+        conf=settings.conf,
+        iou=settings.iou,
+        imgsz=settings.imgsz,
+        batch_size=settings.batch_size,
+    )
+    return [
+        _target_cuts(detections, targets, pixels, settings)
+        for (_, pixels), detections in zip(loaded, found, strict=True)
+    ]
+
+
+def _store_loaded(
+    job_id: str,
+    loaded: list[tuple[StoredImage, Image.Image]],
+    cuts: list[list[tuple[Detection, Box]]],
+    whole_image: bool,
     store: ObjectStore,
     state: StateStore,
+    settings: DetectorSettings,
 ) -> list[Crop]:
-    if not loaded:
-        return []
-    if targets is None:
-        cuts = [[_whole_image(pixels)] for _, pixels in loaded]
-    else:
-        found = detector.predict(
-            [pixels for _, pixels in loaded],
-            conf=settings.conf,
-            iou=settings.iou,
-            imgsz=settings.imgsz,
-            batch_size=settings.batch_size,
-        )
-        cuts = [
-            _target_cuts(detections, targets, pixels, settings)
-            for (_, pixels), detections in zip(loaded, found, strict=True)
-        ]
+    """Store and record the crops of a batch's images; run on the writer thread."""
     crops: list[Crop] = []
     for (image, pixels), image_cuts in zip(loaded, cuts, strict=True):
-        crops += _store_crops(job.id, image, pixels, image_cuts, targets is None, store, state, settings)
+        crops += _store_crops(job_id, image, pixels, image_cuts, whole_image, store, state, settings)
     return crops
 
 

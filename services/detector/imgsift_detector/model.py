@@ -4,11 +4,19 @@ ultralytics is imported only when a model is loaded, so the Celery prefork paren
 imports torch or touches a GPU; each worker process loads its model on its first task.
 ultralytics ``Results`` become :class:`~imgsift_common.messages.Detection` records right
 after ``predict``: nothing outside this module sees them.
+
+Batches are made of images that letterbox to the same rectangle (stride 32), each exactly as
+a single-image ``predict`` letterboxes it: a batch is padded no more than one image alone,
+and every image gets the boxes it would get alone. ultralytics itself pads a batch of
+differently sized images to a ``imgsz`` x ``imgsz`` square, a third more pixels than a
+640 x 480 photo needs. With ``export`` the model runs as an OpenVINO or ONNX export of the
+weights (:mod:`imgsift_detector.export`), on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +25,17 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from imgsift_common.messages import Detection
+from imgsift_detector.export import ExportError, default_export_dir, exported_model, no_autoinstall
+from imgsift_detector.settings import DetectorSettings, ExportFormat
 
 if TYPE_CHECKING:
     from ultralytics.engine.results import Results
 
 # Model tasks whose results carry axis-aligned boxes.
 _BOX_TASKS = frozenset({"detect", "segment", "pose"})
+
+# The stride ultralytics' YOLO detectors pad letterboxed images to a multiple of.
+STRIDE = 32
 
 
 class WeightsError(ValueError):
@@ -81,13 +94,70 @@ def _detections(result: Results) -> list[Detection]:
     ]
 
 
-class Detector:
-    """A YOLO model on one device, predicting in batches. Not thread-safe: one per worker process."""
+def letterboxed_shape(width: int, height: int, imgsz: int, stride: int = STRIDE) -> tuple[int, int]:
+    """(height, width) of an image once ultralytics letterboxes it alone for ``predict``: scaled to fit
+    ``imgsz`` (rounded up to the stride), then padded to a multiple of the stride (``LetterBox(auto=True)``)."""
+    side = math.ceil(imgsz / stride) * stride
+    ratio = min(side / height, side / width)
+    new_w, new_h = max(round(width * ratio), 1), max(round(height * ratio), 1)
+    return new_h + (side - new_h) % stride, new_w + (side - new_w) % stride
 
-    def __init__(self, weights: str, device: str = "cpu", *, half: bool = False) -> None:
+
+def shape_batches(sizes: list[tuple[int, int]], imgsz: int, batch_size: int) -> list[list[int]]:
+    """Indices of the images of ``sizes`` (width, height) grouped by letterboxed shape, ``batch_size`` at most
+    per group; groups in the order of their first image."""
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for index, (width, height) in enumerate(sizes):
+        buckets.setdefault(letterboxed_shape(width, height, imgsz), []).append(index)
+    return [group[i : i + batch_size] for group in buckets.values() for i in range(0, len(group), batch_size)]
+
+
+@functools.cache
+def _rect_batch_predictor(base: type) -> type:
+    """``base`` (the model task's ultralytics predictor), letterboxing a batch as each of its images alone.
+
+    ultralytics letterboxes a batch to the minimal rectangle only when every image has the same
+    size, else to a square. Here a batch whose images all letterbox alone to one shape is given
+    exactly those arrays, so its boxes are those of a single-image ``predict``. Whether the model
+    takes a rectangle at all (a .pt model or a dynamic export) stays ultralytics' decision.
+    """
+
+    class RectBatchPredictor(base):  # type: ignore[misc, valid-type]
+        def pre_transform(self, im: list[Any]) -> list[Any]:
+            letterbox = super().pre_transform  # (super() does not work inside a comprehension)
+            if len(im) > 1 and len({x.shape for x in im}) > 1:
+                alone = [letterbox([x])[0] for x in im]
+                if len({x.shape for x in alone}) == 1:
+                    return alone
+            return letterbox(im)
+
+    return RectBatchPredictor
+
+
+class Detector:
+    """A YOLO model on one device, predicting in batches. Not thread-safe: one per worker process.
+
+    ``export`` runs an OpenVINO or ONNX export of the weights, made once for ``imgsz`` and
+    cached in ``export_dir``, instead of the .pt weights (CPU only); ``imgsz`` matters for nothing else.
+    """
+
+    def __init__(
+        self,
+        weights: str,
+        device: str = "cpu",
+        *,
+        half: bool = False,
+        export: ExportFormat = ExportFormat.NONE,
+        export_dir: str | Path | None = None,
+        imgsz: int = 640,
+    ) -> None:
+        export = ExportFormat(export)
+        if export is not ExportFormat.NONE and device != "cpu":
+            raise WeightsError(f"exported {export.value} models run on the CPU, not on {device!r}")
         with _pillow_open_kept():
             from ultralytics import YOLO
 
+            no_autoinstall()
             source = _weights_source(weights)
             try:
                 model = YOLO(source)
@@ -96,16 +166,60 @@ class Detector:
                     f"could not download YOLO weights {weights!r} ({exc}); on a machine without internet set "
                     "IMGSIFT_DETECTOR_WEIGHTS to the path of a local .pt file"
                 ) from exc
-        if model.task not in _BOX_TASKS:
-            raise WeightsError(
-                f"YOLO weights {weights!r} are a {model.task!r} model; the detector needs boxes: "
-                "use detection weights such as 'yolov8n.pt'"
-            )
-        self._model = model
-        self.device = device
-        self._precision = _precision_args(half)
+            if model.task not in _BOX_TASKS:
+                raise WeightsError(
+                    f"YOLO weights {weights!r} are a {model.task!r} model; the detector needs boxes: "
+                    "use detection weights such as 'yolov8n.pt'"
+                )
+            task = model.task
+            if export is not ExportFormat.NONE:
+                try:
+                    path = exported_model(
+                        Path(getattr(model, "ckpt_path", None) or source),
+                        export,
+                        imgsz,
+                        Path(export_dir or default_export_dir()),
+                    )
+                except ExportError as exc:
+                    raise WeightsError(str(exc)) from exc
+                model = YOLO(str(path), task=task)
+                source = str(path)
+            self._model = model
+            self.model_path = source  # what ultralytics loaded: the weights, or their export
+            self._predictor = _rect_batch_predictor(model.task_map[task]["predictor"])
+            self.device = device
+            self._precision = _precision_args(half) if export is ExportFormat.NONE else {}
+            self.export = export
+            self._warm_up(imgsz)
+            if export is ExportFormat.ONNX:
+                self._onnx_threads_wait_quietly()
         self.names: dict[int, str] = dict(model.names)
         self.weights_id = Path(weights).name
+
+    def _warm_up(self, imgsz: int) -> None:
+        """Set the model up now (load an export's runtime, fuse the layers), so that a problem shows at load."""
+        try:
+            self.predict([Image.new("RGB", (imgsz, imgsz))], imgsz=imgsz, batch_size=1)
+        except ImportError as exc:  # a runtime missing, and ultralytics not let to install it
+            raise WeightsError(f"the {self.export.value} model cannot run here: {exc}") from exc
+
+    def _onnx_threads_wait_quietly(self) -> None:
+        """Reopen the ONNX Runtime session with its threads told not to spin between runs.
+
+        By default ONNX Runtime's threads busy-wait for the next run, taking the cores the decode
+        pool and the pre- and post-processing need: on 2 cores this halved the stage's throughput.
+        ultralytics passes no session options, so the session it opened (on the CPU) is replaced.
+        """
+        import onnxruntime
+
+        backend = getattr(self._model.predictor.model, "backend", None)
+        session = getattr(backend, "session", None)
+        if not isinstance(session, onnxruntime.InferenceSession) or session.get_providers() != ["CPUExecutionProvider"]:
+            return
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        backend.session = onnxruntime.InferenceSession(self.model_path, options, providers=["CPUExecutionProvider"])
 
     def predict(
         self,
@@ -116,29 +230,56 @@ class Detector:
         imgsz: int = 640,
         batch_size: int = 16,
     ) -> list[list[Detection]]:
-        """Each image's detections, in the order given; ``batch_size`` images per forward pass."""
-        found: list[list[Detection]] = []
-        for start in range(0, len(images), batch_size):
+        """Each image's detections, in the order given; at most ``batch_size`` images per forward pass,
+        each pass of images that letterbox to the same shape."""
+        found: list[list[Detection]] = [[] for _ in images]
+        for indices in shape_batches([image.size for image in images], imgsz, batch_size):
             results = self._model.predict(
-                images[start : start + batch_size],
+                [images[i] for i in indices],
                 conf=conf,
                 iou=iou,
                 imgsz=imgsz,
                 device=self.device,
                 verbose=False,
+                predictor=self._predictor,
                 **self._precision,
             )
-            found += [_detections(result) for result in results]
+            for index, result in zip(indices, results, strict=True):
+                found[index] = _detections(result)
         return found
 
 
-def get_detector(weights: str, device: str = "cpu", half: bool = False) -> Detector:
+def get_detector(
+    weights: str,
+    device: str = "cpu",
+    half: bool = False,
+    *,
+    export: ExportFormat = ExportFormat.NONE,
+    export_dir: Path | None = None,
+    imgsz: int = 640,
+) -> Detector:
     """This process's detector for ``weights`` on ``device``, loaded on first use."""
-    return _cached_detector(weights, device, half)
+    if ExportFormat(export) is ExportFormat.NONE:
+        imgsz, export_dir = 640, None  # they choose an export only: one torch model whatever they are
+    return _cached_detector(weights, device, half, ExportFormat(export), export_dir, imgsz)
 
 
-# Device and precision decide how the model is set up in memory (ultralytics before 8.4 fixes
-# them on the first predict), so they key the cache; thresholds and image size are per call.
+def detector_from_settings(settings: DetectorSettings) -> Detector:
+    """This process's detector as ``settings`` configure it (weights, device, precision, export)."""
+    return get_detector(
+        settings.weights,
+        settings.device,
+        settings.half,
+        export=settings.export,
+        export_dir=settings.export_dir,
+        imgsz=settings.imgsz,
+    )
+
+
+# Device, precision and export decide how the model is set up in memory (ultralytics before 8.4
+# fixes them on the first predict), so they key the cache; thresholds and image size are per call.
 @functools.cache
-def _cached_detector(weights: str, device: str, half: bool) -> Detector:
-    return Detector(weights, device, half=half)
+def _cached_detector(
+    weights: str, device: str, half: bool, export: ExportFormat, export_dir: Path | None, imgsz: int
+) -> Detector:
+    return Detector(weights, device, half=half, export=export, export_dir=export_dir, imgsz=imgsz)

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from imgsift_common.settings import ImgsiftSettings
+
+
+class ExportFormat(StrEnum):
+    """The model the detector runs: the .pt weights through torch, or an export of them made once."""
+
+    NONE = "none"
+    ONNX = "onnx"
+    OPENVINO = "openvino"
+
+
+# A folder, where "" (a variable set but empty) means the default one.
+OptionalDir = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
 
 
 class DetectorSettings(ImgsiftSettings):
@@ -22,8 +38,31 @@ class DetectorSettings(ImgsiftSettings):
     iou: float = Field(0.7, ge=0.0, le=1.0, description="IoU above which non-maximum suppression merges two boxes")
     imgsz: int = Field(640, ge=32, description="side in pixels images are letterboxed to before inference")
     half: bool = Field(False, description="run the model in fp16 (GPU only; ignored on CPU)")
+    export: ExportFormat = Field(
+        ExportFormat.NONE,
+        description=(
+            "CPU workers: 'openvino' or 'onnx' exports the weights once (cached) and runs the export instead of torch; "
+            "needs imgsift-detector[openvino] or [onnx]; 'none' runs the .pt weights"
+        ),
+    )
+    export_dir: OptionalDir = Field(
+        None,
+        description=(
+            "folder of cached exports, one per weights content, imgsz and format "
+            "(empty: $XDG_CACHE_HOME/imgsift/detector-exports, else ~/.cache/imgsift/detector-exports)"
+        ),
+    )
     pad: float = Field(
         0.1, ge=0.0, le=1.0, description="fraction of box width/height added on each side of a crop, clipped to image"
     )
     min_box_size: int = Field(8, ge=1, description="boxes narrower or lower than this many pixels are dropped")
     crop_jpeg_quality: int = Field(95, ge=1, le=95, description="JPEG quality of stored crops (Pillow scale, 1-95)")
+
+    @model_validator(mode="after")
+    def _export_runs_on_cpu(self) -> DetectorSettings:
+        if self.export is not ExportFormat.NONE and self.device != "cpu":
+            raise ValueError(
+                f"IMGSIFT_DETECTOR_EXPORT={self.export.value} runs on the CPU; set IMGSIFT_DETECTOR_DEVICE=cpu, or "
+                "IMGSIFT_DETECTOR_EXPORT=none to run the .pt weights on the GPU (with IMGSIFT_DETECTOR_HALF=true)"
+            )
+        return self

@@ -13,14 +13,14 @@ from functools import cache
 from typing import Any
 
 from imgsift_common import webhooks
-from imgsift_common.celery_app import RETRY_POLICY, TaskName, create_celery_app, send
+from imgsift_common.celery_app import TaskName, create_celery_app, retry_policy, send
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import CropBatch, ImageBatch, JobState, Stage
 from imgsift_common.progress import finish_if_complete
 from imgsift_common.state import RedisStateStore, StateStore
 from imgsift_common.storage import ObjectStore, store_from_settings
 from imgsift_detector.detect import detect_batch
-from imgsift_detector.model import WeightsError, get_detector
+from imgsift_detector.model import WeightsError, detector_from_settings
 from imgsift_detector.settings import DetectorSettings
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def store() -> ObjectStore:
 @app.task(
     name=TaskName.DETECT,
     shared=False,  # this app's task only; Celery would otherwise add it to every app the process creates
-    **RETRY_POLICY,
+    **retry_policy(settings.task_max_retries),
 )
 def detect(payload: dict[str, Any]) -> None:
     """Detect and crop a batch of stored images; send the crops to the Siamese stage."""
@@ -57,7 +57,7 @@ def detect(payload: dict[str, Any]) -> None:
         log.info("job missing or finished; message dropped", extra=fields)
         return
     try:
-        detector = get_detector(settings.weights, settings.device, settings.half)
+        detector = detector_from_settings(settings)
     except WeightsError as exc:
         # No retry fixes a configuration; fail the job with the reason the API shows, not leave it running.
         state().set_job_state(job.id, JobState.FAILED, str(exc))

@@ -7,6 +7,7 @@ import re
 from imgsift_common.messages import is_job_id
 
 _HEX = re.compile(r"^[0-9a-f]{16,64}$")
+_SHORT_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _EXT = {
     "JPEG": "jpg",
     "PNG": "png",
@@ -54,6 +55,23 @@ def negative_key(job_id: str, sha256: str, image_format: str) -> str:
 
 def model_key(job_id: str, version: int) -> str:
     return f"{_job(job_id)}/models/siamese-head-v{int(version)}.pt"
+
+
+def features_prefix(job_id: str, trunk_id: str) -> str:
+    """Where the trunk features ``trunk_id`` (backbone, weights, input size) computed for the job are stored."""
+    if not _SHORT_ID.match(trunk_id):
+        raise ValueError(f"invalid trunk id {trunk_id!r}")
+    return f"{_job(job_id)}/features/{trunk_id}/"
+
+
+def crop_features_key(job_id: str, trunk_id: str, digest: str) -> str:
+    """One object of crop feature rows: those of one compare batch, named by the hash of its crop keys."""
+    return f"{features_prefix(job_id, trunk_id)}crops/{_hex(digest)}.npz"
+
+
+def feature_set_key(job_id: str, trunk_id: str, digest: str) -> str:
+    """Feature rows of a set of images (references, "not this" images), named by the hash of their keys."""
+    return f"{features_prefix(job_id, trunk_id)}sets/{_hex(digest)}.npz"
 
 
 def crop_id(image_sha256: str, index: int) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 from imgsift_siamese import compare
 from imgsift_siamese.embed import Embedder, get_embedder
@@ -43,6 +45,33 @@ def crops_by_class(coco128: Coco128) -> dict[str, list[Image.Image]]:
                 wanted.append(photo.convert("RGB").crop((round(x0), round(y0), round(x1), round(y1))))
     assert all(len(c) == CROPS_PER_CLASS for c in crops.values()), {k: len(v) for k, v in crops.items()}
     return crops
+
+
+class CountingTrunk(nn.Module):
+    """The real trunk, counting its forward passes and the images they carry."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.images = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.images += len(images)
+        return self.inner(images)
+
+
+@pytest.fixture
+def trunk(embedder: Embedder) -> Iterator[CountingTrunk]:
+    """The session embedder's trunk, counted for this test (job embedders with a head share it)."""
+    assert embedder.feature_dim == embedder.dim == 1280  # probed before counting starts
+    original = embedder.network.trunk
+    counting = CountingTrunk(original)
+    # Not monkeypatch: a module's children live in its _modules, which monkeypatch does not restore.
+    embedder.network.trunk = counting
+    yield counting
+    embedder.network.trunk = original
 
 
 @pytest.fixture(autouse=True)

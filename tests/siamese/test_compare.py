@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,37 +7,23 @@ from PIL import Image
 from imgsift_common import keys
 from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectStore
-from imgsift_siamese import compare
-from imgsift_siamese.compare import ReferenceImagesError, compare_batch, reference_embeddings, reference_embeddings_key
+from imgsift_siamese import compare, features
+from imgsift_siamese.compare import ReferenceImagesError, compare_batch, reference_embeddings
 from imgsift_siamese.embed import Embedder
 from imgsift_siamese.settings import SiameseSettings
+from tests.siamese.conftest import CountingTrunk
 from tests.siamese.stored import JOB_ID, create_job, new_job, put_crops, put_references
 
 
-class CountingEmbedder:
-    """An Embedder that counts the images it is asked to embed."""
-
-    def __init__(self, inner: Embedder) -> None:
-        self.inner = inner
-        self.embedded = 0
-
-    @property
-    def embedding_id(self) -> str:
-        return self.inner.embedding_id
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        self.embedded += len(images)
-        return self.inner.embed_images(images)
+def reference_features_key(job_id: str, embedder: Embedder, reference_keys: list[str]) -> str:
+    return keys.feature_set_key(job_id, embedder.trunk_id, features.digest(reference_keys))
 
 
 def test_compare_batch_records_distances_once(
     state_store: StateStore,
     object_store: ObjectStore,
     embedder: Embedder,
+    trunk: CountingTrunk,
     siamese_settings: SiameseSettings,
     crops_by_class: dict[str, list[Image.Image]],
 ) -> None:
@@ -48,11 +31,10 @@ def test_compare_batch_records_distances_once(
     job = create_job(state_store, put_references(object_store, elephants[:3]))
     elephant_keys = put_crops(object_store, state_store, elephants[3:6], "elephant")
     other_keys = put_crops(object_store, state_store, [crops_by_class[n][0] for n in ("giraffe", "dog", "bowl")], "x")
-    counting = CountingEmbedder(embedder)
 
-    recorded = compare_batch(job, elephant_keys + other_keys, object_store, state_store, counting, siamese_settings)  # type: ignore[arg-type]
+    recorded = compare_batch(job, elephant_keys + other_keys, object_store, state_store, embedder, siamese_settings)
 
-    assert counting.embedded == 3 + 6  # references once, then every crop
+    assert trunk.images == 3 + 6  # references once, then every crop
     assert {d.crop_key for d in recorded} == set(elephant_keys + other_keys)
     distances = dict(state_store.distances(job.id))
     assert distances == pytest.approx({d.crop_key: d.distance for d in recorded})
@@ -68,61 +50,66 @@ def test_compare_batch_records_distances_once(
     assert state_store.counters(job.id)["compared"] == 6
 
     # Redelivery of the same batch: nothing embedded, nothing recorded, counters unchanged.
-    again = compare_batch(job, elephant_keys + other_keys, object_store, state_store, counting, siamese_settings)  # type: ignore[arg-type]
+    again = compare_batch(job, elephant_keys + other_keys, object_store, state_store, embedder, siamese_settings)
 
     assert again == []
-    assert counting.embedded == 9
+    assert trunk.images == 9
     assert state_store.counters(job.id)["compared"] == 6
 
     # A batch that overlaps with done work: only its new crop is embedded and recorded.
     (new_key,) = put_crops(object_store, state_store, elephants[6:7], "elephant")
-    overlapping = compare_batch(job, [*elephant_keys, new_key], object_store, state_store, counting, siamese_settings)  # type: ignore[arg-type]
+    overlapping = compare_batch(job, [*elephant_keys, new_key], object_store, state_store, embedder, siamese_settings)
 
     assert [d.crop_key for d in overlapping] == [new_key]
-    assert counting.embedded == 10
+    assert trunk.images == 10
     assert state_store.counters(job.id)["compared"] == 7
 
-    embeddings_key = reference_embeddings_key(job.id, embedder.embedding_id, job.reference_keys)
-    assert embeddings_key.startswith(f"jobs/{job.id}/refs/embeddings-{embedder.embedding_id}-")
-    assert object_store.exists(embeddings_key)
-    stored = np.load(io.BytesIO(object_store.get(embeddings_key)), allow_pickle=False)
-    assert stored.shape == (3, 1280)
-    assert np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
+    # The references' trunk features are stored once for the job, under the trunk's id.
+    stored_refs = reference_features_key(job.id, embedder, job.reference_keys)
+    assert stored_refs.startswith(f"jobs/{job.id}/features/{embedder.trunk_id}/sets/")
+    rows = features.decode(
+        object_store.get(stored_refs), trunk_id=embedder.trunk_id, name=features.object_name(stored_refs), dim=1280
+    )
+    assert rows.keys == job.reference_keys and rows.rows.shape == (3, 1280)
 
 
-def test_another_process_reads_the_stored_reference_embeddings(
-    local_store: ObjectStore, embedder: Embedder, crops_by_class: dict[str, list[Image.Image]]
+def test_another_process_reads_the_stored_reference_features(
+    local_store: ObjectStore, embedder: Embedder, trunk: CountingTrunk, crops_by_class: dict[str, list[Image.Image]]
 ) -> None:
     job = new_job(put_references(local_store, crops_by_class["dog"][:2]))
     first = reference_embeddings(job, local_store, embedder)
+    assert trunk.images == 2
     compare._reference_cache.clear()  # what a fresh worker process starts with
-    counting = CountingEmbedder(embedder)
 
-    second = reference_embeddings(job, local_store, counting)  # type: ignore[arg-type]
+    second = reference_embeddings(job, local_store, embedder)
 
-    assert counting.embedded == 0
+    assert trunk.images == 2
     assert np.array_equal(first, second)
+    assert np.allclose(np.linalg.norm(second, axis=1), 1.0, atol=1e-5)
 
     # A changed reference set is embedded anew, under its own key.
     more = job.model_copy(
         update={"reference_keys": [*job.reference_keys, *put_references(local_store, [crops_by_class["dog"][2]])]}
     )
-    assert reference_embeddings(more, local_store, counting).shape == (3, 1280)  # type: ignore[arg-type]
-    assert counting.embedded == 3
-    assert len(list(local_store.list(f"jobs/{JOB_ID}/refs/embeddings-"))) == 2
+    assert reference_embeddings(more, local_store, embedder).shape == (3, 1280)
+    assert trunk.images == 5
+    assert len(list(local_store.list(keys.features_prefix(JOB_ID, embedder.trunk_id) + "sets/"))) == 2
 
 
-def test_a_torn_embeddings_file_is_recomputed(
-    local_store: ObjectStore, embedder: Embedder, crops_by_class: dict[str, list[Image.Image]]
+def test_a_torn_reference_features_file_is_recomputed(
+    local_store: ObjectStore, embedder: Embedder, trunk: CountingTrunk, crops_by_class: dict[str, list[Image.Image]]
 ) -> None:
     job = new_job(put_references(local_store, crops_by_class["dog"][:2]))
-    key = reference_embeddings_key(job.id, embedder.embedding_id, job.reference_keys)
-    local_store.put(key, b"\x93NUMPY torn")
+    expected = reference_embeddings(job, local_store, embedder)
+    compare._reference_cache.clear()
+    key = reference_features_key(job.id, embedder, job.reference_keys)
+    local_store.put(key, local_store.get(key)[:-100])
 
     embeddings = reference_embeddings(job, local_store, embedder)
 
-    assert embeddings.shape == (2, 1280)
-    assert np.array_equal(np.load(io.BytesIO(local_store.get(key))), embeddings)
+    assert trunk.images == 4
+    assert np.array_equal(embeddings, expected)
+    assert features.read(local_store, key, trunk_id=embedder.trunk_id, dim=1280, job_id=job.id) is not None
 
 
 def test_missing_and_corrupt_crops_are_skipped_with_a_note(

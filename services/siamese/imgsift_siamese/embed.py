@@ -18,13 +18,19 @@ from PIL import Image
 from imgsift_common.messages import Job
 from imgsift_common.storage import ObjectStore
 from imgsift_siamese.backbone import build_backbone, weights_identity
+from imgsift_siamese.features import PREPROCESSING_VERSION
 from imgsift_siamese.network import SiameseNetwork
-from imgsift_siamese.preprocess import preprocess
+from imgsift_siamese.preprocess import letterbox, to_array
 from imgsift_siamese.settings import BackboneName, SiameseSettings
 
 
 class Embedder:
-    """A Siamese embedding branch on a device, turning PIL images into unit-norm float32 rows."""
+    """A Siamese embedding branch on a device, turning PIL images into unit-norm float32 rows.
+
+    It runs in two parts: the frozen trunk (images to pooled features, the expensive part,
+    whose rows are stored per crop; ``trunk_id`` names them) and the head with L2
+    normalisation (features to embeddings, cheap; ``embedding_id`` names the whole branch).
+    """
 
     def __init__(
         self,
@@ -35,36 +41,71 @@ class Embedder:
         image_size: int = 224,
         device: str = "cpu",
         batch_size: int = 32,
+        head_id: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.backbone = backbone
-        self.weights_id = weights_id
+        self.weights_id = weights_id  # the trunk's weights
+        self.head_id = head_id  # the trained head's object key; None: the pretrained embedding
         self.image_size = image_size
         self.batch_size = batch_size
 
     @functools.cached_property
     def embedding_id(self) -> str:
-        """Short hash of what determines an embedding: backbone, weights and input size."""
-        return short_hash(self.backbone, self.weights_id, self.image_size)
+        """Short hash of what determines an embedding: backbone, weights (trunk and head) and input size."""
+        weights = self.weights_id if self.head_id is None else f"{self.weights_id}+{self.head_id}"
+        return short_hash(self.backbone, weights, self.image_size)
+
+    @functools.cached_property
+    def trunk_id(self) -> str:
+        """Short hash of what determines the trunk's pooled features: backbone, weights, input size, preprocessing."""
+        return short_hash("trunk", PREPROCESSING_VERSION, self.backbone, self.weights_id, self.image_size)
 
     @functools.cached_property
     def dim(self) -> int:
         """Length of one embedding."""
+        return int(self.embed_features(np.zeros((1, self.feature_dim), dtype=np.float32)).shape[1])
+
+    @functools.cached_property
+    def feature_dim(self) -> int:
+        """Length of one row of pooled trunk features."""
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
-            return int(self.network.embed(probe).shape[1])
+            return int(self.network.features(probe).shape[1])
+
+    def features_of_arrays(self, arrays: np.ndarray) -> np.ndarray:
+        """Pooled trunk features ``(n, f)`` float32 of preprocessed inputs ``(n, 3, size, size)``."""
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(arrays), self.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + self.batch_size]))
+                rows.append(self.network.features(batch.to(self.device)).float().cpu().numpy())
+        if not rows:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    def features_of_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Pooled trunk features ``(n, f)`` float32 of ``images``, in order."""
+        rows = [
+            self.features_of_arrays(np.stack([to_array(letterbox(im, self.image_size)) for im in chunk]))
+            for chunk in (images[start : start + self.batch_size] for start in range(0, len(images), self.batch_size))
+        ]
+        if not rows:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
+        return np.concatenate(rows)
+
+    def embed_features(self, features: np.ndarray) -> np.ndarray:
+        """Unit-norm embeddings ``(n, d)`` float32 of pooled trunk features: the head, then L2 normalisation."""
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+            return self.network.embed_features(x).float().cpu().numpy()
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embeddings ``(n, d)`` float32 of ``images``, one L2-normalised row per image, in order."""
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        rows = []
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = torch.stack([preprocess(im, self.image_size) for im in images[start : start + self.batch_size]])
-                rows.append(self.network.embed(batch.to(self.device)).float().cpu().numpy())
-        return np.concatenate(rows).astype(np.float32, copy=False)
+        return self.embed_features(self.features_of_images(images))
 
 
 def get_embedder(settings: SiameseSettings) -> Embedder:
@@ -113,11 +154,14 @@ def job_embedder(job: Job, store: ObjectStore, settings: SiameseSettings) -> Emb
             _heads.pop(next(iter(_heads)))
         _heads[job.model.key] = head
     network = SiameseNetwork(base.network.trunk, head)
-    return Embedder(
+    tuned = Embedder(
         network,
         backbone=base.backbone,
-        weights_id=f"{base.weights_id}+{job.model.key}",
+        weights_id=base.weights_id,
+        head_id=job.model.key,
         image_size=base.image_size,
         device=str(base.device),
         batch_size=base.batch_size,
     )
+    tuned.__dict__["feature_dim"] = base.feature_dim  # the same trunk: known without probing it again
+    return tuned

@@ -25,10 +25,17 @@ class SiameseNetwork(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = head if head is not None else nn.Identity()
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's pooled features ``(n, f)`` of preprocessed images ``(n, 3, h, w)``: what the head reads."""
+        return self.pool(self.trunk(images)).flatten(1)
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings ``(n, d)`` of pooled trunk features: the head, then L2 normalisation."""
+        return F.normalize(self.head(features), dim=1)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings ``(n, d)`` of a batch of preprocessed images ``(n, 3, h, w)``."""
-        pooled = self.pool(self.trunk(images)).flatten(1)
-        return F.normalize(self.head(pooled), dim=1)
+        return self.embed_features(self.features(images))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Distance ``(n,)`` between ``a[i]`` and ``b[i]``, in [0, 2]."""

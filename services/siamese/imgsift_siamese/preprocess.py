@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -51,13 +52,28 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.array(IMAGENET_STD, dtype=np.float32)
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """A ``(3, h, w)`` float32 array of an RGB image, normalised with the ImageNet mean and std."""
+    # numpy rather than torch: in a thread of the decode pool, small torch ops fan out to the
+    # intra-op thread pool, and with the model's forward pass on the same cores each op waits
+    # for them (measured on a busy 2-core machine: 28 ms per crop through torch, 0.4 ms here).
+    pixels = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, 3)
+    normalised = (pixels / np.float32(255) - _MEAN) / _STD
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """A ``(3, h, w)`` float tensor of an RGB image, normalised with the ImageNet mean and std."""
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
-    scaled = pixels.permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (scaled - mean) / std
+    return torch.from_numpy(to_array(image))
+
+
+def prepare(data: bytes, size: int) -> np.ndarray:
+    """The network input ``(3, size, size)`` float32 for one encoded crop: decode, letterbox, normalise."""
+    return to_array(letterbox(decode_image(data), size))
 
 
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:

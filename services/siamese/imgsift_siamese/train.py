@@ -150,7 +150,7 @@ def pooled_features(
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = torch.stack([preprocess(im, image_size) for im in images[start : start + batch_size]])
-            rows.append(network.pool(network.trunk(batch.to(device))).flatten(1).float().cpu().numpy())
+            rows.append(network.features(batch.to(device)).float().cpu().numpy())
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows).astype(np.float32, copy=False)

@@ -26,7 +26,7 @@ from imgsift_common import keys
 from imgsift_common.messages import Job, SiameseModel, Stage, utcnow
 from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectStore
-from imgsift_siamese.compare import compare_batch, read_image_or_none
+from imgsift_siamese.compare import compare_batch, read_image_or_none, score_stored_features
 from imgsift_siamese.embed import get_embedder, job_embedder
 from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image
 from imgsift_siamese.settings import SiameseSettings
@@ -96,15 +96,21 @@ def rescore(
     settings: SiameseSettings,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Forget every distance of the job and score all its crops again with its current network."""
+    """Forget every distance of the job and score all its crops again with its current network.
+
+    The trunk is frozen, so crops whose trunk features are stored are scored from them: the
+    head and one matrix product. Only crops without stored features run through the trunk
+    (and their features are stored then).
+    """
     state.reset_distances(job.id)
     embedder = job_embedder(job, store, settings)
     crop_keys = state.crop_keys(job.id)
+    rest = score_stored_features(job, crop_keys, store, state, embedder, settings, progress)
     size = max(1, settings.batch_size)
-    for start in range(0, len(crop_keys), size):
-        compare_batch(job, crop_keys[start : start + size], store, state, embedder, settings)
+    for start in range(0, len(rest), size):
+        compare_batch(job, rest[start : start + size], store, state, embedder, settings)
         if progress:
-            progress(min(size, len(crop_keys) - start))
+            progress(min(size, len(rest) - start))
     return len(crop_keys)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from celery import signals
 
 from imgsift_common import webhooks
-from imgsift_common.celery_app import RETRY_POLICY, TRAIN_REQUEST_MARKER, TaskName, create_celery_app, send
+from imgsift_common.celery_app import TRAIN_REQUEST_MARKER, TaskName, create_celery_app, retry_policy, send
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import CropBatch, JobState, Stage, TrainMessage
 from imgsift_common.progress import finish_if_complete
@@ -56,7 +56,7 @@ def _configure_logging(**_: Any) -> None:
 @app.task(
     name=str(TaskName.COMPARE),
     shared=False,  # this app's task only; Celery would otherwise add it to every app the process creates
-    **RETRY_POLICY,
+    **retry_policy(worker_settings().task_max_retries),
 )
 def compare(payload: dict[str, Any]) -> int:
     """Record the distance of each crop in the batch to its job's reference images."""
@@ -84,7 +84,7 @@ def compare(payload: dict[str, Any]) -> int:
     return len(recorded)
 
 
-@app.task(name=str(TaskName.TRAIN), shared=False, **RETRY_POLICY)
+@app.task(name=str(TaskName.TRAIN), shared=False, **retry_policy(worker_settings().task_max_retries))
 def train(payload: dict[str, Any]) -> int:
     """Fine-tune the job's head, then score every crop of the job again with it."""
     message = TrainMessage.model_validate(payload)

@@ -1,0 +1,301 @@
+"""Siamese stage throughput against the bare backbone forward, on the same real crops, in one run.
+
+    .venv/bin/python bench/embed_bench.py          # 640 COCO128 box crops; --crops, --rounds, --device
+
+The crops are COCO128's labelled boxes, padded and JPEG-encoded as the detector stores them,
+in a local object store; the job state is in a redis-server of the bench's own. Measured:
+
+1. the stage: ``compare_batch`` over every crop of a fresh job, in batches of the default
+   batch size (read from the store, decode and letterbox in the thread pool ahead of the
+   model, trunk, head, distances to 5 references, store the trunk features, record);
+2. the same stage with one decode thread (no pool), to show what the pool brings;
+3. the bare backbone: batched ``network.embed`` forward passes (same batch size) over the
+   same crops decoded and preprocessed beforehand, outside the timing;
+4. ``rescore`` after a trained head: from the stored trunk features, against the trunk over
+   every crop again (the stored crop features deleted first, as before they were kept).
+
+1-3 run batch by batch, one after the other in a rotating order (each stage on a fresh job
+per round), so load from other processes falls on all three alike; a ratio is the sum of one
+run's batch times over the other's, the median over the rounds.
+Goal (issue 8): the stage at least 0.85x the bare forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.support.coco: the COCO128 reader the tests use
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from crawl_bench import free_port, wait_for_port  # noqa: E402  # bench/ is on the path of a bench script
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from imgsift_common import keys  # noqa: E402
+from imgsift_common.messages import Crop, Job, JobSpec, JobState, SiameseModel, SourceKind, SourceSpec, utcnow  # noqa: E402
+from imgsift_common.state import RedisStateStore  # noqa: E402
+from imgsift_common.storage import LocalStore  # noqa: E402
+from imgsift_detector.detect import padded_box  # noqa: E402
+from imgsift_siamese import compare  # noqa: E402
+from imgsift_siamese.compare import compare_batch  # noqa: E402
+from imgsift_siamese.distance import reference_distance  # noqa: E402
+from imgsift_siamese.embed import Embedder, get_embedder  # noqa: E402
+from imgsift_siamese.preprocess import decode_image, preprocess  # noqa: E402
+from imgsift_siamese.settings import SiameseSettings  # noqa: E402
+from imgsift_siamese.train import TrainConfig, TrainedHead, train_head  # noqa: E402
+from imgsift_siamese.training import rescore  # noqa: E402
+from tests.support.coco import Coco128  # noqa: E402
+
+REFERENCE_CLASS = "elephant"
+
+
+class CountingTrunk(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.images = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.images += len(images)
+        return self.inner(images)
+
+
+def cut_crops(coco: Coco128, count: int) -> tuple[list[tuple[str, Crop, bytes]], list[bytes]]:
+    """``count`` padded box crops as the detector stores them (image key, crop, JPEG), and 5 reference crops."""
+    crops: list[tuple[str, Crop, bytes]] = []
+    references: list[bytes] = []
+    for path in coco.images:
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        with Image.open(path) as opened:
+            photo = opened.convert("RGB")
+        for index, label in enumerate(coco.labels(path)):
+            x1, y1, x2, y2 = label.box
+            if min(x2 - x1, y2 - y1) < 8:  # the detector's min_box_size
+                continue
+            box = padded_box(label.box, 0.1, photo.width, photo.height)
+            buffer = io.BytesIO()
+            photo.crop(tuple(round(v) for v in box)).save(buffer, "JPEG", quality=95)  # the detector's quality
+            if label.class_name == REFERENCE_CLASS and len(references) < 5 and min(x2 - x1, y2 - y1) >= 48:
+                references.append(buffer.getvalue())  # the references are not among the crops
+            elif len(crops) < count:
+                crop = Crop(job_id="x", key="x", crop_id=keys.crop_id(sha, index), image_key=sha, box=label.box,
+                            padded_box=box, score=0.9, class_name=label.class_name)  # fmt: skip
+                crops.append((sha, crop, buffer.getvalue()))
+        if len(crops) >= count and len(references) >= 5:
+            break
+    if len(crops) < count:
+        raise SystemExit(f"COCO128 has only {len(crops)} boxes of 8 px or more; ask for fewer --crops")
+    return crops, references
+
+
+def new_job(job_id: str, crops: list[tuple[str, Crop, bytes]], references: list[bytes],
+            store: LocalStore, state: RedisStateStore) -> tuple[Job, list[str]]:  # fmt: skip
+    """A job holding the references and every crop, stored and recorded as the API and the detector do."""
+    reference_keys = []
+    for data in references:
+        key = keys.reference_key(job_id, hashlib.sha256(data).hexdigest(), "JPEG")
+        store.put(key, data, "image/jpeg")
+        reference_keys.append(key)
+    spec = JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["https://example.org/a.jpg"])], target="any")
+    job = Job(id=job_id, spec=spec, state=JobState.RUNNING, reference_keys=reference_keys)
+    state.create_job(job)
+    by_image: dict[str, list[Crop]] = {}
+    for sha, crop, data in crops:
+        key = keys.crop_key(job_id, crop.crop_id)
+        store.put(key, data, "image/jpeg")
+        image_key = keys.image_key(job_id, sha, "JPEG")
+        by_image.setdefault(image_key, []).append(
+            crop.model_copy(update={"job_id": job_id, "key": key, "image_key": image_key})
+        )
+    for image_key, image_crops in by_image.items():
+        state.record_detection(job_id, image_key, image_crops)
+    return job, [crop.key for image_crops in by_image.values() for crop in image_crops]
+
+
+def timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco128")
+    parser.add_argument("--crops", type=int, default=640)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "embed_bench.json")
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    crops, references = cut_crops(Coco128(args.coco), args.crops)
+    settings = SiameseSettings(storage="local", device=args.device)
+    single = settings.model_copy(update={"decode_threads": 1})
+    batch = settings.batch_size
+    embedder: Embedder = get_embedder(settings)
+    network = embedder.network
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", tmp_name],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for_port(port)
+            state = RedisStateStore.from_url(f"redis://127.0.0.1:{port}/0")
+            store = LocalStore(tmp / "objects")
+            print(f"{len(crops)} crops, {len(references)} references, batch {batch}, {args.device}, "
+                  f"torch threads {torch.get_num_threads()}, load {load_before[0]:.1f}", flush=True)  # fmt: skip
+
+            # The bare forward's inputs: the same JPEGs, decoded and preprocessed beforehand.
+            size = settings.image_size
+            tensors = [
+                torch.stack([preprocess(decode_image(data), size) for _, _, data in crops[i : i + batch]])
+                for i in range(0, len(crops), batch)
+            ]
+
+            def bare(inputs: torch.Tensor | None = None) -> None:
+                with torch.inference_mode():
+                    for batch_inputs in tensors if inputs is None else [inputs]:
+                        network.embed(batch_inputs.to(embedder.device))
+
+            warm, warm_keys = new_job("bench-warm", crops[: 2 * batch], references, store, state)
+            bare()  # warm-up: allocator, thread pools
+            for i in range(0, len(warm_keys), batch):
+                compare_batch(warm, warm_keys[i : i + batch], store, state, embedder, settings)
+
+            # Batch by batch, the three runs one after the other in a rotating order: load from
+            # other processes on the machine changes by the second, and falls on all three alike.
+            names = ("bare", "stage", "stage_1_thread")
+            rounds = []
+            for r in range(args.rounds):
+                job, crop_keys = new_job(f"bench-{r}", crops, references, store, state)
+                job1, crop_keys1 = new_job(f"bench-single-{r}", crops, references, store, state)
+                compare._reference_cache.clear()  # each job embeds its references, as a fresh worker would
+                seconds = dict.fromkeys(names, 0.0)
+                per_batch = []
+                for b, start in enumerate(range(0, len(crop_keys), batch)):
+                    chunk, chunk1 = crop_keys[start : start + batch], crop_keys1[start : start + batch]
+                    runs = {
+                        "bare": partial(bare, tensors[b]),
+                        "stage": partial(compare_batch, job, chunk, store, state, embedder, settings),
+                        "stage_1_thread": partial(compare_batch, job1, chunk1, store, state, embedder, single),
+                    }
+                    turn = (b + r) % 3
+                    took = {name: timed(runs[name]) for name in names[turn:] + names[:turn]}
+                    for name in names:
+                        seconds[name] += took[name]
+                    per_batch.append(took["bare"] / took["stage"])
+                rounds.append(seconds)
+                print(f"round {r + 1}: " + ", ".join(f"{n} {len(crops) / s:5.1f} crops/s" for n, s in seconds.items())
+                      + f"  -> stage/bare {seconds['bare'] / seconds['stage']:.2f}"
+                      + f" (per batch: median {statistics.median(per_batch):.2f}, "
+                      + f"{min(per_batch):.2f} to {max(per_batch):.2f})", flush=True)  # fmt: skip
+            stage_job, stage_keys = job, crop_keys
+
+            # The stage's distances are the bare forward's: a check that it measured the same work.
+            with torch.inference_mode():
+                bare_rows = torch.cat([network.embed(t) for t in tensors]).numpy()
+                refs = network.embed(
+                    torch.stack([preprocess(decode_image(d), settings.image_size) for d in references])
+                )
+            by_key = dict(state.distances(stage_job.id))
+            expected = reference_distance(bare_rows, refs.numpy())
+            order_of = {crop.crop_id: i for i, (_, crop, _) in enumerate(crops)}
+            worst = max(abs(by_key[k] - expected[order_of[k.rsplit("/", 1)[-1][:-4]]]) for k in stage_keys)
+
+            # A trained head: trained on trunk features of the references (positives) and of
+            # crops of other classes (negatives), stored and set on the job like train_job's.
+            positives = embedder.features_of_images([decode_image(d) for d in references])
+            others = [decode_image(data) for _, crop, data in crops if crop.class_name != REFERENCE_CLASS][:100]
+            config = TrainConfig(min_steps=200)
+            head = train_head(positives, embedder.features_of_images(others), config)
+            model_key = keys.model_key(stage_job.id, 1)
+            store.put(model_key, TrainedHead(head, config, positives.shape[1]).to_bytes())
+            model = SiameseModel(version=1, key=model_key, trained_at=utcnow())
+            tuned_job = state.update_job(stage_job.id, model=model)
+
+            counting = CountingTrunk(network.trunk)
+            network.trunk = counting
+            from_features = timed(lambda: rescore(tuned_job, store, state, settings))
+            trunk_images_features = counting.images
+            rescored = dict(state.distances(stage_job.id))
+            for key in list(store.list(keys.features_prefix(stage_job.id, embedder.trunk_id) + "crops/")):
+                store.delete(key)
+            counting.images = 0
+            full_trunk = timed(lambda: rescore(tuned_job, store, state, settings))
+            trunk_images_full = counting.images
+            network.trunk = counting.inner
+            rescored_again = dict(state.distances(stage_job.id))
+            rescore_difference = max(abs(rescored[k] - rescored_again[k]) for k in rescored)
+            moved = float(np.median([abs(rescored[k] - by_key[k]) for k in rescored]))
+        finally:
+            server.terminate()
+            server.wait(10)
+
+    n = len(crops)
+    ratios = [s["bare"] / s["stage"] for s in rounds]
+    ratios_single = [s["bare"] / s["stage_1_thread"] for s in rounds]
+    report = {
+        "crops": n,
+        "references": len(references),
+        "batch": batch,
+        "decode_threads": settings.decode_threads,
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "rounds": [{name: {"seconds": s, "crops_per_second": n / s} for name, s in r.items()} for r in rounds],
+        "stage_vs_bare_forward": ratios,
+        "stage_vs_bare_forward_median": statistics.median(ratios),
+        "stage_1_thread_vs_bare_forward": ratios_single,
+        "stage_1_thread_vs_bare_forward_median": statistics.median(ratios_single),
+        "stage_distance_vs_bare_forward_max_difference": worst,
+        "rescore_from_features_seconds": from_features,
+        "rescore_full_trunk_seconds": full_trunk,
+        "rescore_speedup": full_trunk / from_features,
+        "rescore_trunk_images": {"from_features": trunk_images_features, "full_trunk": trunk_images_full},
+        "rescore_max_difference": rescore_difference,
+        "rescore_median_distance_moved_by_head": moved,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+
+    def median_rate(name: str) -> float:
+        return statistics.median(n / r[name] for r in rounds)
+
+    print(f"\n{n} crops, batch {batch}, {args.device}, {args.rounds} rounds (medians)")
+    print(f"stage (compare_batch, {settings.decode_threads} decode threads): {median_rate('stage'):7.1f} crops/s")
+    print(f"stage, 1 decode thread:                  {median_rate('stage_1_thread'):7.1f} crops/s")
+    print(f"bare batched network.embed:              {median_rate('bare'):7.1f} crops/s")
+    goal = "met" if statistics.median(ratios) >= 0.85 else "NOT met"
+    rounds_text = ", ".join(f"{x:.2f}" for x in ratios)
+    print(f"stage / bare forward: {statistics.median(ratios):.2f}x (goal >= 0.85x: {goal}); "
+          f"1 decode thread {statistics.median(ratios_single):.2f}x; rounds {rounds_text}")  # fmt: skip
+    print(f"stage distances vs the bare forward's: max difference {worst:.1e}")
+    print(f"rescore with a trained head, {n} crops: from stored features {from_features:6.2f} s "
+          f"({trunk_images_features} trunk images), full trunk {full_trunk:6.2f} s ({trunk_images_full} trunk images)"
+          f" -> {full_trunk / from_features:.1f}x; max difference {rescore_difference:.1e}, "
+          f"median move by the head {moved:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -34,7 +34,7 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
     # detector (recorded, then killed before the send) are handed on within seconds.
     return {
         **stack_env,
-        "IMGSIFT_CRAWLER_LEASE_SECONDS": "4",
+        "IMGSIFT_CRAWLER_LEASE_SECONDS": "8",
         "IMGSIFT_CRAWLER_DOWNLOAD_BATCH_SIZE": "4",
         "IMGSIFT_CRAWLER_STALL_SECONDS": "5",
     }

@@ -324,6 +324,11 @@ def download_batch(
                 stored.append(image)
 
     def work(candidate: Candidate) -> tuple[DownloadRecord, StoredImage | None]:
+        # Looked up again just before the fetch: while this batch waited its turn, a lease that
+        # ran out may have handed the URL to another task that has recorded it since.
+        previous = state.url_record(job.id, candidate.image_url)
+        if previous is not None:
+            return previous, None
         if state.counters(job.id).get(Counter.DOWNLOADED, 0) >= job.spec.limits.max_images:
             # A cheap early exit; record_download below enforces the limit exactly.
             skipped = DownloadRecord(

@@ -56,20 +56,23 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
 
 # Faults a later attempt can outlive: Redis or the object store unreachable or slow, or a 5xx
 # from the store. Tasks retry these with backoff and jitter, a bounded number of times;
-# anything else is a bug or bad data, and retrying cannot help.
-def _transient_errors() -> tuple[type[Exception], ...]:
-    from kombu.exceptions import OperationalError
+# anything else is a bug or bad data, and retrying cannot help. The API answers them with 503.
+def _store_errors() -> tuple[type[Exception], ...]:
     from minio.error import ServerError
 
-    return (
-        OperationalError,  # the broker unreachable when a task sends the next stage's message
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
-        urllib3.exceptions.MaxRetryError,
-        urllib3.exceptions.ProtocolError,
-        urllib3.exceptions.TimeoutError,
-        ServerError,
-    )
+    return (urllib3.exceptions.MaxRetryError, urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError,
+            ServerError)  # fmt: skip
+
+
+STATE_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+STORE_ERRORS = _store_errors()
+
+
+def _transient_errors() -> tuple[type[Exception], ...]:
+    from kombu.exceptions import OperationalError
+
+    # OperationalError: the broker unreachable when a task sends the next stage's message.
+    return (OperationalError, *STATE_ERRORS, *STORE_ERRORS)
 
 
 TRANSIENT_ERRORS = _transient_errors()

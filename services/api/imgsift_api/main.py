@@ -9,9 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import minio.error
-import redis.exceptions
-import urllib3.exceptions
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -20,7 +17,7 @@ from imgsift_api.auth import BodyLimit, RateLimiter, get_principal
 from imgsift_api.routes import health, jobs, keys, operations
 from imgsift_api.settings import ApiSettings
 from imgsift_common.apikeys import ApiKeyStore
-from imgsift_common.celery_app import create_celery_app
+from imgsift_common.celery_app import STATE_ERRORS, STORE_ERRORS, create_celery_app
 from imgsift_common.logs import configure_logging
 from imgsift_common.metrics import api_metrics
 from imgsift_common.state import RedisStateStore
@@ -58,20 +55,21 @@ app.include_router(operations.router, prefix="/v1", dependencies=[Depends(get_pr
 app.include_router(keys.router, prefix="/v1")
 
 
-@app.exception_handler(redis.exceptions.ConnectionError)
-@app.exception_handler(redis.exceptions.TimeoutError)
 async def state_unreachable(request: Request, exc: Exception) -> JSONResponse:
     """Redis down or restarting: a clear 503 the client can retry, not a 500."""
     return JSONResponse({"detail": "the job state store is unreachable; retry later"}, status_code=503)
 
 
-@app.exception_handler(urllib3.exceptions.MaxRetryError)
-@app.exception_handler(urllib3.exceptions.ProtocolError)
-@app.exception_handler(urllib3.exceptions.TimeoutError)
-@app.exception_handler(minio.error.ServerError)
 async def store_unreachable(request: Request, exc: Exception) -> JSONResponse:
     """The object store down or failing (after the client's own retries): a 503 to retry, not a 500."""
     return JSONResponse({"detail": "the object store is unreachable; retry later"}, status_code=503)
+
+
+# The faults the workers retry (celery_app.py) are the ones the API answers with 503.
+for _error in STATE_ERRORS:
+    app.add_exception_handler(_error, state_unreachable)
+for _error in STORE_ERRORS:
+    app.add_exception_handler(_error, store_unreachable)
 
 
 # The web UI: plain HTML and JavaScript over the same REST API, served from this package.

@@ -87,7 +87,7 @@ def main() -> None:
     per_task: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in raw:
         positive = np.array(row["positive"], dtype=bool)
-        for key, held in (("pretrained", row["loo"]), ("finetuned", row["held_out"])):
+        for key, held in (("pretrained", row["pretrained_held_out"]), ("finetuned", row["held_out"])):
             scores = np.array(row[key])
             if len(scores) == 0:
                 continue

@@ -70,11 +70,11 @@ def verify(
     from imgsift_siamese.train import (
         TrainConfig,
         TrainingSet,
-        augmented_views,
         embed_features,
         fit,
-        leave_one_out,
+        held_out_views,
         pooled_features,
+        reference_views,
     )
 
     def load(paths: list[Path]) -> tuple[list[Path], list[Image.Image], list[str]]:
@@ -108,12 +108,15 @@ def verify(
 
     head = None
     pre_refs = embed_features(None, ref_rows)
-    positives = leave_one_out(pre_refs)
+    config = TrainConfig(epochs=epochs)
+    # Augmented (detector-like) views of the references: the held-out positives the suggested
+    # threshold is calibrated from, and the positives training learns from.
+    views, view_group = reference_views(ref_images, config.augmentations, config.seed)
+    view_rows = pooled_features(network, views) if len(ref_images) >= 2 else ref_rows[:0]
+    positives = held_out_views(None, ref_rows, view_rows, view_group)
     if train:
         if len(ref_images) < 2:
             raise VerifyError("--train needs at least two reference images")
-        config = TrainConfig(epochs=epochs)
-        views = [v for n, im in enumerate(ref_images) for v in augmented_views(im, config.augmentations, n)]
         pretrained = reference_distance(embed_features(None, rows), pre_refs)
         far = rows[pretrained >= np.quantile(pretrained, 0.75)] if len(rows) >= 20 else rows[:0]
         parts = [(pooled_features(network, bank), 1.0)] if bank else []
@@ -123,8 +126,8 @@ def verify(
             raise VerifyError("--train needs negatives: --negatives, --negative-bank, or 20 or more images")
         data = TrainingSet(
             ref_rows,
-            pooled_features(network, views),
-            np.repeat(np.arange(len(ref_images)), config.augmentations),
+            view_rows,
+            view_group,
             np.concatenate([p for p, _ in parts]),
             np.concatenate([np.full(len(p), w) for p, w in parts]),
         )

@@ -276,7 +276,10 @@ class Job(BaseModel):
     model: SiameseModel | None = None  # None: the pretrained embedding
     reference_distances: list[float] = Field(
         default_factory=list,
-        description="leave-one-out distances between the references under the pretrained embedding",
+        description=(
+            "held-out positive distances under the pretrained embedding: each reference and its augmented "
+            "views against the other references"
+        ),
     )
     detect_mode: DetectMode | None = None
     created_at: datetime = Field(default_factory=utcnow)

@@ -34,7 +34,9 @@ def test_compare_batch_records_distances_once(
 
     recorded = compare_batch(job, elephant_keys + other_keys, object_store, state_store, embedder, siamese_settings)
 
-    assert trunk.images == 3 + 6  # references once, then every crop
+    # references once, the calibration's views of them once per job (8 each), then every crop
+    assert trunk.images == 3 + 3 * 8 + 6
+    assert len(state_store.get_job(job.id).reference_distances) == 3 * (1 + 8)  # type: ignore[union-attr]
     assert {d.crop_key for d in recorded} == set(elephant_keys + other_keys)
     distances = dict(state_store.distances(job.id))
     assert distances == pytest.approx({d.crop_key: d.distance for d in recorded})
@@ -53,7 +55,7 @@ def test_compare_batch_records_distances_once(
     again = compare_batch(job, elephant_keys + other_keys, object_store, state_store, embedder, siamese_settings)
 
     assert again == []
-    assert trunk.images == 9
+    assert trunk.images == 3 + 3 * 8 + 6
     assert state_store.counters(job.id)["compared"] == 6
 
     # A batch that overlaps with done work: only its new crop is embedded and recorded.
@@ -61,7 +63,7 @@ def test_compare_batch_records_distances_once(
     overlapping = compare_batch(job, [*elephant_keys, new_key], object_store, state_store, embedder, siamese_settings)
 
     assert [d.crop_key for d in overlapping] == [new_key]
-    assert trunk.images == 10
+    assert trunk.images == 3 + 3 * 8 + 7
     assert state_store.counters(job.id)["compared"] == 7
 
     # The references' trunk features are stored once for the job, under the trunk's id.

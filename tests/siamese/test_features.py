@@ -57,7 +57,7 @@ def test_a_batch_redelivered_before_its_distances_were_recorded_reads_its_featur
     job, crop_keys = _job_with_crops(sqlite_state, object_store, crops_by_class)
     compare_batch(job, crop_keys, object_store, sqlite_state, embedder, siamese_settings)
     first = dict(sqlite_state.distances(job.id))
-    assert (trunk.images, len(first)) == (3 + 7, 7)
+    assert (trunk.images, len(first)) == (3 + 3 * 8 + 7, 7)  # references, their calibration views, crops
     assert len(_crop_feature_objects(object_store, job, embedder)) == 1
 
     # The worker died after storing the features, before recording a distance; the task is

@@ -22,7 +22,10 @@ from imgsift_siamese.train import (
     augmented_views,
     embed_features,
     fit,
+    held_out_views,
+    leave_one_out,
     pooled_features,
+    reference_views,
 )
 from imgsift_siamese.training import TrainingError, rescore, train_job
 from tests.siamese.stored import create_job, jpeg, put_crops, put_references
@@ -59,11 +62,38 @@ def test_fine_tuned_head_separates_better_and_reports_held_out_distances(
     pretrained, tuned = separation(None), separation(trained.head)
     print(f"d' of unseen elephants vs other classes: pretrained {pretrained:.2f}, fine-tuned {tuned:.2f}")
     assert tuned > pretrained
-    assert len(trained.held_out) == 4 and all(0 <= d <= 2 for d in trained.held_out)
+    # each reference once out of a fold, measured with its 8 views: 4 x 9 held-out distances
+    assert len(trained.held_out) == 4 * 9 and all(0 <= d <= 2 for d in trained.held_out)
 
     again = TrainedHead.from_bytes(trained.to_bytes())
     assert np.allclose(embed_features(again.head, test_pos), embed_features(trained.head, test_pos), atol=1e-6)
     assert again.held_out == trained.held_out and again.config == trained.config
+
+
+def test_held_out_views_never_measure_a_reference_against_itself() -> None:
+    refs = np.eye(3, dtype=np.float32)  # three orthogonal references: sqrt(2) apart
+    views = np.repeat(refs, 2, axis=0)  # each reference's views equal it exactly
+    group = np.repeat(np.arange(3), 2)
+    held = held_out_views(None, refs, views, group)
+    assert len(held) == 3 * 3 and np.allclose(held, np.sqrt(2))  # 0 if measured against their own reference
+    # with known references (a fold), only the others are held out, against the known ones only
+    assert np.allclose(held_out_views(None, refs, views, group, known=np.array([0])), np.sqrt(2))
+    assert len(held_out_views(None, refs, views, group, known=np.array([0]))) == 2 * 3
+    assert held_out_views(None, refs[:1], views[:2], group[:2]) == []
+
+
+def test_held_out_views_sit_farther_than_clean_references(
+    embedder: Embedder, crops_by_class: dict[str, list[Image.Image]]
+) -> None:
+    """Views of a reference are partial and recoloured, like detector crops: farther than the references' own LOO."""
+    elephants = crops_by_class["elephant"][:5]
+    refs = pooled_features(embedder.network, elephants)
+    views, group = reference_views(elephants, 8)
+    held = held_out_views(None, refs, pooled_features(embedder.network, views), group)
+    loo = leave_one_out(embed_features(None, refs))
+    print(f"median held-out distance: views {np.median(held):.3f}, references' leave-one-out {np.median(loo):.3f}")
+    assert len(held) == 5 * (1 + 8)
+    assert np.median(held) > np.median(loo)
 
 
 def test_not_this_images_raise_the_decided_distance() -> None:

@@ -33,6 +33,7 @@ from imgsift_siamese.embed import Embedder, short_hash
 from imgsift_siamese.features import FeatureRows, as_stored, prefetch
 from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image, prepare
 from imgsift_siamese.settings import SiameseSettings
+from imgsift_siamese.train import held_out_views, reference_views, views_per_reference
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,17 @@ def job_scorer(
     marked_wrong = [k for k, ok in state.feedback(job.id).items() if not ok]
     negatives = negative_embeddings(job, store, state, embedder, marked_wrong)
     if job.model is None and not job.reference_distances and len(refs) >= 2:
-        # The calibration's positives under the pretrained embedding (a trained head brings its own).
-        loo = [float(v) for v in reference_distance(refs, refs, "nearest_other", settings.k)]
-        job = state.update_job(job.id, reference_distances=loo)
+        job = state.get_job(job.id) or job  # another batch may have recorded them since this job was read
+    if job.model is None and not job.reference_distances and len(refs) >= 2:
+        # The calibration's positives under the pretrained embedding (a trained head brings its
+        # own): detector-like views of each reference against the other references, computed
+        # once per job.
+        # ``refs`` are the pretrained embeddings of the same images (every one was read above).
+        images = [read_image_or_none(store, k) for k in job.reference_keys]
+        if all(im is not None for im in images) and len(images) == len(refs):
+            views, group = reference_views(images, views_per_reference(len(images)))  # type: ignore[arg-type]
+            held_out = held_out_views(None, refs, embedder.features_of_images(views), group)
+            job = state.update_job(job.id, reference_distances=held_out)
     return job, Scorer(job.id, embedder, refs, negatives, settings)
 
 

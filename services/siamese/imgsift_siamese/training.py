@@ -30,7 +30,7 @@ from imgsift_siamese.compare import compare_batch, read_image_or_none, score_sto
 from imgsift_siamese.embed import get_embedder, job_embedder
 from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image
 from imgsift_siamese.settings import SiameseSettings
-from imgsift_siamese.train import TrainConfig, TrainingSet, augmented_views, fit, pooled_features
+from imgsift_siamese.train import TrainConfig, TrainingSet, fit, pooled_features, reference_views
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ def train_job(job: Job, store: ObjectStore, state: StateStore, settings: Siamese
     refs = [im for im in refs if im is not None]
     if len(refs) < 2:
         raise TrainingError(f"job {job.id}: fewer than 2 of its reference images could be read")
-    views = [v for n, im in enumerate(refs) for v in augmented_views(im, config.augmentations, config.seed + n)]
-    group = np.repeat(np.arange(len(refs)), config.augmentations)
+    views, group = reference_views(refs, config.augmentations, config.seed)
 
     marks = state.feedback(job.id)
     right = _crop_images(store, [k for k, ok in marks.items() if ok])

@@ -39,14 +39,10 @@ from PIL import Image  # noqa: E402
 from imgsift_common import keys  # noqa: E402
 from imgsift_common.messages import (  # noqa: E402
     Candidate,
-    DownloadOutcome,
-    DownloadRecord,
     Job,
     JobSpec,
     SourceKind,
     SourceSpec,
-    StoredImage,
-    utcnow,
 )
 from imgsift_common.state import SqliteStateStore  # noqa: E402
 from imgsift_common.storage import LocalStore  # noqa: E402
@@ -54,6 +50,7 @@ from imgsift_detector.detect import detect_batch, load_image  # noqa: E402
 from imgsift_detector.export import missing_modules  # noqa: E402
 from imgsift_detector.model import Detector, shape_batches  # noqa: E402
 from imgsift_detector.settings import DetectorSettings, ExportFormat  # noqa: E402
+from tests.support.records import record_stored  # noqa: E402
 
 IMGSZ = 640
 
@@ -82,10 +79,8 @@ def store_images(tmp: Path, blobs: list[bytes]) -> tuple[Job, LocalStore, Sqlite
         store.put(key, data)
         candidate = Candidate(image_url=f"http://127.0.0.1/{i}.jpg", source=SourceKind.URLS)
         width, height = Image.open(io.BytesIO(data)).size
-        stored = StoredImage(job_id=job.id, key=key, sha256=sha, width=width, height=height, format="JPEG",
-                             bytes=len(data), fetched_at=utcnow(), provenance=candidate)  # fmt: skip
-        record = DownloadRecord(url=candidate.image_url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=key)
-        state.record_download(job.id, record, stored, len(blobs))
+        record_stored(state, job.id, sha, size=(width, height), nbytes=len(data), candidate=candidate,
+                      max_images=len(blobs))  # fmt: skip
         image_keys.append(key)
     return job, store, state, image_keys
 

@@ -15,12 +15,9 @@ from imgsift_common.messages import (
     Candidate,
     Crop,
     DiscoverMessage,
-    DownloadOutcome,
-    DownloadRecord,
-    StoredImage,
-    utcnow,
 )
 from imgsift_common.state import RedisStateStore
+from tests.support.records import record_stored
 
 SPEC = {"target": "person", "threshold": 0.5, "sources": [{"kind": "urls", "urls": ["http://127.0.0.1:9/a.jpg"]}]}
 
@@ -95,12 +92,7 @@ def _fill(state: RedisStateStore, store, job_id: str, distances: list[float]) ->
     image_key = keys.image_key(job_id, sha, "JPEG")
     store.put(image_key, _jpeg(size=(200, 100)))
     candidate = Candidate(image_url="http://example.test/p.jpg", page_url="http://example.test/", source="site")
-    image = StoredImage(
-        job_id=job_id, key=image_key, sha256=sha, width=200, height=100, format="JPEG", bytes=10,
-        fetched_at=utcnow(), provenance=candidate,
-    )  # fmt: skip
-    record = DownloadRecord(url=candidate.image_url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=image_key)
-    state.record_download(job_id, record, image, max_images=100)
+    record_stored(state, job_id, sha, size=(200, 100), nbytes=10, candidate=candidate)
     crops = []
     for i, _ in enumerate(distances):
         cid = keys.crop_id(sha, i)

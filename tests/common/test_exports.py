@@ -18,17 +18,14 @@ from imgsift_common.exports import ExportFormat, export
 from imgsift_common.messages import (
     Candidate,
     Crop,
-    DownloadOutcome,
-    DownloadRecord,
     Job,
     JobSpec,
     SourceKind,
     SourceSpec,
-    StoredImage,
-    utcnow,
 )
 from imgsift_common.storage import LocalStore
 from tests.support.coco import Coco128
+from tests.support.records import record_stored
 
 JOB = "job-export"
 THRESHOLD = 0.5
@@ -59,12 +56,7 @@ def filled(state_store, tmp_path: Path, coco128: Coco128):  # type: ignore[no-un
             license_url="https://cc/by",
             author="A",
         )
-        image = StoredImage(job_id=JOB, key=image_key, sha256=sha, width=width, height=height, format="JPEG",
-                            bytes=len(data), fetched_at=utcnow(), provenance=candidate)  # fmt: skip
-        record = DownloadRecord(
-            url=candidate.image_url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=image_key
-        )
-        state_store.record_download(JOB, record, image, 100)
+        record_stored(state_store, JOB, sha, size=(width, height), nbytes=len(data), candidate=candidate)
         crops = []
         for i, label in enumerate(coco128.labels(photo)):
             cid = keys.crop_id(sha, i)

@@ -5,24 +5,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from imgsift_common import keys
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, DeadLetter, TaskName
 from imgsift_common.failed_tasks import settle_failed_task
 from imgsift_common.messages import (
     Candidate,
     Crop,
     DownloadOutcome,
-    DownloadRecord,
     FailureReason,
     Job,
     JobSpec,
     JobState,
     SourceKind,
     SourceSpec,
-    StoredImage,
     utcnow,
 )
 from imgsift_common.state import Flag, StateStore
+from tests.support.records import crops, record_stored
 
 JOB = "job-failed-tasks"
 CHAIN = "c" * 32
@@ -44,23 +42,11 @@ def _letter(task: str, payload: Any, job_id: str | None = JOB) -> DeadLetter:
 
 
 def _store(state: StateStore, sha: str, url: str) -> str:
-    key = keys.image_key(JOB, sha, "JPEG")
-    image = StoredImage(
-        job_id=JOB, key=key, sha256=sha, width=10, height=10, format="JPEG", bytes=1, fetched_at=utcnow(),
-        provenance=Candidate(image_url=url, source=SourceKind.URLS),
-    )  # fmt: skip
-    record = DownloadRecord(url=url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=key)
-    state.record_download(JOB, record, image, 100)
-    return key
+    return record_stored(state, JOB, sha, url=url)
 
 
 def _crops(sha: str, n: int) -> list[Crop]:
-    return [
-        Crop(job_id=JOB, key=keys.crop_key(JOB, keys.crop_id(sha, i)), crop_id=keys.crop_id(sha, i),
-             image_key=keys.image_key(JOB, sha, "JPEG"), box=(0, 0, 1, 1), padded_box=(0, 0, 1, 1), score=0.9,
-             class_name="dog")
-        for i in range(n)
-    ]  # fmt: skip
+    return crops(JOB, sha, n)
 
 
 def _settle(state: StateStore, task: str, payload: Any) -> Job | None:

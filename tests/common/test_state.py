@@ -20,10 +20,10 @@ from imgsift_common.messages import (
     SourceKind,
     SourceSpec,
     StoredImage,
-    utcnow,
 )
 from imgsift_common.progress import compute_progress, finish_if_complete
 from imgsift_common.state import Flag, StreamState
+from tests.support.records import stored_image
 
 JOB = "job-state"
 
@@ -35,12 +35,7 @@ def _job(state) -> Job:  # type: ignore[no-untyped-def]
 
 
 def _image(sha: str, url: str) -> tuple[DownloadRecord, StoredImage]:
-    key = keys.image_key(JOB, sha, "JPEG")
-    image = StoredImage(
-        job_id=JOB, key=key, sha256=sha, width=10, height=10, format="JPEG", bytes=1, fetched_at=utcnow(),
-        provenance=Candidate(image_url=url, source=SourceKind.URLS),
-    )  # fmt: skip
-    return DownloadRecord(url=url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=key), image
+    return stored_image(JOB, sha, url=url)
 
 
 def test_create_is_once_and_final_states_stick(state_store) -> None:  # type: ignore[no-untyped-def]

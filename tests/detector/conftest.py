@@ -10,21 +10,18 @@ from PIL import Image
 
 from imgsift_common import keys
 from imgsift_common.messages import (
-    Candidate,
-    DownloadOutcome,
-    DownloadRecord,
     Job,
     JobSpec,
     JobState,
     SourceKind,
     SourceSpec,
     StoredImage,
-    utcnow,
 )
 from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectStore
 from imgsift_detector.model import Detector, get_detector
 from imgsift_detector.settings import DetectorSettings
+from tests.support.records import stored_image
 
 JOB_ID = "job-detect"
 
@@ -57,20 +54,9 @@ def add_image(
     sha = hashlib.sha256(data).hexdigest()
     key = keys.image_key(JOB_ID, sha, "JPEG")
     url = f"https://example.org/{sha[:12]}.jpg"
-    image = StoredImage(
-        job_id=JOB_ID,
-        key=key,
-        sha256=sha,
-        width=size[0],
-        height=size[1],
-        format="JPEG",
-        bytes=len(data),
-        fetched_at=utcnow(),
-        provenance=Candidate(image_url=url, source=SourceKind.URLS),
-    )
+    record, image = stored_image(JOB_ID, sha, url=url, size=size, nbytes=len(data))
     if store_object:
         store.put(key, data, "image/jpeg")
-    record = DownloadRecord(url=url, outcome=DownloadOutcome.STORED, sha256=sha, image_key=key)
     state.record_download(JOB_ID, record, image, max_images=1000)
     return image
 

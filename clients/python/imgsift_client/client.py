@@ -1,5 +1,5 @@
-"""The sync and async clients. Both build the same requests (``_Requests``) and read the same
-answers; only the I/O differs."""
+"""The sync and async clients. Both send the same request plans (``_Requests`` builds each
+request and says how its answer is read); only the I/O and the waiting differ."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -18,6 +19,7 @@ from imgsift_client.models import Calibration, Crop, Export, Job
 
 FileLike = str | Path | bytes | tuple[str, bytes]
 ProgressCallback = Callable[[Job], object]
+T = TypeVar("T")
 
 
 def _files(field: str, items: Iterable[FileLike]) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -70,10 +72,85 @@ def _create_args(
     }
 
 
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One API request and how its answer is read: built once, sent by either client."""
+
+    method: str
+    path: str
+    read: Callable[[Any], T]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class _Requests:
+    """The requests of the API's simple methods; the clients only send them."""
+
+    @staticmethod
+    def create_job(
+        spec: dict[str, Any], references: Iterable[FileLike], negatives: Iterable[FileLike], idempotency_key: str | None
+    ) -> _Call[Job]:
+        return _Call("POST", "/v1/jobs", Job.model_validate, _create_args(spec, references, negatives, idempotency_key))
+
+    @staticmethod
+    def get_job(job_id: str) -> _Call[Job]:
+        return _Call("GET", f"/v1/jobs/{job_id}", Job.model_validate)
+
+    @staticmethod
+    def list_jobs(limit: int) -> _Call[list[Job]]:
+        def read(body: Any) -> list[Job]:
+            return [Job.model_validate(j) for j in body["items"]]
+
+        return _Call("GET", "/v1/jobs", read, {"params": {"limit": limit}})
+
+    @staticmethod
+    def set_threshold(job_id: str, threshold: float) -> _Call[Job]:
+        return _Call("PATCH", f"/v1/jobs/{job_id}", Job.model_validate, {"json": {"threshold": threshold}})
+
+    @staticmethod
+    def cancel(job_id: str) -> _Call[Job]:
+        return _Call("POST", f"/v1/jobs/{job_id}/cancel", Job.model_validate)
+
+    @staticmethod
+    def train(job_id: str) -> _Call[Job]:
+        return _Call("POST", f"/v1/jobs/{job_id}/train", Job.model_validate)
+
+    @staticmethod
+    def mark(job_id: str, crop_id: str, correct: bool | None) -> _Call[Calibration]:
+        path = f"/v1/jobs/{job_id}/crops/{crop_id}/feedback"
+        return _Call("PUT", path, Calibration.model_validate, {"json": {"correct": correct}})
+
+    @staticmethod
+    def crops_page(
+        job_id: str, threshold: float | None, accepted: bool | None, page_size: int, cursor: str | None
+    ) -> _Call[dict[str, Any]]:
+        params = _crop_params(threshold, accepted, page_size, cursor)
+        return _Call("GET", f"/v1/jobs/{job_id}/crops", dict, {"params": params})
+
+    @staticmethod
+    def start_export(job_id: str, format: str, threshold: float | None) -> _Call[Export]:
+        body = {"format": format, "threshold": threshold}
+        return _Call("POST", f"/v1/jobs/{job_id}/exports", Export.model_validate, {"json": body})
+
+    @staticmethod
+    def get_export(job_id: str, export_id: str) -> _Call[Export]:
+        return _Call("GET", f"/v1/jobs/{job_id}/exports/{export_id}", Export.model_validate)
+
+
 def _final(job: Job) -> Job:
     if job.state in ("failed", "cancelled"):
         raise JobFailed(f"job {job.id} ended {job.state}: {job.error or 'no reason given'}", body=job)
     return job
+
+
+def _check_deadline(deadline: float | None, message: str, body: object) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise WaitTimeout(message, body=body)
+
+
+def _downloadable(export: Export) -> str:
+    if export.state != "done" or not export.download_url:
+        raise ImgsiftError(f"export {export.id} {export.state}: {export.error}", body=export)
+    return export.download_url
 
 
 class ImgsiftClient:
@@ -99,9 +176,9 @@ class ImgsiftClient:
     def close(self) -> None:
         self.http.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, call: _Call[T]) -> T:
         try:
-            return _check(self.http.request(method, path, **kwargs))
+            return call.read(_check(self.http.request(call.method, call.path, **call.kwargs)))
         except httpx.TransportError as exc:
             raise ImgsiftError(f"cannot reach the imgsift API: {exc}") from exc
 
@@ -115,15 +192,13 @@ class ImgsiftClient:
         idempotency_key: str | None = None,
     ) -> Job:
         """Create and start a job; ``references`` (and "not this" ``negatives``) are paths, bytes or (name, bytes)."""
-        return Job.model_validate(
-            self._call("POST", "/v1/jobs", **_create_args(spec, references, negatives, idempotency_key))
-        )
+        return self._send(_Requests.create_job(spec, references, negatives, idempotency_key))
 
     def get_job(self, job_id: str) -> Job:
-        return Job.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))
+        return self._send(_Requests.get_job(job_id))
 
     def list_jobs(self, limit: int = 100) -> list[Job]:
-        return [Job.model_validate(j) for j in self._call("GET", "/v1/jobs", params={"limit": limit})["items"]]
+        return self._send(_Requests.list_jobs(limit))
 
     def wait(
         self,
@@ -141,22 +216,20 @@ class ImgsiftClient:
                 on_progress(job)
             if job.is_final:
                 return _final(job)
-            if deadline is not None and time.monotonic() > deadline:
-                raise WaitTimeout(f"job {job_id} still {job.state} after {timeout} s", body=job)
+            _check_deadline(deadline, f"job {job_id} still {job.state} after {timeout} s", job)
             time.sleep(poll)
 
     def set_threshold(self, job_id: str, threshold: float) -> Job:
-        return Job.model_validate(self._call("PATCH", f"/v1/jobs/{job_id}", json={"threshold": threshold}))
+        return self._send(_Requests.set_threshold(job_id, threshold))
 
     def cancel(self, job_id: str) -> Job:
-        return Job.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+        return self._send(_Requests.cancel(job_id))
 
     def train(self, job_id: str) -> Job:
-        return Job.model_validate(self._call("POST", f"/v1/jobs/{job_id}/train"))
+        return self._send(_Requests.train(job_id))
 
     def mark(self, job_id: str, crop_id: str, correct: bool | None) -> Calibration:
-        body = self._call("PUT", f"/v1/jobs/{job_id}/crops/{crop_id}/feedback", json={"correct": correct})
-        return Calibration.model_validate(body)
+        return self._send(_Requests.mark(job_id, crop_id, correct))
 
     # ------------------------------------------------------------------ crops
     def crops(
@@ -165,9 +238,7 @@ class ImgsiftClient:
         """Every crop (or the accepted / rejected ones) by ascending distance, fetched a page at a time."""
         cursor = None
         while True:
-            page = self._call(
-                "GET", f"/v1/jobs/{job_id}/crops", params=_crop_params(threshold, accepted, page_size, cursor)
-            )
+            page = self._send(_Requests.crops_page(job_id, threshold, accepted, page_size, cursor))
             yield from (Crop.model_validate(c) for c in page["items"])
             cursor = page["next_cursor"]
             if cursor is None:
@@ -185,17 +256,14 @@ class ImgsiftClient:
         poll: float = 0.5,
     ) -> Export:
         """Build an export on the server, wait for it, and stream it to ``dest``."""
-        body = {"format": format, "threshold": threshold}
-        export = Export.model_validate(self._call("POST", f"/v1/jobs/{job_id}/exports", json=body))
+        export = self._send(_Requests.start_export(job_id, format, threshold))
         deadline = time.monotonic() + timeout
         while export.state in ("queued", "running"):
-            if time.monotonic() > deadline:
-                raise WaitTimeout(f"export {export.id} still {export.state} after {timeout} s", body=export)
+            _check_deadline(deadline, f"export {export.id} still {export.state} after {timeout} s", export)
             time.sleep(poll)
-            export = Export.model_validate(self._call("GET", f"/v1/jobs/{job_id}/exports/{export.id}"))
-        if export.state != "done" or not export.download_url:
-            raise ImgsiftError(f"export {export.id} {export.state}: {export.error}", body=export)
-        with self.http.stream("GET", export.download_url) as response:
+            export = self._send(_Requests.get_export(job_id, export.id))
+        download_url = _downloadable(export)
+        with self.http.stream("GET", download_url) as response:
             if not response.is_success:
                 response.read()
                 _check(response)
@@ -228,9 +296,9 @@ class AsyncImgsiftClient:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _send(self, call: _Call[T]) -> T:
         try:
-            return _check(await self.http.request(method, path, **kwargs))
+            return call.read(_check(await self.http.request(call.method, call.path, **call.kwargs)))
         except httpx.TransportError as exc:
             raise ImgsiftError(f"cannot reach the imgsift API: {exc}") from exc
 
@@ -242,15 +310,13 @@ class AsyncImgsiftClient:
         negatives: Iterable[FileLike] = (),
         idempotency_key: str | None = None,
     ) -> Job:
-        args = _create_args(spec, references, negatives, idempotency_key)
-        return Job.model_validate(await self._call("POST", "/v1/jobs", **args))
+        return await self._send(_Requests.create_job(spec, references, negatives, idempotency_key))
 
     async def get_job(self, job_id: str) -> Job:
-        return Job.model_validate(await self._call("GET", f"/v1/jobs/{job_id}"))
+        return await self._send(_Requests.get_job(job_id))
 
     async def list_jobs(self, limit: int = 100) -> list[Job]:
-        body = await self._call("GET", "/v1/jobs", params={"limit": limit})
-        return [Job.model_validate(j) for j in body["items"]]
+        return await self._send(_Requests.list_jobs(limit))
 
     async def wait(
         self,
@@ -269,30 +335,27 @@ class AsyncImgsiftClient:
                     await result
             if job.is_final:
                 return _final(job)
-            if deadline is not None and time.monotonic() > deadline:
-                raise WaitTimeout(f"job {job_id} still {job.state} after {timeout} s", body=job)
+            _check_deadline(deadline, f"job {job_id} still {job.state} after {timeout} s", job)
             await asyncio.sleep(poll)
 
     async def set_threshold(self, job_id: str, threshold: float) -> Job:
-        return Job.model_validate(await self._call("PATCH", f"/v1/jobs/{job_id}", json={"threshold": threshold}))
+        return await self._send(_Requests.set_threshold(job_id, threshold))
 
     async def cancel(self, job_id: str) -> Job:
-        return Job.model_validate(await self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+        return await self._send(_Requests.cancel(job_id))
 
     async def train(self, job_id: str) -> Job:
-        return Job.model_validate(await self._call("POST", f"/v1/jobs/{job_id}/train"))
+        return await self._send(_Requests.train(job_id))
 
     async def mark(self, job_id: str, crop_id: str, correct: bool | None) -> Calibration:
-        body = await self._call("PUT", f"/v1/jobs/{job_id}/crops/{crop_id}/feedback", json={"correct": correct})
-        return Calibration.model_validate(body)
+        return await self._send(_Requests.mark(job_id, crop_id, correct))
 
     async def crops(
         self, job_id: str, *, threshold: float | None = None, accepted: bool | None = None, page_size: int = 100
     ) -> AsyncIterator[Crop]:
         cursor = None
         while True:
-            params = _crop_params(threshold, accepted, page_size, cursor)
-            page = await self._call("GET", f"/v1/jobs/{job_id}/crops", params=params)
+            page = await self._send(_Requests.crops_page(job_id, threshold, accepted, page_size, cursor))
             for c in page["items"]:
                 yield Crop.model_validate(c)
             cursor = page["next_cursor"]
@@ -309,17 +372,14 @@ class AsyncImgsiftClient:
         timeout: float = 600.0,
         poll: float = 0.5,
     ) -> Export:
-        body = {"format": format, "threshold": threshold}
-        export = Export.model_validate(await self._call("POST", f"/v1/jobs/{job_id}/exports", json=body))
+        export = await self._send(_Requests.start_export(job_id, format, threshold))
         deadline = time.monotonic() + timeout
         while export.state in ("queued", "running"):
-            if time.monotonic() > deadline:
-                raise WaitTimeout(f"export {export.id} still {export.state} after {timeout} s", body=export)
+            _check_deadline(deadline, f"export {export.id} still {export.state} after {timeout} s", export)
             await asyncio.sleep(poll)
-            export = Export.model_validate(await self._call("GET", f"/v1/jobs/{job_id}/exports/{export.id}"))
-        if export.state != "done" or not export.download_url:
-            raise ImgsiftError(f"export {export.id} {export.state}: {export.error}", body=export)
-        async with self.http.stream("GET", export.download_url) as response:
+            export = await self._send(_Requests.get_export(job_id, export.id))
+        download_url = _downloadable(export)
+        async with self.http.stream("GET", download_url) as response:
             if not response.is_success:
                 await response.aread()
                 _check(response)

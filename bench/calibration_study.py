@@ -6,7 +6,11 @@ Prints, per embedding (pretrained, fine-tuned), the median held-out positive dis
 calibration sees) against the median distance of true positive and negative crops, and the
 macro F1 at the suggested threshold of two calibrations: the one imgsift uses
 (``imgsift_common.calibration``) and a two-Gaussian mixture fitted to the job's distances with
-the held-out positives as anchors (semi-supervised EM), against the best threshold.
+the held-out positives as anchors (semi-supervised EM), against the best threshold. For the
+pretrained embedding also the calibration from the clean references' leave-one-out distances
+(what imgsift used before the augmented views). And where the loss comes from: imgsift's
+estimate told the true share of positives among the crops, the true positives' distances, or
+both (labels no job has).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from statistics import fmean, pstdev
 
 import numpy as np
 
+from imgsift_common import calibration
 from imgsift_common.calibration import calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +75,16 @@ def mixture_threshold(p: list[float], d: list[float], iters: int = 200, floor: f
     return best_t
 
 
+def _suggest(positives: list[float], crops: list[float], pi: float | None) -> float | None:
+    """imgsift's estimated-F1 maximum, with the share of positives given (``pi``) or estimated (None)."""
+    if pi is None:
+        return calibrate(positives, crops).suggested
+    p = sorted(positives)
+    grid = calibration.grid_for(p)
+    d = calibration.Distribution.from_values(crops, grid)
+    return max(grid, key=lambda t: calibration._estimate(t, p, d, pi, []).f1 or 0.0)
+
+
 def _f1(scores: np.ndarray, positive: np.ndarray, total: int, t: float | None) -> float:
     if t is None:
         return 0.0
@@ -100,6 +115,17 @@ def main() -> None:
             task = per_task[(row["task"], row["kind"])]
             task[f"{key} imgsift"].append(_f1(scores, positive, row["truth"], ours))
             task[f"{key} mixture"].append(_f1(scores, positive, row["truth"], em if em is not None else ours))
+            if key == "pretrained" and row.get("loo"):
+                loo = calibrate(row["loo"], scores.tolist()).suggested
+                task[f"{key} clean-reference positives"].append(_f1(scores, positive, row["truth"], loo))
+            # Where the loss comes from: the same estimate told the true share of positives among
+            # the crops, or the true positives' distances, or both (labels no job has).
+            share = max(float(positive.mean()), 1 / len(scores))
+            true_pos = scores[positive].tolist() or held
+            for name, p_used, pi in (("true share", held, share), ("true positives", true_pos, None),
+                                     ("true both", true_pos, share)):  # fmt: skip
+                t = _suggest(p_used, scores.tolist(), pi)
+                task[f"{key} oracle {name}"].append(_f1(scores, positive, row["truth"], t))
             best = max([_f1(scores, positive, row["truth"], t) for t in np.unique(scores)] + [0.0])
             task[f"{key} best"].append(best)
     for key, rows in medians.items():

@@ -4,10 +4,10 @@ Pure Python (no numpy), so the API can answer it without any model library.
 
 A user cannot know the right distance threshold, and a job has almost no labels. What it has:
 
-- held-out positive distances ``P``: what unseen views of the object score. Without a trained
-  head, each reference's distance to the nearest *other* reference (leave-one-out); with one,
-  the distances of references held out of a fold's training. Crops the user marked right
-  join them.
+- held-out positive distances ``P``: what unseen views of the object score. Each reference
+  and its augmented views (partial, flipped, recoloured: like detector crops) measured
+  against the *other* references; with a trained head, references held out of a fold's
+  training, measured with that fold's head. Crops the user marked right join them.
 - the job's crop distances ``D``: a mix of positives, distributed like ``P``, and negatives,
   in an unknown proportion ``pi``. Crops the user marked wrong are negatives for certain.
 
@@ -196,9 +196,10 @@ class JobCalibration:
 def for_job(job: Job, state: StateStore, threshold: float | None = None) -> JobCalibration:
     """A job's calibration from its stored distances, held-out positives and user marks.
 
-    Positives: the trained head's held-out reference distances, or the pretrained leave-one-out
-    ones, plus the distances of crops marked right; crops marked wrong bound the precision.
-    The crop distances are read as counts at the calibration's thresholds, not one by one.
+    Positives: the trained head's held-out distances, or the pretrained ones the Siamese worker
+    recorded (each reference's views against the other references), plus the distances of
+    crops marked right; crops marked wrong bound the precision. The crop distances are read as
+    counts at the calibration's thresholds, not one by one.
     """
     marks = state.feedback(job.id)
     marked = state.distances_of(job.id, list(marks))

@@ -175,7 +175,7 @@ def test_not_this_images_marks_calibration_and_train_requests(api: TestClient, r
     state = api.app.state.state  # type: ignore[attr-defined]
     assert state.get_job(job_id).negative_keys[0].startswith(f"jobs/{job_id}/negatives/")
 
-    # What the Siamese worker records: leave-one-out reference distances, then crop distances.
+    # What the Siamese worker records: held-out reference distances, then crop distances.
     state.update_job(job_id, reference_distances=[0.3, 0.35, 0.4, 0.45, 0.5])
     distances = [0.2 + 0.02 * i for i in range(15)] + [0.9 + 0.02 * i for i in range(15)]
     crop_ids = _fill(state, api.app.state.store, job_id, distances)  # type: ignore[attr-defined]

@@ -281,10 +281,7 @@ def held_out_views(
     others), its augmented views and itself are measured against the ``known`` references
     (never against itself), through ``head`` (None: the pretrained embedding). The views are
     partial, flipped, recoloured: like detector crops, which sit farther from the references
-    than clean references sit from each other. On COCO128 the median of these distances
-    matched the median of true positive crops' (0.867 against 0.863, pretrained), where the
-    references' own leave-one-out distances were 0.11 lower, and the suggested threshold's
-    macro F1 rose from 0.22 to 0.30 (``bench/quality_bench.py``).
+    than clean references sit from each other (docs/quality.md measures both).
     """
     r = len(references)
     if r < 2:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -299,6 +300,11 @@ def fetch_and_store(
     return record, image
 
 
+def fetch_claim(url: str) -> str:
+    """The name of the lock a task holds while it fetches ``url`` (one fetch of a URL at a time)."""
+    return "fetch:" + hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
 def download_batch(
     job: Job,
     candidates: list[Candidate],
@@ -306,41 +312,69 @@ def download_batch(
     state: StateStore,
     settings: CrawlerSettings,
     fetcher: Fetcher,
+    owner: str | None = None,
 ) -> list[StoredImage]:
     """Handle a batch of candidates; return the stored images the detector should see.
 
-    Images this batch stored in an earlier, interrupted delivery are returned again, so the
-    detect message that may have been lost is sent again (the detector is idempotent).
-    """
-    todo: list[Candidate] = []
-    stored: list[StoredImage] = []
-    for candidate in candidates:
-        previous = state.url_record(job.id, candidate.image_url)
-        if previous is None:
-            todo.append(candidate)
-        elif previous.outcome is DownloadOutcome.STORED and previous.image_key:
-            image = state.get_image(job.id, previous.image_key)
-            if image is not None:
-                stored.append(image)
+    ``owner`` names who holds the URLs' fetch claims: the task's id, so that its retries and
+    redeliveries hold them too (None: this call alone).
 
-    def work(candidate: Candidate) -> tuple[DownloadRecord, StoredImage | None]:
-        # Looked up again just before the fetch: while this batch waited its turn, a lease that
-        # ran out may have handed the URL to another task that has recorded it since.
+    Images of URLs recorded before (by an earlier, interrupted delivery of this batch, or by
+    another task) are returned again, so a detect message that may have been lost is sent
+    again (the detector is idempotent). Each URL's record is read once, just before its fetch.
+    """
+    stored: list[StoredImage] = []
+    owner = owner or uuid.uuid4().hex
+
+    def work(candidate: Candidate) -> tuple[DownloadRecord | None, StoredImage | None, bool]:
+        """The URL's record, its image, and whether the record is new (False: recorded before).
+
+        ``(None, None, False)``: another live task is fetching the URL now; it records it.
+        """
+        # A lease that ran out while this batch waited its turn (a busy worker, a long queue)
+        # hands the URL to a second task; the fetch claim lets only one of them fetch at a time.
+        # A killed worker's claim expires with the lease time, and the URL is leased again.
+        claim = fetch_claim(candidate.image_url)
+        if not state.hold_lock(job.id, claim, owner, settings.lease_seconds):
+            return None, None, False
+        try:
+            return claimed(candidate)
+        except BaseException:
+            # A failure to be retried (the store or the state is down): free the URL for
+            # whichever task gets it next (a retry of this one holds it again anyway).
+            state.release_lock(job.id, claim, owner)
+            raise
+
+    def claimed(candidate: Candidate) -> tuple[DownloadRecord | None, StoredImage | None, bool]:
+        # Looked up under the claim: a task that held it before has recorded the URL by now.
         previous = state.url_record(job.id, candidate.image_url)
         if previous is not None:
-            return previous, None
+            # Stored before (by an interrupted delivery of this batch, or by that other task):
+            # its image goes to the detector again, which is idempotent, so a lost detect
+            # message is sent again.
+            image = None
+            if previous.outcome is DownloadOutcome.STORED and previous.image_key:
+                image = state.get_image(job.id, previous.image_key)
+            return previous, image, False
         if state.counters(job.id).get(Counter.DOWNLOADED, 0) >= job.spec.limits.max_images:
             # A cheap early exit; record_download below enforces the limit exactly.
             skipped = DownloadRecord(
                 url=candidate.image_url, outcome=DownloadOutcome.SKIPPED, reason=FailureReason.LIMIT_REACHED
             )
-            return skipped, None
-        return fetch_and_store(job, candidate, store, state, settings, fetcher)
+            return skipped, None, True
+        return (*fetch_and_store(job, candidate, store, state, settings, fetcher), True)
 
     near_distance = job.spec.dedup.near_distance
     near_distance = settings.near_dup_distance if near_distance is None else near_distance
     with ThreadPoolExecutor(max_workers=max(1, settings.download_concurrency)) as pool:
-        for record, image in pool.map(work, todo):
+        for candidate, (record, image, new) in zip(candidates, pool.map(work, candidates), strict=True):
+            if record is None:
+                continue  # another task is fetching it
+            if not new:
+                state.release_lock(job.id, fetch_claim(candidate.image_url), owner)
+                if image is not None:
+                    stored.append(image)
+                continue
             near = (
                 query_for(int(image.phash, 16), near_distance, settings.near_dup_segments)
                 if image and image.phash
@@ -349,6 +383,8 @@ def download_batch(
             final = state.record_download(
                 job.id, record, image, job.spec.limits.max_images, near=near, across_jobs=job.spec.dedup.across_jobs
             )
+            # Released once recorded, never before: a task that claims the URL next finds the record.
+            state.release_lock(job.id, fetch_claim(candidate.image_url), owner)
             if final.outcome is DownloadOutcome.STORED and image is not None:
                 stored.append(image)
             elif image is not None and final.outcome is not DownloadOutcome.STORED:

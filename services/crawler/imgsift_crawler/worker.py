@@ -204,7 +204,9 @@ def download(payload: dict[str, Any]) -> None:
     job = _active_job(message.job_id)
     if job is None:
         return
-    images = pipeline.download_batch(job, message.candidates, store(), state(), settings, fetcher())
+    # The task's id holds the fetch claims: a retry or a redelivery of this task keeps them.
+    owner = download.request.id or None
+    images = pipeline.download_batch(job, message.candidates, store(), state(), settings, fetcher(), owner)
     if images:
         send(app, TaskName.DETECT, ImageBatch(job_id=job.id, image_keys=[i.key for i in images]))
     finish_if_complete(state(), job.id)

@@ -139,3 +139,31 @@ def test_per_source_limit(web, fetcher, crawler_settings, coco128, sqlite_state,
     )
     stored = _run(job, sqlite_state, local_store, crawler_settings, fetcher)
     assert len(stored) == per_source
+
+
+def test_a_url_another_live_task_is_fetching_is_left_to_it(  # type: ignore[no-untyped-def]
+    web: TestWeb, fetcher: Fetcher, crawler_settings: CrawlerSettings, coco128, state_store, local_store
+) -> None:
+    """Two tasks hold one URL (a lease ran out while the first waited): only the claim holder fetches."""
+    from imgsift_common.messages import Candidate
+
+    urls = [web.add_image(f"/c{i}.jpg", p) for i, p in enumerate(coco128.images[:2])]
+    job = _job(SourceSpec(kind=SourceKind.URLS, urls=urls))
+    state_store.create_job(job)
+    batch = [Candidate(image_url=u, source=SourceKind.URLS) for u in urls]
+    claim = pipeline.fetch_claim(urls[0])
+    assert state_store.hold_lock(job.id, claim, "task-a", 60)  # task A is fetching urls[0] right now
+
+    stored = pipeline.download_batch(job, batch, local_store, state_store, crawler_settings, fetcher, "task-b")
+
+    assert [i.provenance.image_url for i in stored] == [urls[1]]
+    assert state_store.url_record(job.id, urls[0]) is None  # left to task A: no record, no request
+    assert [r for r in web.requests if r.startswith("/c")] == ["/c1.jpg"]
+    assert not state_store.hold_lock(job.id, claim, "task-c", 60)  # still A's
+    # task B released the claim it took on urls[1] once recorded
+    assert state_store.hold_lock(job.id, pipeline.fetch_claim(urls[1]), "task-c", 60)
+
+    # A retry of task A (same task id) holds its claim again and fetches.
+    again = pipeline.download_batch(job, batch[:1], local_store, state_store, crawler_settings, fetcher, "task-a")
+    assert [i.provenance.image_url for i in again] == [urls[0]]
+    assert state_store.hold_lock(job.id, claim, "task-c", 60)  # released after the record

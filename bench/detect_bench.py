@@ -48,7 +48,7 @@ from imgsift_common.state import SqliteStateStore  # noqa: E402
 from imgsift_common.storage import LocalStore  # noqa: E402
 from imgsift_detector.detect import detect_batch, load_image  # noqa: E402
 from imgsift_detector.export import missing_modules  # noqa: E402
-from imgsift_detector.model import Detector, shape_batches  # noqa: E402
+from imgsift_detector.model import Detector, _precision_args, shape_batches  # noqa: E402
 from imgsift_detector.settings import DetectorSettings, ExportFormat  # noqa: E402
 from tests.support.records import record_stored  # noqa: E402
 
@@ -96,19 +96,20 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
 
 
-def plain_loop(model_path: str, store: LocalStore, image_keys: list[str], device: str) -> Clock:
+def plain_loop(model_path: str, store: LocalStore, image_keys: list[str], device: str, half: bool = False) -> Clock:
     """Per image: read, decode, ``YOLO(model_path).predict`` on it alone (after one warm-up)."""
     from ultralytics import YOLO
 
     model = YOLO(model_path, task="detect")
-    model.predict(load_image(store.get(image_keys[0])), device=device, verbose=False)
+    precision = _precision_args(half)
+    model.predict(load_image(store.get(image_keys[0])), device=device, verbose=False, **precision)
     with Clock() as clock:
         for key in image_keys:
-            model.predict(load_image(store.get(key)), device=device, verbose=False)
+            model.predict(load_image(store.get(key)), device=device, verbose=False, **precision)
     return clock
 
 
-def tensors(images: list[Image.Image], message: int, square: bool, device: str) -> list:  # type: ignore[type-arg]
+def tensors(images: list[Image.Image], message: int, square: bool, device: str, half: bool = False) -> list:  # type: ignore[type-arg]
     """The images as ultralytics' preprocessed BCHW float batches: per message of ``message`` images, grouped
     by letterboxed rectangle as the stage groups them, or letterboxed to squares in plain chunks."""
     import numpy as np
@@ -123,7 +124,7 @@ def tensors(images: list[Image.Image], message: int, square: bool, device: str) 
         for group in groups:
             arrays = [letterbox(image=np.asarray(chunk[i])[:, :, ::-1]) for i in group]
             batch = torch.from_numpy(np.stack(arrays)[..., ::-1].transpose(0, 3, 1, 2).copy()).float() / 255
-            batches.append(batch.to(device))
+            batches.append(batch.to(device).half() if half else batch.to(device))
     return batches
 
 
@@ -148,18 +149,26 @@ def bench_backend(
     n = len(blobs)
     job, store, state, image_keys = store_images(tmp / fmt.value, blobs)  # a job whose images are all to detect
     with Clock() as load:
-        detector = Detector(args.weights, args.device, export=fmt, export_dir=args.export_dir, imgsz=IMGSZ)
+        detector = Detector(
+            args.weights, args.device, half=args.half, export=fmt, export_dir=args.export_dir, imgsz=IMGSZ
+        )
     settings = DetectorSettings(
-        storage="local", batch_size=args.batch, device=args.device, export=fmt, export_dir=args.export_dir
+        storage="local",
+        batch_size=args.batch,
+        device=args.device,
+        half=args.half,
+        export=fmt,
+        export_dir=args.export_dir,
     )
     with Clock() as stage:
         for i in range(0, n, args.batch):
             detect_batch(job, image_keys[i : i + args.batch], store, state, detector, settings)
     loop = pt_loop if fmt is ExportFormat.NONE else plain_loop(detector.model_path, store, image_keys, args.device)
+    # fp16 only where the .pt weights run on a GPU; an export runs on the CPU in its own precision
     images = [load_image(data) for data in blobs]
     bare = {}
     for square in (False, True):
-        batches = tensors(images, args.batch, square, args.device)
+        batches = tensors(images, args.batch, square, args.device, args.half and fmt is ExportFormat.NONE)
         bare[square] = bare_forward(detector, batches)
         del batches
     runs = {"stage": stage, "pt_loop": pt_loop, "same_model_loop": loop, "bare_forward": bare[False]}
@@ -183,6 +192,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16, help="images per message and per forward pass")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--half", action="store_true", help="fp16 on a GPU (the stage, the loop and the bare forward)")
     parser.add_argument(
         "--export",
         choices=["all", *(f.value for f in ExportFormat)],
@@ -192,6 +202,8 @@ def main() -> None:
     parser.add_argument("--export-dir", type=Path, default=ROOT / "bench-out" / "detector-exports")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "detect_bench.json")
     args = parser.parse_args()
+    if args.half and args.device == "cpu":
+        parser.error("--half runs the model in fp16 on a GPU: give --device cuda as well")
     if args.export == "all":
         formats = [ExportFormat.NONE]
         if args.device == "cpu":
@@ -206,7 +218,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         _, store, _, image_keys = store_images(tmp / "loop", blobs)
-        pt_loop = plain_loop(args.weights, store, image_keys, args.device)
+        pt_loop = plain_loop(args.weights, store, image_keys, args.device, args.half)
         results = [bench_backend(fmt, args, tmp, blobs, pt_loop) for fmt in formats]
 
     report = {

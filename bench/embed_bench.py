@@ -139,11 +139,13 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=640)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    default_batch = SiameseSettings.model_fields["batch_size"].default
+    parser.add_argument("--batch", type=int, default=default_batch, help="crops per forward pass")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "embed_bench.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
     crops, references = cut_crops(Coco128(args.coco), args.crops)
-    settings = SiameseSettings(storage="local", device=args.device)
+    settings = SiameseSettings(storage="local", device=args.device, batch_size=args.batch)
     single = settings.model_copy(update={"decode_threads": 1})
     batch = settings.batch_size
     embedder: Embedder = get_embedder(settings)

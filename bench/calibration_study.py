@@ -100,6 +100,7 @@ def main() -> None:
     raw = json.loads(path.read_text())
     medians: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     per_task: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    loo_medians: list[float] = []  # per task rotation, as the medians above
     for row in raw:
         positive = np.array(row["positive"], dtype=bool)
         for key, held in (("pretrained", row["pretrained_held_out"]), ("finetuned", row["held_out"])):
@@ -107,6 +108,8 @@ def main() -> None:
             if len(scores) == 0:
                 continue
             if positive.sum() >= 2 and len(held) >= 2 and (~positive).any():
+                if key == "pretrained" and row.get("loo"):
+                    loo_medians.append(float(np.median(row["loo"])))
                 medians[key].append(
                     (float(np.median(held)), float(np.median(scores[positive])), float(np.median(scores[~positive])))
                 )
@@ -131,6 +134,8 @@ def main() -> None:
     for key, rows in medians.items():
         held, pos, neg = np.median(np.array(rows), axis=0)
         print(f"{key:10} median held-out positive {held:.3f}, true positive crops {pos:.3f}, negatives {neg:.3f}")
+    if loo_medians:
+        print(f"pretrained median of the clean references' leave-one-out distances {np.median(loo_medians):.3f}")
     for kind in ("direct", "fine-grained", None):
         chosen = [v for (_, k), v in per_task.items() if kind is None or k == kind]
         names = sorted(chosen[0])

@@ -10,8 +10,6 @@ in a local store, job state in a redis-server of its own.
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
-from crawl_bench import free_port, wait_for_port  # noqa: E402  # bench/ is on the path of a bench script
+from crawl_bench import redis_server  # noqa: E402  # bench/ is on the path of a bench script
 from embed_bench import cut_crops, new_job  # noqa: E402
 
 from imgsift_common.state import RedisStateStore  # noqa: E402
@@ -38,14 +36,9 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=640)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
-    port, tmp = free_port(), Path(tempfile.mkdtemp())
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        state = RedisStateStore.from_url(f"redis://127.0.0.1:{port}/0")
+    with tempfile.TemporaryDirectory() as tmp_name, redis_server(Path(tmp_name)) as redis_url:
+        tmp = Path(tmp_name)
+        state = RedisStateStore.from_url(redis_url)
         store = LocalStore(tmp / "store")
         settings = SiameseSettings(storage="local", local_storage_dir=tmp / "store")
         embedder = get_embedder(settings)
@@ -56,9 +49,6 @@ def main() -> None:
             for start in range(0, len(keys), args.batch):
                 compare_batch(job, keys[start : start + args.batch], store, state, embedder, settings)
             print(f"after {(j + 1) * len(keys)} crops: resident {process.memory_info().rss / 2**20:.0f} MB", flush=True)
-    finally:
-        redis.terminate()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from PIL import Image
 
@@ -167,3 +169,38 @@ def test_a_url_another_live_task_is_fetching_is_left_to_it(  # type: ignore[no-u
     again = pipeline.download_batch(job, batch[:1], local_store, state_store, crawler_settings, fetcher, "task-a")
     assert [i.provenance.image_url for i in again] == [urls[0]]
     assert state_store.hold_lock(job.id, claim, "task-c", 60)  # released after the record
+
+
+def test_a_fetch_that_outlasts_the_lease_keeps_its_claim(  # type: ignore[no-untyped-def]
+    web: TestWeb, fetcher: Fetcher, crawler_settings: CrawlerSettings, coco128, state_store, local_store
+) -> None:
+    """The claim lives a lease; a slow fetch renews it, so a second task holding the URL (its
+    lease ran out) cannot claim it mid-fetch and fetch it again."""
+    import threading
+
+    from imgsift_common.messages import Candidate
+
+    url = web.add("/slow.jpg", coco128.images[0].read_bytes(), "image/jpeg", delay=1.5)
+    job = _job(SourceSpec(kind=SourceKind.URLS, urls=[url]))
+    state_store.create_job(job)
+    settings = crawler_settings.model_copy(update={"lease_seconds": 0.4})
+    batch = [Candidate(image_url=url, source=SourceKind.URLS)]
+    result: list[object] = []
+    task_a = threading.Thread(
+        target=lambda: result.append(
+            pipeline.download_batch(job, batch, local_store, state_store, settings, fetcher, "task-a")
+        )
+    )
+    task_a.start()
+    deadline = time.monotonic() + 5
+    while "/slow.jpg" not in web.requests:  # task A's request is in flight
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(1.0)  # well past the claim's lifetime of 0.4 s
+    claim = pipeline.fetch_claim(url)
+    assert not state_store.hold_lock(job.id, claim, "task-b", 0.4), "the claim ran out mid-fetch"
+    task_a.join(10)
+
+    assert [[i.provenance.image_url for i in stored] for stored in result] == [[url]]  # type: ignore[attr-defined]
+    assert web.requests.count("/slow.jpg") == 1
+    assert state_store.hold_lock(job.id, claim, "task-b", 0.4)  # released once recorded

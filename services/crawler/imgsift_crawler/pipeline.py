@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -305,6 +306,62 @@ def fetch_claim(url: str) -> str:
     return "fetch:" + hashlib.sha256(url.encode()).hexdigest()[:32]
 
 
+class FetchClaims:
+    """The fetch claims one download task holds, renewed in the background while it works.
+
+    A claim lives ``ttl`` seconds (the lease time), so a killed worker's claims run out and its
+    URLs are fetched by the next task. A live task renews its claims every third of that, so a
+    fetch that outlasts the lease (a long wait for the host's turn, a slow server) keeps its
+    URL: without renewal a second task holding the same URL (its lease ran out) would claim it
+    and fetch it again.
+    """
+
+    def __init__(self, state: StateStore, job_id: str, owner: str, ttl: float) -> None:
+        self.state, self.job_id, self.owner, self.ttl = state, job_id, owner, ttl
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="fetch-claims", daemon=True)
+
+    def take(self, url: str) -> bool:
+        """Claim ``url`` for this task (again, if it held it before); False: another live task holds it."""
+        claim = fetch_claim(url)
+        if not self.state.hold_lock(self.job_id, claim, self.owner, self.ttl):
+            return False
+        with self._lock:
+            self._held.add(claim)
+        return True
+
+    def release(self, url: str) -> None:
+        claim = fetch_claim(url)
+        with self._lock:
+            self._held.discard(claim)
+        self.state.release_lock(self.job_id, claim, self.owner)
+
+    def __enter__(self) -> FetchClaims:
+        self._renewer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._renewer.join()
+        with self._lock:
+            left, self._held = self._held, set()
+        for claim in left:  # claims of URLs not recorded (the batch failed): free them now
+            self.state.release_lock(self.job_id, claim, self.owner)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(max(0.05, self.ttl / 3)):
+            with self._lock:
+                held = list(self._held)
+            for claim in held:
+                try:
+                    if not self.state.hold_lock(self.job_id, claim, self.owner, self.ttl):
+                        log.warning("fetch claim lost", extra={"job_id": self.job_id, "claim": claim})
+                except Exception:  # the state store is down: the fetch fails on its own; try again
+                    log.warning("fetch claim not renewed", extra={"job_id": self.job_id}, exc_info=True)
+
+
 def download_batch(
     job: Job,
     candidates: list[Candidate],
@@ -323,8 +380,20 @@ def download_batch(
     another task) are returned again, so a detect message that may have been lost is sent
     again (the detector is idempotent). Each URL's record is read once, just before its fetch.
     """
+    with FetchClaims(state, job.id, owner or uuid.uuid4().hex, settings.lease_seconds) as claims:
+        return _download_claimed(job, candidates, store, state, settings, fetcher, claims)
+
+
+def _download_claimed(
+    job: Job,
+    candidates: list[Candidate],
+    store: ObjectStore,
+    state: StateStore,
+    settings: CrawlerSettings,
+    fetcher: Fetcher,
+    claims: FetchClaims,
+) -> list[StoredImage]:
     stored: list[StoredImage] = []
-    owner = owner or uuid.uuid4().hex
 
     def work(candidate: Candidate) -> tuple[DownloadRecord | None, StoredImage | None, bool]:
         """The URL's record, its image, and whether the record is new (False: recorded before).
@@ -334,15 +403,14 @@ def download_batch(
         # A lease that ran out while this batch waited its turn (a busy worker, a long queue)
         # hands the URL to a second task; the fetch claim lets only one of them fetch at a time.
         # A killed worker's claim expires with the lease time, and the URL is leased again.
-        claim = fetch_claim(candidate.image_url)
-        if not state.hold_lock(job.id, claim, owner, settings.lease_seconds):
+        if not claims.take(candidate.image_url):
             return None, None, False
         try:
             return claimed(candidate)
         except BaseException:
             # A failure to be retried (the store or the state is down): free the URL for
             # whichever task gets it next (a retry of this one holds it again anyway).
-            state.release_lock(job.id, claim, owner)
+            claims.release(candidate.image_url)
             raise
 
     def claimed(candidate: Candidate) -> tuple[DownloadRecord | None, StoredImage | None, bool]:
@@ -371,7 +439,7 @@ def download_batch(
             if record is None:
                 continue  # another task is fetching it
             if not new:
-                state.release_lock(job.id, fetch_claim(candidate.image_url), owner)
+                claims.release(candidate.image_url)
                 if image is not None:
                     stored.append(image)
                 continue
@@ -384,7 +452,7 @@ def download_batch(
                 job.id, record, image, job.spec.limits.max_images, near=near, across_jobs=job.spec.dedup.across_jobs
             )
             # Released once recorded, never before: a task that claims the URL next finds the record.
-            state.release_lock(job.id, fetch_claim(candidate.image_url), owner)
+            claims.release(candidate.image_url)
             if final.outcome is DownloadOutcome.STORED and image is not None:
                 stored.append(image)
             elif image is not None and final.outcome is not DownloadOutcome.STORED:

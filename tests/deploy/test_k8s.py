@@ -255,6 +255,9 @@ def test_probes_resources_and_metrics(overlay: list[Obj]) -> None:
         assert int(annotations["prometheus.io/port"]) in ports.values(), service
         if service != "api":
             assert ports["metrics"] == metrics_port, service
+        if service in ("detector", "siamese"):  # torch runs on the CPUs the pod asks for, not the node's
+            threads = env_of(overlay, service)[f"IMGSIFT_{service.upper()}_TORCH_THREADS"]["resourceFieldRef"]
+            assert threads["resource"] == "requests.cpu" and threads["divisor"] == "1", service
     api = container(overlay, "api")
     assert api["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert find(overlay, "Deployment", "api")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == (

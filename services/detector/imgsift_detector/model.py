@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from imgsift_common.messages import Detection
+from imgsift_common.threads import limit_torch_threads
 from imgsift_detector.export import ExportError, default_export_dir, exported_model, no_autoinstall
 from imgsift_detector.settings import DetectorSettings, ExportFormat
 
@@ -266,7 +267,7 @@ def get_detector(
 
 def detector_from_settings(settings: DetectorSettings) -> Detector:
     """This process's detector as ``settings`` configure it (weights, device, precision, export)."""
-    return get_detector(
+    detector = get_detector(
         settings.weights,
         settings.device,
         settings.half,
@@ -274,6 +275,10 @@ def detector_from_settings(settings: DetectorSettings) -> Detector:
         export_dir=settings.export_dir,
         imgsz=settings.imgsz,
     )
+    # After loading: ultralytics sets torch's threads itself (to cores - 1, at most 8) when it
+    # sets the model up, which the detector does once, at its warm-up.
+    limit_torch_threads(settings.torch_threads)
+    return detector
 
 
 # Device, precision and export decide how the model is set up in memory (ultralytics before 8.4

@@ -34,6 +34,11 @@ class DetectorSettings(ImgsiftSettings):
     device: str = Field("cpu", description="torch device the model runs on: 'cpu', 'cuda', 'cuda:1', 'mps'")
     batch_size: int = Field(16, ge=1, description="images per forward pass; lower it if the GPU runs out of memory")
     decode_threads: int = Field(4, ge=1, description="threads reading and decoding images ahead of the model")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="threads torch's math may use in this process; 0: ultralytics' choice (cores - 1, at most 8)",
+    )
     conf: float = Field(0.25, ge=0.0, le=1.0, description="boxes scoring below this confidence are dropped")
     iou: float = Field(0.7, ge=0.0, le=1.0, description="IoU above which non-maximum suppression merges two boxes")
     imgsz: int = Field(640, ge=32, description="side in pixels images are letterboxed to before inference")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from imgsift_common.messages import Job
 from imgsift_common.storage import ObjectStore
+from imgsift_common.threads import limit_torch_threads
 from imgsift_siamese.backbone import build_backbone, weights_identity
 from imgsift_siamese.features import PREPROCESSING_VERSION
 from imgsift_siamese.network import SiameseNetwork
@@ -110,6 +111,7 @@ class Embedder:
 
 def get_embedder(settings: SiameseSettings) -> Embedder:
     """The process's Embedder for these settings; the network is loaded on first use, then reused."""
+    limit_torch_threads(settings.torch_threads)
     return _embedder(settings.backbone, settings.weights, settings.device, settings.image_size, settings.batch_size)
 
 

@@ -28,6 +28,9 @@ class SiameseSettings(ImgsiftSettings):
     device: str = Field("cpu", description="torch device the network runs on ('cpu', 'cuda', 'cuda:1')")
     batch_size: int = Field(32, ge=1, description="crops per forward pass")
     decode_threads: int = Field(4, ge=1, description="threads reading and decoding crops ahead of the model")
+    torch_threads: int = Field(
+        0, ge=0, description="threads torch's math may use in this process; 0: torch's default, one per core it sees"
+    )
     image_size: int = Field(224, ge=32, description="side in pixels of the square a crop is letterboxed into")
     distance: DistanceMethod = Field(
         "nearest", description="crop-to-references distance: nearest reference, or mean of the k nearest"

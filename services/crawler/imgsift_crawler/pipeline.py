@@ -334,9 +334,9 @@ class FetchClaims:
 
     def release(self, url: str) -> None:
         claim = fetch_claim(url)
-        with self._lock:
+        with self._lock:  # not while a renewal runs, which would take the claim back
             self._held.discard(claim)
-        self.state.release_lock(self.job_id, claim, self.owner)
+            self.state.release_lock(self.job_id, claim, self.owner)
 
     def __enter__(self) -> FetchClaims:
         self._renewer.start()
@@ -346,20 +346,22 @@ class FetchClaims:
         self._stop.set()
         self._renewer.join()
         with self._lock:
-            left, self._held = self._held, set()
-        for claim in left:  # claims of URLs not recorded (the batch failed): free them now
-            self.state.release_lock(self.job_id, claim, self.owner)
+            for claim in self._held:  # claims of URLs not recorded (the batch failed): free them now
+                try:
+                    self.state.release_lock(self.job_id, claim, self.owner)
+                except Exception:  # the state store is down: the claim runs out with the lease
+                    log.warning("fetch claim not released", extra={"job_id": self.job_id}, exc_info=True)
+            self._held.clear()
 
     def _renew(self) -> None:
         while not self._stop.wait(max(0.05, self.ttl / 3)):
             with self._lock:
-                held = list(self._held)
-            for claim in held:
-                try:
-                    if not self.state.hold_lock(self.job_id, claim, self.owner, self.ttl):
-                        log.warning("fetch claim lost", extra={"job_id": self.job_id, "claim": claim})
-                except Exception:  # the state store is down: the fetch fails on its own; try again
-                    log.warning("fetch claim not renewed", extra={"job_id": self.job_id}, exc_info=True)
+                for claim in self._held:
+                    try:
+                        if not self.state.hold_lock(self.job_id, claim, self.owner, self.ttl):
+                            log.warning("fetch claim lost", extra={"job_id": self.job_id, "claim": claim})
+                    except Exception:  # the state store is down: the fetch fails on its own; try again
+                        log.warning("fetch claim not renewed", extra={"job_id": self.job_id}, exc_info=True)
 
 
 def download_batch(

@@ -1,0 +1,185 @@
+"""What else was tried for issue 4's goals, on bench/quality_bench.py's tasks and splits.
+
+    .venv/bin/python bench/separation_study.py      # about 7 minutes on the 2-core machine
+
+Pretrained MobileNetV2 embedding, nearest-reference distance, macro F1 over the same 43 tasks
+and 4 rotations as the quality benchmark (same reference picks). Prints two tables:
+
+1. Separation, at the best threshold (the upper bound): more references (20 instead of 5);
+   scores relative to the negative bank (``d - a * d_bank``: nearer the references than the
+   nearest generic negative); the detector's confidence as a second signal
+   (``d - w * conf``), on the default crops (conf >= 0.25) and on more crops (conf >= 0.1).
+2. Suggested thresholds, no labels: imgsift's calibration from augmented views of the
+   references, the same with the views shrunk to the sizes of the job's crops (COCO crops are
+   small and upsampled; the views were not), fixed quantiles of the held-out positive
+   distances, and accepting everything.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # quality_bench, next to this file
+
+import quality_bench as qb  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from imgsift_common.calibration import calibrate  # noqa: E402
+from imgsift_detector.coco import COCO_SUPERCATEGORIES  # noqa: E402
+from imgsift_detector.model import Detector  # noqa: E402
+from imgsift_siamese.backbone import build_backbone  # noqa: E402
+from imgsift_siamese.distance import pairwise_distances  # noqa: E402
+from imgsift_siamese.network import SiameseNetwork  # noqa: E402
+from imgsift_siamese.train import TrainConfig, augmented_views, held_out_views, pooled_features  # noqa: E402
+from tests.support.coco import COCO_NAMES, Coco128  # noqa: E402
+
+LOW_CONF = 0.1
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _shrunk(views: list[Image.Image], sides: np.ndarray, seed: int) -> list[Image.Image]:
+    """Each view scaled down so its longer side is that of a random crop of the job (never up)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for v in views:
+        side, longest = float(rng.choice(sides)), max(v.size)
+        if side < longest:
+            f = side / longest
+            v = v.resize((max(8, round(v.width * f)), max(8, round(v.height * f))), Image.BILINEAR)
+        out.append(v)
+    return out
+
+
+def main() -> None:
+    coco = Coco128(qb.ROOT.parent / "shared" / "data" / "coco128")
+    weights = str(qb.ROOT.parent / "shared" / "models" / "yolov8n.pt")
+    images = coco.images
+    truth = [coco.labels(p) for p in images]
+    detector = Detector(weights)
+    dets = []
+    for start in range(0, len(images), 16):
+        pixels = [Image.open(p).convert("RGB") for p in images[start : start + 16]]
+        for found in detector.predict(pixels, conf=LOW_CONF):
+            dets.append([(detector.names[d.class_id], d.score, d.box) for d in found])
+    # Greedy matching by score: crops at conf >= 0.25 match exactly as in the quality benchmark.
+    crops = [
+        qb.Crop(i, n, s, b, t)
+        for i, found in enumerate(dets)
+        for (n, s, b), t in zip(found, qb.match(found, truth[i]), strict=True)
+    ]
+    boxes = [(i, t) for i in range(len(images)) for t in truth[i]]
+    boxes = [(i, t) for i, t in boxes if (t.box[2] - t.box[0]) >= 16 and (t.box[3] - t.box[1]) >= 16]
+    network = SiameseNetwork(build_backbone("mobilenet_v2", None)).eval()
+    print(f"embedding {len(crops)} crops (conf >= {LOW_CONF}) and {len(boxes)} true boxes ...", flush=True)
+    crop_feats = _unit(pooled_features(network, [qb.crop_image(images[c.image], c.box) for c in crops]))
+    box_feats = _unit(pooled_features(network, [qb.crop_image(images[i], t.box) for i, t in boxes]))
+    crop_image = np.array([c.image for c in crops])
+    crop_cls = np.array([c.cls for c in crops])
+    crop_truth = np.array([c.truth or "" for c in crops])
+    crop_conf = np.array([c.score for c in crops])
+    crop_side = np.array([max(c.box[2] - c.box[0], c.box[3] - c.box[1]) * (1 + 2 * qb.PAD) for c in crops])
+    box_names = np.array([t.class_name.replace("_", " ") for _, t in boxes])
+    box_image = np.array([i for i, _ in boxes])
+
+    supercat_of = {c: s for s, members in COCO_SUPERCATEGORIES.items() for c in members}
+    tasks = []
+    for name in COCO_NAMES:
+        cls = name.replace("_", " ")
+        tasks.append(qb.Task(cls, cls, (cls,), "direct"))
+        sup = supercat_of.get(cls)
+        if sup and len(COCO_SUPERCATEGORIES[sup]) > 1:
+            tasks.append(qb.Task(f"{cls} in {sup}", cls, COCO_SUPERCATEGORIES[sup], "fine-grained"))
+
+    n_views = TrainConfig.augmentations
+
+    def task_scores(
+        target: str, total: int, rotation: int, in_low: np.ndarray, ref_idx: np.ndarray, ref20: np.ndarray
+    ) -> dict[str, float]:
+        """Every method's F1 for one task in one rotation (0 for all when the detector found nothing)."""
+        out: dict[str, float] = {}
+        is_target = crop_truth == target
+        in_task = in_low & (crop_conf >= 0.25)
+
+        def best(scores: np.ndarray, where: np.ndarray) -> float:
+            return qb.best_threshold(scores, is_target[where], total)[1] if where.any() else 0.0
+
+        def at(scores: np.ndarray, t: float | None, where: np.ndarray = in_task) -> float:
+            return qb.prf(scores <= t, is_target[where], total)[2] if t is not None and where.any() else 0.0
+
+        is_ref_image = np.arange(len(images)) % 4 == rotation
+        ref_box = is_ref_image[box_image]
+        refs, bank = box_feats[ref_idx], box_feats[ref_box & (box_names != target)]
+        d = pairwise_distances(crop_feats[in_task], refs).min(axis=1)
+        d_low = pairwise_distances(crop_feats[in_low], refs).min(axis=1)
+        d_bank = pairwise_distances(crop_feats[in_task], bank).min(axis=1)
+        out["YOLO only (conf 0.25)"] = at(d, float("inf"))
+        out["best: nearest of 5 references"] = best(d, in_task)
+        out["best: nearest of up to 20 references"] = best(
+            pairwise_distances(crop_feats[in_task], box_feats[ref20]).min(axis=1), in_task
+        )
+        for a in (0.5, 1.0):
+            out[f"best: d - {a} * d_bank"] = best(d - a * d_bank, in_task)
+        for w in (0.1, 0.2, 0.3):
+            out[f"best: d - {w} * conf"] = best(d - w * crop_conf[in_task], in_task)
+        out[f"YOLO only (conf {LOW_CONF})"] = at(d_low, float("inf"), in_low)
+        for w in (0.0, 0.1, 0.2, 0.3):
+            out[f"best: d - {w} * conf, conf >= {LOW_CONF}"] = best(d_low - w * crop_conf[in_low], in_low)
+
+        # Suggested thresholds (no labels), from held-out views of the references.
+        ref_images = [qb.crop_image(images[boxes[k][0]], boxes[k][1].box) for k in ref_idx]
+        group = np.repeat(np.arange(len(ref_images)), n_views)
+        views = [v for n, im in enumerate(ref_images) for v in augmented_views(im, n_views, rotation * 100 + n)]
+        sides = crop_side[in_task] if in_task.any() else np.array([224.0])
+        for label, chosen in (("views", views), ("views shrunk to the crops' sizes", _shrunk(views, sides, rotation))):
+            held = held_out_views(None, refs, _unit(pooled_features(network, chosen)), group)
+            out[f"suggested: imgsift calibration, {label}"] = at(
+                d, calibrate(held, d.tolist()).suggested if len(d) else None
+            )
+            if label == "views":
+                for q in (0.8, 0.9, 1.0):
+                    out[f"suggested: {q:.0%} quantile of held-out positives"] = at(d, float(np.quantile(held, q)))
+        return out
+
+    f1: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    rng, rng20 = np.random.default_rng(0), np.random.default_rng(0)  # the quality benchmark's reference picks
+    for rotation in range(4):
+        is_ref_image = np.arange(len(images)) % 4 == rotation
+        ref_box = is_ref_image[box_image]
+        for task in tasks:
+            total = sum(
+                1
+                for i in np.flatnonzero(~is_ref_image)
+                for t in truth[i]
+                if t.class_name.replace("_", " ") == task.target
+            )
+            candidates = np.flatnonzero(ref_box & (box_names == task.target))
+            if total < 5 or len(candidates) < 3:
+                continue
+            ref_idx = qb._pick_references(candidates, box_image, 5, rng)
+            ref20 = qb._pick_references(candidates, box_image, 20, rng20)
+            in_low = ~is_ref_image[crop_image] & np.isin(crop_cls, task.detector_classes)
+            result = task_scores(task.target, total, rotation, in_low, ref_idx, ref20)
+            for key, value in result.items():
+                f1[(task.name, task.kind)][key].append(value)
+            print(f"r{rotation} {task.name}", flush=True)
+
+    names = list(next(iter(f1.values())))
+    print("\nmacro F1 | all | direct | fine-grained")
+    for name in names:
+        cells = []
+        for kind in (None, "direct", "fine-grained"):
+            chosen = [np.mean(v[name]) for (_, k), v in f1.items() if kind is None or k == kind]
+            cells.append(f"{np.mean(chosen):.3f}")
+        print(f"{name} | " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/siamese_memory.py            # 5 jobs of 640 COCO128 box crops, batches of 32
 
-The Siamese worker's peak memory grows with the crops it has scored (docs/benchmarks.md, end to
+The Siamese worker's peak memory grew with the crops it scored (docs/benchmarks.md, end to
 end); this isolates the stage function from the worker around it: real MobileNetV2, real crops
-in a local store, job state in a redis-server of its own.
+in a local store, job state in a redis-server of its own. With batches of one size it stays
+flat; the growth came from batches of every size (bench/batch_shapes_memory.py).
 """
 
 from __future__ import annotations

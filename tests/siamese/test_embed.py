@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import models
 
 from imgsift_siamese.distance import pairwise_distances, reference_distance
-from imgsift_siamese.embed import Embedder, get_embedder
+from imgsift_siamese.embed import Embedder, forward_sizes, get_embedder
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import preprocess
 from imgsift_siamese.settings import SiameseSettings
@@ -67,6 +67,34 @@ def test_batches_change_nothing(embedder: Embedder, crops_by_class: dict[str, li
     ).embed_images(crops)
 
     assert np.allclose(in_threes, embedder.embed_images(crops), atol=1e-5)
+
+
+def test_the_trunk_sees_few_batch_sizes_and_every_row_once(
+    embedder: Embedder, crops_by_class: dict[str, list[Image.Image]]
+) -> None:
+    """Every row count from 1 to 70 is cut into batches of 8 and powers of two below it (each new
+    batch size costs the CPU process memory it keeps), and the rows come out as one batch gives them."""
+    arrays = np.stack([preprocess(im, 64).numpy() for im in crops_by_class["person"]])  # small: fast
+    one_batch, k = embedder.features_of_arrays(arrays), len(arrays)
+    eights = Embedder(embedder.network, backbone=embedder.backbone, weights_id=embedder.weights_id, batch_size=8)
+    seen: list[int] = []
+    features = embedder.network.features
+
+    def counting(images: torch.Tensor) -> torch.Tensor:
+        seen.append(len(images))
+        return features(images)
+
+    embedder.network.features = counting  # type: ignore[method-assign]
+    try:
+        for n in range(1, 71):
+            rows = eights.features_of_arrays(np.resize(arrays, (n, *arrays.shape[1:])))
+            assert rows.shape == (n, 1280)
+            assert np.allclose(rows[: min(n, k)], one_batch[: min(n, k)], atol=1e-4), n
+    finally:
+        del embedder.network.features
+    assert set(seen) == {1, 2, 4, 8} and sum(seen) == sum(range(1, 71))
+    assert forward_sizes(23, 32) == [16, 4, 2, 1] and forward_sizes(70, 32) == [32, 32, 4, 2]
+    assert forward_sizes(24, 24) == [24] and forward_sizes(0, 32) == []
 
 
 def test_no_images_give_no_rows(embedder: Embedder) -> None:

@@ -76,12 +76,20 @@ class Embedder:
             return int(self.network.features(probe).shape[1])
 
     def features_of_arrays(self, arrays: np.ndarray) -> np.ndarray:
-        """Pooled trunk features ``(n, f)`` float32 of preprocessed inputs ``(n, 3, size, size)``."""
+        """Pooled trunk features ``(n, f)`` float32 of preprocessed inputs ``(n, 3, size, size)``.
+
+        The trunk sees few batch shapes (``forward_sizes``): on the CPU each new batch size
+        costs memory that is kept (torch/oneDNN per-shape buffers: 64 sizes took a process from
+        0.8 to 3.3 GB, ``bench/batch_shapes_memory.py``), and a worker's batches come in every
+        size from 1 to a message's 64 crops.
+        """
         rows = []
         with torch.inference_mode():
-            for start in range(0, len(arrays), self.batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + self.batch_size]))
+            start = 0
+            for size in forward_sizes(len(arrays), self.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + size]))
                 rows.append(self.network.features(batch.to(self.device)).float().cpu().numpy())
+                start += size
         if not rows:
             return np.zeros((0, self.feature_dim), dtype=np.float32)
         return np.concatenate(rows).astype(np.float32, copy=False)
@@ -107,6 +115,19 @@ class Embedder:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.embed_features(self.features_of_images(images))
+
+
+def forward_sizes(n: int, batch_size: int) -> list[int]:
+    """Batch sizes that add up to ``n``: ``batch_size`` while it fits, the rest in powers of two,
+    largest first (23 rows in batches of 32: 16, 4, 2, 1). No row is padded, and the network
+    sees at most ``batch_size`` and the powers of two below it."""
+    sizes = [batch_size] * (n // batch_size)
+    rest = n % batch_size
+    while rest:
+        power = 1 << (rest.bit_length() - 1)
+        sizes.append(power)
+        rest -= power
+    return sizes
 
 
 def get_embedder(settings: SiameseSettings) -> Embedder:

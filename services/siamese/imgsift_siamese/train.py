@@ -43,6 +43,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from imgsift_siamese.distance import reference_distance
+from imgsift_siamese.embed import forward_sizes
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import preprocess, to_rgb
 
@@ -149,9 +150,11 @@ def pooled_features(
     device = next(network.parameters()).device
     rows = []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([preprocess(im, image_size) for im in images[start : start + batch_size]])
+        start = 0
+        for size in forward_sizes(len(images), batch_size):  # few batch shapes: see Embedder.features_of_arrays
+            batch = torch.stack([preprocess(im, image_size) for im in images[start : start + size]])
             rows.append(network.features(batch.to(device)).float().cpu().numpy())
+            start += size
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows).astype(np.float32, copy=False)

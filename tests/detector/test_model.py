@@ -75,6 +75,9 @@ def test_shape_batches_group_by_letterboxed_shape_in_order_of_first_sight() -> N
     assert shape_batches(sizes, 640, 16) == [[0, 2, 4, 6], [1, 5], [3]]
     assert shape_batches(sizes, 640, 2) == [[0, 2], [4, 6], [1, 5], [3]]
     assert shape_batches([], 640, 16) == []
+    # Few batch sizes: a group of 7 goes through as 4 + 2 + 1, a group of 19 as 16 + 2 + 1.
+    assert shape_batches([(640, 480)] * 7, 640, 16) == [[0, 1, 2, 3], [4, 5], [6]]
+    assert [len(b) for b in shape_batches([(640, 480)] * 19, 640, 16)] == [16, 2, 1]
 
 
 def test_a_batch_finds_exactly_the_boxes_each_image_gets_alone(detector: Detector, coco128: Coco128) -> None:

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 from torchvision import models
 
+from imgsift_common.batching import forward_sizes
 from imgsift_siamese.distance import pairwise_distances, reference_distance
-from imgsift_siamese.embed import Embedder, forward_sizes, get_embedder
+from imgsift_siamese.embed import Embedder, get_embedder
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import preprocess
 from imgsift_siamese.settings import SiameseSettings

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from imgsift_common.batching import forward_sizes
 from imgsift_common.messages import Detection
 from imgsift_common.threads import limit_torch_threads
 from imgsift_detector.export import ExportError, default_export_dir, exported_model, no_autoinstall
@@ -105,12 +106,19 @@ def letterboxed_shape(width: int, height: int, imgsz: int, stride: int = STRIDE)
 
 
 def shape_batches(sizes: list[tuple[int, int]], imgsz: int, batch_size: int) -> list[list[int]]:
-    """Indices of the images of ``sizes`` (width, height) grouped by letterboxed shape, ``batch_size`` at most
-    per group; groups in the order of their first image."""
+    """Indices of the images of ``sizes`` (width, height) grouped by letterboxed shape, in the order of each
+    shape's first image; each group cut into ``batch_size`` and powers of two below it
+    (``imgsift_common.batching``: every new batch size costs memory the process keeps)."""
     buckets: dict[tuple[int, int], list[int]] = {}
     for index, (width, height) in enumerate(sizes):
         buckets.setdefault(letterboxed_shape(width, height, imgsz), []).append(index)
-    return [group[i : i + batch_size] for group in buckets.values() for i in range(0, len(group), batch_size)]
+    batches = []
+    for group in buckets.values():
+        start = 0
+        for size in forward_sizes(len(group), batch_size):
+            batches.append(group[start : start + size])
+            start += size
+    return batches
 
 
 @functools.cache

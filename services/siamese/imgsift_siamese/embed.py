@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgsift_common.batching import forward_sizes
 from imgsift_common.messages import Job
 from imgsift_common.storage import ObjectStore
 from imgsift_common.threads import limit_torch_threads
@@ -78,10 +79,8 @@ class Embedder:
     def features_of_arrays(self, arrays: np.ndarray) -> np.ndarray:
         """Pooled trunk features ``(n, f)`` float32 of preprocessed inputs ``(n, 3, size, size)``.
 
-        The trunk sees few batch shapes (``forward_sizes``): on the CPU each new batch size
-        costs memory that is kept (torch/oneDNN per-shape buffers: 64 sizes took a process from
-        0.8 to 3.3 GB, ``bench/batch_shapes_memory.py``), and a worker's batches come in every
-        size from 1 to a message's 64 crops.
+        The trunk sees few batch sizes (``imgsift_common.batching``): on the CPU each new one
+        costs memory the process keeps, and a worker's batches come in every size.
         """
         rows = []
         with torch.inference_mode():
@@ -115,19 +114,6 @@ class Embedder:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.embed_features(self.features_of_images(images))
-
-
-def forward_sizes(n: int, batch_size: int) -> list[int]:
-    """Batch sizes that add up to ``n``: ``batch_size`` while it fits, the rest in powers of two,
-    largest first (23 rows in batches of 32: 16, 4, 2, 1). No row is padded, and the network
-    sees at most ``batch_size`` and the powers of two below it."""
-    sizes = [batch_size] * (n // batch_size)
-    rest = n % batch_size
-    while rest:
-        power = 1 << (rest.bit_length() - 1)
-        sizes.append(power)
-        rest -= power
-    return sizes
 
 
 def get_embedder(settings: SiameseSettings) -> Embedder:

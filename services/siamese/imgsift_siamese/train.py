@@ -42,8 +42,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
+from imgsift_common.batching import forward_sizes
 from imgsift_siamese.distance import reference_distance
-from imgsift_siamese.embed import forward_sizes
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import preprocess, to_rgb
 
@@ -151,7 +151,7 @@ def pooled_features(
     rows = []
     with torch.inference_mode():
         start = 0
-        for size in forward_sizes(len(images), batch_size):  # few batch shapes: see Embedder.features_of_arrays
+        for size in forward_sizes(len(images), batch_size):  # few batch sizes: imgsift_common.batching
             batch = torch.stack([preprocess(im, image_size) for im in images[start : start + size]])
             rows.append(network.features(batch.to(device)).float().cpu().numpy())
             start += size

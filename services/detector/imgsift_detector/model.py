@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from imgsift_common.batching import forward_sizes
+from imgsift_common.batching import in_batches
 from imgsift_common.messages import Detection
 from imgsift_common.threads import limit_torch_threads
 from imgsift_detector.export import ExportError, default_export_dir, exported_model, no_autoinstall
@@ -112,13 +112,7 @@ def shape_batches(sizes: list[tuple[int, int]], imgsz: int, batch_size: int) -> 
     buckets: dict[tuple[int, int], list[int]] = {}
     for index, (width, height) in enumerate(sizes):
         buckets.setdefault(letterboxed_shape(width, height, imgsz), []).append(index)
-    batches = []
-    for group in buckets.values():
-        start = 0
-        for size in forward_sizes(len(group), batch_size):
-            batches.append(group[start : start + size])
-            start += size
-    return batches
+    return [batch for group in buckets.values() for batch in in_batches(group, batch_size)]
 
 
 @functools.cache

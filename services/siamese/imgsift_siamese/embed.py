@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgsift_common.batching import forward_sizes
+from imgsift_common.batching import in_batches
 from imgsift_common.messages import Job
 from imgsift_common.storage import ObjectStore
 from imgsift_common.threads import limit_torch_threads
@@ -84,11 +84,9 @@ class Embedder:
         """
         rows = []
         with torch.inference_mode():
-            start = 0
-            for size in forward_sizes(len(arrays), self.batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + size]))
+            for chunk in in_batches(arrays, self.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(chunk))
                 rows.append(self.network.features(batch.to(self.device)).float().cpu().numpy())
-                start += size
         if not rows:
             return np.zeros((0, self.feature_dim), dtype=np.float32)
         return np.concatenate(rows).astype(np.float32, copy=False)

@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from imgsift_common.batching import forward_sizes
+from imgsift_common.batching import in_batches
 from imgsift_siamese.distance import reference_distance
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import preprocess, to_rgb
@@ -150,11 +150,9 @@ def pooled_features(
     device = next(network.parameters()).device
     rows = []
     with torch.inference_mode():
-        start = 0
-        for size in forward_sizes(len(images), batch_size):  # few batch sizes: imgsift_common.batching
-            batch = torch.stack([preprocess(im, image_size) for im in images[start : start + size]])
+        for chunk in in_batches(images, batch_size):  # few batch sizes: imgsift_common.batching
+            batch = torch.stack([preprocess(im, image_size) for im in chunk])
             rows.append(network.features(batch.to(device)).float().cpu().numpy())
-            start += size
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows).astype(np.float32, copy=False)

@@ -382,20 +382,8 @@ def download_batch(
     another task) are returned again, so a detect message that may have been lost is sent
     again (the detector is idempotent). Each URL's record is read once, just before its fetch.
     """
-    with FetchClaims(state, job.id, owner or uuid.uuid4().hex, settings.lease_seconds) as claims:
-        return _download_claimed(job, candidates, store, state, settings, fetcher, claims)
-
-
-def _download_claimed(
-    job: Job,
-    candidates: list[Candidate],
-    store: ObjectStore,
-    state: StateStore,
-    settings: CrawlerSettings,
-    fetcher: Fetcher,
-    claims: FetchClaims,
-) -> list[StoredImage]:
     stored: list[StoredImage] = []
+    claims = FetchClaims(state, job.id, owner or uuid.uuid4().hex, settings.lease_seconds)
 
     def work(candidate: Candidate) -> tuple[DownloadRecord | None, StoredImage | None, bool]:
         """The URL's record, its image, and whether the record is new (False: recorded before).
@@ -436,7 +424,7 @@ def _download_claimed(
 
     near_distance = job.spec.dedup.near_distance
     near_distance = settings.near_dup_distance if near_distance is None else near_distance
-    with ThreadPoolExecutor(max_workers=max(1, settings.download_concurrency)) as pool:
+    with claims, ThreadPoolExecutor(max_workers=max(1, settings.download_concurrency)) as pool:
         for candidate, (record, image, new) in zip(candidates, pool.map(work, candidates), strict=True):
             if record is None:
                 continue  # another task is fetching it

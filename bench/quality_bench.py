@@ -35,8 +35,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,14 +86,63 @@ class Task:
     kind: str  # direct | fine-grained
 
 
-def detect_all(coco: Coco128, weights: str, images: list[Path]) -> list[list[tuple[str, float, tuple]]]:
+def detect_all(weights: str, images: list[Path], conf: float = 0.25) -> list[list[tuple[str, float, tuple]]]:
     detector = Detector(weights)
     out = []
     for start in range(0, len(images), 16):
         pixels = [Image.open(p).convert("RGB") for p in images[start : start + 16]]
-        for found in detector.predict(pixels):
+        for found in detector.predict(pixels, conf=conf):
             out.append([(detector.names[d.class_id], d.score, d.box) for d in found])
     return out
+
+
+def matched_crops(dets: list[list[tuple[str, float, tuple]]], truth: list) -> list[Crop]:
+    """Every detection as a Crop, with the class of the true box it matches (``match``)."""
+    return [
+        Crop(i, name, score, box, t)
+        for i, found in enumerate(dets)
+        for (name, score, box), t in zip(found, match(found, truth[i]), strict=True)
+    ]
+
+
+def true_boxes(truth: list) -> list[tuple[int, Any]]:
+    """(image index, box) of every true box at least 16 px wide and high: references and the bank come from these."""
+    boxes = [(i, t) for i in range(len(truth)) for t in truth[i]]
+    return [(i, t) for i, t in boxes if (t.box[2] - t.box[0]) >= 16 and (t.box[3] - t.box[1]) >= 16]
+
+
+def all_tasks() -> list[Task]:
+    """Per COCO class: the direct task, and the fine-grained one inside its supercategory (if it has others)."""
+    supercat_of = {c: s for s, members in COCO_SUPERCATEGORIES.items() for c in members}
+    tasks: list[Task] = []
+    for name in COCO_NAMES:
+        cls = name.replace("_", " ")
+        tasks.append(Task(cls, cls, (cls,), "direct"))
+        sup = supercat_of.get(cls)
+        if sup and len(COCO_SUPERCATEGORIES[sup]) > 1:
+            tasks.append(Task(f"{cls} in {sup}", cls, COCO_SUPERCATEGORIES[sup], "fine-grained"))
+    return tasks
+
+
+def task_splits(
+    truth: list, box_names: np.ndarray, box_image: np.ndarray, tasks: list[Task], rotations: int
+) -> Iterator[tuple[int, np.ndarray, Task, int, np.ndarray]]:
+    """(rotation, which images are reference images, task, true boxes of the target in the
+    evaluation images, candidate reference boxes) of every task that runs in each rotation:
+    at least 5 true boxes to find and 3 to pick references from."""
+    for rotation in range(rotations):
+        is_ref_image = np.arange(len(truth)) % rotations == rotation
+        ref_box = is_ref_image[box_image]
+        for task in tasks:
+            total = sum(
+                1
+                for i in np.flatnonzero(~is_ref_image)
+                for t in truth[i]
+                if t.class_name.replace("_", " ") == task.target
+            )
+            candidates = np.flatnonzero(ref_box & (box_names == task.target))
+            if total >= 5 and len(candidates) >= 3:
+                yield rotation, is_ref_image, task, total, candidates
 
 
 def match(dets: list[tuple[str, float, tuple]], truth: list) -> list[str | None]:
@@ -195,14 +246,8 @@ def main() -> None:
     images = coco.images
     truth = [coco.labels(p) for p in images]
     print(f"detecting {len(images)} images ...", flush=True)
-    dets = detect_all(coco, args.weights, images)
-    crops = [
-        Crop(i, name, score, box, t)
-        for i, found in enumerate(dets)
-        for (name, score, box), t in zip(found, match(found, truth[i]), strict=True)
-    ]
-    boxes = [(i, t) for i in range(len(images)) for t in truth[i]]
-    boxes = [(i, t) for i, t in boxes if (t.box[2] - t.box[0]) >= 16 and (t.box[3] - t.box[1]) >= 16]
+    crops = matched_crops(detect_all(args.weights, images), truth)
+    boxes = true_boxes(truth)
 
     print(f"embedding {len(crops)} crops, {len(boxes)} true boxes and {len(images)} whole images ...", flush=True)
     network = SiameseNetwork(build_backbone("mobilenet_v2", None)).eval()
@@ -215,14 +260,7 @@ def main() -> None:
     crop_cls = np.array([c.cls for c in crops])
     crop_truth = np.array([c.truth or "" for c in crops])
 
-    supercat_of = {c: s for s, members in COCO_SUPERCATEGORIES.items() for c in members}
-    tasks: list[Task] = []
-    for name in COCO_NAMES:
-        cls = name.replace("_", " ")
-        tasks.append(Task(cls, cls, (cls,), "direct"))
-        sup = supercat_of.get(cls)
-        if sup and len(COCO_SUPERCATEGORIES[sup]) > 1:
-            tasks.append(Task(f"{cls} in {sup}", cls, COCO_SUPERCATEGORIES[sup], "fine-grained"))
+    tasks = all_tasks()
 
     methods = (
         "classifier",
@@ -236,95 +274,84 @@ def main() -> None:
     raw: list[dict] = []  # per task and split: labels, distances, held-out positives (to study calibration)
     curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     rng = np.random.default_rng(0)
-    for rotation in range(args.rotations):
-        is_ref_image = np.arange(len(images)) % args.rotations == rotation
+    for rotation, is_ref_image, task, total, candidates in task_splits(
+        truth, box_names, box_image, tasks, args.rotations
+    ):
         eval_crop = ~is_ref_image[crop_image_index]
         ref_box = is_ref_image[box_image]
-        for task in tasks:
-            total = sum(
-                1
-                for i in np.flatnonzero(~is_ref_image)
-                for t in truth[i]
-                if t.class_name.replace("_", " ") == task.target
-            )
-            candidates = np.flatnonzero(ref_box & (box_names == task.target))
-            if total < 5 or len(candidates) < 3:
-                continue
-            t0 = time.time()
-            in_task = eval_crop & np.isin(crop_cls, task.detector_classes)
-            positive = crop_truth[in_task] == task.target
-            feats = crop_features[in_task]
-            whole = whole_features[crop_image_index[in_task]]
-            ref_idx = _pick_references(candidates, box_image, args.refs, rng)
-            refs = box_features[ref_idx]
-            ref_images = [crop_image(images[boxes[k][0]], boxes[k][1].box) for k in ref_idx]
-            n_aug = TrainConfig.augmentations
-            views = [v for n, im in enumerate(ref_images) for v in augmented_views(im, n_aug, rotation * 100 + n)]
-            view_group = np.repeat(np.arange(len(ref_images)), n_aug)
-            view_features = pooled_features(network, views)
-            bank = box_features[ref_box & (box_names != task.target)]
+        t0 = time.time()
+        in_task = eval_crop & np.isin(crop_cls, task.detector_classes)
+        positive = crop_truth[in_task] == task.target
+        feats = crop_features[in_task]
+        whole = whole_features[crop_image_index[in_task]]
+        ref_idx = _pick_references(candidates, box_image, args.refs, rng)
+        refs = box_features[ref_idx]
+        ref_images = [crop_image(images[boxes[k][0]], boxes[k][1].box) for k in ref_idx]
+        n_aug = TrainConfig.augmentations
+        views = [v for n, im in enumerate(ref_images) for v in augmented_views(im, n_aug, rotation * 100 + n)]
+        view_group = np.repeat(np.arange(len(ref_images)), n_aug)
+        view_features = pooled_features(network, views)
+        bank = box_features[ref_box & (box_names != task.target)]
 
-            pre_refs = embed_features(None, refs)
-            pre = reference_distance(embed_features(None, feats), pre_refs) if len(feats) else np.zeros(0)
-            # Far crops of the job itself join the negatives (transductive: no labels used).
-            far = feats[pre > np.quantile(pre, 0.5)] if len(pre) >= 4 else feats[:0]
-            negatives = np.concatenate([bank, far])
-            weights = np.ones(len(negatives))
+        pre_refs = embed_features(None, refs)
+        pre = reference_distance(embed_features(None, feats), pre_refs) if len(feats) else np.zeros(0)
+        # Far crops of the job itself join the negatives (transductive: no labels used).
+        far = feats[pre > np.quantile(pre, 0.5)] if len(pre) >= 4 else feats[:0]
+        negatives = np.concatenate([bank, far])
+        weights = np.ones(len(negatives))
 
-            trained = fit(
-                TrainingSet(refs, view_features, view_group, negatives, weights), TrainConfig(epochs=args.epochs)
-            )
-            ft_refs = embed_features(trained.head, refs)
-            ft = reference_distance(embed_features(trained.head, feats), ft_refs) if len(feats) else np.zeros(0)
-            clf = logistic(np.concatenate([refs, view_features]), negatives, weights)
-            cl = clf(feats) if len(feats) else np.zeros(0)
-            wh = reference_distance(embed_features(None, whole), pre_refs) if len(feats) else np.zeros(0)
+        trained = fit(TrainingSet(refs, view_features, view_group, negatives, weights), TrainConfig(epochs=args.epochs))
+        ft_refs = embed_features(trained.head, refs)
+        ft = reference_distance(embed_features(trained.head, feats), ft_refs) if len(feats) else np.zeros(0)
+        clf = logistic(np.concatenate([refs, view_features]), negatives, weights)
+        cl = clf(feats) if len(feats) else np.zeros(0)
+        wh = reference_distance(embed_features(None, whole), pre_refs) if len(feats) else np.zeros(0)
 
-            yolo = prf(np.ones(len(feats), dtype=bool), positive, total)[2]
-            row = {
+        yolo = prf(np.ones(len(feats), dtype=bool), positive, total)[2]
+        row = {
+            "rotation": rotation,
+            "crops": int(in_task.sum()),
+            "positives": int(positive.sum()),
+            "truth": total,
+            "references": len(refs),
+            "yolo_only": yolo,
+        }
+        pre_held_out = held_out_views(None, refs, view_features, view_group)
+        loo = leave_one_out(pre_refs)  # the clean references alone: what calibration used before
+        for key, scores, suggested in (
+            ("classifier", cl, 0.5),
+            ("siamese_pretrained", pre, calibrate(pre_held_out, pre).suggested),
+            ("siamese_pretrained_loo", pre, calibrate(loo, pre).suggested),
+            ("siamese_finetuned", ft, calibrate(trained.held_out, ft).suggested),
+            ("whole_image_pretrained", wh, calibrate(pre_held_out, wh).suggested),
+        ):
+            row[f"{key}_suggested"] = prf(scores <= suggested, positive, total)[2] if suggested is not None else 0.0
+            row[f"{key}_best"] = best_threshold(scores, positive, total)[1]
+            if not per_task.get(task.name):  # the first split this task ran in
+                curves.setdefault(task.name, {})[key] = pr_curve(scores, positive, total)
+        per_task.setdefault(task.name, []).append({"kind": task.kind, **row})
+        raw.append(
+            {
+                "task": task.name,
+                "kind": task.kind,
                 "rotation": rotation,
-                "crops": int(in_task.sum()),
-                "positives": int(positive.sum()),
                 "truth": total,
-                "references": len(refs),
-                "yolo_only": yolo,
+                "positive": positive.tolist(),
+                "pretrained": pre.tolist(),
+                "finetuned": ft.tolist(),
+                "pretrained_held_out": pre_held_out,
+                "loo": loo,
+                "held_out": trained.held_out,
             }
-            pre_held_out = held_out_views(None, refs, view_features, view_group)
-            loo = leave_one_out(pre_refs)  # the clean references alone: what calibration used before
-            for key, scores, suggested in (
-                ("classifier", cl, 0.5),
-                ("siamese_pretrained", pre, calibrate(pre_held_out, pre).suggested),
-                ("siamese_pretrained_loo", pre, calibrate(loo, pre).suggested),
-                ("siamese_finetuned", ft, calibrate(trained.held_out, ft).suggested),
-                ("whole_image_pretrained", wh, calibrate(pre_held_out, wh).suggested),
-            ):
-                row[f"{key}_suggested"] = prf(scores <= suggested, positive, total)[2] if suggested is not None else 0.0
-                row[f"{key}_best"] = best_threshold(scores, positive, total)[1]
-                if not per_task.get(task.name):  # the first split this task ran in
-                    curves.setdefault(task.name, {})[key] = pr_curve(scores, positive, total)
-            per_task.setdefault(task.name, []).append({"kind": task.kind, **row})
-            raw.append(
-                {
-                    "task": task.name,
-                    "kind": task.kind,
-                    "rotation": rotation,
-                    "truth": total,
-                    "positive": positive.tolist(),
-                    "pretrained": pre.tolist(),
-                    "finetuned": ft.tolist(),
-                    "pretrained_held_out": pre_held_out,
-                    "loo": loo,
-                    "held_out": trained.held_out,
-                }
-            )
-            print(
-                f"r{rotation} {task.name:26} crops {row['crops']:4} pos {row['positives']:3}/{total:3}  "
-                f"yolo {row['yolo_only']:.2f}  clf {row['classifier_suggested']:.2f}/{row['classifier_best']:.2f}  "
-                f"pre {row['siamese_pretrained_suggested']:.2f}/{row['siamese_pretrained_best']:.2f}  "
-                f"ft {row['siamese_finetuned_suggested']:.2f}/{row['siamese_finetuned_best']:.2f}  "
-                f"whole {row['whole_image_pretrained_best']:.2f}  ({time.time() - t0:.0f} s)",
-                flush=True,
-            )
+        )
+        print(
+            f"r{rotation} {task.name:26} crops {row['crops']:4} pos {row['positives']:3}/{total:3}  "
+            f"yolo {row['yolo_only']:.2f}  clf {row['classifier_suggested']:.2f}/{row['classifier_best']:.2f}  "
+            f"pre {row['siamese_pretrained_suggested']:.2f}/{row['siamese_pretrained_best']:.2f}  "
+            f"ft {row['siamese_finetuned_suggested']:.2f}/{row['siamese_finetuned_best']:.2f}  "
+            f"whole {row['whole_image_pretrained_best']:.2f}  ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
 
     # A task's score: the mean over the rotations it ran in; then the macro average over tasks.
     rows = [

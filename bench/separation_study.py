@@ -30,13 +30,11 @@ import quality_bench as qb  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from imgsift_common.calibration import calibrate  # noqa: E402
-from imgsift_detector.coco import COCO_SUPERCATEGORIES  # noqa: E402
-from imgsift_detector.model import Detector  # noqa: E402
 from imgsift_siamese.backbone import build_backbone  # noqa: E402
 from imgsift_siamese.distance import pairwise_distances  # noqa: E402
 from imgsift_siamese.network import SiameseNetwork  # noqa: E402
 from imgsift_siamese.train import TrainConfig, augmented_views, held_out_views, pooled_features  # noqa: E402
-from tests.support.coco import COCO_NAMES, Coco128  # noqa: E402
+from tests.support.coco import Coco128  # noqa: E402
 
 LOW_CONF = 0.1
 
@@ -63,20 +61,9 @@ def main() -> None:
     weights = str(qb.ROOT.parent / "shared" / "models" / "yolov8n.pt")
     images = coco.images
     truth = [coco.labels(p) for p in images]
-    detector = Detector(weights)
-    dets = []
-    for start in range(0, len(images), 16):
-        pixels = [Image.open(p).convert("RGB") for p in images[start : start + 16]]
-        for found in detector.predict(pixels, conf=LOW_CONF):
-            dets.append([(detector.names[d.class_id], d.score, d.box) for d in found])
     # Greedy matching by score: crops at conf >= 0.25 match exactly as in the quality benchmark.
-    crops = [
-        qb.Crop(i, n, s, b, t)
-        for i, found in enumerate(dets)
-        for (n, s, b), t in zip(found, qb.match(found, truth[i]), strict=True)
-    ]
-    boxes = [(i, t) for i in range(len(images)) for t in truth[i]]
-    boxes = [(i, t) for i, t in boxes if (t.box[2] - t.box[0]) >= 16 and (t.box[3] - t.box[1]) >= 16]
+    crops = qb.matched_crops(qb.detect_all(weights, images, conf=LOW_CONF), truth)
+    boxes = qb.true_boxes(truth)
     network = SiameseNetwork(build_backbone("mobilenet_v2", None)).eval()
     print(f"embedding {len(crops)} crops (conf >= {LOW_CONF}) and {len(boxes)} true boxes ...", flush=True)
     crop_feats = _unit(pooled_features(network, [qb.crop_image(images[c.image], c.box) for c in crops]))
@@ -89,19 +76,16 @@ def main() -> None:
     box_names = np.array([t.class_name.replace("_", " ") for _, t in boxes])
     box_image = np.array([i for i, _ in boxes])
 
-    supercat_of = {c: s for s, members in COCO_SUPERCATEGORIES.items() for c in members}
-    tasks = []
-    for name in COCO_NAMES:
-        cls = name.replace("_", " ")
-        tasks.append(qb.Task(cls, cls, (cls,), "direct"))
-        sup = supercat_of.get(cls)
-        if sup and len(COCO_SUPERCATEGORIES[sup]) > 1:
-            tasks.append(qb.Task(f"{cls} in {sup}", cls, COCO_SUPERCATEGORIES[sup], "fine-grained"))
-
     n_views = TrainConfig.augmentations
 
     def task_scores(
-        target: str, total: int, rotation: int, in_low: np.ndarray, ref_idx: np.ndarray, ref20: np.ndarray
+        target: str,
+        total: int,
+        rotation: int,
+        bank_boxes: np.ndarray,
+        in_low: np.ndarray,
+        ref_idx: np.ndarray,
+        ref20: np.ndarray,
     ) -> dict[str, float]:
         """Every method's F1 for one task in one rotation (0 for all when the detector found nothing)."""
         out: dict[str, float] = {}
@@ -114,9 +98,7 @@ def main() -> None:
         def at(scores: np.ndarray, t: float | None, where: np.ndarray = in_task) -> float:
             return qb.prf(scores <= t, is_target[where], total)[2] if t is not None and where.any() else 0.0
 
-        is_ref_image = np.arange(len(images)) % 4 == rotation
-        ref_box = is_ref_image[box_image]
-        refs, bank = box_feats[ref_idx], box_feats[ref_box & (box_names != target)]
+        refs, bank = box_feats[ref_idx], box_feats[bank_boxes]
         d = pairwise_distances(crop_feats[in_task], refs).min(axis=1)
         d_low = pairwise_distances(crop_feats[in_low], refs).min(axis=1)
         d_bank = pairwise_distances(crop_feats[in_task], bank).min(axis=1)
@@ -150,26 +132,16 @@ def main() -> None:
 
     f1: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     rng, rng20 = np.random.default_rng(0), np.random.default_rng(0)  # the quality benchmark's reference picks
-    for rotation in range(4):
-        is_ref_image = np.arange(len(images)) % 4 == rotation
-        ref_box = is_ref_image[box_image]
-        for task in tasks:
-            total = sum(
-                1
-                for i in np.flatnonzero(~is_ref_image)
-                for t in truth[i]
-                if t.class_name.replace("_", " ") == task.target
-            )
-            candidates = np.flatnonzero(ref_box & (box_names == task.target))
-            if total < 5 or len(candidates) < 3:
-                continue
-            ref_idx = qb._pick_references(candidates, box_image, 5, rng)
-            ref20 = qb._pick_references(candidates, box_image, 20, rng20)
-            in_low = ~is_ref_image[crop_image] & np.isin(crop_cls, task.detector_classes)
-            result = task_scores(task.target, total, rotation, in_low, ref_idx, ref20)
-            for key, value in result.items():
-                f1[(task.name, task.kind)][key].append(value)
-            print(f"r{rotation} {task.name}", flush=True)
+    splits = qb.task_splits(truth, box_names, box_image, qb.all_tasks(), 4)
+    for rotation, is_ref_image, task, total, candidates in splits:
+        ref_idx = qb._pick_references(candidates, box_image, 5, rng)
+        ref20 = qb._pick_references(candidates, box_image, 20, rng20)
+        in_low = ~is_ref_image[crop_image] & np.isin(crop_cls, task.detector_classes)
+        bank_boxes = is_ref_image[box_image] & (box_names != task.target)  # the generic negative bank
+        result = task_scores(task.target, total, rotation, bank_boxes, in_low, ref_idx, ref20)
+        for key, value in result.items():
+            f1[(task.name, task.kind)][key].append(value)
+        print(f"r{rotation} {task.name}", flush=True)
 
     names = list(next(iter(f1.values())))
     print("\nmacro F1 | all | direct | fine-grained")

@@ -24,7 +24,6 @@ from statistics import fmean, pstdev
 
 import numpy as np
 
-from imgsift_common import calibration
 from imgsift_common.calibration import calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,16 +74,6 @@ def mixture_threshold(p: list[float], d: list[float], iters: int = 200, floor: f
     return best_t
 
 
-def _suggest(positives: list[float], crops: list[float], pi: float | None) -> float | None:
-    """imgsift's estimated-F1 maximum, with the share of positives given (``pi``) or estimated (None)."""
-    if pi is None:
-        return calibrate(positives, crops).suggested
-    p = sorted(positives)
-    grid = calibration.grid_for(p)
-    d = calibration.Distribution.from_values(crops, grid)
-    return max(grid, key=lambda t: calibration._estimate(t, p, d, pi, []).f1 or 0.0)
-
-
 def _f1(scores: np.ndarray, positive: np.ndarray, total: int, t: float | None) -> float:
     if t is None:
         return 0.0
@@ -127,7 +116,8 @@ def main() -> None:
             true_pos = scores[positive].tolist() or held
             for name, p_used, pi in (("true share", held, share), ("true positives", true_pos, None),
                                      ("true both", true_pos, share)):  # fmt: skip
-                t = _suggest(p_used, scores.tolist(), pi)
+                # Told the share, the estimate is used however few the crops (no 90th-percentile fallback).
+                t = calibrate(p_used, scores.tolist(), min_crops=0 if pi else 20, share=pi).suggested
                 task[f"{key} oracle {name}"].append(_f1(scores, positive, row["truth"], t))
             best = max([_f1(scores, positive, row["truth"], t) for t in np.unique(scores)] + [0.0])
             task[f"{key} best"].append(best)

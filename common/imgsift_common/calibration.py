@@ -114,8 +114,13 @@ def calibrate(
     *,
     marked_wrong: Sequence[float] = (),
     min_crops: int = 20,
+    share: float | None = None,
 ) -> Calibration:
-    """Suggest a threshold from held-out positive distances and the job's crop distances."""
+    """Suggest a threshold from held-out positive distances and the job's crop distances.
+
+    ``share``: the share of positives among the crops where it is known (a study
+    giving the estimate the truth); None: estimated from the distances, as for every job.
+    """
     p = sorted(positives)
     if not p:
         return Calibration(None, None, "no held-out positive distances (give at least two references)")
@@ -123,7 +128,7 @@ def calibrate(
     d = crops if isinstance(crops, Distribution) else Distribution.from_values(crops, grid)
     if d.n < min_crops:
         return Calibration(round(quantile(p, 0.9), 4), None, f"90th percentile of {len(p)} held-out positives")
-    pi = positive_share(p, d)
+    pi = positive_share(p, d) if share is None else share
     assert pi is not None
     wrong = sorted(marked_wrong)
     best_t, best_f1 = grid[0], -1.0

@@ -41,6 +41,22 @@ def test_suggested_threshold_is_near_the_best_and_the_share_is_estimated(share: 
     assert abs(e.recall - true_tp / sum(labels)) < 0.15
 
 
+def test_a_known_share_replaces_the_estimate() -> None:
+    """What a study gives the estimate (bench/calibration_study.py): the share it is told is used as is."""
+    rng = random.Random(1)  # overlapping positives and negatives: the share moves the F1 maximum
+    positives = [rng.gauss(0.6, 0.1) for _ in range(200)]
+    crops = [rng.gauss(0.6, 0.1) for _ in range(1000)] + [rng.gauss(0.8, 0.1) for _ in range(1000)]
+    estimated = calibrate(positives, crops)
+    told = calibrate(positives, crops, share=0.9)  # far more positives than there are
+    assert told.positive_share == 0.9 and estimated.positive_share is not None
+    assert abs(estimated.positive_share - 0.5) < 0.1
+    # Told there are more positives, it accepts more: a looser threshold.
+    assert told.suggested is not None and estimated.suggested is not None
+    assert told.suggested > estimated.suggested + 0.05
+    truth = calibrate(positives, crops, share=0.5)
+    assert truth.suggested is not None and abs(truth.suggested - estimated.suggested) < 0.05
+
+
 def test_few_crops_fall_back_to_the_positives_90th_percentile() -> None:
     positives = [i / 10 for i in range(11)]  # 0.0 .. 1.0
     cal = calibrate(positives, [0.5, 0.6])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -85,6 +86,33 @@ def test_a_job_whose_references_are_gone_fails_with_the_reason(
     job = state.get_job(JOB_ID)
     assert job is not None and job.state is JobState.FAILED
     assert reference in (job.error or "")
+
+
+def test_a_training_that_outlasts_its_lock_time_keeps_the_lock(
+    worker: ModuleType,
+    state: RedisStateStore,
+    store: LocalStore,
+    crops_by_class: dict[str, list[Image.Image]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    create_job(state, put_references(store, crops_by_class["dog"][:2]))
+    monkeypatch.setattr(worker, "TRAIN_LOCK_TTL", 0.3)
+    seen: list[bool] = []
+
+    def slow_training(*args: object) -> None:
+        # Stands in for the fine-tuning (tests/siamese/test_training.py trains for real): only
+        # its length matters here, four lock times, while a second training tries to start.
+        for _ in range(4):
+            time.sleep(0.3)
+            seen.append(state.hold_lock(JOB_ID, "train", "train-99", 0.3))
+        raise worker.TrainingError("stopped by the test")
+
+    monkeypatch.setattr(worker, "train_job", slow_training)
+
+    assert worker.train({"job_id": JOB_ID, "version": 1}) == 0
+
+    assert seen == [False] * 4  # the first training kept its lock all along
+    assert state.hold_lock(JOB_ID, "train", "train-99", 0.3)  # released when it ended
 
 
 class UnreachableState:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imgsift_common import keys
+from imgsift_common.leases import Renewal
 from imgsift_common.messages import (
     KEYWORD_SOURCES,
     Candidate,
@@ -320,8 +321,7 @@ class FetchClaims:
         self.state, self.job_id, self.owner, self.ttl = state, job_id, owner, ttl
         self._held: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew, name="fetch-claims", daemon=True)
+        self._renewal = Renewal(self._renew, ttl / 3, "fetch-claims")
 
     def take(self, url: str) -> bool:
         """Claim ``url`` for this task (again, if it held it before); False: another live task holds it."""
@@ -339,12 +339,11 @@ class FetchClaims:
             self.state.release_lock(self.job_id, claim, self.owner)
 
     def __enter__(self) -> FetchClaims:
-        self._renewer.start()
+        self._renewal.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._renewer.join()
+        self._renewal.stop()
         with self._lock:
             for claim in self._held:  # claims of URLs not recorded (the batch failed): free them now
                 try:
@@ -354,14 +353,13 @@ class FetchClaims:
             self._held.clear()
 
     def _renew(self) -> None:
-        while not self._stop.wait(max(0.05, self.ttl / 3)):
-            with self._lock:
-                for claim in self._held:
-                    try:
-                        if not self.state.hold_lock(self.job_id, claim, self.owner, self.ttl):
-                            log.warning("fetch claim lost", extra={"job_id": self.job_id, "claim": claim})
-                    except Exception:  # the state store is down: the fetch fails on its own; try again
-                        log.warning("fetch claim not renewed", extra={"job_id": self.job_id}, exc_info=True)
+        with self._lock:
+            for claim in self._held:
+                try:
+                    if not self.state.hold_lock(self.job_id, claim, self.owner, self.ttl):
+                        log.warning("fetch claim lost", extra={"job_id": self.job_id, "claim": claim})
+                except Exception:  # the state store is down: the fetch fails on its own; try again
+                    log.warning("fetch claim not renewed", extra={"job_id": self.job_id}, exc_info=True)
 
 
 def download_batch(

@@ -17,6 +17,7 @@ from celery import signals
 
 from imgsift_common import webhooks
 from imgsift_common.celery_app import TRAIN_REQUEST_MARKER, TaskName, create_celery_app, retry_policy, send
+from imgsift_common.leases import Renewal
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import CropBatch, JobState, Stage, TrainMessage
 from imgsift_common.progress import finish_if_complete
@@ -28,6 +29,8 @@ from imgsift_siamese.settings import SiameseSettings
 from imgsift_siamese.training import TrainingError, rescore, train_job
 
 log = logging.getLogger(__name__)
+
+TRAIN_LOCK_TTL = 60.0  # seconds a training's lock outlives a killed worker (renewed while it runs)
 
 
 @functools.cache
@@ -98,20 +101,27 @@ def train(payload: dict[str, Any]) -> int:
         log.info("model version already trained; redelivery dropped", extra=fields)
         return 0
     owner = f"train-{message.version}"
-    if not state.hold_lock(job.id, "train", owner, 3600.0):
+
+    def hold() -> bool:
+        return state.hold_lock(message.job_id, "train", owner, TRAIN_LOCK_TTL)
+
+    if not hold():
         log.info("another training of this job runs", extra=fields)
         return 0
+    # Renewed while this task works, so a killed worker's lock runs out within TRAIN_LOCK_TTL
+    # and does not hold the job's next training back for long.
     try:
-        settings = worker_settings()
-        try:
-            model = train_job(job, object_store(), state, settings, message.version)
-        except TrainingError as exc:
-            state.set_marker(job.id, TRAIN_REQUEST_MARKER, "0")  # nothing pending any more
-            state.add_note(job.id, f"training v{message.version} failed: {exc}")
-            log.warning("training failed: %s", exc, extra=fields)
-            return 0
-        job = state.update_job(job.id, model=model)
-        state.add_note(job.id, f"Siamese head v{model.version} trained; every crop scored again with it")
-        return rescore(job, object_store(), state, settings)
+        with Renewal(hold, TRAIN_LOCK_TTL / 3, "train-lock"):
+            settings = worker_settings()
+            try:
+                model = train_job(job, object_store(), state, settings, message.version)
+            except TrainingError as exc:
+                state.set_marker(job.id, TRAIN_REQUEST_MARKER, "0")  # nothing pending any more
+                state.add_note(job.id, f"training v{message.version} failed: {exc}")
+                log.warning("training failed: %s", exc, extra=fields)
+                return 0
+            job = state.update_job(job.id, model=model)
+            state.add_note(job.id, f"Siamese head v{model.version} trained; every crop scored again with it")
+            return rescore(job, object_store(), state, settings)
     finally:
         state.release_lock(job.id, "train", owner)

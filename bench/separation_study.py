@@ -13,6 +13,11 @@ and 4 rotations as the quality benchmark (same reference picks). Prints two tabl
    references, the same with the views shrunk to the sizes of the job's crops (COCO crops are
    small and upsampled; the views were not), fixed quantiles of the held-out positive
    distances, and accepting everything.
+
+Also the ceiling of verification itself: a perfect verifier (every crop of the target
+accepted, nothing else) at both detector thresholds, and a linear classifier on the frozen
+features trained on the references against the negative bank (class-balanced logistic
+regression, suggested at p = 0.5): whether anything else on the same features separates better.
 """
 
 from __future__ import annotations
@@ -112,6 +117,11 @@ def main() -> None:
         for w in (0.1, 0.2, 0.3):
             out[f"best: d - {w} * conf"] = best(d - w * crop_conf[in_task], in_task)
         out[f"YOLO only (conf {LOW_CONF})"] = at(d_low, float("inf"), in_low)
+        for where, conf in ((in_task, 0.25), (in_low, LOW_CONF)):
+            out[f"perfect verifier, conf >= {conf}"] = qb.prf(is_target[where], is_target[where], total)[2]
+            linear = qb.logistic(refs, bank, np.ones(len(bank)))(crop_feats[where]) if where.any() else np.zeros(0)
+            out[f"best: linear classifier, conf >= {conf}"] = best(linear, where)
+            out[f"suggested: linear classifier at p = 0.5, conf >= {conf}"] = at(linear, 0.5, where)
         for w in (0.0, 0.1, 0.2, 0.3):
             out[f"best: d - {w} * conf, conf >= {LOW_CONF}"] = best(d_low - w * crop_conf[in_low], in_low)
 

@@ -17,7 +17,9 @@ and 4 rotations as the quality benchmark (same reference picks). Prints two tabl
 Also the ceiling of verification itself: a perfect verifier (every crop of the target
 accepted, nothing else) at both detector thresholds, and a linear classifier on the frozen
 features trained on the references against the negative bank (class-balanced logistic
-regression, suggested at p = 0.5): whether anything else on the same features separates better.
+regression, suggested at p = 0.5), other poolings and an earlier layer of the same trunk, and
+PCA whitening fitted on each task's crops and bank: whether anything else on the same trunk
+separates better.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # quality_bench, next to this file
@@ -34,10 +37,12 @@ sys.path.insert(0, str(ROOT))  # quality_bench, next to this file
 import quality_bench as qb  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from imgsift_common.batching import in_batches  # noqa: E402
 from imgsift_common.calibration import calibrate  # noqa: E402
 from imgsift_siamese.backbone import build_backbone  # noqa: E402
 from imgsift_siamese.distance import pairwise_distances  # noqa: E402
 from imgsift_siamese.network import SiameseNetwork  # noqa: E402
+from imgsift_siamese.preprocess import preprocess  # noqa: E402
 from imgsift_siamese.train import TrainConfig, augmented_views, held_out_views, pooled_features  # noqa: E402
 from tests.support.coco import Coco128  # noqa: E402
 
@@ -61,6 +66,36 @@ def _shrunk(views: list[Image.Image], sides: np.ndarray, seed: int) -> list[Imag
     return out
 
 
+def _pooled_ways(network: SiameseNetwork, images: list[Image.Image]) -> dict[str, np.ndarray]:
+    """Unit-norm trunk features pooled four ways: ``average`` (what imgsift uses: equal to
+    ``pooled_features``), ``GeM`` (generalised mean, p = 3), ``max``, and ``block 17`` (the
+    average of the 320-channel block before the trunk's last 1x1 convolution)."""
+    ways: dict[str, list[np.ndarray]] = {"average": [], "GeM": [], "max": [], "block 17": []}
+    with torch.inference_mode():
+        for chunk in in_batches(images, 32):
+            x = torch.stack([preprocess(im, 224) for im in chunk])
+            for index, layer in enumerate(network.trunk):
+                x = layer(x)
+                if index == 17:
+                    ways["block 17"].append(x.mean((2, 3)).numpy())
+            ways["average"].append(x.mean((2, 3)).numpy())
+            ways["GeM"].append(x.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3).numpy())
+            ways["max"].append(x.amax((2, 3)).numpy())
+    return {way: _unit(np.concatenate(rows)) for way, rows in ways.items()}
+
+
+def _whitened(crops: np.ndarray, refs: np.ndarray, bank: np.ndarray, dims: int) -> np.ndarray:
+    """Nearest-reference distances after PCA whitening fitted on the task's crops and bank (no
+    labels), with 10% of the largest variance added to every variance (shrinkage)."""
+    fit = np.concatenate([crops, bank])
+    mean = fit.mean(axis=0)
+    _, sv, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    var = sv**2 / len(fit)
+    k = min(dims, len(fit) - 1)
+    project = vt[:k] / np.sqrt(var[:k] + 0.1 * var[0])[:, None]
+    return pairwise_distances(_unit((crops - mean) @ project.T), _unit((refs - mean) @ project.T)).min(axis=1)
+
+
 def main() -> None:
     coco = Coco128(qb.ROOT.parent / "shared" / "data" / "coco128")
     weights = str(qb.ROOT.parent / "shared" / "models" / "yolov8n.pt")
@@ -71,8 +106,9 @@ def main() -> None:
     boxes = qb.true_boxes(truth)
     network = SiameseNetwork(build_backbone("mobilenet_v2", None)).eval()
     print(f"embedding {len(crops)} crops (conf >= {LOW_CONF}) and {len(boxes)} true boxes ...", flush=True)
-    crop_feats = _unit(pooled_features(network, [qb.crop_image(images[c.image], c.box) for c in crops]))
-    box_feats = _unit(pooled_features(network, [qb.crop_image(images[i], t.box) for i, t in boxes]))
+    crop_pooled = _pooled_ways(network, [qb.crop_image(images[c.image], c.box) for c in crops])
+    box_pooled = _pooled_ways(network, [qb.crop_image(images[i], t.box) for i, t in boxes])
+    crop_feats, box_feats = crop_pooled["average"], box_pooled["average"]  # imgsift's own features
     crop_image = np.array([c.image for c in crops])
     crop_cls = np.array([c.cls for c in crops])
     crop_truth = np.array([c.truth or "" for c in crops])
@@ -109,6 +145,11 @@ def main() -> None:
         d_bank = pairwise_distances(crop_feats[in_task], bank).min(axis=1)
         out["YOLO only (conf 0.25)"] = at(d, float("inf"))
         out["best: nearest of 5 references"] = best(d, in_task)
+        for way in ("GeM", "max", "block 17"):  # other poolings and layers of the same trunk
+            for where, conf in ((in_task, 0.25), (in_low, LOW_CONF)):
+                other = pairwise_distances(crop_pooled[way][where], box_pooled[way][ref_idx]).min(axis=1)
+                out[f"best: {way} features, conf >= {conf}"] = best(other, where)
+        out["best: PCA-whitened, 32 dims"] = best(_whitened(crop_feats[in_task], refs, bank, 32), in_task)
         out["best: nearest of up to 20 references"] = best(
             pairwise_distances(crop_feats[in_task], box_feats[ref20]).min(axis=1), in_task
         )

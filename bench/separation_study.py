@@ -1,6 +1,6 @@
 """What else was tried for issue 4's goals, on bench/quality_bench.py's tasks and splits.
 
-    .venv/bin/python bench/separation_study.py      # about 7 minutes on the 2-core machine
+    .venv/bin/python bench/separation_study.py      # about 8 minutes on the 2-core machine
 
 Pretrained MobileNetV2 embedding, nearest-reference distance, macro F1 over the same 43 tasks
 and 4 rotations as the quality benchmark (same reference picks). Prints two tables:

@@ -383,6 +383,18 @@ def main() -> None:
     print(f"\n{time.time() - started:.0f} s; written to {args.out}")
 
 
+def macro_table(f1: dict[tuple[str, str], dict[str, list[float]]], title: str, counts: bool = False) -> None:
+    """Print macro F1 per method: a task's F1 is its mean over rotations, then the mean over tasks
+    (all, direct, fine-grained). ``f1``: (task name, kind) -> method -> F1 of each rotation."""
+    print(f"\n{title} | all | direct | fine-grained")
+    for name in next(iter(f1.values())):
+        cells = []
+        for kind in (None, "direct", "fine-grained"):
+            chosen = [np.mean(v[name]) for (_, k), v in f1.items() if kind is None or k == kind]
+            cells.append(f"{np.mean(chosen):.3f}" + (f" ({len(chosen)})" if counts else ""))
+        print(f"{name} | " + " | ".join(cells))
+
+
 def _pick_references(candidates: np.ndarray, image_of: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``n`` true boxes, one per image first: users pick varied references, not one flock."""
     order = rng.permutation(candidates)

@@ -194,14 +194,7 @@ def main() -> None:
             f1[(task.name, task.kind)][key].append(value)
         print(f"r{rotation} {task.name}", flush=True)
 
-    names = list(next(iter(f1.values())))
-    print("\nmacro F1 | all | direct | fine-grained")
-    for name in names:
-        cells = []
-        for kind in (None, "direct", "fine-grained"):
-            chosen = [np.mean(v[name]) for (_, k), v in f1.items() if kind is None or k == kind]
-            cells.append(f"{np.mean(chosen):.3f}")
-        print(f"{name} | " + " | ".join(cells))
+    qb.macro_table(f1, "macro F1")
 
 
 if __name__ == "__main__":

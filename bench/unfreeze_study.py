@@ -121,13 +121,7 @@ def main() -> None:
         f1[(task.name, task.kind)]["unfrozen"].append(unfrozen)
         print(f"r{rotation} {task.name:28} frozen {frozen:.3f}  unfrozen {unfrozen:.3f}", flush=True)
 
-    print(f"\nmacro F1 at the best threshold, rotation {args.rotation} | all | direct | fine-grained")
-    for name in ("frozen", "unfrozen"):
-        cells = []
-        for kind in (None, "direct", "fine-grained"):
-            chosen = [np.mean(v[name]) for (_, k), v in f1.items() if kind is None or k == kind]
-            cells.append(f"{np.mean(chosen):.3f} ({len(chosen)})")
-        print(f"{name} | " + " | ".join(cells))
+    qb.macro_table(f1, f"macro F1 at the best threshold, rotation {args.rotation}", counts=True)
 
 
 if __name__ == "__main__":

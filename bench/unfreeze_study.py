@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from imgsift_common.batching import in_batches  # noqa: E402
 from imgsift_siamese.backbone import build_backbone  # noqa: E402
 from imgsift_siamese.preprocess import preprocess  # noqa: E402
-from imgsift_siamese.train import TrainConfig, augmented_views  # noqa: E402
+from imgsift_siamese.train import TrainConfig, augmented_views, batch_hard_triplet  # noqa: E402
 from tests.support.coco import Coco128  # noqa: E402
 
 FROZEN = 17  # trunk stages 0..16 stay frozen; 17 (the last inverted residual) and 18 (1x1 conv) train
@@ -85,10 +85,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         for _ in range(args.steps):
             pick = torch.from_numpy(rng.choice(len(negatives), min(args.negatives, len(negatives)), replace=False))
-            ep, en = embed(model, positives), embed(model, negatives[pick])
-            hardest_positive = torch.cdist(ep, ep).max(dim=1).values
-            hardest_negative = torch.cdist(ep, en).min(dim=1).values
-            loss = F.relu(hardest_positive - hardest_negative + TrainConfig.margin).mean()
+            loss = batch_hard_triplet(embed(model, positives), embed(model, negatives[pick]), TrainConfig.margin)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

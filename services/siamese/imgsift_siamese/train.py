@@ -211,18 +211,20 @@ def _train_head(
     for _ in range(steps):
         pi = torch.from_numpy(rng.choice(len(positives), min(config.batch_positives, len(positives)), replace=False))
         ni = torch.from_numpy(rng.choice(len(negatives), config.batch_negatives, p=p_neg))
-        ep = F.normalize(head(pos[pi]), dim=1)
-        en = F.normalize(head(neg[ni]), dim=1)
-        d_pp = torch.cdist(ep, ep)
-        d_pn = torch.cdist(ep, en)
-        hardest_positive = d_pp.max(dim=1).values
-        hardest_negative = d_pn.min(dim=1).values
-        loss = F.relu(hardest_positive - hardest_negative + config.margin).mean()
+        loss = batch_hard_triplet(F.normalize(head(pos[pi]), dim=1), F.normalize(head(neg[ni]), dim=1), config.margin)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         scheduler.step()
     return head.eval()
+
+
+def batch_hard_triplet(positives: torch.Tensor, negatives: torch.Tensor, margin: float) -> torch.Tensor:
+    """Batch-hard triplet loss: for each positive anchor, its farthest positive ``p`` and nearest
+    negative ``n``, ``relu(d(a, p) - d(a, n) + margin)``, averaged over the anchors."""
+    hardest_positive = torch.cdist(positives, positives).max(dim=1).values
+    hardest_negative = torch.cdist(positives, negatives).min(dim=1).values
+    return F.relu(hardest_positive - hardest_negative + margin).mean()
 
 
 @dataclass(frozen=True)

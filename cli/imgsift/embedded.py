@@ -13,18 +13,20 @@ import json
 import logging
 import os
 import shutil
+import urllib.parse
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imgsift_common import keys
-from imgsift_common.calibration import for_job
 from imgsift_common.exports import manifest_row
-from imgsift_common.messages import Job, JobSpec, JobState, SiameseModel
+from imgsift_common.messages import Crop, Job, JobSpec, JobState, SiameseModel, SourceKind, StoredImage
 from imgsift_common.progress import finish_if_complete
 from imgsift_common.state import SqliteStateStore, discovery_reason
 from imgsift_common.storage import LocalStore
+from imgsift_common.threshold import for_job
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ class EmbeddedConfig:
     detector: Any  # DetectorSettings
     siamese: Any  # SiameseSettings
     negatives: Path | None = None  # "not this" images
-    auto_threshold: bool = False  # decide at the suggested threshold instead of spec.threshold
+    threshold: float | None = None  # given by the user: fixed; None: decide at the job's suggestion
+    whole_images: bool = False  # every stored image is one crop and no detector runs (imgsift verify)
 
 
 @dataclass
@@ -70,10 +73,14 @@ class RunSummary:
     discovery: Any = None  # why discovery stopped (DiscoveryReason)
     notes: list[str] = field(default_factory=list)
     work_done: dict[str, int] = field(default_factory=dict)  # items each stage handled in this run
-    suggested: float | None = None  # the suggested threshold, when the job has one
+    suggested: float | None = None  # the suggested threshold, when the job has crops
     suggested_basis: str = ""
     precision: float | None = None  # estimated at ``threshold``
     recall: float | None = None
+    precision_interval: tuple[float, float] | None = None
+    recall_interval: tuple[float, float] | None = None
+    answers: int = 0  # answers the estimates rest on
+    needs_answers: bool = False  # nothing separates the crops yet: every crop accepted
 
 
 class EmbeddedError(Exception):
@@ -84,10 +91,13 @@ def _fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def detector_fingerprint(settings: Any, target: str) -> str:
+def detector_fingerprint(settings: Any, target: str, conf: float | None = None) -> str:
     """What detections depend on; when it changes, detections are redone."""
     fields = ("weights", "conf", "iou", "imgsz", "pad", "min_box_size")
-    return _fingerprint({"target": target, **{f: getattr(settings, f) for f in fields}})
+    found = {f: getattr(settings, f) for f in fields}
+    if conf is not None:  # the job's own confidence threshold
+        found["conf"] = conf
+    return _fingerprint({"target": target, **found})
 
 
 def scorer_fingerprint(settings: Any, reference_keys: list[str]) -> str:
@@ -140,7 +150,9 @@ class EmbeddedRunner:
         fingerprints_path = self.state_dir / "fingerprints.json"
         old = json.loads(fingerprints_path.read_text()) if fingerprints_path.exists() else {}
         new = {
-            "detector": detector_fingerprint(self.config.detector, self.config.spec.target),
+            "detector": detector_fingerprint(
+                self.config.detector, self.config.spec.target, self.config.spec.detector_conf
+            ),
             "scorer": scorer_fingerprint(self.config.siamese, reference_keys + negative_keys),
         }
         job = self.state.get_job(JOB_ID)
@@ -173,9 +185,7 @@ class EmbeddedRunner:
             )
             self.state.save_job(job)
         fingerprints_path.write_text(json.dumps(new))
-        siamese = self.config.siamese
-        saved = {"backbone": siamese.backbone, "weights": str(siamese.weights) if siamese.weights else None}
-        (self.state_dir / "siamese.json").write_text(json.dumps(saved))
+        save_siamese_settings(self.config.out, self.config.siamese)
         return job
 
     def run(self) -> RunSummary:
@@ -208,12 +218,7 @@ class EmbeddedRunner:
                     break
         finish_if_complete(self.state, JOB_ID)
         job = self.state.get_job(JOB_ID) or job
-        threshold = job.spec.threshold
-        if self.config.auto_threshold:
-            suggested = for_job(job, self.state).calibration.suggested
-            if suggested is not None:
-                threshold = suggested
-                job = self.state.update_job(JOB_ID, spec=job.spec.model_copy(update={"threshold": threshold}))
+        threshold = settle_threshold(self.state, job, self.config.threshold)
         summary = self.write_outputs(threshold)
         summary.work_done = done
         summary.notes = self.state.notes(JOB_ID)
@@ -229,7 +234,7 @@ class EmbeddedRunner:
 
         settings = self.config.detector
         try:
-            detector = detector_from_settings(settings)
+            detector = None if self.config.whole_images else detector_from_settings(settings)
         except WeightsError as exc:
             raise EmbeddedError(str(exc)) from None
         tick = self.progress.stage("detect", len(todo))
@@ -238,6 +243,14 @@ class EmbeddedRunner:
             job = self.state.get_job(JOB_ID) or job
             tick(len(chunk))
         return len(todo)
+
+    def detect_and_compare(self) -> dict[str, int]:
+        """Detect every stored image not detected yet, then compare every crop not compared yet."""
+        job = self.state.get_job(JOB_ID)
+        assert job is not None
+        detected = self._detect(job)
+        job = self.state.get_job(JOB_ID) or job
+        return {"detected": detected, "compared": self._compare(job)}
 
     def _compare(self, job: Job) -> int:
         todo = [k for k in self.state.crop_keys(JOB_ID) if not self.state.has_distance(JOB_ID, k)]
@@ -273,14 +286,22 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 def write_outputs(out: Path, state: SqliteStateStore, store: LocalStore, threshold: float) -> RunSummary:
+    """accepted/, rejected/ and manifest.jsonl at ``threshold`` from the stored distances, and the summary.
+
+    A collect folder links each crop's JPEG as ``accepted/{crop_id}.jpg`` (or ``rejected/``); a
+    verify folder links the input files themselves, and its ``crop`` names the input file
+    relative to ``--images``.
+    """
     from imgsift_common.state import Counter
 
+    job = state.get_job(JOB_ID)
     _fresh_dirs(out, ("accepted", "rejected"))
     accepted = rejected = 0
     tmp_manifest = out / "manifest.jsonl.tmp"
     with tmp_manifest.open("w", encoding="utf-8") as manifest:
         distances = state.distances(JOB_ID)
         crops = {c.key: c for c in state.get_crops(JOB_ID, [k for k, _ in distances])}
+        answers = state.feedback(JOB_ID)
         for crop_key, distance in distances:
             crop = crops.get(crop_key)
             if crop is None:
@@ -288,19 +309,26 @@ def write_outputs(out: Path, state: SqliteStateStore, store: LocalStore, thresho
             ok = distance <= threshold
             accepted += ok
             rejected += not ok
-            rel = f"{'accepted' if ok else 'rejected'}/{crop.crop_id}.jpg"
-            _link_or_copy(store.path(crop.key), out / rel)
             image = state.get_image(JOB_ID, crop.image_key)
-            manifest.write(json.dumps({"crop": rel, **manifest_row(crop, image, distance, threshold)}) + "\n")
+            name, link, source = crop_paths(job, crop, image, store)
+            output = f"{'accepted' if ok else 'rejected'}/{link}"
+            _link_or_copy(source, out / output)
+            row = manifest_row(crop, image, distance, threshold, answers.get(crop.key))
+            where = {"crop": output} if name is None else {"crop": name, "output": output}
+            manifest.write(json.dumps({**where, **row}) + "\n")
     tmp_manifest.replace(out / "manifest.jsonl")
     c = state.counters(JOB_ID)
-    job = state.get_job(JOB_ID)
     found = for_job(job, state, threshold) if job else None
+    at = found.at_threshold if found else None
     return RunSummary(
-        suggested=found.calibration.suggested if found else None,
-        suggested_basis=found.calibration.basis if found else "",
-        precision=found.at_threshold.precision if found else None,
-        recall=found.at_threshold.recall if found else None,
+        suggested=found.suggested if found and found.crops.n else None,
+        suggested_basis=found.basis if found else "",
+        precision=at.precision if at else None,
+        recall=at.recall if at else None,
+        precision_interval=at.precision_interval if at else None,
+        recall_interval=at.recall_interval if at else None,
+        answers=found.answers if found else 0,
+        needs_answers=found.needs_answers if found else False,
         downloaded=c.get(Counter.DOWNLOADED, 0),
         failed=c.get(Counter.FAILED, 0),
         duplicates=c.get(Counter.DUPLICATES, 0),
@@ -311,6 +339,33 @@ def write_outputs(out: Path, state: SqliteStateStore, store: LocalStore, thresho
         threshold=threshold,
         failed_by_reason={k.split(":", 1)[1]: v for k, v in sorted(c.items()) if ":" in k},
     )
+
+
+def files_root(job: Job | None) -> Path | None:
+    """The folder ``imgsift verify`` judged, for a verify job; None for a collect job."""
+    if job is None:
+        return None
+    for source in job.spec.sources:
+        if source.kind is SourceKind.FILES and source.path:
+            return Path(source.path)
+    return None
+
+
+def crop_paths(
+    job: Job | None, crop: Crop, image: StoredImage | None, store: LocalStore
+) -> tuple[str | None, str, Path]:
+    """How the outputs name a crop: the input file relative to ``--images`` (verify; None for a
+    collect crop, which the manifest names by its place in accepted/ or rejected/), its link's
+    name there, and the file that link points to."""
+    root = files_root(job)
+    if root is not None and image is not None and image.provenance.image_url.startswith("file:"):
+        source = Path(urllib.parse.unquote(urllib.parse.urlsplit(image.provenance.image_url).path))
+        try:
+            rel = source.relative_to(root)
+        except ValueError:
+            rel = Path(source.name)
+        return str(rel), "__".join(rel.parts), source if source.is_file() else store.path(crop.key)
+    return None, f"{crop.crop_id}.jpg", store.path(crop.key)
 
 
 def _fresh_dirs(out: Path, names: tuple[str, ...]) -> None:
@@ -331,6 +386,83 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+# ---------------------------------------------------------------------------- a folder made earlier
+
+THRESHOLD_MARKER = "threshold"  # "fixed": the user gave --threshold; otherwise it follows the suggestion
+
+
+@contextmanager
+def open_folder(out: Path) -> Iterator[tuple[SqliteStateStore, LocalStore, Job]]:
+    """The state, store and job of a folder made by ``imgsift collect`` or ``imgsift verify``."""
+    state_path = out / STATE_DIR / "state.sqlite"
+    if not state_path.exists():
+        raise EmbeddedError(f"{out} holds no imgsift job; run imgsift collect or imgsift verify with --out {out} first")
+    state = SqliteStateStore(state_path)
+    try:
+        job = state.get_job(JOB_ID)
+        if job is None:
+            raise EmbeddedError(f"{out} holds no imgsift job")
+        yield state, LocalStore(out / STATE_DIR / "objects"), job
+    finally:
+        state.close()
+
+
+def folder_settings(out: Path, **changes: Any) -> Any:
+    """The Siamese settings the folder's job was scored with (backbone, weights), with ``changes``."""
+    from imgsift_siamese.settings import SiameseSettings
+
+    saved_path = out / STATE_DIR / "siamese.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+    given = {k: v for k, v in changes.items() if v is not None}
+    return SiameseSettings(
+        storage="local",
+        local_storage_dir=out / STATE_DIR / "objects",
+        **{k: v for k, v in saved.items() if v is not None and k not in given},
+        **given,
+    )
+
+
+def save_siamese_settings(out: Path, settings: Any) -> None:
+    """What ``folder_settings`` reads back: the scorer a later train, answer or questions must match."""
+    saved = {
+        "backbone": settings.backbone,
+        "weights": str(settings.weights) if settings.weights else None,
+        "image_size": settings.image_size,
+        "negative_margin": settings.negative_margin,
+    }
+    (out / STATE_DIR / "siamese.json").write_text(json.dumps(saved))
+
+
+def settle_threshold(state: SqliteStateStore, job: Job, threshold: float | None) -> float:
+    """The threshold to decide at: a given one (remembered as fixed), else a fixed earlier one,
+    else the job's suggestion, which follows the answers."""
+    if threshold is not None:
+        state.set_marker(JOB_ID, THRESHOLD_MARKER, "fixed")
+    elif state.get_marker(JOB_ID, THRESHOLD_MARKER) == "fixed":
+        threshold = job.spec.threshold
+    else:
+        threshold = for_job(job, state).suggested
+    state.update_job(JOB_ID, spec=job.spec.model_copy(update={"threshold": threshold}))
+    return threshold
+
+
+def train_folder(
+    state: SqliteStateStore, store: LocalStore, job: Job, settings: Any, progress: Progress
+) -> tuple[Job, SiameseModel]:
+    """Fine-tune the job's head on its references, "not this" images and answers; re-score every crop."""
+    from imgsift_siamese.backbone import WeightsError
+    from imgsift_siamese.training import TrainingError, rescore, train_job
+
+    version = (job.model.version if job.model else 0) + 1
+    try:
+        model = train_job(job, store, state, settings, version)
+    except (TrainingError, WeightsError) as exc:
+        raise EmbeddedError(str(exc)) from None
+    job = state.update_job(JOB_ID, model=model)
+    rescore(job, store, state, settings, progress.stage("rescore", len(state.crop_keys(JOB_ID))))
+    return job, model
+
+
 def train_collected(
     out: Path,
     *,
@@ -342,45 +474,112 @@ def train_collected(
     progress: Progress | None = None,
     weights: Path | None = None,
 ) -> tuple[RunSummary, SiameseModel]:
-    """Fine-tune the Siamese head of the collect job in ``out``, re-score its crops, rewrite the outputs."""
-    from imgsift_siamese.backbone import WeightsError
-    from imgsift_siamese.settings import SiameseSettings
-    from imgsift_siamese.training import TrainingError, rescore, train_job
-
-    state_dir = out / STATE_DIR
-    if not (state_dir / "state.sqlite").exists():
-        raise EmbeddedError(f"{out} holds no imgsift collect job; run imgsift collect --out {out} first")
+    """Fine-tune the Siamese head of the job in ``out``, re-score its crops, rewrite the outputs."""
     progress = progress or Progress()
-    store = LocalStore(state_dir / "objects")
-    state = SqliteStateStore(state_dir / "state.sqlite")
-    try:
-        job = state.get_job(JOB_ID)
-        if job is None:
-            raise EmbeddedError(f"{out} holds no imgsift collect job")
+    with open_folder(out) as (state, store, job):
         if negatives is not None:
             added = load_references(negatives, store, negative=True)
             job = state.update_job(JOB_ID, negative_keys=sorted({*job.negative_keys, *added}))
-        saved_path = state_dir / "siamese.json"
-        saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-        settings = SiameseSettings(
-            storage="local",
-            local_storage_dir=state_dir / "objects",
-            backbone=saved.get("backbone", "mobilenet_v2"),
-            weights=weights or saved.get("weights"),
-            negative_bank=negative_bank,
-            train_epochs=epochs,
-            device=device,
+        settings = folder_settings(
+            out, weights=weights, negative_bank=negative_bank, train_epochs=epochs, device=device
         )
-        version = (job.model.version if job.model else 0) + 1
-        try:
-            model = train_job(job, store, state, settings, version)
-        except (TrainingError, WeightsError) as exc:
-            raise EmbeddedError(str(exc)) from None
-        job = state.update_job(JOB_ID, model=model)
-        rescore(job, store, state, settings, progress.stage("rescore", len(state.crop_keys(JOB_ID))))
-        if threshold is None:
-            threshold = for_job(job, state).calibration.suggested or job.spec.threshold
-        state.update_job(JOB_ID, spec=job.spec.model_copy(update={"threshold": threshold}))
-        return write_outputs(out, state, store, threshold), model
-    finally:
-        state.close()
+        job, model = train_folder(state, store, job, settings, progress)
+        return write_outputs(out, state, store, settle_threshold(state, job, threshold)), model
+
+
+def crop_names(out: Path, state: SqliteStateStore, store: LocalStore, job: Job) -> dict[str, str]:
+    """Every name a user may give a compared crop (the manifest's ``crop``, its file in accepted/
+    or rejected/, its crop id), mapped to its key."""
+    names: dict[str, str] = {}
+    keys_ = [k for k, _ in state.distances(JOB_ID)]
+    for crop in state.get_crops(JOB_ID, keys_):
+        name, link, _ = crop_paths(job, crop, state.get_image(JOB_ID, crop.image_key), store)
+        for alias in (name, link, f"accepted/{link}", f"rejected/{link}", crop.crop_id):
+            if alias:
+                names[alias] = crop.key
+    return names
+
+
+def manifest_names(out: Path, state: SqliteStateStore, store: LocalStore, job: Job, keys_: list[str]) -> list[str]:
+    """The manifest's ``crop`` of each of ``keys_``, as it stands now."""
+    by_key = {c.key: c for c in state.get_crops(JOB_ID, keys_)}
+    distances = state.distances_of(JOB_ID, keys_)
+    names = []
+    for key in keys_:
+        crop = by_key[key]
+        name, link, _ = crop_paths(job, crop, state.get_image(JOB_ID, crop.image_key), store)
+        folder = "accepted" if distances.get(key, float("inf")) <= job.spec.threshold else "rejected"
+        names.append(name or f"{folder}/{link}")
+    return names
+
+
+def folder_questions(out: Path, k: int) -> list[str]:
+    """The ``k`` crops the job in ``out`` most needs answered, as the manifest names them."""
+    from imgsift_common.threshold import questions
+
+    with open_folder(out) as (state, store, job):
+        asked = questions(job, state, k)
+        return manifest_names(out, state, store, job, [key for key, _ in asked])
+
+
+class AnswersError(EmbeddedError):
+    """Answers that cannot be recorded: nothing was changed."""
+
+
+def read_answers_file(path: Path) -> list[tuple[str, bool]]:
+    """``crop,right`` or ``crop,wrong`` lines (blank lines and ``#`` comments skipped); a clear error
+    naming the line where one is malformed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnswersError(f"cannot read the answers file {path}: {exc}") from None
+    found = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        crop, comma, verdict = line.rpartition(",")
+        verdict = verdict.strip().lower()
+        if not comma or not crop.strip() or verdict not in ("right", "wrong"):
+            raise AnswersError(
+                f"{path}, line {number}: {raw!r} is not 'crop,right' or 'crop,wrong'; nothing was recorded"
+            )
+        found.append((crop.strip(), verdict == "right"))
+    return found
+
+
+def answer_folder(
+    out: Path,
+    answers: list[tuple[str, bool]],
+    *,
+    threshold: float | None,
+    train: bool = False,
+    source: str = "the command line",
+    progress: Progress | None = None,
+) -> tuple[RunSummary, SiameseModel | None]:
+    """Record answers for crops of the job in ``out`` (a second answer for a crop replaces the
+    first), re-decide at the updated suggestion unless a threshold is fixed, rewrite the outputs.
+
+    Every crop is looked up before anything is recorded: an unknown crop changes nothing.
+    """
+    progress = progress or Progress()
+    with open_folder(out) as (state, store, job):
+        names = crop_names(out, state, store, job)
+        unknown = [crop for crop, _ in answers if crop not in names]
+        if unknown and len(unknown) == len(answers) and len(answers) > 1:
+            raise AnswersError(
+                f"none of the {len(answers)} crops in {source} is a crop of the job in {out}: are these answers "
+                "for another output folder? Nothing was recorded"
+            )
+        if unknown:
+            listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise AnswersError(
+                f"unknown crop(s) {listed}: give the 'crop' of a line of {out / 'manifest.jsonl'} (or its crop id, "
+                "or its file in accepted/ or rejected/); nothing was recorded"
+            )
+        for crop, right in answers:
+            state.set_feedback(JOB_ID, names[crop], right)
+        model = None
+        if train:
+            job, model = train_folder(state, store, job, folder_settings(out), progress)
+        return write_outputs(out, state, store, settle_threshold(state, job, threshold)), model

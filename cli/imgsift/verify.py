@@ -2,41 +2,51 @@
 
 Cleaning an existing dataset: every image in ``--images`` is one "crop" (no detector runs),
 scored by its distance to the references (raised where a ``--negatives`` image is as near),
-optionally with a head fine-tuned first (``--train``: the references and their views against
-``--negatives``, a ``--negative-bank`` and the folder's own far quarter). The output has the
-layout of ``imgsift collect``: ``manifest.jsonl`` (``crop`` names the input file), and
-``accepted/`` and ``rejected/`` holding links to (or copies of) the inputs.
+optionally with a head fine-tuned first (``--train``). It is an embedded job like ``imgsift
+collect``'s, in ``OUT/.imgsift/``, run through the same stage functions as the workers: the
+files are checked and stored as the crawler stores a download (``store_image``), cut into
+whole-image crops by the detect stage without a model, compared, trained and re-scored by the
+Siamese stage's own functions, and decided by the job's threshold rule
+(:mod:`imgsift_common.threshold`). So ``imgsift questions`` and ``imgsift answer`` work on its
+folder as on a collect folder. The output: ``manifest.jsonl`` (``crop`` names the input file
+relative to ``--images``), ``accepted/`` and ``rejected/`` holding links to (or copies of) the
+inputs, and ``verify.json``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from imgsift_common.calibration import Calibration, calibrate, estimate
+from imgsift.embedded import (
+    JOB_ID,
+    EmbeddedConfig,
+    EmbeddedError,
+    EmbeddedRunner,
+    Progress,
+    RunSummary,
+    settle_threshold,
+    train_folder,
+    write_outputs,
+)
+from imgsift_common.messages import Candidate, DownloadOutcome, JobSpec, Limits, SourceKind, SourceSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MAX_FILES = 1_000_000
 
 
-class VerifyError(Exception):
+class VerifyError(EmbeddedError):
     """Input that cannot be verified (no references, no images); says what to fix."""
 
 
 @dataclass
 class VerifyResult:
     images: int
-    unreadable: list[str]
-    accepted: int
-    threshold: float
-    suggested: Calibration
+    unreadable: dict[str, str]  # path -> why it was refused
+    duplicates: list[str]
+    summary: RunSummary
     trained: bool
-    precision: float | None
-    recall: float | None
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -59,125 +69,108 @@ def verify(
     device: str = "cpu",
     epochs: int = 60,
     margin: float = 0.05,
+    progress: Progress | None = None,
 ) -> VerifyResult:
-    from PIL import Image
-
-    from imgsift_siamese.compare import decided_distance
-    from imgsift_siamese.distance import reference_distance
-    from imgsift_siamese.embed import get_embedder
-    from imgsift_siamese.preprocess import DECODE_ERRORS, to_rgb
+    from imgsift_crawler.settings import CrawlerSettings
+    from imgsift_detector.settings import DetectorSettings
     from imgsift_siamese.settings import SiameseSettings
-    from imgsift_siamese.train import (
-        TrainConfig,
-        TrainingSet,
-        embed_features,
-        fit,
-        held_out_views,
-        pooled_features,
-        reference_views,
+
+    files = image_files(images)
+    if not files:
+        raise VerifyError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images}")
+    if len(files) > MAX_FILES:
+        raise VerifyError(f"{len(files)} files in {images}; verify takes {MAX_FILES} at most per folder")
+    root = images.resolve() if images.is_dir() else images.resolve().parent
+    spec = JobSpec(
+        sources=[SourceSpec(kind=SourceKind.FILES, path=str(root))],
+        target="any",
+        threshold=threshold if threshold is not None else 2.0,
+        limits=Limits(max_images=MAX_FILES, per_source=MAX_FILES),
     )
-
-    def load(paths: list[Path]) -> tuple[list[Path], list[Image.Image], list[str]]:
-        ok, pixels, bad = [], [], []
-        for path in paths:
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    pixels.append(to_rgb(im))
-                ok.append(path)
-            except DECODE_ERRORS:
-                bad.append(str(path))
-        return ok, pixels, bad
-
-    _, ref_images, bad_refs = load(image_files(refs))
-    if bad_refs:
-        raise VerifyError(f"reference images that do not decode: {', '.join(bad_refs)}")
-    if not ref_images:
-        raise VerifyError(f"no reference images in {refs}")
-    paths, pixels, unreadable = load(image_files(images))
-    if not paths:
-        raise VerifyError(f"no readable images in {images}")
-    not_this = load(image_files(negatives))[1] if negatives else []
-    bank = load(image_files(negative_bank))[1] if negative_bank else []
-
-    settings = SiameseSettings(storage="local", backbone=backbone, weights=weights, device=device)  # type: ignore[arg-type]
-    network = get_embedder(settings).network
-    ref_rows = pooled_features(network, ref_images)
-    rows = pooled_features(network, pixels)
-    neg_rows = pooled_features(network, not_this) if not_this else None
-
-    head = None
-    pre_refs = embed_features(None, ref_rows)
-    config = TrainConfig(epochs=epochs)
-    # Augmented (detector-like) views of the references: the held-out positives the suggested
-    # threshold is calibrated from, and the positives training learns from.
-    views, view_group = reference_views(ref_images, config.augmentations, config.seed)
-    view_rows = pooled_features(network, views) if len(ref_images) >= 2 else ref_rows[:0]
-    positives = held_out_views(None, ref_rows, view_rows, view_group)
-    if train:
-        if len(ref_images) < 2:
-            raise VerifyError("--train needs at least two reference images")
-        pretrained = reference_distance(embed_features(None, rows), pre_refs)
-        far = rows[pretrained >= np.quantile(pretrained, 0.75)] if len(rows) >= 20 else rows[:0]
-        parts = [(pooled_features(network, bank), 1.0)] if bank else []
-        parts += [(far, 1.0)] if len(far) else []
-        parts += [(neg_rows, config.hard_weight)] if neg_rows is not None else []
-        if not parts:
-            raise VerifyError("--train needs negatives: --negatives, --negative-bank, or 20 or more images")
-        data = TrainingSet(
-            ref_rows,
-            view_rows,
-            view_group,
-            np.concatenate([p for p, _ in parts]),
-            np.concatenate([np.full(len(p), w) for p, w in parts]),
-        )
-        trained = fit(data, config)
-        head, positives = trained.head, trained.held_out
-    embedded = embed_features(head, rows)
-    to_not_this = reference_distance(embedded, embed_features(head, neg_rows)) if neg_rows is not None else None
-    distances = decided_distance(reference_distance(embedded, embed_features(head, ref_rows)), to_not_this, margin)
-    values = [float(d) for d in distances]
-    suggested = calibrate(positives, values)
-    chosen = threshold if threshold is not None else suggested.suggested
-    if chosen is None:
-        raise VerifyError("give --threshold: one reference image is too few to suggest one")
-    at = estimate(chosen, positives, values)
-    accepted = _write(out, images, paths, values, chosen)
-    summary = {
-        "threshold": chosen,
-        "suggested_threshold": suggested.suggested,
-        "basis": suggested.basis,
-        "estimated_precision": at.precision,
-        "estimated_recall": at.recall,
+    local = {"storage": "local", "local_storage_dir": out / ".imgsift" / "objects"}
+    config = EmbeddedConfig(
+        out=out,
+        spec=spec,
+        refs=refs,
+        crawler=CrawlerSettings(**local),  # type: ignore[arg-type]
+        detector=DetectorSettings(**local),  # type: ignore[arg-type]
+        siamese=SiameseSettings(
+            **local,  # type: ignore[arg-type]
+            backbone=backbone,  # type: ignore[arg-type]
+            weights=weights,
+            device=device,
+            negative_margin=margin,
+            negative_bank=negative_bank,
+            train_epochs=epochs,
+        ),
+        negatives=negatives,
+        threshold=threshold,
+        whole_images=True,
+    )
+    progress = progress or Progress()
+    runner = EmbeddedRunner(config, progress)
+    try:
+        job = runner.prepare()
+        unreadable, duplicates = _ingest(runner, files, root, config.crawler, progress)
+        if not runner.state.image_keys(JOB_ID):
+            raise VerifyError(f"no readable images in {images}")
+        runner.detect_and_compare()
+        job = runner.state.get_job(JOB_ID) or job
+        if train:
+            job, _ = train_folder(runner.state, runner.store, job, config.siamese, progress)
+        summary = write_outputs(out, runner.state, runner.store, settle_threshold(runner.state, job, threshold))
+    finally:
+        runner.close()
+    report = {
+        "threshold": summary.threshold,
+        "suggested_threshold": summary.suggested,
+        "basis": summary.suggested_basis,
+        "needs_answers": summary.needs_answers,
+        "answers": summary.answers,
+        "estimated_precision": summary.precision,
+        "estimated_recall": summary.recall,
+        "estimated_precision_interval": summary.precision_interval,
+        "estimated_recall_interval": summary.recall_interval,
         "trained": train,
-        "images": len(paths),
-        "accepted": accepted,
-        "unreadable": unreadable,
+        "images": summary.compared,
+        "accepted": summary.accepted,
+        "unreadable": sorted(unreadable),
+        "unreadable_reasons": unreadable,
+        "duplicates": duplicates,
     }
-    (out / "verify.json").write_text(json.dumps(summary, indent=2))
-    return VerifyResult(len(paths), unreadable, accepted, chosen, suggested, train, at.precision, at.recall)
+    (out / "verify.json").write_text(json.dumps(report, indent=2))
+    return VerifyResult(summary.compared, unreadable, duplicates, summary, train)
 
 
-def _write(out: Path, root: Path, paths: list[Path], distances: list[float], threshold: float) -> int:
-    for name in ("accepted", "rejected"):
-        target = out / name
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-    base = root if root.is_dir() else root.parent
-    accepted = 0
-    tmp = out / "manifest.jsonl.tmp"
-    with tmp.open("w", encoding="utf-8") as manifest:
-        for path, distance in sorted(zip(paths, distances, strict=True), key=lambda pd: pd[1]):
-            ok = distance <= threshold
-            accepted += ok
-            rel = path.relative_to(base)
-            dst = out / ("accepted" if ok else "rejected") / "__".join(rel.parts)
+def _ingest(
+    runner: EmbeddedRunner, files: list[Path], root: Path, settings: object, progress: Progress
+) -> tuple[dict[str, str], list[str]]:
+    """Check and store the files not stored before, as the crawler stores downloads; the files
+    that are no image and those whose bytes another file already has."""
+    from imgsift_crawler.pipeline import store_image
+
+    state, store = runner.state, runner.store
+    job = state.get_job(JOB_ID)
+    assert job is not None
+    tick = progress.stage("read", len(files))
+    for path in files:
+        url = path.resolve().as_uri()
+        if state.url_record(JOB_ID, url) is None:
             try:
-                os.link(path, dst)
-            except OSError:
-                shutil.copyfile(path, dst)
-            row = {"crop": str(rel), "output": str(dst.relative_to(out)), "distance": round(distance, 6)}
-            manifest.write(json.dumps({**row, "threshold": threshold, "accepted": ok}) + "\n")
-    tmp.replace(out / "manifest.jsonl")
-    return accepted
+                rel = str(path.resolve().relative_to(root))
+            except ValueError:
+                rel = path.name
+            candidate = Candidate(image_url=url, source=SourceKind.FILES, title=rel)
+            record, image = store_image(job, candidate, path.read_bytes(), store, state, settings)  # type: ignore[arg-type]
+            state.record_download(JOB_ID, record, image, MAX_FILES)
+        tick(1)
+    unreadable: dict[str, str] = {}
+    duplicates = []
+    for path in files:
+        record = state.url_record(JOB_ID, path.resolve().as_uri())
+        if record is not None and record.outcome is DownloadOutcome.FAILED:
+            why = record.reason.value if record.reason else "failed"
+            unreadable[str(path)] = f"{why}: {record.detail}" if record.detail else why
+        elif record is not None and record.outcome is DownloadOutcome.DUPLICATE:
+            duplicates.append(str(path))
+    return unreadable, duplicates

@@ -22,6 +22,10 @@ the noise of a few held-out positives too closely). Then at ``t``
 (capped by what the wrong marks prove), and the suggested threshold maximises the estimated
 F1. With fewer than ``min_crops`` crops there is nothing to mix yet, and the suggestion is
 the 90th percentile of ``P`` (an expected recall of 0.9).
+
+This is the label-free part of a job's threshold. :mod:`imgsift_common.threshold` decides
+whether to trust it (the references must be judged to separate the crops) and combines it
+with the user's answers (:mod:`imgsift_common.answers`).
 """
 
 from __future__ import annotations
@@ -30,11 +34,6 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from imgsift_common.messages import Job
-    from imgsift_common.state import StateStore
 
 HISTOGRAM_BINS = 40
 MAX_DISTANCE = 2.0  # distances between unit vectors lie in [0, 2]
@@ -187,42 +186,3 @@ def leave_one_out(distance_matrix: Sequence[Sequence[float]]) -> list[float]:
     if n < 2:
         return []
     return [min(distance_matrix[i][j] for j in range(n) if j != i) for i in range(n)]
-
-
-@dataclass(frozen=True)
-class JobCalibration:
-    calibration: Calibration
-    at_threshold: Estimate
-    histogram: dict[str, list[float] | list[int]]
-    marked_right: int
-    marked_wrong: int
-
-
-def for_job(job: Job, state: StateStore, threshold: float | None = None) -> JobCalibration:
-    """A job's calibration from its stored distances, held-out positives and user marks.
-
-    Positives: the trained head's held-out distances, or the pretrained ones the Siamese worker
-    recorded (each reference's views against the other references), plus the distances of
-    crops marked right; crops marked wrong bound the precision. The crop distances are read as
-    counts at the calibration's thresholds, not one by one.
-    """
-    marks = state.feedback(job.id)
-    marked = state.distances_of(job.id, list(marks))
-    base = job.model.held_out if job.model else job.reference_distances
-    positives = [*base, *(d for k, d in marked.items() if marks[k])]
-    wrong = [d for k, d in marked.items() if not marks[k]]
-    at = job.spec.threshold if threshold is None else threshold
-    edges = [round(MAX_DISTANCE * i / HISTOGRAM_BINS, 4) for i in range(HISTOGRAM_BINS + 1)]
-    grid = grid_for(positives, at, *edges)
-    counts = state.count_below(job.id, grid)
-    total = state.count_below(job.id, [float("inf")])[0]
-    dist = Distribution(total, grid, counts)
-    below_edges = [dist.count(e) for e in edges[1:-1]]
-    bins = [b - a for a, b in zip([0, *below_edges], [*below_edges, total], strict=True)]
-    return JobCalibration(
-        calibration=calibrate(positives, dist, marked_wrong=wrong),
-        at_threshold=estimate(at, positives, dist, marked_wrong=wrong),
-        histogram={"edges": edges, "counts": bins},
-        marked_right=sum(marks.values()),
-        marked_wrong=len(marks) - sum(marks.values()),
-    )

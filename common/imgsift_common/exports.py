@@ -66,14 +66,16 @@ class ExportResult:
 
 
 MANIFEST_FIELDS = [
-    "crop_id", "crop_key", "accepted", "distance", "threshold", "class", "score", "box", "padded_box",
+    "crop_id", "crop_key", "accepted", "distance", "threshold", "answer", "class", "score", "box", "padded_box",
     "whole_image", "image_key", "image_sha256", "image_width", "image_height", "image_url", "page_url",
     "source", "title", "license", "license_url", "author", "fetched_at",
 ]  # fmt: skip
 
 
-def manifest_row(crop: Crop, image: StoredImage | None, distance: float, threshold: float) -> dict[str, Any]:
-    """One crop with its decision and its image's provenance: the manifest's row."""
+def manifest_row(
+    crop: Crop, image: StoredImage | None, distance: float, threshold: float, answer: bool | None = None
+) -> dict[str, Any]:
+    """One crop with its decision, the user's answer (right, wrong or none) and its image's provenance."""
     prov = image.provenance if image else None
     return {
         "crop_id": crop.crop_id,
@@ -81,6 +83,7 @@ def manifest_row(crop: Crop, image: StoredImage | None, distance: float, thresho
         "accepted": distance <= threshold,
         "distance": distance,
         "threshold": threshold,
+        "answer": None if answer is None else ("right" if answer else "wrong"),
         "class": crop.class_name,
         "score": round(crop.score, 4),
         "box": [round(v, 2) for v in crop.box],
@@ -245,8 +248,9 @@ def _coco(job: Job, state: StateStore, store: ObjectStore, threshold: float, des
 
 
 def _rows(job: Job, state: StateStore, threshold: float) -> Iterator[dict[str, Any]]:
+    answers = state.feedback(job.id)  # a few per job: the crops the user answered
     for crop, image, distance in scored_crops(job, state, threshold, accepted_only=False):
-        yield manifest_row(crop, image, distance, threshold)
+        yield manifest_row(crop, image, distance, threshold, answers.get(crop.key))
 
 
 def _jsonl(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:

@@ -71,6 +71,7 @@ class StageState(StrEnum):
 class SourceKind(StrEnum):
     URLS = "urls"
     SITE = "site"
+    FILES = "files"  # a folder of local images: what ``imgsift verify`` judges (never crawled)
     OPENVERSE = "openverse"
     WIKIMEDIA = "wikimedia"
     BING = "bing"
@@ -155,6 +156,8 @@ class SourceSpec(BaseModel):
             raise ValueError("a 'urls' source needs 'urls' (a list) or 'path' (a file)")
         if self.kind is SourceKind.SITE and not self.start_urls:
             raise ValueError("a 'site' source needs 'start_urls'")
+        if self.kind is SourceKind.FILES and not self.path:
+            raise ValueError("a 'files' source needs 'path' (a folder)")
         return self
 
     @property
@@ -220,6 +223,11 @@ class JobSpec(BaseModel):
         description="detector class (e.g. 'dog'), COCO supercategory (e.g. 'animal') or 'any'",
     )
     threshold: Annotated[float, Field(ge=0.0, le=4.0)] = 0.9
+    detector_conf: Annotated[float | None, Field(ge=0.01, le=0.99)] = Field(
+        default=None,
+        description="the detector's confidence threshold for this job's boxes; null: the detector's "
+        "IMGSIFT_DETECTOR_CONF (0.25, the default bench/quality_bench.py chose)",
+    )
     limits: Limits = Field(default_factory=Limits)
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     want_accepted: Annotated[int | None, Field(ge=1, le=1_000_000)] = Field(
@@ -256,6 +264,11 @@ class SiameseModel(BaseModel):
     trained_at: datetime
     held_out: list[float] = Field(
         default_factory=list, description="distances of references held out of training: the calibration positives"
+    )
+    held_out_answers: dict[str, float] = Field(
+        default_factory=dict,
+        description="crop key -> distance of each answered crop under a head trained without it: what the "
+        "threshold's calibration reads for the crops training saw",
     )
     stats: dict[str, float] = Field(default_factory=dict)
 

@@ -180,19 +180,40 @@ def test_not_this_images_marks_calibration_and_train_requests(api: TestClient, r
     distances = [0.2 + 0.02 * i for i in range(15)] + [0.9 + 0.02 * i for i in range(15)]
     crop_ids = _fill(state, api.app.state.store, job_id, distances)  # type: ignore[attr-defined]
     cal = api.get(f"/v1/jobs/{job_id}").json()["calibration"]
-    assert 0.45 <= cal["suggested_threshold"] < 0.9
+    # 30 crops are too few to trust the references alone: every crop accepted until answers come.
+    assert cal["suggested_threshold"] == 2.0 and cal["needs_answers"] is True and cal["answers"] == 0
     assert sum(cal["histogram"]["counts"]) == 30 and len(cal["histogram"]["edges"]) == 41
-    assert cal["precision"] is not None and cal["recall"] == 1.0  # the job's threshold is 0.5
+    assert cal["precision"] is not None and cal["at_suggested"]["threshold"] == 2.0
 
-    # Marks: a wrong crop below the threshold lowers the estimated precision at once.
-    marked = api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[0]}/feedback", json={"correct": False})
-    assert marked.status_code == 200 and marked.json()["marked_wrong"] == 1
-    assert marked.json()["precision"] < cal["precision"]
-    assert (
-        api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[1]}/feedback", json={"correct": True}).json()["marked_right"] == 1
-    )
+    # Questions: spread over the crops, never one already answered; the answers settle the threshold.
+    asked = api.get(f"/v1/jobs/{job_id}/questions", params={"limit": 6}).json()
+    ids = [c["crop_id"] for c in asked["items"]]
+    assert len(set(ids)) == 6 and asked["calibration"]["answers"] == 0
+    assert [c["distance"] for c in asked["items"]] == sorted(c["distance"] for c in asked["items"])
+    assert min(c["distance"] for c in asked["items"]) < 0.5 < max(c["distance"] for c in asked["items"])
+    for crop in asked["items"]:
+        right = crop["distance"] < 0.6
+        answer = api.put(f"/v1/jobs/{job_id}/crops/{crop['crop_id']}/feedback", json={"correct": right})
+        assert answer.status_code == 200
+    cal = answer.json()
+    assert cal["answers"] == 6 and cal["needs_answers"] is False
+    assert 0.45 <= cal["suggested_threshold"] < 0.9  # between the two groups the answers told apart
+    lo, hi = cal["at_suggested"]["precision_interval"]
+    assert 0 <= lo <= cal["at_suggested"]["precision"] <= hi <= 1
+    again = api.get(f"/v1/jobs/{job_id}/questions", params={"limit": 10}).json()
+    assert not {c["crop_id"] for c in again["items"]} & set(ids) and again["calibration"]["answers"] == 6
+
+    # A mark below the threshold that says wrong lowers the estimated precision at once.
+    before = api.get(f"/v1/jobs/{job_id}").json()["calibration"]
+    marked = api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[2]}/feedback", json={"correct": False})
+    assert marked.status_code == 200 and marked.json()["marked_wrong"] == before["marked_wrong"] + 1
+    assert marked.json()["precision"] < before["precision"]
+    # A second answer for a crop replaces the first; null takes it back.
+    assert api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[2]}/feedback", json={"correct": True}).json()["answers"] == 7
+    assert api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[2]}/feedback", json={"correct": None}).json()["answers"] == 6
     assert api.put(f"/v1/jobs/{job_id}/crops/{'0' * 24}-999/feedback", json={"correct": True}).status_code == 404
     assert api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[1]}/feedback", json={"correct": "x"}).status_code == 422
+    assert api.get(f"/v1/jobs/{job_id}/questions", params={"limit": 0}).status_code == 422
 
     # Train: queued once on the train queue, with the next model version.
     first = api.post(f"/v1/jobs/{job_id}/train")

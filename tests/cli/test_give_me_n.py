@@ -94,6 +94,7 @@ def _runner(tmp_path: Path, web: TestWeb, coco: Coco128, yolo: Path, want: int) 
             crawler=crawler,
             detector=DetectorSettings(**local, weights=str(yolo)),
             siamese=SiameseSettings(**local),
+            threshold=0.8,  # given, as `--threshold 0.8` gives it: decided there, not at the suggestion
         )
     )
 

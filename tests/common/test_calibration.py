@@ -79,23 +79,3 @@ def test_histogram_and_leave_one_out() -> None:
     assert h["edges"] == [0.0, 0.5, 1.0, 1.5, 2.0] and h["counts"] == [2, 0, 1, 2]
     assert leave_one_out([[0, 0.2, 0.5], [0.2, 0, 0.4], [0.5, 0.4, 0]]) == [0.2, 0.2, 0.4]
     assert leave_one_out([[0.0]]) == [] and positive_share([], [1.0]) is None
-
-
-def test_the_job_calibration_from_counts_matches_the_one_from_values(state_store) -> None:  # type: ignore[no-untyped-def]
-    from imgsift_common.calibration import for_job
-    from imgsift_common.messages import Job, JobSpec, SourceKind, SourceSpec
-
-    positives, crops, _ = _mixture(300, 0.4)
-    job = Job(
-        id="job-cal",
-        spec=JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["x"])], target="dog", threshold=0.7),
-        reference_distances=positives,
-    )
-    state_store.create_job(job)
-    for i, d in enumerate(crops):
-        state_store.record_distance(job.id, f"jobs/job-cal/crops/{i:024x}-000.jpg", d)
-    found = for_job(job, state_store)
-    assert found.calibration == calibrate(positives, crops)
-    assert found.at_threshold == estimate(0.7, positives, crops)
-    # No distance lies exactly on a bin edge here, so counting "<= edge" bins them alike.
-    assert found.histogram == histogram(crops) and sum(found.histogram["counts"]) == 300

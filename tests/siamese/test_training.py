@@ -11,8 +11,8 @@ from PIL import Image
 from imgsift_common import keys
 from imgsift_common.state import StateStore
 from imgsift_common.storage import LocalStore
-from imgsift_siamese.compare import compare_batch, decided_distance
-from imgsift_siamese.distance import reference_distance
+from imgsift_siamese.compare import compare_batch
+from imgsift_siamese.distance import decided_distance, reference_distance
 from imgsift_siamese.embed import Embedder, job_embedder
 from imgsift_siamese.settings import SiameseSettings
 from imgsift_siamese.train import (

@@ -36,17 +36,37 @@ class Discovery(BaseModel):
     want_accepted: int | None = Field(description="give me N: the accepted crops the job asked for")
 
 
+class EstimateOut(BaseModel):
+    """Estimated precision, recall and F1 of one threshold, with 80% intervals once answers give them."""
+
+    threshold: float
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    precision_interval: tuple[float, float] | None = Field(description="80% interval of the precision")
+    recall_interval: tuple[float, float] | None = Field(description="80% interval of the recall")
+
+
 class CalibrationOut(BaseModel):
     """Where to put the threshold, and what the current one is estimated to give."""
 
     suggested_threshold: float | None = Field(
-        description="the threshold with the highest estimated F1; null until the job has two references"
+        description="the threshold of the highest expected F1; 2.0 (every crop) until the references are judged "
+        "to separate the crops or answers settle it; null before the job has any crop"
     )
     basis: str = Field(description="how the suggestion was made")
+    needs_answers: bool = Field(
+        description="true while nothing separates the job's crops: the suggestion accepts every crop, and "
+        "answers to GET /v1/jobs/{id}/questions would settle the threshold"
+    )
+    answers: int = Field(description="answers (crops marked right or wrong) the estimates rest on")
     positive_share: float | None = Field(description="estimated fraction of the crops that show the target")
     precision: float | None = Field(description="estimated precision at the job's threshold")
     recall: float | None = Field(description="estimated recall at the job's threshold")
     f1: float | None = Field(description="estimated F1 at the job's threshold")
+    precision_interval: tuple[float, float] | None = Field(description="80% interval of the precision at the threshold")
+    recall_interval: tuple[float, float] | None = Field(description="80% interval of the recall at the threshold")
+    at_suggested: EstimateOut | None = Field(description="the same estimates at the suggested threshold")
     histogram: dict[str, list[float] | list[int]] = Field(
         description="crop distances in 40 equal bins over [0, 2]: edges (41) and counts (40)"
     )
@@ -124,6 +144,13 @@ class CropPage(BaseModel):
     threshold: float
     items: list[CropOut]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class QuestionsOut(BaseModel):
+    """The crops whose answers the job needs most; answer each with PUT .../crops/{crop_id}/feedback."""
+
+    items: list[CropOut]
+    calibration: CalibrationOut
 
 
 class Health(BaseModel):

@@ -5,12 +5,23 @@ from __future__ import annotations
 import base64
 import json
 
-from imgsift_api.schemas import CalibrationOut, Counts, CropOut, CropPage, Discovery, JobStatus, ModelOut, Provenance
-from imgsift_common.calibration import for_job
+from imgsift_api.schemas import (
+    CalibrationOut,
+    Counts,
+    CropOut,
+    CropPage,
+    Discovery,
+    EstimateOut,
+    JobStatus,
+    ModelOut,
+    Provenance,
+    QuestionsOut,
+)
 from imgsift_common.celery_app import TRAIN_REQUEST_MARKER
 from imgsift_common.messages import Crop, Job, StoredImage
 from imgsift_common.progress import compute_progress, reported_progress
 from imgsift_common.state import Counter, Flag, StateStore, discovery_reason
+from imgsift_common.threshold import Estimates, JobThreshold, for_job, questions
 
 
 def job_status(job: Job, state: StateStore) -> JobStatus:
@@ -71,20 +82,49 @@ def training_requested(job: Job, state: StateStore) -> bool:
     return bool(requested) and int(requested or 0) > (job.model.version if job.model else 0)
 
 
-def calibration(job: Job, state: StateStore) -> CalibrationOut:
-    found = for_job(job, state)
-    cal, at = found.calibration, found.at_threshold
+def calibration(job: Job, state: StateStore, found: JobThreshold | None = None) -> CalibrationOut:
+    found = found or for_job(job, state)
+    at = found.at_threshold
     return CalibrationOut(
-        suggested_threshold=cal.suggested,
-        basis=cal.basis,
-        positive_share=cal.positive_share,
+        suggested_threshold=found.suggested if found.crops.n else None,
+        basis=found.basis,
+        needs_answers=found.needs_answers,
+        answers=found.answers,
+        positive_share=found.positive_share,
         precision=at.precision,
         recall=at.recall,
         f1=at.f1,
+        precision_interval=at.precision_interval,
+        recall_interval=at.recall_interval,
+        at_suggested=_estimate_out(found.at_suggested) if found.crops.n else None,
         histogram=found.histogram,
         marked_right=found.marked_right,
         marked_wrong=found.marked_wrong,
     )
+
+
+def _estimate_out(e: Estimates) -> EstimateOut:
+    return EstimateOut(
+        threshold=e.threshold,
+        precision=e.precision,
+        recall=e.recall,
+        f1=e.f1,
+        precision_interval=e.precision_interval,
+        recall_interval=e.recall_interval,
+    )
+
+
+def question_page(job: Job, state: StateStore, limit: int) -> QuestionsOut:
+    """The crops the job wants answered next, with the calibration they would refine."""
+    found = for_job(job, state)
+    asked = questions(job, state, limit, found)
+    crops = {c.key: c for c in state.get_crops(job.id, [key for key, _ in asked])}
+    items = [
+        _crop_out(job, crops[key], state.get_image(job.id, crops[key].image_key), distance, job.spec.threshold)
+        for key, distance in asked
+        if key in crops
+    ]
+    return QuestionsOut(items=items, calibration=calibration(job, state, found))
 
 
 def encode_cursor(after: tuple[float, str]) -> str:

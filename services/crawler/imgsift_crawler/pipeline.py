@@ -268,14 +268,29 @@ def fetch_and_store(
     url = candidate.image_url
     try:
         fetched = fetcher.get(url, purpose=Purpose.IMAGE)
+    except FetchError as exc:
+        return DownloadRecord(url=url, outcome=DownloadOutcome.FAILED, reason=exc.reason, detail=exc.detail), None
+    return store_image(job, candidate, fetched.content, store, state, settings)
+
+
+def store_image(
+    job: Job, candidate: Candidate, content: bytes, store: ObjectStore, state: StateStore, settings: CrawlerSettings
+) -> tuple[DownloadRecord, StoredImage | None]:
+    """Decide by decoding whether ``content`` is an image, and store it if it is new for the job.
+
+    The bytes of a download, or of a local file (``imgsift verify``): the same checks either way.
+    Returns the record to make (``record_download``) and the stored image, if any.
+    """
+    url = candidate.image_url
+    try:
         info = inspect_image(
-            fetched.content,
+            content,
             max_pixels=settings.max_pixels,
             min_side=settings.min_side,
             phash=True,
             max_frames=settings.max_frames,
         )
-    except (FetchError, ImageRejected) as exc:
+    except ImageRejected as exc:
         return DownloadRecord(url=url, outcome=DownloadOutcome.FAILED, reason=exc.reason, detail=exc.detail), None
     key = keys.image_key(job.id, info.sha256, info.format)
     record = DownloadRecord(url=url, outcome=DownloadOutcome.STORED, sha256=info.sha256, image_key=key)
@@ -290,14 +305,14 @@ def fetch_and_store(
         width=info.width,
         height=info.height,
         format=info.format,
-        bytes=len(fetched.content),
+        bytes=len(content),
         fetched_at=utcnow(),
         provenance=candidate,
         phash=f"{info.phash:016x}" if info.phash is not None else None,
     )
     # Object first, record second: a crash in between leaves an object that the redelivered
     # task overwrites with the same bytes, never a record without its object.
-    store.put(key, fetched.content, f"image/{info.format.lower()}")
+    store.put(key, content, f"image/{info.format.lower()}")
     put_json(store, keys.image_meta_key(job.id, info.sha256), image.model_dump(mode="json"))
     return record, image
 

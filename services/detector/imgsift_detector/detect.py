@@ -85,15 +85,21 @@ def detect_batch(
     image_keys: list[str],
     store: ObjectStore,
     state: StateStore,
-    detector: Detector,
+    detector: Detector | None,
     settings: DetectorSettings,
 ) -> list[Crop]:
     """Detect and crop every image of the batch once; return the batch's crops, earlier deliveries' included.
 
-    When the job's target is no class of the detector, each image becomes one whole-image crop.
+    When the job's target is no class of the detector, each image becomes one whole-image crop;
+    with no detector at all (``imgsift verify``: the images are the crops) too, and no model runs.
     """
-    targets = resolve_target(job.spec.target, detector.names)
-    _record_detect_mode(job, targets, detector.weights_id, state)
+    if detector is None:
+        targets = None
+        if job.detect_mode is not DetectMode.WHOLE_IMAGE:
+            state.update_job(job.id, detect_mode=DetectMode.WHOLE_IMAGE)
+    else:
+        targets = resolve_target(job.spec.target, detector.names)
+        _record_detect_mode(job, targets, detector.weights_id, state)
 
     crops: list[Crop] = []
     pending: list[StoredImage] = []
@@ -129,7 +135,7 @@ def detect_batch(
                 if done.done():
                     done.result()  # a write that failed raises here: no point detecting on
             if loaded:
-                cuts = _find_cuts(loaded, targets, detector, settings)
+                cuts = _find_cuts(loaded, targets, detector, settings, job.spec.detector_conf)
                 written.append(
                     writer.submit(_store_loaded, job.id, loaded, cuts, targets is None, store, state, settings)
                 )
@@ -141,15 +147,19 @@ def detect_batch(
 def _find_cuts(
     loaded: list[tuple[StoredImage, Image.Image]],
     targets: frozenset[int] | None,
-    detector: Detector,
+    detector: Detector | None,
     settings: DetectorSettings,
+    conf: float | None = None,
 ) -> list[list[tuple[Detection, Box]]]:
-    """Each loaded image's detections to crop, with their padded boxes; the whole image if no target."""
-    if targets is None:
+    """Each loaded image's detections to crop, with their padded boxes; the whole image if no target.
+
+    ``conf``: the job's own confidence threshold (``JobSpec.detector_conf``); None: the detector's setting.
+    """
+    if targets is None or detector is None:
         return [[_whole_image(pixels)] for _, pixels in loaded]
     found = detector.predict(
         [pixels for _, pixels in loaded],
-        conf=settings.conf,
+        conf=settings.conf if conf is None else conf,
         iou=settings.iou,
         imgsz=settings.imgsz,
         batch_size=settings.batch_size,

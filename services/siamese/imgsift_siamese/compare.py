@@ -28,7 +28,7 @@ from imgsift_common.messages import Distance, Job, Stage
 from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_siamese import features as stored
-from imgsift_siamese.distance import reference_distance
+from imgsift_siamese.distance import judged_distances
 from imgsift_siamese.embed import Embedder, short_hash
 from imgsift_siamese.features import FeatureRows, as_stored, prefetch
 from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image, prepare
@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 # Reference embeddings of the jobs this process served last; a few KB each.
 _REFERENCE_CACHE_SIZE = 64
-_reference_cache: OrderedDict[tuple[str, str, tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
+_reference_cache: OrderedDict[tuple[str, str, tuple[str, ...], tuple[str, ...]], tuple[tuple[str, ...], np.ndarray]] = (
+    OrderedDict()
+)
 SET_READ_THREADS = 4  # threads reading reference and "not this" images
 RESCORE_CHUNK = 1024  # stored feature rows scored per pass of the head when re-scoring
 # The source of an image whose key is its content hash (references, "not this" images): the
@@ -78,24 +80,41 @@ def reference_embeddings(job: Job, store: ObjectStore, embedder: Embedder) -> np
             "create the job with at least one reference image"
         )
     return _set_embeddings(job, job.reference_keys, dict.fromkeys(job.reference_keys, CONTENT), store, embedder,
-                           _required(job.id, "reference image"))  # fmt: skip
+                           _required(job.id, "reference image"))[1]  # fmt: skip
 
 
 def negative_embeddings(
     job: Job, store: ObjectStore, state: StateStore, embedder: Embedder, marked_wrong: Sequence[str] = ()
-) -> np.ndarray | None:
-    """Embeddings of the job's "not this" references and the crops marked wrong; None when there are none."""
-    parts = []
+) -> tuple[np.ndarray | None, list[str | None]]:
+    """Embeddings of the job's "not this" references and the crops answered wrong (None when
+    there are none), and each row's crop key (None for an uploaded image)."""
+    rows: list[np.ndarray] = []
+    row_keys: list[str | None] = []
     if job.negative_keys:
-        parts.append(_set_embeddings(job, job.negative_keys, dict.fromkeys(job.negative_keys, CONTENT), store,
-                                     embedder, _required(job.id, "'not this' image")))  # fmt: skip
-    if marked_wrong:
-        # Kept apart from the uploaded images, which never change, so a new mark recomputes
-        # only the marked crops. A marked crop whose object is gone is left out.
-        marked = sorted(marked_wrong)
-        parts.append(_set_embeddings(job, marked, crop_sources(job.id, marked, state), store, embedder, _ignore))
-    parts = [rows for rows in parts if len(rows)]
-    return np.concatenate(parts) if parts else None
+        _, found = _set_embeddings(job, job.negative_keys, dict.fromkeys(job.negative_keys, CONTENT), store,
+                                   embedder, _required(job.id, "'not this' image"))  # fmt: skip
+        rows.append(found)
+        row_keys += [None] * len(found)
+    present, found = answered_embeddings(job, store, state, embedder, marked_wrong)
+    rows.append(found)
+    row_keys += present
+    rows = [r for r in rows if len(r)]
+    return (np.concatenate(rows) if rows else None), row_keys
+
+
+def answered_embeddings(
+    job: Job, store: ObjectStore, state: StateStore, embedder: Embedder, crop_keys: Sequence[str]
+) -> tuple[list[str | None], np.ndarray]:
+    """Embeddings of answered crops, and the keys of those found (a crop whose object is gone is left out).
+
+    Kept apart from the uploaded images, which never change, so a new answer recomputes only
+    the answered crops' set.
+    """
+    if not crop_keys:
+        return [], np.zeros((0, embedder.dim), dtype=np.float32)
+    marked = sorted(crop_keys)
+    present, rows = _set_embeddings(job, marked, crop_sources(job.id, marked, state), store, embedder, _ignore)
+    return list(present), rows
 
 
 def _set_embeddings(
@@ -105,7 +124,8 @@ def _set_embeddings(
     store: ObjectStore,
     embedder: Embedder,
     on_unreadable: OnUnreadable,
-) -> np.ndarray:
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """The keys of ``image_keys`` whose rows could be had, and their embeddings."""
     cache_key = (job.id, embedder.embedding_id, tuple(image_keys), tuple(sources.get(k, "") for k in image_keys))
     if cache_key in _reference_cache:
         _reference_cache.move_to_end(cache_key)
@@ -119,10 +139,10 @@ def _set_embeddings(
     else:
         embeddings = np.zeros((0, embedder.dim), dtype=np.float32)
     embeddings.flags.writeable = False  # shared by every batch of the job in this process
-    _reference_cache[cache_key] = embeddings
+    _reference_cache[cache_key] = (tuple(present), embeddings)
     if len(_reference_cache) > _REFERENCE_CACHE_SIZE:
         _reference_cache.popitem(last=False)
-    return embeddings
+    return tuple(present), embeddings
 
 
 def _required(job_id: str, what: str) -> OnUnreadable:
@@ -141,35 +161,32 @@ def _ignore(key: str, problem: Unreadable) -> None:
 # ============================================================================ scoring
 
 
-def decided_distance(positive: np.ndarray, negative: np.ndarray | None, margin: float) -> np.ndarray:
-    """The distance a crop is judged by: to the references, raised when a "not this" image is as near.
-
-    ``d + max(0, d + margin - d_not)``: a crop must be nearer the references than the nearest
-    "not this" image by ``margin``, or its distance grows by the shortfall. One number per crop
-    keeps the threshold a single slider, re-decided from stored distances.
-    """
-    if negative is None:
-        return positive
-    return positive + np.maximum(0.0, positive + margin - negative)
-
-
 @dataclass(frozen=True)
 class Scorer:
-    """A job's crops' trunk features to recorded distances: the head, then one matrix product with the references."""
+    """A job's crops' trunk features to recorded distances: the head, then one matrix product with
+    the references (the job's and the crops answered right) and the "not this" images (the job's
+    and the crops answered wrong). An answered crop is measured without itself."""
 
     job_id: str
     embedder: Embedder
     references: np.ndarray
     negatives: np.ndarray | None
     settings: SiameseSettings
+    reference_keys: tuple[str | None, ...] = ()  # per reference row: the answered crop it is, or None
+    negative_keys: tuple[str | None, ...] = ()
 
-    def distances(self, features: np.ndarray) -> np.ndarray:
-        crops = self.embedder.embed_features(features)
+    def distances(self, features: np.ndarray, crop_keys: Sequence[str] | None = None) -> np.ndarray:
         settings = self.settings
-        return decided_distance(
-            reference_distance(crops, self.references, settings.distance, settings.k),
-            reference_distance(crops, self.negatives, "nearest", 1) if self.negatives is not None else None,
-            settings.negative_margin,
+        return judged_distances(
+            self.embedder.embed_features(features),
+            self.references,
+            self.negatives,
+            method=settings.distance,
+            k=settings.k,
+            margin=settings.negative_margin,
+            crop_keys=crop_keys,
+            reference_keys=self.reference_keys,
+            negative_keys=self.negative_keys,
         )
 
     def record(self, state: StateStore, crop_keys: Sequence[str], features: np.ndarray) -> list[Distance]:
@@ -178,7 +195,7 @@ class Scorer:
             return []
         return [
             Distance(job_id=self.job_id, crop_key=key, distance=float(distance))
-            for key, distance in zip(crop_keys, self.distances(features), strict=True)
+            for key, distance in zip(crop_keys, self.distances(features, crop_keys), strict=True)
             # False when another delivery of this crop recorded it first: not ours to report.
             if state.record_distance(self.job_id, key, float(distance))
         ]
@@ -189,9 +206,12 @@ def job_scorer(
 ) -> tuple[Job, Scorer]:
     """The job (its calibration positives recorded) and the scorer of its crops under ``embedder``."""
     refs = reference_embeddings(job, store, embedder)
-    # Crops the user marked wrong join the "not this" images: crops like them are judged farther.
-    marked_wrong = [k for k, ok in state.feedback(job.id).items() if not ok]
-    negatives = negative_embeddings(job, store, state, embedder, marked_wrong)
+    # Answers join the sets: a crop answered right is a reference of its own (from the job's own
+    # crops, as the others are not), one answered wrong a "not this" image.
+    marks = state.feedback(job.id)
+    right = [k for k, ok in marks.items() if ok]
+    right_keys, right_rows = answered_embeddings(job, store, state, embedder, right)
+    negatives, negative_keys = negative_embeddings(job, store, state, embedder, [k for k in marks if k not in right])
     if job.model is None and not job.reference_distances and len(refs) >= 2:
         job = state.get_job(job.id) or job  # another batch may have recorded them since this job was read
     if job.model is None and not job.reference_distances and len(refs) >= 2:
@@ -204,7 +224,9 @@ def job_scorer(
             views, group = reference_views(images, views_per_reference(len(images)))  # type: ignore[arg-type]
             held_out = held_out_views(None, refs, embedder.features_of_images(views), group)
             job = state.update_job(job.id, reference_distances=held_out)
-    return job, Scorer(job.id, embedder, refs, negatives, settings)
+    references = np.concatenate([refs, right_rows]) if len(right_rows) else refs
+    reference_keys = (*([None] * len(refs)), *right_keys)
+    return job, Scorer(job.id, embedder, references, negatives, settings, reference_keys, tuple(negative_keys))
 
 
 def compare_batch(

@@ -43,9 +43,10 @@ from torch import nn
 from torchvision.transforms import v2
 
 from imgsift_common.batching import in_batches
-from imgsift_siamese.distance import reference_distance
+from imgsift_siamese.distance import judged_distances, reference_distance
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import preprocess, to_rgb
+from imgsift_siamese.settings import DistanceMethod
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class TrainedHead:
     features: int
     stats: dict[str, float] = field(default_factory=dict)
     held_out: list[float] = field(default_factory=list)  # distances of unseen references to the others
+    held_out_answers: list[float] = field(default_factory=list)  # per answered crop, under a head that did not see it
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -111,6 +113,7 @@ class TrainedHead:
             "features": self.features,
             "stats": self.stats,
             "held_out": self.held_out,
+            "held_out_answers": self.held_out_answers,
         }
 
     @classmethod
@@ -120,7 +123,9 @@ class TrainedHead:
         config = TrainConfig(**meta["config"])
         head = ProjectionHead(meta["features"], config.hidden)
         head.load_state_dict(saved["state"])
-        return cls(head.eval(), config, meta["features"], meta["stats"], meta["held_out"])
+        return cls(
+            head.eval(), config, meta["features"], meta["stats"], meta["held_out"], meta.get("held_out_answers", [])
+        )
 
 
 # ============================================================================ features
@@ -229,46 +234,162 @@ def batch_hard_triplet(positives: torch.Tensor, negatives: torch.Tensor, margin:
 
 @dataclass(frozen=True)
 class TrainingSet:
-    """Feature rows to train on: references (and their views, by group) and negatives."""
+    """Feature rows to train on: references (and their views, by group), negatives, answered crops."""
 
     references: np.ndarray  # (r, f): the references themselves
     views: np.ndarray  # (v, f): augmented views
-    view_group: np.ndarray  # (v,): the reference each view comes from; -1: a positive in every fold
-    negatives: np.ndarray  # (n, f)
+    view_group: np.ndarray  # (v,): the reference each view comes from
+    negatives: np.ndarray  # (n, f): the bank, far crops, "not this" images
     negative_weights: np.ndarray  # (n,)
+    answers: np.ndarray | None = None  # (a, f): crops the user answered
+    answer_right: np.ndarray | None = None  # (a,) bool: answered right (a positive) or wrong (a hard negative)
+    not_this: np.ndarray | None = None  # (t, f): the "not this" images among the negatives, for held-out scores
+    hard_weight: float = 3.0  # what a crop answered wrong counts, like a "not this" image
+
+    @property
+    def answer_count(self) -> int:
+        return 0 if self.answers is None else len(self.answers)
 
 
-def fit(data: TrainingSet, config: TrainConfig | None = None) -> TrainedHead:
-    """Train the job's head on everything, plus per-fold heads for held-out distances."""
+# Caps and shares of the training set: one rule for the worker, ``imgsift verify`` and the bench.
+MAX_BANK = 2000  # negative-bank images read at most
+MAX_FAR_CROPS = 500  # the job's own far crops used as negatives at most
+MIN_CROPS_FOR_FAR = 20  # below this, a job's far crops are too few to say anything
+
+
+def far_crops(ordered: Sequence[str]) -> list[str]:
+    """The job's own crops that its current network puts farthest (its far quarter, at most
+    ``MAX_FAR_CROPS``): negatives for training, as few of them show the target. ``ordered``:
+    crop keys by ascending distance."""
+    if len(ordered) < MIN_CROPS_FOR_FAR:
+        return []
+    return list(ordered[3 * len(ordered) // 4 :][-MAX_FAR_CROPS:])
+
+
+def training_set(
+    references: np.ndarray,
+    views: np.ndarray,
+    view_group: np.ndarray,
+    *,
+    bank: np.ndarray | None,
+    far: np.ndarray | None,
+    not_this: np.ndarray | None,
+    answers: np.ndarray | None = None,
+    answer_right: np.ndarray | None = None,
+    config: TrainConfig | None = None,
+) -> TrainingSet:
+    """The rows training learns from: the references and their views against the bank and the far
+    crops (weight 1) and the "not this" images (weight ``hard_weight``), and the answered crops."""
+    config = config or TrainConfig()
+    parts = [(rows, 1.0) for rows in (bank, far) if rows is not None and len(rows)]
+    if not_this is not None and len(not_this):
+        parts.append((not_this, config.hard_weight))
+    if not parts and not (answer_right is not None and (~answer_right).any()):
+        raise ValueError("training needs negatives: a negative bank, 'not this' images, crops, or crops answered wrong")
+    dim = references.shape[1]
+    negatives = np.concatenate([rows for rows, _ in parts]) if parts else np.zeros((0, dim), dtype=np.float32)
+    weights = np.concatenate([np.full(len(rows), w) for rows, w in parts]) if parts else np.zeros(0)
+    return TrainingSet(
+        references, views, view_group, negatives, weights, answers, answer_right,
+        not_this if not_this is not None and len(not_this) else None, config.hard_weight,
+    )  # fmt: skip
+
+
+def fit(
+    data: TrainingSet,
+    config: TrainConfig | None = None,
+    *,
+    method: DistanceMethod = "nearest",
+    k: int = 3,
+    margin: float = 0.05,
+) -> TrainedHead:
+    """Train the job's head on everything, plus per-fold heads for held-out distances.
+
+    Fold ``f`` leaves out a third of the references and a third of the answered crops; its
+    head gives the held-out positives (the left-out references' views) and each left-out
+    answered crop's distance as the final scoring measures it (to the references and the other
+    crops answered right, raised by the "not this" images and the other crops answered wrong,
+    ``margin``): what the threshold's calibration reads for crops the final head has seen.
+    """
     config = config or TrainConfig()
     held_out: list[float] = []
-    r = len(data.references)
-    folds = min(config.folds, r) if r >= 3 else 0
-    if folds >= 2:
-        order = list(range(r))
-        random.Random(config.seed).shuffle(order)
-        for f in range(folds):
-            out = set(order[f::folds])
-            keep = np.array([i for i in range(r) if i not in out])
-            head = train_head(*_rows(data, keep), config, negative_weights=data.negative_weights)
+    held_out_answers = np.full(data.answer_count, np.nan)
+    r, a = len(data.references), data.answer_count
+    reference_folds = min(config.folds, r) if r >= 3 else 0
+    folds = config.folds if reference_folds >= 2 or a >= 2 else 0
+    ref_order, answer_order = list(range(r)), list(range(a))
+    random.Random(config.seed).shuffle(ref_order)
+    random.Random(config.seed + 1).shuffle(answer_order)
+    for f in range(folds):
+        out = set(ref_order[f::folds]) if reference_folds >= 2 else set()
+        keep = np.array([i for i in range(r) if i not in out])
+        answers_out = np.array(sorted(answer_order[f::folds]), dtype=int)
+        keep_answers = np.setdiff1d(np.arange(a), answers_out)
+        head = train_head(*_rows(data, keep, keep_answers), config, negative_weights=_weights(data, keep_answers))
+        if out:
             held_out += held_out_views(head, data.references, data.views, data.view_group, keep)
-    head = train_head(*_rows(data, np.arange(r)), config, negative_weights=data.negative_weights)
+        if len(answers_out):
+            held_out_answers[answers_out] = _answer_distances(head, data, answers_out, method, k, margin)
+    every = np.arange(a)
+    head = train_head(*_rows(data, np.arange(r), every), config, negative_weights=_weights(data, every))
     refs = embed_features(head, data.references)
-    negs = embed_features(head, data.negatives)
+    negs = embed_features(head, data.negatives) if len(data.negatives) else refs[:0]
     stats = {
         "references": float(r),
         "views": float(len(data.views)),
         "negatives": float(len(data.negatives)),
-        "negative_distance_median": float(np.median(reference_distance(negs, refs))),
+        "answers": float(a),
     }
+    if len(negs):
+        stats["negative_distance_median"] = float(np.median(reference_distance(negs, refs)))
     if r >= 2:
         stats["reference_nearest_median"] = float(np.median(leave_one_out(refs)))
-    return TrainedHead(head, config, data.references.shape[1], stats, held_out)
+    answers = [float(v) for v in held_out_answers]
+    return TrainedHead(head, config, data.references.shape[1], stats, held_out, answers)
 
 
-def _rows(data: TrainingSet, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    views = data.views[np.isin(data.view_group, refs) | (data.view_group < 0)]  # < 0: in every fold
-    return np.concatenate([data.references[refs], views]), data.negatives
+def _rows(data: TrainingSet, refs: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative rows of a head trained on ``refs`` and the answered crops ``answers``."""
+    views = data.views[np.isin(data.view_group, refs)]
+    positives = [data.references[refs], views]
+    negatives = [data.negatives]
+    if data.answers is not None and data.answer_right is not None and len(answers):
+        right = data.answer_right[answers]
+        positives.append(data.answers[answers][right])
+        negatives.append(data.answers[answers][~right])
+    return np.concatenate(positives), np.concatenate(negatives)
+
+
+def _weights(data: TrainingSet, answers: np.ndarray) -> np.ndarray:
+    """The negatives' weights for ``_rows``: the crops answered wrong count like "not this" images."""
+    wrong = 0
+    if data.answer_right is not None and len(answers):
+        wrong = int((~data.answer_right[answers]).sum())
+    return np.concatenate([data.negative_weights, np.full(wrong, data.hard_weight)])
+
+
+def _answer_distances(
+    head: nn.Module, data: TrainingSet, held: np.ndarray, method: DistanceMethod, k: int, margin: float
+) -> np.ndarray:
+    """The distances of the answered crops ``held`` under ``head``, scored as the final head scores
+    every crop: nearest of the references and the crops answered right, raised by the "not
+    this" images and the crops answered wrong, each crop without itself."""
+    assert data.answers is not None and data.answer_right is not None
+    crops = embed_features(head, data.answers[held])
+    answers = embed_features(head, data.answers)
+    right, wrong = np.flatnonzero(data.answer_right), np.flatnonzero(~data.answer_right)
+    references = np.concatenate([embed_features(head, data.references), answers[right]])
+    reference_keys = [None] * len(data.references) + [str(i) for i in right]
+    negative_rows = [answers[wrong]]
+    negative_keys: list[str | None] = [str(i) for i in wrong]
+    if data.not_this is not None:
+        negative_rows.insert(0, embed_features(head, data.not_this))
+        negative_keys = [None] * len(data.not_this) + negative_keys
+    negatives = np.concatenate(negative_rows)
+    return judged_distances(
+        crops, references, negatives if len(negatives) else None, method=method, k=k, margin=margin,
+        crop_keys=[str(i) for i in held], reference_keys=reference_keys, negative_keys=negative_keys,
+    )  # fmt: skip
 
 
 def held_out_views(

@@ -2,11 +2,16 @@
 
 Free of Celery, so the worker's task and ``imgsift train`` run the same code.
 
-- positives: the job's references and augmented views of them, plus crops the user marked right;
+- positives: the job's references and augmented views of them, plus crops the user answered right;
 - negatives: the generic negative bank (``IMGSIFT_SIAMESE_NEGATIVE_BANK``, a folder of images
   of other things), the job's own crops that the current network puts in the far quarter of
   its distances, and, counted ``hard_weight`` times, the "not this" references and the crops
-  the user marked wrong.
+  the user answered wrong (``train.training_set``: the same rule ``imgsift verify`` and the
+  quality bench use).
+
+Every answered crop also gets a held-out distance from a fold head that did not see it
+(``SiameseModel.held_out_answers``): the threshold is calibrated from those, since the final
+head has learnt the answered crops themselves.
 
 The head is stored as ``jobs/{job}/models/siamese-head-v{n}.pt``; the job records it (and the
 held-out distances calibration needs), and every crop is scored again with it.
@@ -30,13 +35,19 @@ from imgsift_siamese.compare import compare_batch, read_image_or_none, score_sto
 from imgsift_siamese.embed import get_embedder, job_embedder
 from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image
 from imgsift_siamese.settings import SiameseSettings
-from imgsift_siamese.train import TrainConfig, TrainingSet, fit, pooled_features, reference_views
+from imgsift_siamese.train import (
+    MAX_BANK,
+    TrainConfig,
+    far_crops,
+    fit,
+    pooled_features,
+    reference_views,
+    training_set,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-MAX_BANK = 2000  # negative-bank images read at most
-MAX_FAR_CROPS = 500  # the job's own far crops used as negatives at most
 
 
 class TrainingError(RuntimeError):
@@ -44,48 +55,60 @@ class TrainingError(RuntimeError):
 
 
 def train_job(job: Job, store: ObjectStore, state: StateStore, settings: SiameseSettings, version: int) -> SiameseModel:
-    """Train the job's head on its references and negatives; store it; return what the job records."""
+    """Train the job's head on its references, negatives and answers; store it; return what the job records."""
     if len(job.reference_keys) < 2:
         raise TrainingError(f"job {job.id} has {len(job.reference_keys)} reference image(s); training needs 2 or more")
     network = get_embedder(settings).network
     size, batch = settings.image_size, settings.batch_size
     config = TrainConfig(epochs=settings.train_epochs)
 
+    def rows(images: list[Image.Image]) -> np.ndarray | None:
+        return pooled_features(network, images, image_size=size, batch_size=batch) if images else None
+
     refs = [read_image_or_none(store, k) for k in job.reference_keys]
     refs = [im for im in refs if im is not None]
     if len(refs) < 2:
         raise TrainingError(f"job {job.id}: fewer than 2 of its reference images could be read")
     views, group = reference_views(refs, config.augmentations, config.seed)
-
     marks = state.feedback(job.id)
-    right = _crop_images(store, [k for k, ok in marks.items() if ok])
-    wrong = _crop_images(store, [k for k, ok in marks.items() if not ok])
+    answered = [(k, im, ok) for k, ok in sorted(marks.items()) if (im := read_image_or_none(store, k)) is not None]
     not_this = [im for k in job.negative_keys if (im := read_image_or_none(store, k)) is not None]
-    far = _crop_images(store, _far_crops(job, state))
-
-    ref_rows = pooled_features(network, refs, image_size=size, batch_size=batch)
-    view_rows = pooled_features(network, views + right, image_size=size, batch_size=batch)
-    view_group = np.concatenate([group, np.full(len(right), -1)])  # -1: in every fold
-    parts: list[tuple[np.ndarray, float]] = []
-    if settings.negative_bank is not None:
-        parts.append((_bank_features(settings.negative_bank, settings), 1.0))
-    for images, weight in ((far, 1.0), (not_this + wrong, config.hard_weight)):
-        if images:
-            parts.append((pooled_features(network, images, image_size=size, batch_size=batch), weight))
-    parts = [(rows, w) for rows, w in parts if len(rows)]
-    if not parts:
+    far = _crop_images(store, far_crops([k for k, _ in state.distances(job.id)]))
+    bank = _bank_features(settings.negative_bank, settings) if settings.negative_bank is not None else None
+    try:
+        data = training_set(
+            rows(refs),  # type: ignore[arg-type]
+            rows(views),  # type: ignore[arg-type]
+            group,
+            bank=bank,
+            far=rows(far),
+            not_this=rows(not_this),
+            answers=rows([im for _, im, _ in answered]),
+            answer_right=np.array([ok for _, _, ok in answered], dtype=bool),
+            config=config,
+        )
+    except ValueError:
         raise TrainingError(
             f"job {job.id} has nothing to contrast its references with: set IMGSIFT_SIAMESE_NEGATIVE_BANK to a "
-            "folder of images of other things, give 'not this' images, or train after the job has crops"
-        )
-    negatives = np.concatenate([rows for rows, _ in parts])
-    weights = np.concatenate([np.full(len(rows), w) for rows, w in parts])
-    trained = fit(TrainingSet(ref_rows, view_rows, view_group, negatives, weights), config)
-    trained.stats.update(marked_right=float(len(right)), marked_wrong=float(len(wrong)), not_this=float(len(not_this)))
+            "folder of images of other things, give 'not this' images, answer crops, or train after the job has crops"
+        ) from None
+    trained = fit(data, config, method=settings.distance, k=settings.k, margin=settings.negative_margin)
+    right = sum(ok for _, _, ok in answered)
+    trained.stats.update(
+        marked_right=float(right), marked_wrong=float(len(answered) - right), not_this=float(len(not_this))
+    )
     key = keys.model_key(job.id, version)
     store.put(key, trained.to_bytes(), "application/octet-stream")
     log.info("trained", extra={"job_id": job.id, "stage": Stage.SIAMESE.value, "key": key, **trained.stats})
-    return SiameseModel(version=version, key=key, trained_at=utcnow(), held_out=trained.held_out, stats=trained.stats)
+    held_out_answers = {k: d for (k, _, _), d in zip(answered, trained.held_out_answers, strict=True) if np.isfinite(d)}
+    return SiameseModel(
+        version=version,
+        key=key,
+        trained_at=utcnow(),
+        held_out=trained.held_out,
+        held_out_answers=held_out_answers,
+        stats=trained.stats,
+    )
 
 
 def rescore(
@@ -111,14 +134,6 @@ def rescore(
         if progress:
             progress(min(size, len(rest) - start))
     return len(crop_keys)
-
-
-def _far_crops(job: Job, state: StateStore) -> list[str]:
-    distances = state.distances(job.id)  # ascending
-    if len(distances) < 20:
-        return []
-    far = distances[3 * len(distances) // 4 :]
-    return [k for k, _ in far[-MAX_FAR_CROPS:]]
 
 
 def _crop_images(store: ObjectStore, crop_keys: list[str]) -> list[Image.Image]:

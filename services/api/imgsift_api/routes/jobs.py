@@ -26,9 +26,10 @@ from imgsift_api.schemas import (
     Feedback,
     JobList,
     JobStatus,
+    QuestionsOut,
     ThresholdUpdate,
 )
-from imgsift_api.views import TRAINING_MARKER, calibration, crop_page, job_status, training_requested
+from imgsift_api.views import TRAINING_MARKER, calibration, crop_page, job_status, question_page, training_requested
 from imgsift_common import keys, webhooks
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, send
 from imgsift_common.exports import ExportState, ExportStatus, load_status, save_status
@@ -61,6 +62,11 @@ def _parse_spec(raw: str) -> JobSpec:
         detail = jsonable_encoder(exc.errors(include_url=False, include_context=False))
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"field": "spec", "errors": detail}) from None
     for source in spec.sources:
+        if source.kind is SourceKind.FILES:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                "a 'files' source names a folder of local images for `imgsift verify`; over the API give 'urls'",
+            )
         if source.kind is SourceKind.URLS and source.path:
             # A path would name a file on the server: the API takes URLs inline only.
             raise HTTPException(
@@ -207,11 +213,35 @@ def train_job(job: JobDep, state: StateDep, celery: CeleryDep) -> JobStatus:
 
 @router.put("/{job_id}/crops/{crop_id}/feedback", response_model=CalibrationOut)
 def mark_crop(job: JobDep, state: StateDep, crop_id: str, body: Feedback) -> CalibrationOut:
-    """Mark a crop right or wrong: it refines the estimates and the suggested threshold at once,
-    and joins the positives (right) or the hard negatives (wrong) of the next training."""
+    """Answer a crop: right or wrong (null takes the answer back; a new answer replaces the old).
+
+    The answers settle the suggested threshold and its estimates at once, and join the positives
+    (right) or the hard negatives (wrong) of the next training. A crop must have a distance.
+    """
     crop = _crop(job, state, crop_id)
+    if body.correct is not None and not state.has_distance(job.id, crop.key):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"crop {crop_id} has no distance yet, so its answer could not calibrate anything; answer it once "
+            "the Siamese stage has compared it (GET /v1/jobs/{id}/questions lists crops that are ready)",
+        )
     state.set_feedback(job.id, crop.key, body.correct)
     return calibration(job, state)
+
+
+@router.get("/{job_id}/questions", response_model=QuestionsOut)
+def job_questions(
+    job: JobDep,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="how many crops to ask about")] = 10,
+) -> QuestionsOut:
+    """The crops whose answers would settle the job's threshold most, never one already answered.
+
+    Spread over the distances, more where the fit is unsure and near the suggested threshold
+    (docs/siamese.md). Answer each with ``PUT /v1/jobs/{id}/crops/{crop_id}/feedback``; the
+    next call asks what is still needed.
+    """
+    return question_page(job, state, limit)
 
 
 @router.get("/{job_id}/crops", response_model=CropPage)

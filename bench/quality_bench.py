@@ -230,15 +230,9 @@ def logistic(pos: np.ndarray, neg: np.ndarray, weights: np.ndarray, epochs: int 
     return score
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco128")
-    parser.add_argument("--weights", default=str(ROOT.parent / "shared" / "models" / "yolov8n.pt"))
-    parser.add_argument("--refs", type=int, default=5, help="references per task at most")
-    parser.add_argument("--rotations", type=int, default=4, help="reference/evaluation splits (every image once)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "quality")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    args = parser.parse_args()
+def baseline_study(args: argparse.Namespace) -> None:
+    """Issue 4's comparison on COCO128: YOLO only, the classifier, the Siamese network pretrained and
+    fine-tuned (label-free calibration), whole images; ``--baselines``."""
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
@@ -435,6 +429,514 @@ def _plot(curves: dict, rows: list[dict], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"pr-{kind}.png", dpi=80)
         plt.close(fig)
+
+
+# ============================================================================ the answers study (issue 15)
+
+CLOTHING_GROUPS = {  # look-alikes: the target among the others, at their natural shares
+    "tops": ("T-Shirt", "Polo", "Shirt", "Longsleeve"),
+    "bottoms": ("Pants", "Shorts"),
+    "dress/skirt": ("Dress", "Skirt"),
+    "outerwear": ("Hoodie", "Blazer", "Outwear"),
+}
+CLOTHING_COARSE = (  # the target among twice as many photos of every other class
+    "T-Shirt", "Longsleeve", "Pants", "Shoes", "Shirt", "Dress", "Outwear", "Shorts", "Hat", "Skirt", "Polo",
+    "Undershirt", "Blazer", "Hoodie",
+)  # fmt: skip
+CLOTHING_CAP = 1500  # photos per clothing job at most (sampled), so a task runs in seconds
+ROUND = 5  # questions a simulated user answers before asking again (the UI's batch)
+
+
+@dataclass
+class Case:
+    """One task in one rotation: the job's crops (trunk features), their truth, the references."""
+
+    dataset: str
+    task: str
+    kind: str
+    rotation: int
+    crops: np.ndarray
+    positive: np.ndarray
+    total: int  # true instances, found or not: recall's denominator
+    scores: np.ndarray  # the detector's confidence of each crop (1 for whole images)
+    refs: np.ndarray
+    ref_images: list[Image.Image]
+    bank: np.ndarray
+
+
+def coco_cases(
+    coco: Coco128,
+    found: list[Crop],
+    crop_rows: np.ndarray,
+    box_rows: np.ndarray,
+    conf: float,
+    refs: int,
+    rotations: int,
+) -> list[Case]:
+    """COCO128's tasks (``all_tasks``) in each rotation, with the crops the detector keeps at ``conf``."""
+    images = coco.images
+    truth = [coco.labels(p) for p in images]
+    boxes = true_boxes(truth)
+    box_names = np.array([t.class_name.replace("_", " ") for _, t in boxes])
+    box_image = np.array([i for i, _ in boxes])
+    keep = np.array([c.score >= conf for c in found])
+    kept = [c for c, k in zip(found, keep, strict=True) if k]
+    rows = crop_rows[keep]
+    image_of = np.array([c.image for c in kept])
+    cls = np.array([c.cls for c in kept])
+    truth_of = np.array([c.truth or "" for c in kept])
+    score = np.array([c.score for c in kept])
+    rng = np.random.default_rng(0)
+    cases = []
+    for rotation, is_ref, task, total, candidates in task_splits(truth, box_names, box_image, all_tasks(), rotations):
+        in_task = ~is_ref[image_of] & np.isin(cls, task.detector_classes)
+        picked = _pick_references(candidates, box_image, refs, rng)
+        cases.append(
+            Case("coco", task.name, task.kind, rotation, rows[in_task], truth_of[in_task] == task.target, total,
+                 score[in_task], box_rows[picked], [crop_image(images[boxes[k][0]], boxes[k][1].box) for k in picked],
+                 box_rows[is_ref[box_image] & (box_names != task.target)])
+        )  # fmt: skip
+    return cases
+
+
+def clothing_cases(folder: Path, rows: np.ndarray, refs: int, rotations: int) -> list[Case]:
+    """The clothing set's tasks in each rotation; references and test photos from other senders."""
+    import csv
+
+    table = list(csv.DictReader((folder / "labels.csv").open()))
+    label = np.array([r["label"] for r in table])
+    sender = np.array([int(r["sender_id"]) for r in table])
+    group = (sender * 2654435761 % 2**32) % rotations  # senders spread evenly over the rotations
+    tasks = [(f"{c} among {g}", c, members, "fine-grained") for g, members in CLOTHING_GROUPS.items() for c in members]
+    tasks += [(f"{c} among others", c, None, "coarse") for c in CLOTHING_COARSE]
+    cases = []
+    for rotation in range(rotations):
+        rng = np.random.default_rng(rotation)
+        is_ref = group == rotation
+        for name, target, members, kind in tasks:
+            if members is None:
+                own = np.flatnonzero(~is_ref & (label == target))
+                own = rng.choice(own, min(len(own), CLOTHING_CAP // 3), replace=False)
+                others = np.flatnonzero(~is_ref & (label != target))
+                job = np.sort(np.concatenate([own, rng.choice(others, 2 * len(own), replace=False)]))
+            else:
+                job = np.flatnonzero(~is_ref & np.isin(label, members))
+                job = np.sort(rng.choice(job, min(len(job), CLOTHING_CAP), replace=False))
+            candidates = rng.permutation(np.flatnonzero(is_ref & (label == target)))
+            first = list({int(sender[k]): int(k) for k in candidates[::-1]}.values())[::-1]  # one per sender first
+            picked = np.array((first + [int(k) for k in candidates if k not in first])[:refs])
+            bank = np.flatnonzero(is_ref & (label != target))
+            bank = rng.choice(bank, min(500, len(bank)), replace=False)
+            positive = label[job] == target
+            cases.append(
+                Case("clothing", name, kind, rotation, rows[job], positive, int(positive.sum()), np.ones(len(job)),
+                     rows[picked], [Image.open(folder / table[k]["path"]).convert("RGB") for k in picked], rows[bank])
+            )  # fmt: skip
+    return cases
+
+
+class SimulatedJob:
+    """A simulated job in a real SQLite job-state store, answered from the truth: the product's code
+    (``imgsift_common.threshold``: questions, the suggestion; the stores' counts) decides."""
+
+    def __init__(self, workdir: Path, case: Case, distances: np.ndarray, held_out: list[float]) -> None:
+        from imgsift_common.messages import Job as JobRecord
+        from imgsift_common.messages import JobSpec, SourceKind, SourceSpec
+        from imgsift_common.state import SqliteStateStore
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "state.sqlite"
+        path.unlink(missing_ok=True)
+        self.state = SqliteStateStore(path)
+        self.job = JobRecord(
+            id="bench",
+            spec=JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["x"])], target="x", threshold=2.0),
+            reference_distances=held_out,
+        )
+        self.state.create_job(self.job)
+        self.keys = [f"jobs/bench/crops/{i:024x}-000.jpg" for i in range(len(distances))]
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.case = case
+        self.record(distances)
+
+    def record(self, distances: np.ndarray) -> None:
+        self.state.reset_distances(self.job.id)
+        for key, d in zip(self.keys, distances, strict=True):
+            self.state.record_distance(self.job.id, key, float(d))
+        self.distances = distances
+
+    def forget_answers(self) -> None:
+        for key in list(self.state.feedback(self.job.id)):
+            self.state.set_feedback(self.job.id, key, None)
+
+    def answered(self) -> dict[int, bool]:
+        return {self.index[k]: v for k, v in self.state.feedback(self.job.id).items()}
+
+    def answer(self, crops: list[int]) -> None:
+        for i in crops:
+            self.state.set_feedback(self.job.id, self.keys[i], bool(self.case.positive[i]))
+
+    def ask(self, k: int) -> list[int]:
+        from imgsift_common.threshold import questions
+
+        return [self.index[key] for key, _ in questions(self.job, self.state, k)]
+
+    def suggested(self) -> float:
+        from imgsift_common.threshold import for_job
+
+        return for_job(self.state.get_job(self.job.id) or self.job, self.state).suggested
+
+    def close(self) -> None:
+        self.state.close()
+
+
+def f1_of(case: Case, distances: np.ndarray, threshold: float, mask: np.ndarray | None = None) -> float:
+    """F1 of accepting ``distances <= threshold`` (over the crops in ``mask``; recall over every true instance)."""
+    if mask is None:
+        return prf(distances <= threshold, case.positive, case.total)[2]
+    left = case.total - int((case.positive & ~mask).sum())
+    return prf((distances <= threshold) & mask, case.positive & mask, left)[2]
+
+
+def best_f1(case: Case, distances: np.ndarray, mask: np.ndarray | None = None) -> float:
+    if mask is None:
+        return best_threshold(distances, case.positive, case.total)[1]
+    left = case.total - int((case.positive & ~mask).sum())
+    return best_threshold(distances[mask], case.positive[mask], left)[1] if mask.any() else 0.0
+
+
+def ask_and_answer(job: SimulatedJob, ks: list[int]) -> dict[int, tuple[float, dict[int, bool]]]:
+    """A user who answers the job's questions, ``ROUND`` at a time: the suggestion after each ``k`` in ``ks``."""
+    found = {}
+    for k in sorted(ks):
+        while len(job.answered()) < min(k, len(job.distances)):
+            asked = job.ask(min(ROUND, k - len(job.answered())))
+            if not asked:
+                break
+            job.answer(asked)
+        found[k] = (job.suggested(), job.answered())
+    return found
+
+
+def answer_at_random(job: SimulatedJob, k: int, seed: int) -> tuple[float, dict[int, bool]]:
+    """A user who answers ``k`` crops picked at random instead (so the choice of questions is measured)."""
+    job.forget_answers()
+    picked = np.random.default_rng(seed).choice(len(job.distances), min(k, len(job.distances)), replace=False)
+    job.answer([int(i) for i in picked])
+    return job.suggested(), job.answered()
+
+
+def retrained(
+    case: Case, view_rows: np.ndarray, group: np.ndarray, pretrained: np.ndarray, answers: dict[int, bool], epochs: int
+) -> tuple[np.ndarray, list[float], dict[int, float]]:
+    """What a fine-tune does with the answers (``imgsift_siamese.training.train_job``'s rule, on the
+    bench's feature rows): the head trained on the references, their views, the bank, the far
+    crops and the answers; every crop scored again with the crops answered right among the
+    references and those answered wrong among the "not this" images. Returns the new distances,
+    the held-out positives and each answered crop's held-out distance."""
+    from imgsift_siamese.distance import judged_distances
+    from imgsift_siamese.train import far_crops, training_set
+
+    order = [str(i) for i in np.argsort(pretrained, kind="stable")]
+    far = np.array([int(i) for i in far_crops(order)], dtype=int)
+    answered = np.array(sorted(answers), dtype=int)
+    right = np.array([answers[i] for i in answered], dtype=bool)
+    config = TrainConfig(epochs=epochs)
+    data = training_set(
+        case.refs, view_rows, group, bank=case.bank, far=case.crops[far] if len(far) else None, not_this=None,
+        answers=case.crops[answered] if len(answered) else None, answer_right=right if len(answered) else None,
+        config=config,
+    )  # fmt: skip
+    trained = fit(data, config)
+    crops = embed_features(trained.head, case.crops)
+    keys = [str(i) for i in range(len(crops))]
+    references = np.concatenate([embed_features(trained.head, case.refs), crops[answered[right]]])
+    wrong = answered[~right]
+    distances = judged_distances(
+        crops, references, crops[wrong] if len(wrong) else None, method="nearest", k=3, margin=0.05,
+        crop_keys=keys, reference_keys=[None] * len(case.refs) + [keys[i] for i in answered[right]],
+        negative_keys=[keys[i] for i in wrong],
+    )  # fmt: skip
+    held = {int(i): float(d) for i, d in zip(answered, trained.held_out_answers, strict=True) if np.isfinite(d)}
+    return distances, trained.held_out, held
+
+
+def second_signal_threshold(case: Case, d0: np.ndarray, answers: dict[int, bool]) -> float:
+    """A study, not the product: the threshold of the highest expected F1 when the calibrated probability
+    also reads the detector's confidence, ``p = sigmoid(a + b z(d) + c z(conf))``, fitted on the same
+    answers with the product's priors (0 +- 1.5 for ``a``, 0 +- 2.5 for the slopes; Newton's method)."""
+    from imgsift_common import answers as ask
+
+    spread = max((np.quantile(d0, 0.9) - np.quantile(d0, 0.1)) / 2.56, 0.01)
+    confidence = (case.scores - case.scores.mean()) / max(case.scores.std(), 1e-3)
+    x = np.stack([np.ones(len(d0)), (d0 - np.median(d0)) / spread, confidence], axis=1)
+    idx = np.array(sorted(answers), dtype=int)
+    y = np.array([answers[i] for i in idx], dtype=float)
+    prior = np.array([1 / ask.PRIOR_SHARE_SD**2, 1 / ask.PRIOR_SLOPE_SD**2, 1 / ask.PRIOR_SLOPE_SD**2])
+    theta = np.zeros(3)
+    for _ in range(50):
+        q = 1 / (1 + np.exp(-(x[idx] @ theta)))
+        gradient = x[idx].T @ (q - y) + prior * theta
+        hessian = (x[idx] * (q * (1 - q))[:, None]).T @ x[idx] + np.diag(prior)
+        step = np.linalg.solve(hessian, gradient)
+        theta -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    p = 1 / (1 + np.exp(-(x @ theta)))
+    p[idx] = y
+    order = np.argsort(d0, kind="stable")
+    tp, accepted = np.cumsum(p[order]), np.arange(1, len(d0) + 1)
+    f1 = 2 * tp / (accepted + p.sum())
+    return float(d0[order][int(np.argmax(f1))])
+
+
+def run_case(
+    case: Case,
+    network: SiameseNetwork,
+    image_size: int,
+    ks: list[int],
+    seeds: int,
+    retrain: bool,
+    epochs: int,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Every policy on one case: no answers, the job's questions and random answers at each ``k``,
+    with and (``retrain``) without fine-tuning on 20 of them."""
+    from imgsift_common.messages import SiameseModel, utcnow
+    from imgsift_siamese.train import reference_views
+
+    views, group = reference_views(case.ref_images, TrainConfig.augmentations, case.rotation * 100)
+    view_rows = pooled_features(network, views, image_size=image_size)
+    held_out = held_out_views(None, case.refs, view_rows, group)
+    d0 = reference_distance(embed_features(None, case.crops), embed_features(None, case.refs))
+    row: dict[str, Any] = {
+        "dataset": case.dataset, "task": case.task, "kind": case.kind, "rotation": case.rotation,
+        "crops": len(d0), "positives": int(case.positive.sum()), "truth": case.total,
+        "accept_all": f1_of(case, d0, 2.0), "best": best_f1(case, d0),
+    }  # fmt: skip
+    job = SimulatedJob(workdir, case, d0, held_out)
+    try:
+        row["answers_0"] = f1_of(case, d0, job.suggested())
+        row["threshold_0"] = job.suggested()
+        asked = ask_and_answer(job, [k for k in ks if k > 0])
+        for k, (t, _) in asked.items():
+            row[f"asked_{k}"] = f1_of(case, d0, t)
+            row[f"threshold_asked_{k}"] = t
+        if case.dataset == "coco" and 20 in asked:
+            row["asked_20_with_confidence"] = f1_of(case, d0, second_signal_threshold(case, d0, asked[20][1]))
+        for k in (k for k in ks if k > 0):
+            row[f"random_{k}"] = float(np.mean([f1_of(case, d0, answer_at_random(job, k, s)[0]) for s in range(seeds)]))
+        if retrain:
+            for name, answers in (("0", {}), ("asked_20", asked.get(20, (0, {}))[1]),
+                                  ("random_20", answer_at_random(job, 20, 0)[1])):  # fmt: skip
+                distances, positives, held = retrained(case, view_rows, group, d0, answers, epochs)
+                job.forget_answers()
+                job.record(distances)
+                job.answer(sorted(answers))
+                model = SiameseModel(
+                    version=1,
+                    key="jobs/bench/models/siamese-head-v1.pt",
+                    trained_at=utcnow(),
+                    held_out=positives,
+                    held_out_answers={job.keys[i]: d for i, d in held.items()},
+                )
+                job.state.update_job(job.job.id, model=model)
+                unanswered = np.ones(len(distances), dtype=bool)
+                unanswered[sorted(answers)] = False
+                row[f"tuned_{name}"] = f1_of(case, distances, job.suggested())
+                row[f"tuned_{name}_best"] = best_f1(case, distances)
+                row[f"tuned_{name}_best_unanswered"] = best_f1(case, distances, unanswered)
+                row[f"best_unanswered_{name}"] = best_f1(case, d0, unanswered)
+                job.state.update_job(job.job.id, model=None)
+    finally:
+        job.close()
+    return row
+
+
+def macro(rows: list[dict[str, Any]], key: str, kind: str | None = None) -> tuple[float, int]:
+    """Macro F1 over tasks (a task's F1: its mean over the rotations it ran in) and the task count."""
+    by_task: dict[str, list[float]] = {}
+    for r in rows:
+        if (kind is None or r["kind"] == kind) and key in r:
+            by_task.setdefault(r["task"], []).append(r[key])
+    return (float(np.mean([np.mean(v) for v in by_task.values()])) if by_task else float("nan")), len(by_task)
+
+
+def report(rows: list[dict[str, Any]], ks: list[int], title: str) -> dict[str, Any]:
+    """Print the macro table per kind of task and the goals; return the figures."""
+    kinds = [None, *sorted({r["kind"] for r in rows})]
+    keys = ["accept_all", "best", "answers_0"] + [f"{p}_{k}" for k in ks if k > 0 for p in ("asked", "random")]
+    keys += [k for k in ("asked_20_with_confidence", "tuned_0", "tuned_0_best", "tuned_asked_20", "tuned_asked_20_best",
+                         "tuned_asked_20_best_unanswered", "best_unanswered_asked_20", "tuned_random_20",
+                         "tuned_random_20_best") if any(k in r for r in rows)]  # fmt: skip
+    figures: dict[str, Any] = {}
+    print(f"\n{title}: macro F1 (tasks)")
+    print("| tasks | " + " | ".join(keys) + " |")
+    for kind in kinds:
+        cells = {k: macro(rows, k, kind) for k in keys}
+        figures[kind or "all"] = {k: v for k, (v, _) in cells.items()}
+        n = cells["best"][1]
+        crops = sum(r["crops"] for r in rows if kind is None or r["kind"] == kind)
+        positives = sum(r["positives"] for r in rows if kind is None or r["kind"] == kind)
+        figures[kind or "all"].update(tasks=n, crops=crops, positives=positives)
+        print(f"| {kind or 'all'} ({n} tasks, {crops} crops, {positives} positives) | "
+              + " | ".join(f"{v:.3f}" for v, _ in cells.values()) + " |")  # fmt: skip
+    a = figures["all"]
+    goals = {
+        "20 answers within 0.03 of the best": (a.get("asked_20", 0) - a["best"], -0.03),
+        "0 answers at most 0.02 below accepting all": (a["answers_0"] - a["accept_all"], -0.02),
+        "questions beat 20 random answers by 0.03": (a.get("asked_20", 0) - a.get("random_20", 0), 0.03),
+    }
+    if "tuned_asked_20_best" in a:
+        goals["retrained on 20 answers: best F1 above 0 answers"] = (a["tuned_asked_20_best"] - a["best"], 1e-9)
+    for name, (value, bar) in goals.items():
+        print(f"  {name}: {value:+.3f} (needs >= {bar:+.3f}) {'met' if value >= bar else 'NOT met'}")
+    figures["goals"] = {n: {"value": v, "bar": b, "met": v >= b} for n, (v, b) in goals.items()}
+    return figures
+
+
+def plot_answers(rows: list[dict[str, Any]], cases: dict[tuple[str, int], tuple[Case, np.ndarray]], out: Path,
+                 name: str) -> None:  # fmt: skip
+    """Precision-recall curves of each task's first rotation, with the threshold of 0 and 20 answers marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(r["task"], r)
+    cols = 5
+    lines = (len(firsts) + cols - 1) // cols
+    fig, axes = plt.subplots(lines, cols, figsize=(18, 3.2 * lines), squeeze=False)
+    for ax, (task, r) in zip(axes.flat, firsts.items(), strict=False):
+        case, d0 = cases[(task, r["rotation"])]
+        recall, precision = pr_curve(d0, case.positive, case.total)
+        ax.plot(recall, precision, color="#64748b", lw=1)
+        for key, colour, label in (("threshold_0", "#b3261e", "0 answers"), ("threshold_asked_20", "#2563eb",
+                                                                            "20 answers")):  # fmt: skip
+            if key in r:
+                p, rc, _ = prf(d0 <= r[key], case.positive, case.total)
+                ax.plot([rc], [p], "o", color=colour, label=label)
+        ax.set_title(f"{task} (best F1 {r['best']:.2f})", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+    for ax in list(axes.flat)[len(firsts) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"pr-answers-{name}.png", dpi=70)
+    plt.close(fig)
+
+
+def embed_all(network: SiameseNetwork, images: list[Image.Image], image_size: int) -> np.ndarray:
+    rows = [pooled_features(network, images[i : i + 128], image_size=image_size) for i in range(0, len(images), 128)]
+    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def answers_study(args: argparse.Namespace) -> None:
+    from imgsift_siamese.settings import SiameseSettings
+
+    started = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / "cache"
+    cache.mkdir(exist_ok=True)
+    ks = sorted({0, *args.answers})
+    results: dict[str, Any] = {"answers": ks, "rounds": ROUND, "seeds": args.seeds, "runs": {}}
+    coco = Coco128(args.coco) if "coco" in args.datasets else None
+    found: list[Crop] = []
+    if coco is not None:
+        truth = [coco.labels(p) for p in coco.images]
+        found = matched_crops(detect_all(args.weights, coco.images, conf=min(args.confs)), truth)
+    for backbone in args.backbones:
+        settings = SiameseSettings(storage="local", backbone=backbone)  # type: ignore[arg-type]
+        network = SiameseNetwork(build_backbone(backbone, None)).eval()
+        size = settings.image_size
+        tuned = args.retrain and backbone == args.backbones[0]
+        for dataset in args.datasets:
+            if dataset == "coco":
+                assert coco is not None
+                path = cache / f"coco-{backbone}-{min(args.confs)}.npz"
+                if not path.exists():
+                    truth = [coco.labels(p) for p in coco.images]
+                    crop_rows = embed_all(network, [crop_image(coco.images[c.image], c.box) for c in found], size)
+                    box_rows = embed_all(network, [crop_image(coco.images[i], t.box) for i, t in true_boxes(truth)],
+                                         size)  # fmt: skip
+                    np.savez(path, crops=crop_rows, boxes=box_rows)
+                saved = np.load(path)
+                runs = [
+                    (f"coco conf {c}", coco_cases(coco, found, saved["crops"], saved["boxes"], c, args.refs,
+                                                  args.rotations), c == args.confs[0])
+                    for c in args.confs
+                ]  # fmt: skip
+            else:
+                path = cache / f"clothing-{backbone}.npy"
+                if not path.exists():
+                    import csv
+
+                    table = list(csv.DictReader((args.clothing / "labels.csv").open()))
+                    photos = [Image.open(args.clothing / r["path"]).convert("RGB") for r in table]
+                    np.save(path, embed_all(network, photos, size))
+                cases = clothing_cases(args.clothing, np.load(path), args.refs, args.clothing_rotations)
+                runs = [("clothing", cases, True)]
+            for name, cases, first in runs:
+                label = f"{name}, {backbone}"
+                rows, by_task = [], {}
+                print(f"\n== {label}: {len(cases)} task rotations", flush=True)
+                for case in cases[: args.limit]:
+                    if len(case.crops) == 0:
+                        continue
+                    t0 = time.time()
+                    retrain = tuned and first and case.rotation < args.retrain_rotations
+                    row = run_case(case, network, size, ks, args.seeds, retrain, args.epochs, args.out / "tmp")
+                    rows.append(row)
+                    by_task[(case.task, case.rotation)] = (
+                        case,
+                        reference_distance(embed_features(None, case.crops), embed_features(None, case.refs)),
+                    )
+                    print(f"r{case.rotation} {case.task:26} crops {row['crops']:4} pos {row['positives']:4}  "
+                          f"all {row['accept_all']:.2f} best {row['best']:.2f} 0: {row['answers_0']:.2f} "
+                          + " ".join(f"{k}: {row.get(f'asked_{k}', 0):.2f}/{row.get(f'random_{k}', 0):.2f}"
+                                     for k in ks if k)
+                          + (f" tuned 20: {row['tuned_asked_20']:.2f}/{row['tuned_asked_20_best']:.2f}"
+                             if "tuned_asked_20" in row else "")
+                          + f" ({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
+                if not rows:
+                    continue
+                results["runs"][label] = {"summary": report(rows, ks, label), "tasks": rows}
+                plot_answers(rows, by_task, args.out, label.replace(", ", "-").replace(" ", "-"))
+                (args.out / "answers.json").write_text(json.dumps(results, indent=1))
+    print(f"\n{time.time() - started:.0f} s; written to {args.out / 'answers.json'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco128")
+    parser.add_argument("--clothing", type=Path, default=ROOT.parent / "shared" / "data" / "clothing")
+    parser.add_argument("--weights", default=str(ROOT.parent / "shared" / "models" / "yolov8n.pt"))
+    parser.add_argument("--refs", type=int, default=5, help="references per task at most")
+    parser.add_argument("--rotations", type=int, default=4, help="COCO128 reference/evaluation splits")
+    parser.add_argument("--clothing-rotations", type=int, default=2, help="clothing splits by sender (of 4)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "quality")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--datasets", type=lambda v: v.split(","), default=["coco", "clothing"])
+    parser.add_argument("--backbones", type=lambda v: v.split(","), default=["mobilenet_v2"],
+                        help="the first is also fine-tuned (--retrain)")  # fmt: skip
+    parser.add_argument("--confs", type=lambda v: [float(x) for x in v.split(",")], default=[0.25],
+                        help="detector confidence thresholds of the COCO128 jobs")  # fmt: skip
+    parser.add_argument("--answers", type=lambda v: [int(x) for x in v.split(",")], default=[10, 20, 40])
+    parser.add_argument("--seeds", type=int, default=3, help="draws of the random answers")
+    parser.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=True,
+                        help="also fine-tune on 0 and 20 answers (minutes per task)")  # fmt: skip
+    parser.add_argument("--retrain-rotations", type=int, default=2,
+                        help="rotations fine-tuned (the first N; training costs some 15 s a time)")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=None, help="task rotations per run at most (a quick look)")
+    parser.add_argument("--baselines", action="store_true", help="issue 4's study instead (classifier, whole images)")
+    args = parser.parse_args()
+    if args.baselines:
+        baseline_study(args)
+    else:
+        answers_study(args)
 
 
 if __name__ == "__main__":

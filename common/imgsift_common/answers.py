@@ -49,9 +49,10 @@ ACCEPT_ALL = MAX_DISTANCE
 PRIOR_SLOPE_SD = 2.5  # the slope per unit of spread: -2.5 multiplies the odds by 12 per unit
 PRIOR_SHARE_SD = 1.5  # log-odds of the positive share at the median crop
 NO_SHARE = 0.5  # the prior share of positives at the median crop where the references say nothing
-DRAWS = 200  # posterior draws for the precision and recall intervals
+DRAWS = 100  # posterior draws for the precision and recall intervals
 INTERVAL = (0.1, 0.9)  # the 80% interval reported
-QUESTION_SPREAD = 0.3  # the share of a round of questions spread over the distances, the rest where needed
+QUESTION_SPREAD = 0.3
+GOLDEN = 0.6180339887498949  # the share of a round of questions spread over the distances, the rest where needed
 
 
 def _sigmoid(x: float) -> float:
@@ -341,9 +342,13 @@ def question_targets(fit_: Fit, crops: Distribution, threshold: float, k: int) -
     for w, (_, n) in zip(weights, cells, strict=True):
         acc += w * n
         cumulative.append(acc)
+    # A new offset each round (the golden ratio's low-discrepancy sequence over the answers given),
+    # so that rounds of a few questions do not come back to the same quantiles, next to the
+    # crops answered last time.
+    offset = (0.5 + fit_.answers * GOLDEN) % 1.0
     targets = []
     for j in range(k):
-        i = min(bisect_right(cumulative, (j + 0.5) / k * acc), len(cells) - 1)
+        i = min(bisect_right(cumulative, (j + offset) / k * acc), len(cells) - 1)
         targets.append(cells[i][0])
     return targets
 

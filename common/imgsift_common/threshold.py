@@ -44,7 +44,7 @@ MIN_LABEL_FREE_GAIN = 0.05
 # on the shape of the crops' distances, which a few dozen crops do not show (on COCO128's tasks
 # of 20 to 70 crops the judgment was no better than chance: docs/quality.md).
 MIN_LABEL_FREE_CROPS = 100
-FINE_GRID = 2000  # thresholds the distance counts are read at, evenly over [0, 2]
+FINE_GRID = 400  # thresholds the distance counts are read at, evenly over [0, 2] (steps of 0.005)
 QUESTION_PAGE = 64  # crops read per look for the crop nearest a question's distance
 
 

@@ -2,9 +2,10 @@
 
 A job is created through the form (URL list of real COCO photos on the local test web,
 reference images given to the file input), its progress is watched until it completes, the
-threshold slider is moved and the gallery's accepted count checked against the API, a crop is
-marked, and every export is downloaded through its button and validated. Screenshots of the
-main pages go to ``test-artifacts/ui/``.
+threshold slider is moved and the gallery's accepted count checked against the API, questions of
+the "Ask me" panel are answered by key and by button (each answer counted at once, the API agreeing,
+no crop asked twice), a crop is marked in the gallery, and every export is downloaded through its
+button and validated. Screenshots of the main pages go to ``test-artifacts/ui/``.
 
 Chromium is told to resolve no name but loopback (``--host-resolver-rules``) and to keep its
 background services off, so the browser sends nothing beyond this machine either.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -77,6 +79,8 @@ def test_ui_creates_a_job_watches_it_moves_the_threshold_marks_and_exports(
     with sync_playwright() as pw, httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LOOPBACK_ONLY)
         page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+        question_fetches: list[str] = []
+        page.on("request", lambda r: question_fetches.append(r.url) if "/questions" in r.url else None)
         page.goto(f"{api}/")
         # Not signed in: the UI asks for a key, refuses a wrong one, then keeps a right one in its cookie.
         expect(page.locator("#signin")).to_be_visible()
@@ -119,12 +123,65 @@ def test_ui_creates_a_job_watches_it_moves_the_threshold_marks_and_exports(
         expect(page.locator("#threshold-line")).to_have_count(1)
         page.screenshot(path=ARTIFACTS / "3-threshold-moved.png", full_page=True)
 
-        # A click marks a crop right; the estimates follow.
-        first = page.locator("#gallery .crop").first
-        first.click()
-        expect(first).to_have_class("crop accepted marked-right")
+        # "Ask me": one question at a time, answered by key (y, n) or button. Each answer is counted at
+        # once and the API agrees; the suggestion and estimates follow; no crop is asked twice; the
+        # questions come in batches of 5, so five answers use up at least one batch.
+        image = page.locator("#ask-image")
+        count = page.locator("#ask-count")
+        calibration = client.get(f"/v1/jobs/{job_id}").json()["calibration"]
+        assert calibration["answers"] == 0
+        expect(count).to_have_text("0")
+        expect(image).to_be_visible()
+        expect(image).to_have_attribute("data-crop-id", re.compile(r"\S"))
+        page.wait_for_function("() => document.getElementById('ask-image').naturalWidth > 0")
+        _check_ask_panel(page, expect, calibration)
+        asked: list[str] = []
+        right = wrong = 0
+        for how, correct in (("y", True), ("n", False), ("#ask-wrong", False), ("#ask-right", True), ("y", True)):
+            expect(image).to_have_attribute("data-crop-id", re.compile(r"\S"))  # the next question is up
+            crop_id = image.get_attribute("data-crop-id")
+            assert crop_id and crop_id not in asked
+            asked.append(crop_id)
+            if how.startswith("#"):
+                page.click(how)
+            else:
+                page.keyboard.press(how)
+            right, wrong = right + correct, wrong + (not correct)
+            expect(count).to_have_text(str(len(asked)))
+            calibration = client.get(f"/v1/jobs/{job_id}").json()["calibration"]
+            assert (calibration["answers"], calibration["marked_right"], calibration["marked_wrong"]) == (
+                len(asked),
+                right,
+                wrong,
+            )
+            _check_ask_panel(page, expect, calibration)
+            mark = "marked-right" if correct else "marked-wrong"
+            expect(page.locator(f"#gallery .crop[data-crop-id='{crop_id}']")).to_have_class(re.compile(mark))
+        expect(image).to_have_attribute("data-crop-id", re.compile(r"\S"))
+        assert image.get_attribute("data-crop-id") not in asked
+        still_asked = client.get(f"/v1/jobs/{job_id}/questions", params={"limit": 100}).json()["items"]
+        assert still_asked and not {c["crop_id"] for c in still_asked} & set(asked)
+        assert len(question_fetches) >= 2 and all("limit=5" in url for url in question_fetches)
+        page.locator("#ask").scroll_into_view_if_needed()
+        page.screenshot(path=ARTIFACTS / "3b-ask-me.png", full_page=True)
+
+        # A click marks a crop right; the estimates follow. The tile is the nearest one not answered above.
+        before = client.get(f"/v1/jobs/{job_id}").json()["calibration"]
+        crop_id = page.locator("#gallery .crop:not(.marked-right):not(.marked-wrong)").first.get_attribute(
+            "data-crop-id"
+        )
+        tile = page.locator(f"#gallery .crop[data-crop-id='{crop_id}']")
+        side = "accepted" if float(tile.get_attribute("data-distance") or "nan") <= shown else "rejected"
+        tile.click()
+        expect(tile).to_have_class(f"crop {side} marked-right")
         expect(page.locator("#details")).to_contain_text("licence")
-        assert client.get(f"/v1/jobs/{job_id}").json()["calibration"]["marked_right"] == 1
+        after = client.get(f"/v1/jobs/{job_id}").json()["calibration"]
+        assert (after["marked_right"], after["marked_wrong"], after["answers"]) == (
+            before["marked_right"] + 1,
+            before["marked_wrong"],
+            before["answers"] + 1,
+        )
+        expect(count).to_have_text(str(after["answers"]))
 
         # Every export through its button, then validated.
         accepted = _crops(client, job_id, shown, accepted=True)
@@ -147,6 +204,31 @@ def test_ui_creates_a_job_watches_it_moves_the_threshold_marks_and_exports(
         browser.close()
 
     _check_exports(downloads, accepted, compared)
+
+
+def _check_ask_panel(page, expect, calibration: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """The "Ask me" panel and the Threshold card show the calibration the API gives."""
+    suggested = calibration["suggested_threshold"]
+    assert float(page.locator("#ask-suggested").inner_text()) == suggested
+    assert float(page.locator("#suggested").inner_text()) == suggested
+    expect(page.locator("#suggested-line")).to_have_count(1)
+    expect(page.locator("#ask-basis")).to_have_text(calibration["basis"])
+    needs = page.locator("#ask-needs")
+    if calibration["needs_answers"]:
+        expect(needs).to_be_visible()
+        expect(needs).to_contain_text("answers needed")
+    else:
+        expect(needs).to_be_hidden()
+    at = calibration["at_suggested"]
+    estimates = page.locator("#ask-estimates")
+    for name in ("precision", "recall"):
+        if at[name] is None:
+            continue
+        # e.g. "precision 0.82 (0.70–0.90)": the value, and its 80% interval once the API gives one.
+        pattern = rf"{name} \d\.\d\d"
+        if at[f"{name}_interval"] is not None:
+            pattern += r" \(\d\.\d\d–\d\.\d\d\)"
+        expect(estimates).to_contain_text(re.compile(pattern))
 
 
 def _check_exports(files: dict[str, Path], accepted: list[dict], compared: int) -> None:  # type: ignore[type-arg]

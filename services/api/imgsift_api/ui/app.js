@@ -1,12 +1,14 @@
 // imgsift web UI: plain JavaScript over the REST API (/v1). Two views, chosen by the URL hash:
 //   #/           new job form and the list of jobs
-//   #/jobs/ID    live progress (server-sent events), threshold slider, histogram, gallery, exports
+//   #/jobs/ID    live progress (server-sent events), threshold slider, histogram, "Ask me" questions,
+//                gallery, exports
 
 const KEYWORD_SOURCES = ["openverse", "wikimedia", "bing", "duckduckgo", "flickr"];
 const EXPORTS = [
   ["imagefolder", "ImageFolder zip"], ["yolo", "YOLO dataset"], ["coco", "COCO JSON"],
   ["jsonl", "manifest JSONL"], ["csv", "manifest CSV"],
 ];
+const ASK_BATCH = 5;  // questions fetched at a time by the "Ask me" panel
 const view = document.getElementById("view");
 let cleanup = () => {};
 
@@ -167,10 +169,16 @@ function showJob(id) {
     document.getElementById("exports").append(button);
   }
 
+  const stopAsking = setupAsk(page);
+
   const events = new EventSource(`/v1/jobs/${id}/events`);
   events.addEventListener("status", (e) => onStatus(page, JSON.parse(e.data)));
-  events.addEventListener("end", () => { events.close(); loadCrops(page); });
-  cleanup = () => events.close();
+  events.addEventListener("end", () => {
+    events.close();
+    refillQuestions(page, true);  // the questions asked while the job ran were chosen among fewer crops
+    loadCrops(page);
+  });
+  cleanup = () => { events.close(); stopAsking(); };
 }
 
 function onStatus(page, status) {
@@ -199,8 +207,6 @@ function showStatus(page) {
   }).join("") + `<p class="notes">overall ${Math.round(s.progress * 100)}% · ${s.counts.downloaded} images,
     ${s.counts.duplicates} duplicates, ${s.counts.failed} failed, ${s.counts.crops} crops</p>`;
   document.getElementById("notes").textContent = s.notes.join(" · ");
-  const cal = s.calibration;
-  document.getElementById("suggested").textContent = cal.suggested_threshold ?? "–";
   document.getElementById("model").textContent = s.model.training
     ? "training…" : (s.model.version ? `fine-tuned head v${s.model.version}` : "pretrained embedding");
   showCalibration(page);
@@ -213,6 +219,8 @@ function showCalibration(page) {
        recall ${cal.recall.toFixed(2)}` : "estimates appear once the job has two references and crops";
   document.getElementById("estimates").textContent = `${est} · ${cal.basis} · marked ${cal.marked_right} right,
     ${cal.marked_wrong} wrong`;
+  document.getElementById("suggested").textContent = cal.suggested_threshold ?? "–";
+  showAskCalibration(cal);
   drawHistogram(page);
 }
 
@@ -244,6 +252,7 @@ async function loadCrops(page) {
   } while (cursor && crops.length < 20000);
   page.crops = crops;
   renderGallery(page);
+  refillQuestions(page);
 }
 
 function renderGallery(page) {
@@ -297,20 +306,160 @@ async function mark(page, crop, tile) {
   });
   if (next === undefined) page.marks.delete(crop.crop_id); else page.marks.set(crop.crop_id, next);
   markClass(tile, next);
+  if (next !== undefined && page.ask.current?.crop_id === crop.crop_id && !page.ask.busy) nextQuestion(page);
   page.status.calibration = calibration;
   showCalibration(page);
   const p = crop.provenance || {};
   const details = document.getElementById("details");
   details.hidden = false;
-  details.innerHTML = `<b>${crop.crop_id}</b> · distance ${crop.distance.toFixed(3)} · ${escape(crop.class)} ·
-    <a href="${crop.original_url}" target="_blank">original</a> · source ${escape(p.source ?? "?")} ·
+  const pageUrl = /^https?:\/\//i.test(p.page_url ?? "") ? p.page_url : null;
+  details.innerHTML = `<b>${escape(crop.crop_id)}</b> · distance ${crop.distance.toFixed(3)} · ${escape(crop.class)} ·
+    <a href="${escape(crop.original_url)}" target="_blank">original</a> · source ${escape(p.source ?? "?")} ·
     licence ${escape(p.license ?? "unknown")} · author ${escape(p.author ?? "unknown")} ·
-    page ${p.page_url ? `<a href="${p.page_url}" target="_blank" rel="noreferrer">${escape(p.page_url)}</a>` : "–"}`;
+    page ${pageUrl ? `<a href="${escape(pageUrl)}" target="_blank" rel="noreferrer">${escape(pageUrl)}</a>`
+      : escape(p.page_url ?? "–")}`;
 }
 
 function markClass(tile, value) {
   tile.classList.toggle("marked-right", value === true);
   tile.classList.toggle("marked-wrong", value === false);
+}
+
+// ------------------------------------------------------------------ "Ask me": one question at a time
+// GET /questions gives the crops whose answers the job needs most, ASK_BATCH at a time; each answer is
+// a PUT .../feedback whose calibration replaces the page's (suggested threshold, estimates, histogram).
+// The image carries data-crop-id only while its question can be answered (not while an answer is sent).
+
+function setupAsk(page) {
+  page.ask = { current: null, queue: [], loading: false, again: false, busy: false, error: "" };
+  document.getElementById("ask-right").addEventListener("click", () => answer(page, true));
+  document.getElementById("ask-wrong").addEventListener("click", () => answer(page, false));
+  const onKey = (event) => {
+    if (event.ctrlKey || event.metaKey || event.altKey || event.repeat || typing(event.target)) return;
+    const key = event.key.toLowerCase();
+    if (key !== "y" && key !== "n") return;
+    event.preventDefault();
+    answer(page, key === "y");
+  };
+  document.addEventListener("keydown", onKey);
+  showQuestion(page);
+  return () => document.removeEventListener("keydown", onKey);
+}
+
+const NOT_TYPED = new Set(["range", "checkbox", "radio", "button", "submit", "reset", "file", "color", "image"]);
+
+function typing(element) {
+  if (!(element instanceof Element)) return false;
+  if (element.isContentEditable || element.tagName === "TEXTAREA" || element.tagName === "SELECT") return true;
+  return element.tagName === "INPUT" && !NOT_TYPED.has(element.type);
+}
+
+function refillQuestions(page, fresh = false) {
+  const ask = page.ask;
+  if (fresh) ask.queue = [];
+  if (ask.loading) { ask.again ||= fresh; return; }
+  if (!ask.current && !ask.busy) loadQuestions(page);
+}
+
+async function loadQuestions(page) {
+  const ask = page.ask;
+  if (ask.loading) { ask.again = true; return; }
+  ask.loading = true;
+  showQuestion(page);
+  let items = [];
+  try {
+    items = (await api(`/v1/jobs/${page.id}/questions?limit=${ASK_BATCH}`)).items;
+    ask.error = "";
+  } catch (e) {
+    ask.error = `could not fetch questions: ${e.message}`;
+  }
+  ask.loading = false;
+  if (ask.again) { ask.again = false; loadQuestions(page); return; }
+  // An answer given while the batch was on its way (here or in the gallery) is not asked again.
+  ask.queue = items.filter((c) => !page.marks.has(c.crop_id) && c.crop_id !== ask.current?.crop_id);
+  if (!ask.current && !ask.busy) ask.current = ask.queue.shift() ?? null;
+  showQuestion(page);
+}
+
+function nextQuestion(page) {
+  const ask = page.ask;
+  ask.queue = ask.queue.filter((c) => !page.marks.has(c.crop_id));
+  ask.current = ask.queue.shift() ?? null;
+  if (ask.current) showQuestion(page); else loadQuestions(page);
+}
+
+async function answer(page, correct) {
+  const ask = page.ask;
+  const crop = ask.current;
+  if (!crop || ask.busy || !page.status) return;
+  ask.busy = true;
+  showQuestion(page);
+  try {
+    const calibration = await api(`/v1/jobs/${page.id}/crops/${encodeURIComponent(crop.crop_id)}/feedback`, {
+      method: "PUT", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ correct }),
+    });
+    ask.error = "";
+    page.marks.set(crop.crop_id, correct);
+    const tile = document.querySelector(`#gallery .crop[data-crop-id="${CSS.escape(crop.crop_id)}"]`);
+    if (tile) markClass(tile, correct);
+    page.status.calibration = calibration;
+    showCalibration(page);
+    ask.current = null;
+  } catch (e) {
+    ask.error = `the answer was not saved: ${e.message}`;
+    if (e.message.startsWith("409") || e.message.startsWith("404")) ask.current = null;  // not askable: skip it
+  }
+  ask.busy = false;
+  if (ask.current) showQuestion(page); else nextQuestion(page);
+}
+
+function showQuestion(page) {
+  const ask = page.ask;
+  const crop = ask.current;
+  const ready = Boolean(crop) && !ask.busy;
+  const image = document.getElementById("ask-image");
+  document.getElementById("ask-right").disabled = !ready;
+  document.getElementById("ask-wrong").disabled = !ready;
+  if (crop) {
+    if (image.getAttribute("src") !== crop.crop_url) image.src = crop.crop_url;
+    image.hidden = false;
+    document.getElementById("ask-meta").textContent =
+      `distance ${crop.distance.toFixed(3)} · ${crop.class ?? "?"} (score ${crop.score.toFixed(2)})`;
+  } else {
+    image.hidden = true;
+    image.removeAttribute("src");
+    document.getElementById("ask-meta").textContent = "";
+  }
+  if (ready) image.dataset.cropId = crop.crop_id; else delete image.dataset.cropId;
+  const running = !page.status || page.status.state === "queued" || page.status.state === "running";
+  document.getElementById("ask-status").textContent = crop ? ""
+    : ask.loading || ask.busy ? "loading questions…"
+    : running ? "No crop is ready to ask about yet: questions come as the crops are compared."
+    : "No questions left: every crop the job would ask about is answered.";
+  document.getElementById("ask-error").textContent = ask.error;
+}
+
+function estimate(name, value, interval) {
+  if (value == null) return `${name} –`;
+  const range = interval ? ` (${interval[0].toFixed(2)}–${interval[1].toFixed(2)})` : "";
+  return `${name} ${value.toFixed(2)}${range}`;
+}
+
+function showAskCalibration(cal) {
+  document.getElementById("ask-count").textContent = cal.answers;
+  document.getElementById("ask-suggested").textContent = cal.suggested_threshold ?? "–";
+  const at = cal.at_suggested;
+  const intervals = at?.precision_interval || at?.recall_interval ? " (80% intervals)" : "";
+  document.getElementById("ask-estimates").textContent = at
+    ? `estimated at the suggestion ${at.threshold}: ${estimate("precision", at.precision, at.precision_interval)} · `
+      + `${estimate("recall", at.recall, at.recall_interval)}${intervals}`
+    : "estimates appear once the job has crops";
+  document.getElementById("ask-basis").textContent = cal.basis;
+  const needs = document.getElementById("ask-needs");
+  needs.hidden = !cal.needs_answers;
+  needs.textContent = "answers needed: nothing separates the crops yet, so the suggestion accepts every crop; "
+    + "a few right and wrong answers will settle the threshold.";
 }
 
 async function exportAs(page, format, button) {

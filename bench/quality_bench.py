@@ -867,7 +867,7 @@ def answers_study(args: argparse.Namespace) -> None:
                 runs = [
                     (f"coco conf {c}", coco_cases(coco, found, saved["crops"], saved["boxes"], c, args.refs,
                                                   args.rotations), c == args.confs[0])
-                    for c in args.confs
+                    for c in (args.confs if backbone == args.backbones[0] else args.confs[:1])
                 ]  # fmt: skip
             else:
                 path = cache / f"clothing-{backbone}.npy"

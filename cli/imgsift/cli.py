@@ -297,10 +297,14 @@ def answer(
     wrong: Annotated[list[str] | None, typer.Option(help="a crop that does not (repeat)")] = None,
     answers: Annotated[Path | None, typer.Option(help="a file of `crop,right` and `crop,wrong` lines")] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="re-decide at this threshold (default: the updated suggestion)")
+        float | None,
+        typer.Option(help="re-decide at this threshold (default: one given before, else the updated suggestion)"),
     ] = None,
     train: Annotated[
         bool, typer.Option("--train", help="then fine-tune the Siamese head on them and re-score every crop")
+    ] = False,
+    suggested: Annotated[
+        bool, typer.Option("--suggested", help="decide at the suggestion from now on, though a threshold was given")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
@@ -319,7 +323,9 @@ def answer(
         if not given:
             raise typer.BadParameter("give --right, --wrong or --answers", param_hint="--right")
         source = str(answers) if answers is not None else "the command line"
-        summary, model = answer_folder(out, given, threshold=threshold, train=train, source=source, progress=progress)
+        summary, model = answer_folder(
+            out, given, threshold=threshold, train=train, follow=suggested, source=source, progress=progress
+        )
     except EmbeddedError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -342,8 +348,12 @@ def train(
     ] = None,
     negative_bank: Annotated[Path | None, typer.Option(help="folder of generic images of other things")] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="re-decide at this threshold (default: the new suggested one)")
+        float | None,
+        typer.Option(help="re-decide at this threshold (default: one given before, else the new suggestion)"),
     ] = None,
+    suggested: Annotated[
+        bool, typer.Option("--suggested", help="decide at the suggestion from now on, though a threshold was given")
+    ] = False,
     epochs: Annotated[int, typer.Option(help="training passes over the references' views")] = 60,
     siamese_weights: Annotated[
         Path | None, typer.Option(help="local backbone weights file (default: the one collect used)")
@@ -359,7 +369,7 @@ def train(
     try:
         summary, model = train_collected(
             out, negatives=negatives, negative_bank=negative_bank, threshold=threshold, epochs=epochs,
-            device=device, progress=progress, weights=siamese_weights,
+            device=device, progress=progress, weights=siamese_weights, follow=suggested,
         )  # fmt: skip
     except EmbeddedError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)

@@ -433,9 +433,11 @@ def save_siamese_settings(out: Path, settings: Any) -> None:
     (out / STATE_DIR / "siamese.json").write_text(json.dumps(saved))
 
 
-def settle_threshold(state: SqliteStateStore, job: Job, threshold: float | None) -> float:
+def settle_threshold(state: SqliteStateStore, job: Job, threshold: float | None, follow: bool = False) -> float:
     """The threshold to decide at: a given one (remembered as fixed), else a fixed earlier one,
-    else the job's suggestion, which follows the answers."""
+    else the job's suggestion, which follows the answers. ``follow``: forget a fixed one."""
+    if follow:
+        state.set_marker(JOB_ID, THRESHOLD_MARKER, "suggested")
     if threshold is not None:
         state.set_marker(JOB_ID, THRESHOLD_MARKER, "fixed")
     elif state.get_marker(JOB_ID, THRESHOLD_MARKER) == "fixed":
@@ -473,6 +475,7 @@ def train_collected(
     device: str,
     progress: Progress | None = None,
     weights: Path | None = None,
+    follow: bool = False,
 ) -> tuple[RunSummary, SiameseModel]:
     """Fine-tune the Siamese head of the job in ``out``, re-score its crops, rewrite the outputs."""
     progress = progress or Progress()
@@ -484,7 +487,7 @@ def train_collected(
             out, weights=weights, negative_bank=negative_bank, train_epochs=epochs, device=device
         )
         job, model = train_folder(state, store, job, settings, progress)
-        return write_outputs(out, state, store, settle_threshold(state, job, threshold)), model
+        return write_outputs(out, state, store, settle_threshold(state, job, threshold, follow)), model
 
 
 def crop_names(out: Path, state: SqliteStateStore, store: LocalStore, job: Job) -> dict[str, str]:
@@ -554,6 +557,7 @@ def answer_folder(
     *,
     threshold: float | None,
     train: bool = False,
+    follow: bool = False,
     source: str = "the command line",
     progress: Progress | None = None,
 ) -> tuple[RunSummary, SiameseModel | None]:
@@ -582,4 +586,4 @@ def answer_folder(
         model = None
         if train:
             job, model = train_folder(state, store, job, folder_settings(out), progress)
-        return write_outputs(out, state, store, settle_threshold(state, job, threshold)), model
+        return write_outputs(out, state, store, settle_threshold(state, job, threshold, follow)), model

@@ -238,3 +238,93 @@ def test_export_writes_each_format_from_the_collect_folder(first_run: dict, tmp_
     bad = subprocess.run([IMGSIFT, "export", "--out", str(out), "--format", "pdf"], capture_output=True, text=True,
                          timeout=120, env={**ENV, "COLUMNS": "300"})  # fmt: skip
     assert bad.returncode == 2 and "unknown format" in bad.stderr
+
+
+def _truth(coco: Coco128, served: list[Path], row: dict) -> bool:  # type: ignore[type-arg]
+    """What a user answers for a crop: does it show a person (a labelled person box, IoU >= 0.5)?"""
+    photo = {p.name: p for p in served}[row["image_url"].rsplit("/", 1)[-1]]
+    match = coco.match(photo, tuple(row["box"]))
+    return match is not None and match.class_id == PERSON
+
+
+def test_questions_and_answers_settle_the_threshold_of_a_collect_folder(
+    first_run: dict,  # type: ignore[type-arg]
+    coco128: Coco128,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)  # type: ignore[arg-type]
+    rows = {r["crop"]: r for r in _manifest(out)}
+    asked = subprocess.run([IMGSIFT, "questions", "--out", str(out), "-n", "4"], capture_output=True, text=True,
+                           timeout=120, env=ENV)  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    questions = asked.stdout.split()
+    assert len(questions) == 4 == len(set(questions)) and set(questions) <= set(rows)  # the manifest's `crop`s
+
+    answers = tmp_path / "answers.csv"
+    truth = {q: _truth(coco128, first_run["served"], rows[q]) for q in questions}  # type: ignore[arg-type]
+    answers.write_text("# crop,right|wrong\n" + "".join(f"{q},{'right' if t else 'wrong'}\n" for q, t in truth.items()))
+    result = subprocess.run([IMGSIFT, "answer", "--out", str(out), "--answers", str(answers), "--quiet"],
+                            capture_output=True, text=True, timeout=120, env=ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "4 answers recorded" in result.stdout and "from 4 answers" in result.stdout
+    after = {r["crop_id"]: r for r in _manifest(out)}
+    by_id = {rows[q]["crop_id"]: t for q, t in truth.items()}
+    assert {i: r["answer"] for i, r in after.items() if r["answer"]} == {
+        i: "right" if t else "wrong" for i, t in by_id.items()
+    }
+    # The runs before gave --threshold: it stays fixed; the new suggestion is printed beside it.
+    fixed = next(iter(rows.values()))["threshold"]
+    assert all(r["threshold"] == fixed for r in after.values()) and "suggested threshold:" in result.stdout
+    again = subprocess.run([IMGSIFT, "questions", "--out", str(out), "-n", "4"], capture_output=True, text=True,
+                           timeout=120, env=ENV).stdout.split()  # fmt: skip
+    assert not {rows[q]["crop_id"] for q in questions} & {_crop_id(q) for q in again}  # never asked again
+
+    # --suggested: from now on the job follows its suggestion; a second answer replaces the first.
+    flip = questions[0]
+    result = subprocess.run([IMGSIFT, "answer", "--out", str(out), "--suggested", "--quiet",
+                             "--right" if not truth[flip] else "--wrong", _crop_id(flip) + ".jpg"],
+                            capture_output=True, text=True, timeout=120, env=ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    final = {r["crop_id"]: r for r in _manifest(out)}
+    assert sum(1 for r in final.values() if r["answer"]) == 4  # still four answered crops
+    assert final[rows[flip]["crop_id"]]["answer"] == ("wrong" if truth[flip] else "right")
+    threshold = next(iter(final.values()))["threshold"]
+    assert f"threshold {threshold} is the suggested one" in result.stdout
+    assert all(r["accepted"] == (r["distance"] <= threshold) for r in final.values())
+    assert len(list((out / "accepted").iterdir())) == sum(r["accepted"] for r in final.values())
+
+
+def _crop_id(name: str) -> str:
+    return Path(name).stem
+
+
+def test_bad_answers_change_nothing(first_run: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)  # type: ignore[arg-type]
+    manifest = (out / "manifest.jsonl").read_bytes()
+    crop = _manifest(out)[0]["crop"]
+    cases = {
+        "unknown crop": (["--right", crop, "--wrong", "accepted/nope-000.jpg"], "unknown crop(s) accepted/nope"),
+        "malformed line": (["--answers", "bad.csv"], "line 2"),
+        "another job's answers": (["--answers", "other.csv"], "another output folder"),
+        "nothing to record": ([], "give --right, --wrong or --answers"),
+    }
+    (tmp_path / "bad.csv").write_text(f"{crop},right\n{crop};wrong\n")
+    (tmp_path / "other.csv").write_text("rejected/0123456789abcdef01234567-000.jpg,right\nelephant-3.jpg,wrong\n")
+    for name, (extra, message) in cases.items():
+        result = subprocess.run([IMGSIFT, "answer", "--out", str(out), *extra], capture_output=True, text=True,
+                                timeout=120, cwd=tmp_path, env={**ENV, "COLUMNS": "300"})  # fmt: skip
+        assert result.returncode == 2, name
+        assert message in result.stderr, (name, result.stderr)
+        assert (out / "manifest.jsonl").read_bytes() == manifest, name  # nothing changed
+    from imgsift_common.state import SqliteStateStore
+
+    state = SqliteStateStore(out / ".imgsift" / "state.sqlite")
+    try:
+        assert state.feedback("local") == {}
+    finally:
+        state.close()
+    missing = subprocess.run([IMGSIFT, "questions", "--out", str(tmp_path / "nothing")], capture_output=True,
+                             text=True, timeout=120, env={**ENV, "COLUMNS": "300"})  # fmt: skip
+    assert missing.returncode == 2 and "holds no imgsift job" in missing.stderr

@@ -119,3 +119,41 @@ def test_verify_refuses_bad_input_with_a_reason(folders: dict[str, Path], tmp_pa
         capture_output=True, text=True, timeout=300, env=ENV,
     )  # fmt: skip
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_questions_and_answers_on_a_verify_folder(folders: dict[str, Path]) -> None:
+    out = folders["root"] / "out-answers"
+    rows, summary = _run(folders, out)
+    assert summary["needs_answers"] is True and summary["threshold"] == 2.0  # 14 crops: too few to trust alone
+    asked = subprocess.run([IMGSIFT, "questions", "--out", str(out), "-n", "6"], capture_output=True, text=True,
+                           timeout=120, env=ENV)  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    questions = asked.stdout.split()
+    assert len(questions) == 6 and set(questions) <= {r["crop"] for r in rows}  # input files, relative to --images
+    flags = [arg for q in questions for arg in ("--right" if q.startswith("elephant") else "--wrong", q)]
+    result = subprocess.run([IMGSIFT, "answer", "--out", str(out), "--quiet", *flags],
+                            capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "6 answers recorded" in result.stdout and "from 6 answers" in result.stdout
+    after = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["crop"] for r in after} == {r["crop"] for r in rows}
+    assert {r["crop"]: r["distance"] for r in after} == {r["crop"]: r["distance"] for r in rows}  # no re-score
+    assert {r["crop"]: r["answer"] for r in after if r["answer"]} == {
+        q: "right" if q.startswith("elephant") else "wrong" for q in questions
+    }
+    threshold = after[0]["threshold"]
+    assert threshold < 2.0  # the answers settled a threshold below "accept everything"
+    assert all(r["accepted"] == (r["distance"] <= threshold) for r in after)
+    assert sorted(p.name for p in (out / "accepted").iterdir()) == sorted(
+        r["output"].split("/")[-1] for r in after if r["accepted"]
+    )
+    # Training on them: the answered crops join the positives and the hard negatives, every crop is
+    # scored again. (Whether that pays is bench/quality_bench.py's question: 14 crops say little.)
+    trained = subprocess.run([IMGSIFT, "answer", "--out", str(out), "--train", "--quiet", *flags[:2]],
+                             capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert "Siamese head v1 trained on the answers" in trained.stdout and "from 6 answers" in trained.stdout
+    final = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["crop"] for r in final} == {r["crop"] for r in rows}
+    assert {r["crop"]: r["distance"] for r in final} != {r["crop"]: r["distance"] for r in after}
+    assert sum(1 for r in final if r["answer"]) == 6  # answering a crop again replaced its answer

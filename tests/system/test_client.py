@@ -42,6 +42,11 @@ def test_client_creates_waits_pages_rethresholds_exports_and_raises_typed_errors
         loose = imgsift.set_threshold(job.id, 2.0)
         assert loose.threshold == 2.0 and loose.counts["accepted"] == done.counts["compared"]
         assert imgsift.mark(job.id, every[0].crop_id, True).marked_right == 1
+        asked = imgsift.questions(job.id, limit=3)
+        assert len(asked.items) == min(3, len(every) - 1) and asked.calibration.answers == 1
+        assert every[0].crop_id not in {c.crop_id for c in asked.items}  # an answered crop is not asked again
+        answered = imgsift.mark(job.id, asked.items[0].crop_id, False)
+        assert answered.answers == 2 and answered.marked_wrong == 1 and answered.at_suggested is not None
 
         export = imgsift.export(job.id, "jsonl", tmp_path / "manifest.jsonl", threshold=0.8)
         rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]

@@ -30,7 +30,7 @@ from imgsift_client.errors import (
     Unavailable,
     WaitTimeout,
 )
-from imgsift_client.models import Calibration, Crop, Export, Job, Provenance
+from imgsift_client.models import Calibration, Crop, Estimate, Export, Job, Provenance, Questions
 from imgsift_client.webhooks import InvalidSignature, verify_webhook
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "Calibration",
     "Conflict",
     "Crop",
+    "Estimate",
     "Export",
     "Forbidden",
     "ImgsiftClient",
@@ -48,6 +49,7 @@ __all__ = [
     "JobFailed",
     "NotFound",
     "Provenance",
+    "Questions",
     "RateLimited",
     "TooLarge",
     "Unauthorized",

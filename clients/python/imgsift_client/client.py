@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from imgsift_client.errors import ImgsiftError, JobFailed, WaitTimeout, error_for
-from imgsift_client.models import Calibration, Crop, Export, Job
+from imgsift_client.models import Calibration, Crop, Export, Job, Questions
 
 FileLike = str | Path | bytes | tuple[str, bytes]
 ProgressCallback = Callable[[Job], object]
@@ -118,6 +118,10 @@ class _Requests:
     def mark(job_id: str, crop_id: str, correct: bool | None) -> _Call[Calibration]:
         path = f"/v1/jobs/{job_id}/crops/{crop_id}/feedback"
         return _Call("PUT", path, Calibration.model_validate, {"json": {"correct": correct}})
+
+    @staticmethod
+    def questions(job_id: str, limit: int) -> _Call[Questions]:
+        return _Call("GET", f"/v1/jobs/{job_id}/questions", Questions.model_validate, {"params": {"limit": limit}})
 
     @staticmethod
     def crops_page(
@@ -229,7 +233,12 @@ class ImgsiftClient:
         return self._send(_Requests.train(job_id))
 
     def mark(self, job_id: str, crop_id: str, correct: bool | None) -> Calibration:
+        """Answer a crop: right (True), wrong (False), or take the answer back (None)."""
         return self._send(_Requests.mark(job_id, crop_id, correct))
+
+    def questions(self, job_id: str, limit: int = 10) -> Questions:
+        """The ``limit`` crops whose answers would settle the job's threshold most (answer them with ``mark``)."""
+        return self._send(_Requests.questions(job_id, limit))
 
     # ------------------------------------------------------------------ crops
     def crops(
@@ -349,6 +358,9 @@ class AsyncImgsiftClient:
 
     async def mark(self, job_id: str, crop_id: str, correct: bool | None) -> Calibration:
         return await self._send(_Requests.mark(job_id, crop_id, correct))
+
+    async def questions(self, job_id: str, limit: int = 10) -> Questions:
+        return await self._send(_Requests.questions(job_id, limit))
 
     async def crops(
         self, job_id: str, *, threshold: float | None = None, accepted: bool | None = None, page_size: int = 100

@@ -13,13 +13,27 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
+class Estimate(_Model):
+    threshold: float
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
+    precision_interval: tuple[float, float] | None = None
+    recall_interval: tuple[float, float] | None = None
+
+
 class Calibration(_Model):
     suggested_threshold: float | None = None
     basis: str = ""
+    needs_answers: bool = False  # the suggestion accepts every crop until answers settle it
+    answers: int = 0  # answers the estimates rest on
     positive_share: float | None = None
     precision: float | None = None
     recall: float | None = None
     f1: float | None = None
+    precision_interval: tuple[float, float] | None = None
+    recall_interval: tuple[float, float] | None = None
+    at_suggested: Estimate | None = None
     histogram: dict[str, list[float]] = Field(default_factory=dict)
     marked_right: int = 0
     marked_wrong: int = 0
@@ -82,3 +96,10 @@ class Export(_Model):
     download_url: str | None = None
     created_at: datetime
     finished_at: datetime | None = None
+
+
+class Questions(_Model):
+    """The crops whose answers the job needs most, and the calibration they would refine."""
+
+    items: list[Crop]
+    calibration: Calibration

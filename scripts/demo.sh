@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install imgsift, serve a small demo web of real photos on 127.0.0.1, and run
 # `imgsift collect` on it: target "animal" (a COCO supercategory), elephant references.
-# Then move the threshold and re-decide instantly, and score both against the labels.
+# Then the loop a user runs: the job asks about the crops that settle its threshold, the
+# answers (taken here from COCO128's labels) move it; every step is scored against the labels.
+# Last, a threshold given by hand re-decides the job instantly from its stored distances.
 #
 # Offline, it uses the COCO128 photos and YOLOv8n weights in ../shared when they are there.
 # Elsewhere: COCO128 is fetched from the ultralytics release assets and YOLOv8n is downloaded
@@ -33,16 +35,29 @@ trap 'kill $SITE 2>/dev/null || true' EXIT
 for _ in $(seq 50); do [ -s "$WORK/site.json" ] && break; sleep 0.2; done
 cat "$WORK/site.json"
 
-run() {
+collect() {
   # The demo web is on 127.0.0.1, which the crawler refuses unless it is allowlisted.
   IMGSIFT_CRAWLER_NETWORK_ALLOWLIST='["127.0.0.1/32"]' .venv/bin/imgsift collect \
     --source "urls:$WORK/urls.txt" --source "site:http://127.0.0.1:$PORT/" \
-    --target animal --refs "$WORK/refs" --threshold "$1" --out demo-out \
-    --yolo-weights "$YOLO" --backbone mobilenet_v2
+    --target animal --refs "$WORK/refs" --out demo-out --yolo-weights "$YOLO" --quiet "$@"
+}
+score() {
   .venv/bin/python scripts/demo_site.py score --coco "$COCO" --manifest demo-out/manifest.jsonl --ref-class elephant
 }
-echo "== collect at threshold 0.80"
-run 0.80
+rm -rf demo-out
+echo "== collect, no threshold given: the label-free suggestion"
+collect
+score
+for round in 1 2; do
+  echo "== round $round: the job's 10 questions, answered from COCO128's labels as a user would"
+  .venv/bin/imgsift questions --out demo-out -n 10 > "$WORK/questions-$round.txt"
+  .venv/bin/python scripts/demo_site.py answer --coco "$COCO" --manifest demo-out/manifest.jsonl \
+    --ref-class elephant < "$WORK/questions-$round.txt" > "$WORK/answers-$round.csv"
+  cat "$WORK/answers-$round.csv"
+  .venv/bin/imgsift answer --out demo-out --answers "$WORK/answers-$round.csv" --quiet
+  score
+done
 echo "== the same job re-decided at threshold 0.90 (no download, no model: stored distances only)"
-run 0.90
+collect --threshold 0.90
+score
 echo "crops: demo-out/accepted/ and demo-out/rejected/, one JSON line per crop in demo-out/manifest.jsonl"

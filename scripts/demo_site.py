@@ -6,6 +6,9 @@
         site: gallery pages with <img src>, srcset, links to files and og:image.
     python scripts/demo_site.py score --coco DIR --manifest OUT/manifest.jsonl --ref-class person
         compares imgsift's accepted crops with the photos' labelled boxes (IoU >= 0.5).
+    python scripts/demo_site.py answer --coco DIR --manifest OUT/manifest.jsonl --ref-class person < QUESTIONS
+        answers the crops `imgsift questions` printed from the photos' labels, as a user would:
+        one `crop,right` or `crop,wrong` line each, for `imgsift answer --answers`.
 
 Nothing here is part of the product: it stands in for the web when there is no internet.
 """
@@ -80,18 +83,24 @@ def serve(args: argparse.Namespace) -> None:
         web.stop()
 
 
+def _truth(coco: Coco128, cid: int, row: dict) -> bool | None:  # type: ignore[type-arg]
+    """Whether a manifest row's crop shows the class (a labelled box of it, IoU >= 0.5); None: not a demo photo."""
+    photo = {p.name: p for p in coco.images}.get(row["image_url"].rsplit("/", 1)[-1])
+    if photo is None:
+        return None
+    match = coco.match(photo, tuple(row["box"]))
+    return match is not None and match.class_id == cid
+
+
 def score(args: argparse.Namespace) -> None:
     coco = Coco128(Path(args.coco))
     cid = COCO_NAMES.index(args.ref_class)
-    by_name = {p.name: p for p in coco.images}
     tp = fp = fn = tn = 0
     for line in Path(args.manifest).read_text().splitlines():
         row = json.loads(line)
-        photo = by_name.get(row["image_url"].rsplit("/", 1)[-1])
-        if photo is None:
+        truth = _truth(coco, cid, row)
+        if truth is None:
             continue
-        match = coco.match(photo, tuple(row["box"]))
-        truth = match is not None and match.class_id == cid
         if row["accepted"]:
             tp += truth
             fp += not truth
@@ -107,6 +116,14 @@ def score(args: argparse.Namespace) -> None:
              "false_negative": fn, "precision": round(precision, 3), "recall": round(recall, 3), "f1": round(f1, 3)}
         )
     )  # fmt: skip
+
+
+def answer(args: argparse.Namespace) -> None:
+    coco = Coco128(Path(args.coco))
+    cid = COCO_NAMES.index(args.ref_class)
+    rows = {r["crop"]: r for r in map(json.loads, Path(args.manifest).read_text().splitlines())}
+    for crop in sys.stdin.read().split():
+        print(f"{crop},{'right' if _truth(coco, cid, rows[crop]) else 'wrong'}")
 
 
 def main() -> None:
@@ -125,8 +142,12 @@ def main() -> None:
     s.add_argument("--coco", required=True)
     s.add_argument("--manifest", required=True)
     s.add_argument("--ref-class", default="elephant")
+    a = sub.add_parser("answer")
+    a.add_argument("--coco", required=True)
+    a.add_argument("--manifest", required=True)
+    a.add_argument("--ref-class", default="elephant")
     args = parser.parse_args()
-    serve(args) if args.command == "serve" else score(args)
+    {"serve": serve, "score": score, "answer": answer}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -309,3 +309,15 @@ def test_crop_listing_filters_and_sorts(api: TestClient) -> None:
     assert walk(source="site") == sorted(distances) and walk(source="openverse") == []
     assert api.get(f"/v1/jobs/{job_id}/crops", params={"source": "ftp"}).status_code == 422
     assert api.get(f"/v1/jobs/{job_id}/crops", params={"order": "score"}).status_code == 422
+
+
+def test_a_crop_without_a_distance_cannot_be_answered_yet(api: TestClient) -> None:
+    job_id = _create(api).json()["id"]
+    state, store = api.app.state.state, api.app.state.store  # type: ignore[attr-defined]
+    crop_ids = _fill(state, store, job_id, [0.4, 0.6])
+    state.reset_distances(job_id)  # as if the Siamese stage had not compared them yet
+    refused = api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[0]}/feedback", json={"correct": True})
+    assert refused.status_code == 409 and "no distance yet" in refused.json()["detail"]
+    assert state.feedback(job_id) == {}  # nothing recorded
+    assert api.get(f"/v1/jobs/{job_id}/questions").json()["items"] == []  # nothing to ask either
+    assert api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[0]}/feedback", json={"correct": None}).status_code == 200

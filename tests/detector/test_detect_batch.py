@@ -250,3 +250,21 @@ def test_a_failed_crop_write_fails_the_batch_and_records_nothing_unstored(  # ty
     # The redelivered batch detects the rest.
     crops = detect_batch(job, [i.key for i in images], local_store, sqlite_state, fixed, settings)
     assert len(crops) == 4 and all(sqlite_state.is_detected(JOB_ID, i.key) for i in images)
+
+
+def test_a_job_sets_its_own_detector_confidence(  # type: ignore[no-untyped-def]
+    detector: Detector, detector_settings, coco128: Coco128, state_store, object_store
+) -> None:
+    """``JobSpec.detector_conf`` replaces the detector's setting for that job: the real model on real
+    photos keeps more boxes at 0.05 than at the default 0.25, and only boxes that sure."""
+    paths = [coco128.image(stem) for stem in PERSON_STEMS]
+    job = make_job(state_store, "person")
+    images = [i.key for i in add_photos(state_store, object_store, paths)]
+    default = detect_batch(job, images, object_store, state_store, detector, detector_settings)
+    state_store.reset_detections(job.id)
+    job = state_store.update_job(job.id, spec=job.spec.model_copy(update={"detector_conf": 0.05}))
+    low = detect_batch(job, images, object_store, state_store, detector, detector_settings)
+    assert detector_settings.conf == 0.25
+    assert all(c.score >= 0.25 for c in default)
+    assert len(low) > len(default) and min(c.score for c in low) < 0.25
+    assert all(c.score >= 0.05 for c in low)

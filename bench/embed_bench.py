@@ -18,6 +18,13 @@ in a local object store; the job state is in a redis-server of the bench's own. 
 per round), so load from other processes falls on all three alike; a ratio is the sum of one
 run's batch times over the other's, the median over the rounds.
 Goal (issue 8): the stage at least 0.85x the bare forward.
+
+    .venv/bin/python bench/embed_bench.py --backbones mobilenet_v2,efficientnet_lite0,efficientnet_lite2
+
+compares backbones instead: each in a fresh process (so its memory is its own), the stage
+(``compare_batch``) over the same crops, the processes in turn for ``--rounds`` rounds, so load
+falls on all alike. Reported per backbone: crops per second and the process's peak resident
+memory, both also as ratios to the first backbone's in the same run (medians over the rounds).
 """
 
 from __future__ import annotations
@@ -133,6 +140,76 @@ def timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def stage_only(args: argparse.Namespace) -> None:
+    """One backbone's stage over the crops, in this process: crops per second and peak memory (JSON on stdout)."""
+    import resource
+
+    crops, references = cut_crops(Coco128(args.coco), args.crops)
+    settings = SiameseSettings(storage="local", device=args.device, batch_size=args.batch, backbone=args.backbone)
+    embedder = get_embedder(settings)
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", tmp_name],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for_port(port)
+            state = RedisStateStore.from_url(f"redis://127.0.0.1:{port}/0")
+            store = LocalStore(Path(tmp_name) / "objects")
+            warm, warm_keys = new_job("bench-warm", crops[: 2 * settings.batch_size], references, store, state)
+            compare_batch(warm, warm_keys, store, state, embedder, settings)  # allocator, thread pools
+            job, crop_keys = new_job("bench-stage", crops, references, store, state)
+            size = settings.batch_size
+            seconds = sum(
+                timed(partial(compare_batch, job, crop_keys[i : i + size], store, state, embedder, settings))
+                for i in range(0, len(crop_keys), size)
+            )
+        finally:
+            server.terminate()
+            server.wait(10)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = {"backbone": args.backbone, "image_size": settings.image_size, "crops_per_second": len(crops) / seconds,
+              "peak_rss_mb": peak_mb}  # fmt: skip
+    print(json.dumps(report))
+
+
+def compare_backbones(args: argparse.Namespace) -> None:
+    """Each backbone's stage in its own process, in turn for ``--rounds`` rounds; medians and ratios."""
+    names = args.backbones
+    runs: dict[str, list[dict]] = {name: [] for name in names}  # type: ignore[type-arg]
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            command = [sys.executable, __file__, "--stage-only", "--backbone", name, "--crops", str(args.crops),
+                       "--device", args.device, "--batch", str(args.batch), "--coco", str(args.coco)]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1} {name}: {runs[name][-1]['crops_per_second']:.1f} crops/s, "
+                  f"peak {runs[name][-1]['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    first = names[0]
+
+    def median(name: str, field: str) -> float:
+        return statistics.median(run[field] for run in runs[name])
+
+    summary = {
+        name: {
+            "image_size": runs[name][0]["image_size"],
+            "crops_per_second": median(name, "crops_per_second"),
+            "peak_rss_mb": median(name, "peak_rss_mb"),
+            "speed_vs_first": median(name, "crops_per_second") / median(first, "crops_per_second"),
+            "memory_vs_first": median(name, "peak_rss_mb") / median(first, "peak_rss_mb"),
+        }
+        for name in names
+    }
+    print(f"\n{args.crops} crops, batch {args.batch}, {args.device}, {args.rounds} rounds (medians); ratios to {first}")
+    for name, s in summary.items():
+        print(f"{name:20} {s['image_size']} px  {s['crops_per_second']:6.1f} crops/s ({s['speed_vs_first']:.2f}x)  "
+              f"peak {s['peak_rss_mb']:6.0f} MB ({s['memory_vs_first']:.2f}x)")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco128")
@@ -142,7 +219,15 @@ def main() -> None:
     default_batch = SiameseSettings.model_fields["batch_size"].default
     parser.add_argument("--batch", type=int, default=default_batch, help="crops per forward pass")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "embed_bench.json")
+    parser.add_argument("--backbones", type=lambda v: v.split(","), default=None,
+                        help="compare these backbones' stage (speed, memory) instead")  # fmt: skip
+    parser.add_argument("--backbone", default="mobilenet_v2", help=argparse.SUPPRESS)
+    parser.add_argument("--stage-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stage_only:
+        return stage_only(args)
+    if args.backbones:
+        return compare_backbones(args)
     load_before = os.getloadavg()
     crops, references = cut_crops(Coco128(args.coco), args.crops)
     settings = SiameseSettings(storage="local", device=args.device, batch_size=args.batch)

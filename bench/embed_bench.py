@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))  # tests.support.coco: the COCO128 reader the test
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from crawl_bench import free_port, wait_for_port  # noqa: E402  # bench/ is on the path of a bench script
+from crawl_bench import free_port, redis_server, wait_for_port  # noqa: E402  # bench/ is on the path of a bench script
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -147,28 +147,17 @@ def stage_only(args: argparse.Namespace) -> None:
     crops, references = cut_crops(Coco128(args.coco), args.crops)
     settings = SiameseSettings(storage="local", device=args.device, batch_size=args.batch, backbone=args.backbone)
     embedder = get_embedder(settings)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp_name:
-        server = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", tmp_name],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            wait_for_port(port)
-            state = RedisStateStore.from_url(f"redis://127.0.0.1:{port}/0")
-            store = LocalStore(Path(tmp_name) / "objects")
-            warm, warm_keys = new_job("bench-warm", crops[: 2 * settings.batch_size], references, store, state)
-            compare_batch(warm, warm_keys, store, state, embedder, settings)  # allocator, thread pools
-            job, crop_keys = new_job("bench-stage", crops, references, store, state)
-            size = settings.batch_size
-            seconds = sum(
-                timed(partial(compare_batch, job, crop_keys[i : i + size], store, state, embedder, settings))
-                for i in range(0, len(crop_keys), size)
-            )
-        finally:
-            server.terminate()
-            server.wait(10)
+    with tempfile.TemporaryDirectory() as tmp_name, redis_server(Path(tmp_name)) as redis_url:
+        state = RedisStateStore.from_url(redis_url)
+        store = LocalStore(Path(tmp_name) / "objects")
+        warm, warm_keys = new_job("bench-warm", crops[: 2 * settings.batch_size], references, store, state)
+        compare_batch(warm, warm_keys, store, state, embedder, settings)  # allocator, thread pools
+        job, crop_keys = new_job("bench-stage", crops, references, store, state)
+        size = settings.batch_size
+        seconds = sum(
+            timed(partial(compare_batch, job, crop_keys[i : i + size], store, state, embedder, settings))
+            for i in range(0, len(crop_keys), size)
+        )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {"backbone": args.backbone, "image_size": settings.image_size, "crops_per_second": len(crops) / seconds,
               "peak_rss_mb": peak_mb}  # fmt: skip

@@ -44,7 +44,6 @@ MIN_LABEL_FREE_GAIN = 0.05
 # on the shape of the crops' distances, which a few dozen crops do not show (on COCO128's tasks
 # of 20 to 70 crops the judgment was no better than chance: docs/quality.md).
 MIN_LABEL_FREE_CROPS = 100
-FINE_GRID = 400  # thresholds the distance counts are read at, evenly over [0, 2] (steps of 0.005)
 QUESTION_PAGE = 64  # crops read per look for the crop nearest a question's distance
 
 
@@ -92,7 +91,7 @@ def decide(
         basis = f"highest expected F1 from {len(given)} answers and {crops.n} crop distances"
         needs = suggestion.threshold >= ask.ACCEPT_ALL and fitted.b == 0.0
     elif separates and label_free.suggested is not None:
-        basis = f"the references separate the crops: {label_free.basis}"
+        basis = f"the references separate the crops (label-free: {label_free.basis}); highest expected F1 under it"
         needs = False
     else:
         basis = "the references do not separate this job's crops: every crop is accepted until answers settle it"
@@ -125,8 +124,7 @@ def for_job(job: Job, state: StateStore, threshold: float | None = None) -> JobT
     positives = list(job.model.held_out if job.model else job.reference_distances)
     at = job.spec.threshold if threshold is None else threshold
     edges = [round(MAX_DISTANCE * i / HISTOGRAM_BINS, 4) for i in range(HISTOGRAM_BINS + 1)]
-    fine = [MAX_DISTANCE * i / FINE_GRID for i in range(FINE_GRID + 1)]
-    grid = sorted({*grid_for(positives, at, *edges), *fine, ask.ACCEPT_ALL})
+    grid = grid_for(positives, at, *edges)  # steps of 0.005 over [0, 2], and these
     counts = state.count_below(job.id, [*grid, float("inf")])
     crops = Distribution(counts[-1], grid, counts[:-1])
     fitted, suggestion, at_t, label_free, basis, needs = decide(positives, crops, given, at)

@@ -104,14 +104,7 @@ def calibration(job: Job, state: StateStore, found: JobThreshold | None = None) 
 
 
 def _estimate_out(e: Estimates) -> EstimateOut:
-    return EstimateOut(
-        threshold=e.threshold,
-        precision=e.precision,
-        recall=e.recall,
-        f1=e.f1,
-        precision_interval=e.precision_interval,
-        recall_interval=e.recall_interval,
-    )
+    return EstimateOut.model_validate(e, from_attributes=True)
 
 
 def question_page(job: Job, state: StateStore, limit: int) -> QuestionsOut:

@@ -769,9 +769,11 @@ def report(rows: list[dict[str, Any]], ks: list[int], title: str) -> dict[str, A
     """Print the macro table per kind of task and the goals; return the figures."""
     kinds = [None, *sorted({r["kind"] for r in rows})]
     keys = ["accept_all", "best", "answers_0"] + [f"{p}_{k}" for k in ks if k > 0 for p in ("asked", "random")]
-    tuned = ["asked_20_with_confidence", "best_where_tuned", "tuned_0", "tuned_0_best", "tuned_asked_10",
-             "tuned_asked_10_best", "tuned_asked_20", "tuned_asked_20_best", "tuned_asked_20_best_unanswered", "best_unanswered_asked_20",
-             "tuned_asked_40", "tuned_asked_40_best", "tuned_random_20", "tuned_random_20_best"]  # fmt: skip
+    tuned = [
+        "asked_20_with_confidence", "best_where_tuned", "tuned_0", "tuned_0_best", "tuned_asked_10",
+        "tuned_asked_10_best", "tuned_asked_20", "tuned_asked_20_best", "tuned_asked_20_best_unanswered",
+        "best_unanswered_asked_20", "tuned_asked_40", "tuned_asked_40_best", "tuned_random_20", "tuned_random_20_best",
+    ]  # fmt: skip
     keys += [k for k in tuned if any(k in r for r in rows)]
     figures: dict[str, Any] = {}
     print(f"\n{title}: macro F1 (tasks)")

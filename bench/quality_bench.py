@@ -922,6 +922,59 @@ def answers_study(args: argparse.Namespace) -> None:
     print(f"\n{time.time() - started:.0f} s; written to {args.out / 'answers.json'}")
 
 
+COLUMNS = [  # (key in answers.json, header) of the tables in docs/quality.md
+    ("accept_all", "accept all (no verification)"),
+    ("best", "best threshold"),
+    ("answers_0", "0 answers"),
+    ("asked_10", "10 asked"),
+    ("random_10", "10 random"),
+    ("asked_20", "20 asked"),
+    ("random_20", "20 random"),
+    ("asked_40", "40 asked"),
+    ("random_40", "40 random"),
+]
+TUNED_COLUMNS = [
+    ("best_where_tuned", "best threshold, pretrained"),
+    ("tuned_0", "0 answers"),
+    ("tuned_0_best", "0: best"),
+    ("tuned_asked_10", "10 asked"),
+    ("tuned_asked_10_best", "10: best"),
+    ("tuned_asked_20", "20 asked"),
+    ("tuned_asked_20_best", "20: best"),
+    ("tuned_random_20", "20 random"),
+    ("tuned_random_20_best", "20 random: best"),
+    ("tuned_asked_40", "40 asked"),
+    ("tuned_asked_40_best", "40: best"),
+    ("best_unanswered_asked_20", "unanswered crops, best, pretrained"),
+    ("tuned_asked_20_best_unanswered", "unanswered crops, best, tuned on 20"),
+]
+
+
+def markdown(paths: list[Path]) -> None:
+    """The tables of docs/quality.md from the answers.json files of runs (``--report``)."""
+    for path in paths:
+        for label, run in json.loads(path.read_text())["runs"].items():
+            rows = run["tasks"]
+            for title, columns in (("without fine-tuning", COLUMNS), ("fine-tuned on the answers", TUNED_COLUMNS)):
+                present = [(k, h) for k, h in columns if any(k in r for r in rows)]
+                if len(present) < 2:
+                    continue
+                tuned = columns is TUNED_COLUMNS
+                print(f"\n**{label}, {title}**" + (" (first rotation)" if tuned else "") + ": macro F1\n")
+                print("| tasks | " + " | ".join(h for _, h in present) + " |")
+                print("| --- |" + " ---: |" * len(present))
+                for kind in (None, *sorted({r["kind"] for r in rows})):
+                    sel = [r for r in rows if (kind is None or r["kind"] == kind) and (not tuned or present[0][0] in r)]
+                    tasks = len({r["task"] for r in sel})
+                    crops, positives = sum(r["crops"] for r in sel), sum(r["positives"] for r in sel)
+                    cells = [f"{macro(sel, k)[0]:.3f}" for k, _ in present]
+                    print(f"| {kind or 'all'} ({tasks} tasks; {crops} crops, {positives} positives) | "
+                          + " | ".join(cells) + " |")  # fmt: skip
+            for name, goal in run["summary"]["goals"].items():
+                verdict = "met" if goal["met"] else "not met"
+                print(f"- {name}: {goal['value']:+.3f} (needs {goal['bar']:+.3f}): {verdict}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco128")
@@ -944,9 +997,12 @@ def main() -> None:
     parser.add_argument("--retrain-rotations", type=int, default=1,
                         help="rotations fine-tuned (the first N; training costs some 15 s a time)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="task rotations per run at most (a quick look)")
+    parser.add_argument("--report", type=Path, nargs="+", help="print docs/quality.md's tables from answers.json files")
     parser.add_argument("--baselines", action="store_true", help="issue 4's study instead (classifier, whole images)")
     args = parser.parse_args()
-    if args.baselines:
+    if args.report:
+        markdown(args.report)
+    elif args.baselines:
         baseline_study(args)
     else:
         answers_study(args)

@@ -970,6 +970,14 @@ def markdown(paths: list[Path]) -> None:
                     cells = [f"{macro(sel, k)[0]:.3f}" for k, _ in present]
                     print(f"| {kind or 'all'} ({tasks} tasks; {crops} crops, {positives} positives) | "
                           + " | ".join(cells) + " |")  # fmt: skip
+            cut = [r for r in rows if r.get("threshold_0", 2.0) < 2.0]  # judged separable by the references alone
+            if cut:
+                print(f"- with 0 answers the references were judged to separate the crops in {len(cut)} of {len(rows)} "
+                      f"task rotations; there, macro F1 {macro(cut, 'answers_0')[0]:.3f} against "
+                      f"{macro(cut, 'accept_all')[0]:.3f} for accepting every crop")  # fmt: skip
+            else:
+                print(f"- with 0 answers the references were judged to separate the crops in none of {len(rows)} "
+                      "task rotations: every crop accepted")  # fmt: skip
             for name, goal in run["summary"]["goals"].items():
                 verdict = "met" if goal["met"] else "not met"
                 print(f"- {name}: {goal['value']:+.3f} (needs {goal['bar']:+.3f}): {verdict}")

@@ -22,7 +22,8 @@ What a job knows after ``n`` answers (crops the user said are right or wrong):
 The suggested threshold maximises the *expected* F1 over every crop of the job: with ``p`` for
 the crops not answered and the answers themselves for the ones that are,
 ``E[TP(t)] = sum p over crops <= t``, ``E[P] = sum p over all crops``, and
-``F1(t) ~ 2 E[TP(t)] / (n(<= t) + E[P])``. The estimated precision and recall carry an 80%
+``F1(t) ~ 2 E[TP(t)] / (n(<= t) + E[P])``, averaged over draws of the fit's posterior once
+there are answers. The estimated precision and recall carry an 80%
 interval from draws of the fit's posterior.
 
 Questions (:func:`question_targets`) are spread over the job's distances by systematic
@@ -50,6 +51,7 @@ PRIOR_SLOPE_SD = 2.5  # the slope per unit of spread: -2.5 multiplies the odds b
 PRIOR_SHARE_SD = 1.5  # log-odds of the positive share at the median crop
 NO_SHARE = 0.5  # the prior share of positives at the median crop where the references say nothing
 DRAWS = 100  # posterior draws for the precision and recall intervals
+SUGGEST_DRAWS = 50  # posterior draws the suggestion's expected F1 is averaged over
 INTERVAL = (0.1, 0.9)  # the 80% interval reported
 QUESTION_SPREAD = 0.3
 GOLDEN = 0.6180339887498949  # the share of a round of questions spread over the distances, the rest where needed
@@ -277,13 +279,25 @@ class Suggestion:
 
 
 def suggest(fit_: Fit, crops: Distribution, answers: Sequence[Answer] = ()) -> Suggestion:
-    """The threshold of the highest expected F1 under the fit, with its estimates and their intervals."""
+    """The threshold of the highest expected F1, with its estimates and their intervals.
+
+    With answers, the F1 is averaged over draws of the fit's posterior (the Bayes decision: a
+    threshold that is good under every fit the answers allow, not only under the likeliest);
+    with none, the fit is its prior, and the suggestion is the prior's own (accept every crop
+    where the references do not separate the crops).
+    """
     cells = _cells(crops)
     p = [fit_.p(d) for d, _ in cells]
     candidates = sorted({*(d for d, _ in cells), ACCEPT_ALL})
     curve = _expected_curve(p, cells, answers, candidates)
-    best = max(curve, key=lambda e: (round(e.f1, 9), e.threshold))  # ties: accept more
-    return Suggestion(best.threshold, best, *intervals(fit_, cells, answers, best.threshold))
+    score = [e.f1 for e in curve]
+    if fit_.answers:
+        score = [0.0] * len(candidates)
+        for a, b in fit_.draws(SUGGEST_DRAWS, seed=2):
+            drawn = [_sigmoid(a + b * fit_.scale.z(d)) for d, _ in cells]
+            score = [s + e.f1 for s, e in zip(score, _expected_curve(drawn, cells, answers, candidates), strict=True)]
+    best = max(range(len(candidates)), key=lambda i: (round(score[i], 9), candidates[i]))  # ties: accept more
+    return Suggestion(candidates[best], curve[best], *intervals(fit_, cells, answers, candidates[best]))
 
 
 def at_threshold(fit_: Fit, crops: Distribution, answers: Sequence[Answer], threshold: float) -> Suggestion:

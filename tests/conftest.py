@@ -104,6 +104,89 @@ def redis_url(redis_server: str) -> Iterator[str]:
     redis.Redis.from_url(redis_server).flushall()
 
 
+# ---------------------------------------------------------------------------- PostgreSQL
+
+PG_BIN = Path(os.environ.get("IMGSIFT_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+class PostgresServer:
+    """A PostgreSQL server of our own: one throwaway database per test, copied from a migrated template."""
+
+    TEMPLATE = "imgsift_template"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, *, migrated: bool = True) -> str:
+        """A new database (with the job-state schema, or empty); its URL."""
+        name = f"t_{os.urandom(6).hex()}"
+        template = self.TEMPLATE if migrated else "template0"
+        self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(sql)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL 15 on a free port, in a temp dir (never the machine's own server)."""
+    import tempfile
+
+    from imgsift_common.schema import migrate
+
+    if not (PG_BIN / "initdb").is_file():
+        pytest.skip(
+            f"PostgreSQL 15 is not installed ({PG_BIN / 'initdb'} is missing; scripts/install.sh installs "
+            "Debian's postgresql package when run as root, or set IMGSIFT_TEST_PG_BIN)"
+        )
+    # Not under pytest's tmp dir: that is private to this user, and the server may run as another.
+    root = Path(tempfile.mkdtemp(prefix="imgsift-pg-"))
+    as_server: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the postgres user
+        shutil.chown(root, "postgres")
+        as_server = ["runuser", "-u", "postgres", "--"]
+    data, sockets, log = root / "data", root / "sockets", root / "server.log"
+    port = free_port()
+
+    def run(*args: object) -> None:
+        subprocess.run([*as_server, *map(str, args)], check=True, capture_output=True, timeout=120)
+
+    try:
+        run(PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        run("mkdir", sockets)
+        options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        run(PG_BIN / "pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "-t", "60", "start")
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')}") from exc
+    server = PostgresServer(port)
+    try:
+        server._admin(f'CREATE DATABASE "{PostgresServer.TEMPLATE}"')
+        migrate(server.url(PostgresServer.TEMPLATE))
+        yield server
+    finally:
+        run(PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A database of its own for one test, with the job-state schema; dropped after it."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
 # ---------------------------------------------------------------------------- S3 (moto)
 
 
@@ -141,17 +224,21 @@ def object_store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignor
     return store
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def state_store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Each job-state implementation in turn."""
-    from imgsift_common.state import RedisStateStore, SqliteStateStore
+    """Each job-state implementation in turn: SQL on SQLite and on PostgreSQL, and Redis."""
+    from imgsift_common.sqlstate import SqlStateStore
+    from imgsift_common.state import RedisStateStore
 
-    if request.param == "sqlite":
-        store = SqliteStateStore(tmp_path / "state.sqlite")
-        yield store
-        store.close()
-    else:
+    if request.param == "redis":
         yield RedisStateStore.from_url(request.getfixturevalue("redis_url"))
+        return
+    if request.param == "sqlite":
+        store = SqlStateStore.sqlite(tmp_path / "state.sqlite")
+    else:
+        store = SqlStateStore.open(request.getfixturevalue("postgres_url"))
+    yield store
+    store.close()
 
 
 @pytest.fixture
@@ -163,8 +250,8 @@ def local_store(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def sqlite_state(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from imgsift_common.state import SqliteStateStore
+    from imgsift_common.sqlstate import SqlStateStore
 
-    store = SqliteStateStore(tmp_path / "state.sqlite")
+    store = SqlStateStore.sqlite(tmp_path / "state.sqlite")
     yield store
     store.close()

@@ -63,7 +63,7 @@ def discovery_reason(flags: set[str]) -> DiscoveryReason | None:
     return None
 
 
-_OUTCOME_COUNTER = {
+OUTCOME_COUNTER = {
     DownloadOutcome.STORED: Counter.DOWNLOADED,
     DownloadOutcome.DUPLICATE: Counter.DUPLICATES,
     DownloadOutcome.FAILED: Counter.FAILED,
@@ -188,14 +188,14 @@ class StateStore(Protocol):
     def reset_distances(self, job_id: str) -> None: ...
 
 
-def _updated(job: Job, changes: dict[str, object]) -> Job:
+def updated_job(job: Job, changes: dict[str, object]) -> Job:
     # The state has its own rules (set_job_state); an update never rewrites it.
     if "state" in changes or "id" in changes:
         raise ValueError("update_job changes neither the state nor the id; use set_job_state")
     return job.model_copy(update={**changes, "updated_at": utcnow()})
 
 
-def _finalised(job: Job, state: JobState, error: str | None) -> Job:
+def finalised_job(job: Job, state: JobState, error: str | None) -> Job:
     # A final state is final: a late task cannot turn "cancelled" back into "completed".
     if job.state.is_final and state is not job.state:
         return job
@@ -506,7 +506,7 @@ class RedisStateStore:
                     raw = pipe.get(key)
                     if raw is None:
                         raise JobNotFound(job_id)
-                    new = _updated(Job.model_validate_json(raw), changes)
+                    new = updated_job(Job.model_validate_json(raw), changes)
                     pipe.multi()
                     pipe.set(key, new.model_dump_json())
                     pipe.execute()
@@ -523,7 +523,7 @@ class RedisStateStore:
     def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> Job:
         while True:
             job = self._require(job_id)
-            new = _finalised(job, state, error)
+            new = finalised_job(job, state, error)
             if new is job:
                 return job
             if self._set_state(keys=[self._k(job_id)], args=[new.model_dump_json(), job.state.value]) == 1:
@@ -624,7 +624,7 @@ class RedisStateStore:
             image.model_dump_json() if image else "",
             max_images,
             reason_counter(record) or "",
-            _OUTCOME_COUNTER[record.outcome].value,
+            OUTCOME_COUNTER[record.outcome].value,
             "1" if across_jobs else "0",
             job_id,
             self._k(job_id, "phash:"),
@@ -657,7 +657,7 @@ class RedisStateStore:
         return int(raw) if raw is not None else None
 
     def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
-        args: list[str | int] = [image_key, len(crops), _sha24(image_key)]
+        args: list[str | int] = [image_key, len(crops), sha24_of(image_key)]
         for crop in crops:
             args += [crop.key, crop.model_dump_json()]
         keys = [self._k(job_id, n) for n in ("detected", "crops", "counters", "superseded")]
@@ -679,7 +679,7 @@ class RedisStateStore:
 
     def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
         keys = [self._k(job_id, "dist"), self._k(job_id, "counters"), self._k(job_id, "superseded")]
-        return self._record_distance(keys=keys, args=[crop_key, repr(float(distance)), _sha24(crop_key)]) == 1
+        return self._record_distance(keys=keys, args=[crop_key, repr(float(distance)), sha24_of(crop_key)]) == 1
 
     def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
         keys = [self._k(job_id, "compare_failed"), self._k(job_id, "counters")]
@@ -738,7 +738,7 @@ class RedisStateStore:
                     if seen:
                         continue
                 items.append((member, float(score)))
-        return _page(items, limit, descending)
+        return page_of(items, limit, descending)
 
     # ------------------------------------------------------------------ resets
     def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
@@ -774,12 +774,12 @@ class RedisStateStore:
         pipe.execute()
 
 
-def _sha24(key: str) -> str:
+def sha24_of(key: str) -> str:
     """The image hash prefix an image or crop key starts its file name with (see keys.py)."""
     return key.rsplit("/", 1)[-1][:24]
 
 
-def _page(items: list[tuple[str, float]], limit: int, descending: bool = False) -> DistancePage:
+def page_of(items: list[tuple[str, float]], limit: int, descending: bool = False) -> DistancePage:
     items.sort(key=lambda kv: (kv[1], kv[0]), reverse=descending)
     page = items[:limit]
     more = len(items) > limit
@@ -871,7 +871,7 @@ class SqliteStateStore:
             row = db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFound(job_id)
-            new = _updated(Job.model_validate_json(row[0]), changes)
+            new = updated_job(Job.model_validate_json(row[0]), changes)
             db.execute("UPDATE jobs SET body = ? WHERE id = ?", (new.model_dump_json(), job_id))
             return new
 
@@ -892,7 +892,7 @@ class SqliteStateStore:
             if row is None:
                 raise JobNotFound(job_id)
             job = Job.model_validate_json(row[0])
-            new = _finalised(job, state, error)
+            new = finalised_job(job, state, error)
             if new is not job:
                 db.execute("UPDATE jobs SET body = ? WHERE id = ?", (new.model_dump_json(), job_id))
             return new
@@ -1022,7 +1022,7 @@ class SqliteStateStore:
             if image is None or not record.sha256:
                 if (reason := reason_counter(record)) is not None:
                     self._incr(job_id, reason)
-                self._incr(job_id, _OUTCOME_COUNTER[record.outcome])
+                self._incr(job_id, OUTCOME_COUNTER[record.outcome])
             else:
                 record = self._record_image(db, job_id, record, image, max_images, near, across_jobs)
             db.execute("INSERT INTO urls VALUES (?, ?, ?)", (job_id, record.url, record.model_dump_json()))
@@ -1190,7 +1190,7 @@ class SqliteStateStore:
         return self._one("SELECT 1 FROM dist WHERE job_id = ? AND key = ?", job_id, crop_key) is not None
 
     def _superseded(self, db: sqlite3.Connection, job_id: str, key: str) -> bool:
-        row = db.execute("SELECT 1 FROM superseded WHERE job_id = ? AND sha24 = ?", (job_id, _sha24(key)))
+        row = db.execute("SELECT 1 FROM superseded WHERE job_id = ? AND sha24 = ?", (job_id, sha24_of(key)))
         return row.fetchone() is not None
 
     def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
@@ -1257,7 +1257,7 @@ class SqliteStateStore:
             args += [after[0], after[0], after[1]]
         sql += " ORDER BY distance DESC, key DESC LIMIT ?" if descending else " ORDER BY distance, key LIMIT ?"
         args.append(limit + 1)
-        return _page([(k, d) for k, d in self._all(sql, *args)], limit, descending)
+        return page_of([(k, d) for k, d in self._all(sql, *args)], limit, descending)
 
     # ------------------------------------------------------------------ resets
     def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the job-state schema (see imgsift_common.schema)."""

@@ -1,0 +1,76 @@
+"""Everything that differs between SQLite and PostgreSQL, in one small module.
+
+The job-state store (:mod:`imgsift_common.sqlstate`) is one SQL code path over SQLAlchemy
+Core; the two databases differ only in what is here: which ``INSERT`` construct has
+``ON CONFLICT``, how a URL names its driver, how text keys compare, and how SQLite is told to
+take its write lock at the start of a write transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+# Keys (job ids, object keys, names) compare byte by byte on both databases, as Redis and
+# Python's sorted() compare them; PostgreSQL's default collation would sort by locale instead.
+Key = sa.Text().with_variant(postgresql.TEXT(collation="C"), "postgresql")
+
+# Execution option of a write transaction: SQLite takes the database's write lock at BEGIN
+# (BEGIN IMMEDIATE) rather than at the first write, so two writers that both read first wait
+# for each other instead of one failing with "database is locked" when it tries to upgrade.
+WRITE = {"imgsift_write": True}
+
+SQLITE_BUSY_SECONDS = 60.0  # how long a SQLite writer waits for another one before it fails
+
+
+def insert(conn: Connection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+    """``INSERT`` with ``ON CONFLICT`` clauses, for the database ``conn`` speaks to."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def snapshot(conn: Connection) -> None:
+    """Make the next transaction on ``conn`` read one state of the database throughout.
+
+    A SQLite read transaction does so already (WAL); PostgreSQL's default, READ COMMITTED,
+    takes a new snapshot per statement.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execution_options(isolation_level="REPEATABLE READ")
+
+
+def engine_url(url: str | sa.URL) -> sa.URL:
+    """``url`` with psycopg 3 as the driver of a plain ``postgresql://`` URL (SQLAlchemy's default is psycopg2)."""
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str | sa.URL, **kwargs: Any) -> Engine:
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql://...``), set up for the store."""
+    parsed = engine_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(parsed, pool_pre_ping=True, **kwargs)
+    engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_SECONDS}, **kwargs)
+    sa.event.listen(engine, "connect", _sqlite_connect)
+    sa.event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
+    # pysqlite's own transaction handling starts transactions late and never for SELECTs;
+    # switched off here, the "begin" hook below starts every transaction itself.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("imgsift_write") else "BEGIN")

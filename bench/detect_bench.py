@@ -44,7 +44,7 @@ from imgsift_common.messages import (  # noqa: E402
     SourceKind,
     SourceSpec,
 )
-from imgsift_common.state import SqliteStateStore  # noqa: E402
+from imgsift_common.sqlstate import SqlStateStore  # noqa: E402
 from imgsift_common.storage import LocalStore  # noqa: E402
 from imgsift_detector.detect import detect_batch, load_image  # noqa: E402
 from imgsift_detector.export import missing_modules  # noqa: E402
@@ -66,10 +66,10 @@ def jpegs(photos: list[Path], count: int) -> list[bytes]:
     return blobs
 
 
-def store_images(tmp: Path, blobs: list[bytes]) -> tuple[Job, LocalStore, SqliteStateStore, list[str]]:
+def store_images(tmp: Path, blobs: list[bytes]) -> tuple[Job, LocalStore, SqlStateStore, list[str]]:
     """A new job in a new store and state, with ``blobs`` stored and recorded as the crawler would."""
     tmp.mkdir(parents=True)
-    store, state = LocalStore(tmp / "objects"), SqliteStateStore(tmp / "state.sqlite")
+    store, state = LocalStore(tmp / "objects"), SqlStateStore.sqlite(tmp / "state.sqlite")
     job = Job(id="bench", spec=JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["x"])], target="any"))
     state.create_job(job)
     image_keys = []

@@ -542,12 +542,12 @@ class SimulatedJob:
     def __init__(self, workdir: Path, case: Case, distances: np.ndarray, held_out: list[float]) -> None:
         from imgsift_common.messages import Job as JobRecord
         from imgsift_common.messages import JobSpec, SourceKind, SourceSpec
-        from imgsift_common.state import SqliteStateStore
+        from imgsift_common.sqlstate import SqlStateStore
 
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "state.sqlite"
         path.unlink(missing_ok=True)
-        self.state = SqliteStateStore(path)
+        self.state = SqlStateStore.sqlite(path)
         self.job = JobRecord(
             id="bench",
             spec=JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["x"])], target="x", threshold=2.0),

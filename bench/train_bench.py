@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from imgsift_common.state import SqliteStateStore  # noqa: E402
+from imgsift_common.sqlstate import SqlStateStore  # noqa: E402
 from imgsift_common.storage import LocalStore  # noqa: E402
 from imgsift_siamese.embed import get_embedder  # noqa: E402
 from imgsift_siamese.preprocess import preprocess  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
         for i, im in enumerate(bank):
             im.save(bank_dir / f"{i:04d}.jpg")
         store = LocalStore(tmp / "objects")
-        state = SqliteStateStore(tmp / "state.sqlite")
+        state = SqlStateStore.sqlite(tmp / "state.sqlite")
         settings = SiameseSettings(storage="local", negative_bank=bank_dir)
         embedder = get_embedder(settings)
         job = create_job(state, put_references(store, refs))

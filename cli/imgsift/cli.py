@@ -398,7 +398,7 @@ def export_dataset(
     """Export the collected dataset: accepted crops as ImageFolder, YOLO or COCO; the manifest as JSONL or CSV."""
     from imgsift.embedded import STATE_DIR
     from imgsift_common.exports import ExportFormat, export
-    from imgsift_common.state import SqliteStateStore
+    from imgsift_common.sqlstate import SqlStateStore
     from imgsift_common.storage import LocalStore
 
     try:
@@ -409,7 +409,7 @@ def export_dataset(
     state_path = out / STATE_DIR / "state.sqlite"
     if not state_path.exists():
         raise typer.BadParameter(f"{out} holds no imgsift collect job; run imgsift collect first", param_hint="--out")
-    state = SqliteStateStore(state_path)
+    state = SqlStateStore.sqlite(state_path)
     try:
         job = state.get_job("local")
         if job is None:
@@ -449,12 +449,12 @@ def _echo_calibration(summary: Any, out: Path) -> None:
 
 
 def _previous_threshold(out: Path) -> float | None:
-    from imgsift_common.state import SqliteStateStore
+    from imgsift_common.sqlstate import SqlStateStore
 
     path = out / ".imgsift" / "state.sqlite"
     if not path.exists():
         return None
-    state = SqliteStateStore(path)
+    state = SqlStateStore.sqlite(path)
     try:
         job = state.get_job("local")
         return job.spec.threshold if job else None

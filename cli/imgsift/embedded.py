@@ -24,7 +24,8 @@ from imgsift_common import keys
 from imgsift_common.exports import manifest_row
 from imgsift_common.messages import Crop, Job, JobSpec, JobState, SiameseModel, SourceKind, StoredImage
 from imgsift_common.progress import finish_if_complete
-from imgsift_common.state import SqliteStateStore, discovery_reason
+from imgsift_common.sqlstate import SqlStateStore
+from imgsift_common.state import discovery_reason
 from imgsift_common.storage import LocalStore
 from imgsift_common.threshold import for_job
 
@@ -135,7 +136,7 @@ class EmbeddedRunner:
         self.state_dir = config.out / STATE_DIR
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = LocalStore(self.state_dir / "objects")
-        self.state = SqliteStateStore(self.state_dir / "state.sqlite")
+        self.state = SqlStateStore.sqlite(self.state_dir / "state.sqlite")
 
     def close(self) -> None:
         self.state.close()
@@ -285,7 +286,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[i : i + size]
 
 
-def write_outputs(out: Path, state: SqliteStateStore, store: LocalStore, threshold: float) -> RunSummary:
+def write_outputs(out: Path, state: SqlStateStore, store: LocalStore, threshold: float) -> RunSummary:
     """accepted/, rejected/ and manifest.jsonl at ``threshold`` from the stored distances, and the summary.
 
     A collect folder links each crop's JPEG as ``accepted/{crop_id}.jpg`` (or ``rejected/``); a
@@ -392,12 +393,12 @@ THRESHOLD_MARKER = "threshold"  # "fixed": the user gave --threshold; otherwise 
 
 
 @contextmanager
-def open_folder(out: Path) -> Iterator[tuple[SqliteStateStore, LocalStore, Job]]:
+def open_folder(out: Path) -> Iterator[tuple[SqlStateStore, LocalStore, Job]]:
     """The state, store and job of a folder made by ``imgsift collect`` or ``imgsift verify``."""
     state_path = out / STATE_DIR / "state.sqlite"
     if not state_path.exists():
         raise EmbeddedError(f"{out} holds no imgsift job; run imgsift collect or imgsift verify with --out {out} first")
-    state = SqliteStateStore(state_path)
+    state = SqlStateStore.sqlite(state_path)
     try:
         job = state.get_job(JOB_ID)
         if job is None:
@@ -433,7 +434,7 @@ def save_siamese_settings(out: Path, settings: Any) -> None:
     (out / STATE_DIR / "siamese.json").write_text(json.dumps(saved))
 
 
-def settle_threshold(state: SqliteStateStore, job: Job, threshold: float | None, follow: bool = False) -> float:
+def settle_threshold(state: SqlStateStore, job: Job, threshold: float | None, follow: bool = False) -> float:
     """The threshold to decide at: a given one (remembered as fixed), else a fixed earlier one,
     else the job's suggestion, which follows the answers. ``follow``: forget a fixed one."""
     if follow:
@@ -449,7 +450,7 @@ def settle_threshold(state: SqliteStateStore, job: Job, threshold: float | None,
 
 
 def train_folder(
-    state: SqliteStateStore, store: LocalStore, job: Job, settings: Any, progress: Progress
+    state: SqlStateStore, store: LocalStore, job: Job, settings: Any, progress: Progress
 ) -> tuple[Job, SiameseModel]:
     """Fine-tune the job's head on its references, "not this" images and answers; re-score every crop."""
     from imgsift_siamese.backbone import WeightsError
@@ -490,7 +491,7 @@ def train_collected(
         return write_outputs(out, state, store, settle_threshold(state, job, threshold, follow)), model
 
 
-def crop_names(out: Path, state: SqliteStateStore, store: LocalStore, job: Job) -> dict[str, str]:
+def crop_names(out: Path, state: SqlStateStore, store: LocalStore, job: Job) -> dict[str, str]:
     """Every name a user may give a compared crop (the manifest's ``crop``, its file in accepted/
     or rejected/, its crop id), mapped to its key."""
     names: dict[str, str] = {}
@@ -503,7 +504,7 @@ def crop_names(out: Path, state: SqliteStateStore, store: LocalStore, job: Job) 
     return names
 
 
-def manifest_names(out: Path, state: SqliteStateStore, store: LocalStore, job: Job, keys_: list[str]) -> list[str]:
+def manifest_names(out: Path, state: SqlStateStore, store: LocalStore, job: Job, keys_: list[str]) -> list[str]:
     """The manifest's ``crop`` of each of ``keys_``, as it stands now."""
     by_key = {c.key: c for c in state.get_crops(JOB_ID, keys_)}
     distances = state.distances_of(JOB_ID, keys_)

@@ -22,6 +22,7 @@ The rules are those of the Redis scripts in :mod:`imgsift_common.state`, kept by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -101,6 +102,24 @@ def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
 def _utc(moment: datetime) -> datetime:
     # SQLite keeps no offset: every time is written in UTC so that they sort.
     return moment.astimezone(UTC) if moment.tzinfo else moment
+
+
+RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 columns)
+
+
+@functools.lru_cache(maxsize=RANGES_PER_QUERY)
+def _range_counts(n: int) -> sa.Select[Any]:
+    """One row of ``n`` counts of a job's distances in [low{i}, high{i}]; built once per ``n``."""
+    c = t.distances.c
+    job_id = sa.bindparam("job_id")
+    counts = (
+        sa.select(sa.func.count())
+        .where(c.job_id == job_id, c.distance.between(sa.bindparam(f"low{i}"), sa.bindparam(f"high{i}")))
+        .scalar_subquery()
+        .label(f"n{i}")
+        for i in range(n)
+    )
+    return sa.select(*counts)
 
 
 @dataclass
@@ -690,21 +709,19 @@ class SqlStateStore:
             for k in range(GRID):
                 below[k + 1] = below[k] + int(hist.get(k, 0))
             partial: dict[float, int] = {}  # distances at or under the threshold in its own bin
-            ranges: list[tuple[float, sa.ColumnElement[bool]]] = []
+            ranges: list[tuple[float, float]] = []  # (the bin's lower edge, the threshold)
             for threshold in set(thresholds):
                 k = distance_bin(threshold)
                 if not hist.get(k) or math.isinf(threshold):
-                    partial[threshold] = int(hist.get(k, 0)) if threshold == math.inf else 0
-                else:  # bin 0 is open below, like the last bin above
-                    low = c.distance <= threshold if k == 0 else c.distance.between(EDGES[k - 1], threshold)
-                    ranges.append((threshold, low))
-            for chunk in _chunks(ranges, 200):
-                counts = [
-                    sa.select(sa.func.count()).where(c.job_id == job_id, where).scalar_subquery().label(f"n{i}")
-                    for i, (_, where) in enumerate(chunk)
-                ]
-                row = conn.execute(sa.select(*counts)).one()
-                partial.update((threshold, int(n)) for (threshold, _), n in zip(chunk, row, strict=True))
+                    partial[threshold] = hist.get(k, 0) if threshold == math.inf else 0
+                else:  # bin 0 is open below, as the last bin is above
+                    ranges.append((EDGES[k - 1] if k else -math.inf, threshold))
+            for chunk in _chunks(ranges, RANGES_PER_QUERY):
+                params: dict[str, object] = {"job_id": job_id}
+                for i, (low, high) in enumerate(chunk):
+                    params |= {f"low{i}": low, f"high{i}": high}
+                row = conn.execute(_range_counts(len(chunk)), params).one()
+                partial.update((high, int(n)) for (_, high), n in zip(chunk, row, strict=True))
         return [below[distance_bin(x)] + partial[x] for x in thresholds]
 
     def distances_of(self, job_id: str, crop_keys: list[str]) -> dict[str, float]:

@@ -318,9 +318,9 @@ def test_bad_answers_change_nothing(first_run: dict, tmp_path: Path) -> None:  #
         assert result.returncode == 2, name
         assert message in result.stderr, (name, result.stderr)
         assert (out / "manifest.jsonl").read_bytes() == manifest, name  # nothing changed
-    from imgsift_common.state import SqliteStateStore
+    from imgsift_common.sqlstate import SqlStateStore
 
-    state = SqliteStateStore(out / ".imgsift" / "state.sqlite")
+    state = SqlStateStore.sqlite(out / ".imgsift" / "state.sqlite")
     try:
         assert state.feedback("local") == {}
     finally:

@@ -144,7 +144,7 @@ def test_widens_the_query_then_says_the_sources_ran_dry(
 @pytest.mark.parametrize("want", [None])
 def test_without_give_me_n_the_query_is_not_widened(tmp_path: Path, web: TestWeb, coco128: Coco128, want: None) -> None:
     """Only the crawl: a job that does not ask for N pages its query and stops there."""
-    from imgsift_common.state import SqliteStateStore
+    from imgsift_common.sqlstate import SqlStateStore
     from imgsift_crawler import pipeline
     from imgsift_crawler.fetch import Fetcher
     from imgsift_crawler.settings import CrawlerSettings
@@ -158,7 +158,7 @@ def test_without_give_me_n_the_query_is_not_widened(tmp_path: Path, web: TestWeb
     job = Job(
         id="plain", spec=JobSpec(query="elephant", sources=[SourceSpec(kind=SourceKind.OPENVERSE)], target="animal")
     )
-    state = SqliteStateStore(tmp_path / "s.sqlite")
+    state = SqlStateStore.sqlite(tmp_path / "s.sqlite")
     state.create_job(job)
     with Fetcher(settings) as fetcher:
         while not pipeline.crawl_step(job, state, fetcher, settings).discovery_done:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from imgsift_common import keys
 from imgsift_common.messages import Crop, Job, SiameseModel, utcnow
-from imgsift_common.state import SqliteStateStore, StateStore
+from imgsift_common.sqlstate import SqlStateStore
+from imgsift_common.state import StateStore
 from imgsift_common.storage import LocalStore, ObjectStore
 from imgsift_siamese import compare, features
 from imgsift_siamese.compare import compare_batch
@@ -48,7 +49,7 @@ def _crop_feature_objects(store: ObjectStore, job: Job, embedder: Embedder) -> l
 
 def test_a_batch_redelivered_before_its_distances_were_recorded_reads_its_features_back(
     object_store: ObjectStore,
-    sqlite_state: SqliteStateStore,
+    sqlite_state: SqlStateStore,
     embedder: Embedder,
     trunk: CountingTrunk,
     siamese_settings: SiameseSettings,
@@ -163,7 +164,7 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
 def test_torn_or_foreign_features_are_recomputed_not_trusted(
     damage: Callable[[bytes, str, Embedder], bytes],
-    sqlite_state: SqliteStateStore,
+    sqlite_state: SqlStateStore,
     local_store: LocalStore,
     embedder: Embedder,
     trunk: CountingTrunk,
@@ -186,7 +187,7 @@ def test_torn_or_foreign_features_are_recomputed_not_trusted(
 
 
 def test_a_crop_cut_again_under_its_key_is_not_scored_from_the_old_rows(
-    sqlite_state: SqliteStateStore,
+    sqlite_state: SqlStateStore,
     local_store: LocalStore,
     embedder: Embedder,
     trunk: CountingTrunk,
@@ -230,7 +231,7 @@ class FailingReads:
 
 
 def test_a_store_error_in_the_decode_pool_fails_the_batch_for_a_retry(
-    sqlite_state: SqliteStateStore,
+    sqlite_state: SqlStateStore,
     local_store: LocalStore,
     embedder: Embedder,
     siamese_settings: SiameseSettings,

@@ -162,7 +162,9 @@ def postgres_server() -> Iterator[PostgresServer]:
         subprocess.run([*as_server, *map(str, args)], check=True, capture_output=True, timeout=120)
 
     try:
-        run(PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        # A language collation, as servers usually have: a key compared by locale, not bytes, shows.
+        icu = ["--locale-provider=icu", "--icu-locale=en-US", "--locale=C.UTF-8"]
+        run(PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", *icu)
         run("mkdir", sockets)
         options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
         run(PG_BIN / "pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "-t", "60", "start")

@@ -21,6 +21,13 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   apt-get install -y -q chromium >/dev/null 2>&1 || echo "install.sh: could not install chromium; the UI test will skip" >&2
 fi
 
+# The SQL job-state tests run on a PostgreSQL 15 server of their own (tests/conftest.py
+# starts it from Debian's binaries in a temp dir, never the machine's own server). Installed
+# where this runs as root with apt; elsewhere those tests skip and say why.
+if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get install -y -q postgresql >/dev/null 2>&1 || echo "install.sh: could not install postgresql; the PostgreSQL tests will skip" >&2
+fi
+
 # tests/deploy checks the KEDA ScaledObjects with @kubernetes-models/keda, pinned by
 # tools/keda/package-lock.json and installed into .tools/keda (not committed). Best effort:
 # without it the KEDA tests fail where node is installed and skip where it is not.

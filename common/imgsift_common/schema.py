@@ -26,7 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from imgsift_common.sqldialect import Key, make_engine
+from imgsift_common.sqldialect import WRITE, Key, make_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -273,7 +273,9 @@ def migrate(target: str | Engine) -> None:
     """Bring the database at ``target`` (a URL or an engine) to the schema this code needs."""
     engine = make_engine(target) if isinstance(target, str) else target
     try:
-        with engine.begin() as conn:
+        # A write transaction from the start: two processes opening a new SQLite file at once
+        # take turns instead of one failing when it upgrades its read lock.
+        with engine.connect().execution_options(**WRITE) as conn, conn.begin():
             if current_revision(conn) is None and (found := sa.inspect(conn).get_table_names()):
                 raise SchemaMismatch(
                     f"{_where(engine)} holds tables ({', '.join(sorted(found)[:5])}, ...) but no imgsift schema "

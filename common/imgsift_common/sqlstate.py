@@ -111,7 +111,7 @@ RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 co
 def _range_counts(n: int) -> sa.Select[Any]:
     """One row of ``n`` counts of a job's distances in [low{i}, high{i}]; built once per ``n``."""
     c = t.distances.c
-    job_id = sa.bindparam("job_id")
+    job_id: sa.BindParameter[str] = sa.bindparam("job_id")
     counts = (
         sa.select(sa.func.count())
         .where(c.job_id == job_id, c.distance.between(sa.bindparam(f"low{i}"), sa.bindparam(f"high{i}")))
@@ -701,7 +701,7 @@ class SqlStateStore:
 
     def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
         """Counts from the histogram's full bins plus one indexed range count per partly covered bin."""
-        b, c = t.distance_bins.c, t.distances.c
+        b = t.distance_bins.c
         with self._read() as conn:
             snapshot(conn)  # the histogram and the range counts from one state
             hist = {k: int(n) for k, n in conn.execute(sa.select(b.bin, b.crops).where(b.job_id == job_id))}

@@ -6,6 +6,7 @@ against a database at the current head, then reviewed::
     alembic -c common/imgsift_common/migrations/alembic.ini -x url=sqlite:////tmp/head.sqlite upgrade head
     alembic -c common/imgsift_common/migrations/alembic.ini -x url=sqlite:////tmp/head.sqlite \\
         revision --autogenerate -m "what changes and why"
+    ruff check --fix common/imgsift_common/migrations && ruff format common/imgsift_common/migrations
 """
 
 from __future__ import annotations

@@ -527,15 +527,18 @@ class SqlStateStore:
     def _nearest(self, tx: _Tx, near: NearDupQuery, sha: str) -> tuple[int, _Kept] | None:
         """The kept image nearest to ``near`` within its max distance (ties: the first URL), by its bands."""
         p = t.phashes.c
-        query = sa.select(p.sha, p.hash, p.pixels, p.image_key, p.url).where(p.job_id == tx.job_id, p.sha != sha)
+        kept = sa.select(p.sha, p.hash, p.pixels, p.image_key, p.url).where(p.job_id == tx.job_id, p.sha != sha)
+        query: sa.Select[Any] | sa.CompoundSelect[Any] = kept
         radius = near.max_distance // t.PHASH_BANDS
         if radius <= MAX_BAND_RADIUS:
-            bands = [p[f"band{i}"] for i in range(t.PHASH_BANDS)]
-            probes = [
-                column.in_(within(value, t.PHASH_BAND_BITS, radius))
-                for column, value in zip(bands, _bands(near.hash), strict=True)
-            ]
-            query = query.where(sa.or_(*probes))
+            # One indexed lookup per band, united: an OR of the four would let a planner without
+            # statistics (SQLite) read every row of the job by its job_id instead.
+            query = sa.union(
+                *(
+                    kept.where(p[f"band{i}"].in_(within(value, t.PHASH_BAND_BITS, radius)))
+                    for i, value in enumerate(_bands(near.hash))
+                )
+            )
         best: tuple[int, _Kept] | None = None
         for row in tx.conn.execute(query):
             distance = hamming(near.hash, row.hash & ((1 << 64) - 1))

@@ -847,6 +847,45 @@ def embed_all(network: SiameseNetwork, images: list[Image.Image], image_size: in
     return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
+def cached_cases(
+    args: argparse.Namespace, dataset: str, backbone: str, network: SiameseNetwork, size: int, conf: float = 0.25
+) -> list[Case]:
+    """A dataset's task rotations for ``backbone``, from the trunk features cached in ``args.out/cache``
+    (computed once). COCO128 is detected at the lowest of ``args.confs`` and kept at ``conf``."""
+    cache = args.out / "cache"
+    if dataset == "coco":
+        coco = Coco128(args.coco)
+        truth = [coco.labels(p) for p in coco.images]
+        lowest = min(getattr(args, "confs", [conf]))
+        found = _detections(args.weights, coco, lowest)
+        path = cache / f"coco-{backbone}-{lowest}.npz"
+        if not path.exists():
+            crop_rows = embed_all(network, [crop_image(coco.images[c.image], c.box) for c in found], size)
+            box_rows = embed_all(network, [crop_image(coco.images[i], t.box) for i, t in true_boxes(truth)], size)
+            np.savez(path, crops=crop_rows, boxes=box_rows)
+        saved = np.load(path)
+        return coco_cases(coco, found, saved["crops"], saved["boxes"], conf, args.refs, args.rotations)
+    path = cache / f"clothing-{backbone}.npy"
+    if not path.exists():
+        import csv
+
+        table = list(csv.DictReader((args.clothing / "labels.csv").open()))
+        photos = [Image.open(args.clothing / r["path"]).convert("RGB") for r in table]
+        np.save(path, embed_all(network, photos, size))
+    return clothing_cases(args.clothing, np.load(path), args.refs, args.clothing_rotations)
+
+
+_FOUND: dict[tuple[str, float], list[Crop]] = {}
+
+
+def _detections(weights: str, coco: Coco128, conf: float) -> list[Crop]:
+    """COCO128's detections at ``conf``, matched to the true boxes; once per process."""
+    if (weights, conf) not in _FOUND:
+        truth = [coco.labels(p) for p in coco.images]
+        _FOUND[(weights, conf)] = matched_crops(detect_all(weights, coco.images, conf=conf), truth)
+    return _FOUND[(weights, conf)]
+
+
 def answers_study(args: argparse.Namespace) -> None:
     from imgsift_siamese.settings import SiameseSettings
 
@@ -856,11 +895,6 @@ def answers_study(args: argparse.Namespace) -> None:
     cache.mkdir(exist_ok=True)
     ks = sorted({0, *args.answers})
     results: dict[str, Any] = {"answers": ks, "rounds": ROUND, "seeds": args.seeds, "runs": {}}
-    coco = Coco128(args.coco) if "coco" in args.datasets else None
-    found: list[Crop] = []
-    if coco is not None:
-        truth = [coco.labels(p) for p in coco.images]
-        found = matched_crops(detect_all(args.weights, coco.images, conf=min(args.confs)), truth)
     for backbone in args.backbones:
         settings = SiameseSettings(storage="local", backbone=backbone)  # type: ignore[arg-type]
         network = SiameseNetwork(build_backbone(backbone, None)).eval()
@@ -868,30 +902,13 @@ def answers_study(args: argparse.Namespace) -> None:
         tuned = args.retrain and backbone == args.backbones[0]
         for dataset in args.datasets:
             if dataset == "coco":
-                assert coco is not None
-                path = cache / f"coco-{backbone}-{min(args.confs)}.npz"
-                if not path.exists():
-                    truth = [coco.labels(p) for p in coco.images]
-                    crop_rows = embed_all(network, [crop_image(coco.images[c.image], c.box) for c in found], size)
-                    box_rows = embed_all(network, [crop_image(coco.images[i], t.box) for i, t in true_boxes(truth)],
-                                         size)  # fmt: skip
-                    np.savez(path, crops=crop_rows, boxes=box_rows)
-                saved = np.load(path)
+                confs = args.confs if backbone == args.backbones[0] else args.confs[:1]
                 runs = [
-                    (f"coco conf {c}", coco_cases(coco, found, saved["crops"], saved["boxes"], c, args.refs,
-                                                  args.rotations), c == args.confs[0])
-                    for c in (args.confs if backbone == args.backbones[0] else args.confs[:1])
-                ]  # fmt: skip
+                    (f"coco conf {c}", cached_cases(args, dataset, backbone, network, size, c), c == args.confs[0])
+                    for c in confs
+                ]
             else:
-                path = cache / f"clothing-{backbone}.npy"
-                if not path.exists():
-                    import csv
-
-                    table = list(csv.DictReader((args.clothing / "labels.csv").open()))
-                    photos = [Image.open(args.clothing / r["path"]).convert("RGB") for r in table]
-                    np.save(path, embed_all(network, photos, size))
-                cases = clothing_cases(args.clothing, np.load(path), args.refs, args.clothing_rotations)
-                runs = [("clothing", cases, True)]
+                runs = [("clothing", cached_cases(args, dataset, backbone, network, size), True)]
             for name, cases, first in runs:
                 label = f"{name}, {backbone}"
                 rows, by_task = [], {}

@@ -226,19 +226,29 @@ def object_store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignor
     return store
 
 
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "services"])
 def state_store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Each job-state implementation in turn: SQL on SQLite and on PostgreSQL, and Redis."""
+    """Each job-state store in turn: SQL on SQLite (embedded), on PostgreSQL, and the services'
+    (PostgreSQL with its locks and idempotency keys in Redis)."""
+    from imgsift_common.servicestate import ServiceStateStore
     from imgsift_common.sqlstate import SqlStateStore
-    from imgsift_common.state import RedisStateStore
 
-    if request.param == "redis":
-        yield RedisStateStore.from_url(request.getfixturevalue("redis_url"))
-        return
     if request.param == "sqlite":
         store = SqlStateStore.sqlite(tmp_path / "state.sqlite")
-    else:
+    elif request.param == "postgres":
         store = SqlStateStore.open(request.getfixturevalue("postgres_url"))
+    else:
+        store = ServiceStateStore.connect(request.getfixturevalue("postgres_url"), request.getfixturevalue("redis_url"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def service_state(postgres_url: str, redis_url: str):  # type: ignore[no-untyped-def]
+    """The services' job-state store over the test's own PostgreSQL database and the session's Redis."""
+    from imgsift_common.servicestate import ServiceStateStore
+
+    store = ServiceStateStore.connect(postgres_url, redis_url)
     yield store
     store.close()
 

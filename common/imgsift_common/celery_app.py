@@ -6,10 +6,12 @@ Services never import each other's code; they enqueue the next stage by task nam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
+import sqlalchemy.exc
 import urllib3.exceptions
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
@@ -17,6 +19,9 @@ from pydantic import BaseModel
 
 from imgsift_common import broker
 from imgsift_common.settings import DEFAULT_TASK_MAX_RETRIES
+
+if TYPE_CHECKING:
+    from imgsift_common.servicestate import ServiceStateStore
 
 
 class QueueName(StrEnum):
@@ -54,8 +59,8 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
 }
 
 
-# Faults a later attempt can outlive: Redis or the object store unreachable or slow, or a 5xx
-# from the store. Tasks retry these with backoff and jitter, a bounded number of times;
+# Faults a later attempt can outlive: PostgreSQL, Redis or the object store unreachable or slow,
+# or a 5xx from the store. Tasks retry these with backoff and jitter, a bounded number of times;
 # anything else is a bug or bad data, and retrying cannot help. The API answers them with 503.
 def _store_errors() -> tuple[type[Exception], ...]:
     from minio.error import ServerError
@@ -64,7 +69,16 @@ def _store_errors() -> tuple[type[Exception], ...]:
             ServerError)  # fmt: skip
 
 
-STATE_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# PostgreSQL down, restarting or dropping a connection: SQLAlchemy wraps the driver's connection
+# errors (and a server-side cancellation, deadlock or serialisation failure, which a new attempt
+# also outlives) in OperationalError; InterfaceError is a connection used after it broke.
+# IntegrityError and the other DBAPIErrors are bugs or bad data: never retried.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+STATE_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    *DATABASE_ERRORS,
+)
 STORE_ERRORS = _store_errors()
 
 
@@ -99,14 +113,18 @@ def retry_policy(max_retries: int = DEFAULT_TASK_MAX_RETRIES) -> dict[str, Any]:
 RETRY_POLICY = retry_policy()  # the default; workers use retry_policy(settings.task_max_retries)
 
 
-def create_celery_app(name: str, broker_url: str) -> Celery:
-    """A Celery app with imgsift's conventions: JSON only, late acks, prefetch 1."""
+def create_celery_app(name: str, broker_url: str, state: Callable[[], ServiceStateStore] | None = None) -> Celery:
+    """A Celery app with imgsift's conventions: JSON only, late acks, prefetch 1.
+
+    ``state`` (a worker's: its cached job-state store) is where the jobs of tasks that fail for
+    good are settled, and what a starting worker waits for (:func:`_wait_for_database`).
+    """
     app = Celery(name, broker=broker_url)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        task_ignore_result=True,  # job state lives in Redis structures we design, not results
+        task_ignore_result=True,  # job records live in PostgreSQL tables we design, not results
         task_acks_late=True,
         task_reject_on_worker_lost=True,  # a killed worker's task goes back on the queue
         worker_prefetch_multiplier=1,
@@ -125,7 +143,9 @@ def create_celery_app(name: str, broker_url: str) -> Celery:
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,
     )
-    _route_failures_to_dead_letters(app, broker_url)
+    _route_failures_to_dead_letters(app, broker_url, state)
+    if state is not None:
+        _wait_for_database(app, state)
     from imgsift_common.metrics import instrument_celery  # imports this module
 
     instrument_celery(app)  # Prometheus: tasks, durations, items per stage (IMGSIFT_METRICS_PORT)
@@ -150,7 +170,32 @@ class DeadLetter(BaseModel):
     failed_at: str
 
 
-def _route_failures_to_dead_letters(app: Celery, broker_url: str) -> None:
+def _wait_for_database(app: Celery, state: Callable[[], ServiceStateStore]) -> None:
+    """A starting worker waits for PostgreSQL (as for its broker) and refuses a schema it does not know."""
+    from celery import signals
+
+    from imgsift_common.schema import SchemaMismatch
+    from imgsift_common.servicestate import wait_for_database
+
+    name = app.main
+
+    def on_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        engine = state().engine
+        try:
+            wait_for_database(engine)
+        except SchemaMismatch as exc:
+            raise SystemExit(f"imgsift worker {name} refuses to start: {exc}") from exc
+        finally:
+            engine.dispose()  # no connection of the parent's is inherited by its forked children
+
+    signals.worker_init.connect(on_init, weak=False)
+
+
+def _route_failures_to_dead_letters(
+    app: Celery, broker_url: str, state: Callable[[], ServiceStateStore] | None
+) -> None:
     """Record every task of ``app`` that fails for good, instead of retrying it forever.
 
     Late acknowledgement acks a failed task (``task_acks_on_failure_or_timeout``), so the
@@ -164,7 +209,8 @@ def _route_failures_to_dead_letters(app: Celery, broker_url: str) -> None:
             return
         letter = record_dead_letter(broker_url, getattr(sender, "name", "?"), task_id, args, exception,
                                     getattr(getattr(sender, "request", None), "retries", 0) or 0)  # fmt: skip
-        _settle_job(app, broker_url, letter, args)
+        if state is not None:
+            _settle_job(app, state(), letter, args)
 
     signals.task_failure.connect(on_failure, weak=False)
 
@@ -197,25 +243,20 @@ def record_dead_letter(
     return letter
 
 
-def _settle_job(app: Celery, redis_url: str, letter: DeadLetter, args: Any) -> None:
+def _settle_job(app: Celery, state: ServiceStateStore, letter: DeadLetter, args: Any) -> None:
     """Record in the letter's job what its task could not do (imgsift_common.failed_tasks)."""
     if letter.job_id is None:
         return
     from imgsift_common import webhooks
     from imgsift_common.failed_tasks import settle_failed_task
-    from imgsift_common.state import RedisStateStore
 
-    state = RedisStateStore.from_url(redis_url)
-    try:
-        payload = args[0] if isinstance(args, (list, tuple)) and args else args
-        settle_failed_task(
-            state,
-            letter,
-            payload,
-            lambda job_id: webhooks.notify(state, job_id, lambda m: send(app, TaskName.WEBHOOK, m)),
-        )
-    finally:
-        state.r.close()
+    payload = args[0] if isinstance(args, (list, tuple)) and args else args
+    settle_failed_task(
+        state,
+        letter,
+        payload,
+        lambda job_id: webhooks.notify(state, job_id, lambda m: send(app, TaskName.WEBHOOK, m)),
+    )
 
 
 def dead_letters(client: Any, limit: int = 100) -> list[DeadLetter]:

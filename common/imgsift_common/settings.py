@@ -1,4 +1,4 @@
-"""Settings shared by every service: where Redis and the object store are.
+"""Settings shared by every service: where PostgreSQL, Redis and the object store are.
 
 Each service subclasses :class:`ImgsiftSettings` with its own ``env_prefix``
 (``IMGSIFT_CRAWLER_``, ``IMGSIFT_DETECTOR_`` ...). The shared fields below carry an
@@ -42,8 +42,18 @@ DEFAULT_TASK_MAX_RETRIES = 8
 class ImgsiftSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMGSIFT_", extra="ignore", populate_by_name=True)
 
+    database_url: SecretStr | None = Field(
+        None,
+        validation_alias=_env("DATABASE_URL"),
+        description=(
+            "PostgreSQL: the job records, e.g. postgresql://imgsift:PASSWORD@postgres:5432/imgsift "
+            "(required by the services; no default)"
+        ),
+    )
     redis_url: str = Field(
-        "redis://localhost:6379/0", validation_alias=_env("REDIS_URL"), description="Redis: queues and job state"
+        "redis://localhost:6379/0",
+        validation_alias=_env("REDIS_URL"),
+        description="Redis: the task queues, locks, fetch claims, rate limits and idempotency keys",
     )
     storage: StorageBackend = Field(
         StorageBackend.S3, validation_alias=_env("STORAGE"), description="object store: s3 (MinIO, AWS...) or local"
@@ -77,8 +87,8 @@ class ImgsiftSettings(BaseSettings):
         ge=0,
         validation_alias=_env("TASK_MAX_RETRIES"),
         description=(
-            "times a task retries a transient fault (Redis or S3 unreachable), waiting up to 2, 4, ... 60 s "
-            "(jittered); then it fails for good: a dead letter, and the job records the loss"
+            "times a task retries a transient fault (PostgreSQL, Redis or S3 unreachable), waiting up to "
+            "2, 4, ... 60 s (jittered); then it fails for good: a dead letter, and the job records the loss"
         ),
     )
     metrics_port: MetricsPort = Field(

@@ -1,7 +1,7 @@
 """The job state in SQL: one implementation of :class:`~imgsift_common.state.StateStore` for
 SQLite (the embedded ``imgsift`` command) and PostgreSQL (the services), over SQLAlchemy Core.
 
-The rules are those of the Redis scripts in :mod:`imgsift_common.state`, kept by the database:
+The rules of :mod:`imgsift_common.state`, kept by the database:
 
 - Record once: each outcome has a unique key (a URL, an image key, a crop key), and the write
   is ``INSERT ... ON CONFLICT DO NOTHING``; the counters move in the same transaction, and only

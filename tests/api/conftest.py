@@ -1,4 +1,4 @@
-"""The API app against a real Redis and a real S3 endpoint (moto), signed in with an admin key."""
+"""The API app against a real PostgreSQL, a real Redis and a real S3 endpoint (moto), signed in with an admin key."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ ADMIN_KEY = "isk_apitest_admin_0123456789abcdef"
 
 
 @pytest.fixture
-def api(redis_url: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def api(redis_url: str, postgres_url: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     for name, value in {
         **S3_TEST_CREDENTIALS,
+        "IMGSIFT_DATABASE_URL": postgres_url,
         "IMGSIFT_REDIS_URL": redis_url,
         "IMGSIFT_S3_ENDPOINT": s3_endpoint,
         "IMGSIFT_S3_BUCKET": "api-tests",

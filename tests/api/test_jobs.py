@@ -16,7 +16,7 @@ from imgsift_common.messages import (
     Crop,
     DiscoverMessage,
 )
-from imgsift_common.state import RedisStateStore
+from imgsift_common.state import StateStore
 from tests.support.records import record_stored
 
 SPEC = {"target": "person", "threshold": 0.5, "sources": [{"kind": "urls", "urls": ["http://127.0.0.1:9/a.jpg"]}]}
@@ -36,7 +36,7 @@ def _create(api: TestClient, spec: dict | None = None, refs: list[bytes] | None 
 def test_healthz(api: TestClient) -> None:
     response = api.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "redis": True, "storage": True}
+    assert response.json() == {"status": "ok", "database": True, "redis": True, "storage": True}
 
 
 def test_create_job_stores_references_and_enqueues_discovery(api: TestClient, redis_url: str, coco128) -> None:  # type: ignore[no-untyped-def]
@@ -86,7 +86,7 @@ def test_unknown_and_malformed_job_ids(api: TestClient) -> None:
     assert api.get("/v1/jobs/UPPER_case!").status_code == 422
 
 
-def _fill(state: RedisStateStore, store, job_id: str, distances: list[float]) -> list[str]:  # type: ignore[no-untyped-def]
+def _fill(state: StateStore, store, job_id: str, distances: list[float]) -> list[str]:  # type: ignore[no-untyped-def]
     """Give a job one stored image with a crop per distance, as the workers would."""
     sha = "ab" * 32
     image_key = keys.image_key(job_id, sha, "JPEG")

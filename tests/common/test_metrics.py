@@ -165,10 +165,11 @@ def test_a_prefork_worker_serves_what_its_children_counted(
 
 
 def test_the_api_reports_each_queue_depth_without_a_key(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name, setting in {
         "IMGSIFT_REDIS_URL": redis_url,
+        "IMGSIFT_DATABASE_URL": postgres_url,
         "IMGSIFT_STORAGE": "local",
         "IMGSIFT_LOCAL_STORAGE_DIR": str(tmp_path / "objects"),
     }.items():

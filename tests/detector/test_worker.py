@@ -18,7 +18,7 @@ import redis
 from imgsift_common.celery_app import QueueName, TaskName
 from imgsift_common.messages import CropBatch, ImageBatch, JobState
 from imgsift_common.settings import DEFAULT_TASK_MAX_RETRIES
-from imgsift_common.state import Counter, Flag, RedisStateStore
+from imgsift_common.state import Counter, Flag
 from imgsift_common.storage import LocalStore
 from imgsift_detector.model import WeightsError
 from tests.detector.conftest import JOB_ID, add_photos, make_job
@@ -27,9 +27,12 @@ PHOTOS = ["000000000036", "000000000136"]  # three labelled persons between them
 
 
 @pytest.fixture
-def worker(monkeypatch: pytest.MonkeyPatch, redis_url: str, tmp_path: Path, yolo_weights: Path) -> Iterator[ModuleType]:
+def worker(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, postgres_url: str, tmp_path: Path, yolo_weights: Path
+) -> Iterator[ModuleType]:
     """imgsift_detector.worker imported as a worker process would, configured by the environment."""
     monkeypatch.setenv("IMGSIFT_REDIS_URL", redis_url)
+    monkeypatch.setenv("IMGSIFT_DATABASE_URL", postgres_url)
     monkeypatch.setenv("IMGSIFT_STORAGE", "local")
     monkeypatch.setenv("IMGSIFT_LOCAL_STORAGE_DIR", str(tmp_path / "objects"))
     monkeypatch.setenv("IMGSIFT_DETECTOR_WEIGHTS", str(yolo_weights))
@@ -37,7 +40,10 @@ def worker(monkeypatch: pytest.MonkeyPatch, redis_url: str, tmp_path: Path, yolo
     handlers, level = root.handlers[:], root.level  # the worker configures logging for its process
     sys.modules.pop("imgsift_detector.worker", None)
     try:
-        yield importlib.import_module("imgsift_detector.worker")
+        module = importlib.import_module("imgsift_detector.worker")
+        yield module
+        if module.state.cache_info().currsize:
+            module.state().close()
     finally:
         sys.modules.pop("imgsift_detector.worker", None)
         root.handlers[:], root.level = handlers, level
@@ -55,7 +61,7 @@ def _queued(redis_url: str, queue: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _run(worker: ModuleType, redis_url: str, coco128, target: str, job_state: JobState = JobState.RUNNING):  # type: ignore[no-untyped-def]
-    state = RedisStateStore.from_url(redis_url)
+    state = worker.state()
     store = LocalStore(worker.settings.local_storage_dir)
     make_job(state, target, job_state)
     images = add_photos(state, store, [coco128.image(stem) for stem in PHOTOS])
@@ -84,7 +90,7 @@ def test_detect_records_crops_and_sends_them_to_siamese_in_chunks(  # type: igno
 def test_a_job_without_target_objects_completes_at_detection(  # type: ignore[no-untyped-def]
     worker: ModuleType, redis_url: str, coco128
 ) -> None:
-    state = RedisStateStore.from_url(redis_url)
+    state = worker.state()
     state.set_flag(JOB_ID, Flag.DISCOVERY_DONE)  # the crawler has handled every URL
 
     _run(worker, redis_url, coco128, "toothbrush")
@@ -112,7 +118,7 @@ def test_unavailable_weights_fail_the_job_with_the_fix(  # type: ignore[no-untyp
     with pytest.raises(WeightsError):
         _run(worker, redis_url, coco128, "person")
 
-    job = RedisStateStore.from_url(redis_url).get_job(JOB_ID)
+    job = worker.state().get_job(JOB_ID)
     assert job.state is JobState.FAILED
     assert "IMGSIFT_DETECTOR_WEIGHTS" in job.error
 

@@ -7,18 +7,21 @@ from types import ModuleType
 
 import pytest
 import redis.exceptions
+import sqlalchemy.exc
 from PIL import Image
 
 from imgsift_common.messages import JobState
+from imgsift_common.servicestate import ServiceStateStore
 from imgsift_common.settings import DEFAULT_TASK_MAX_RETRIES
-from imgsift_common.state import Flag, RedisStateStore
+from imgsift_common.state import Flag
 from imgsift_common.storage import LocalStore
 from tests.siamese.stored import JOB_ID, create_job, put_crops, put_references
 
 
 @pytest.fixture
-def worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str) -> Iterator[ModuleType]:
-    """The worker module configured for a local object store and the test Redis."""
+def worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str, postgres_url: str) -> Iterator[ModuleType]:
+    """The worker module configured for a local object store, the test Redis and PostgreSQL."""
+    monkeypatch.setenv("IMGSIFT_DATABASE_URL", postgres_url)
     monkeypatch.setenv("IMGSIFT_STORAGE", "local")
     monkeypatch.setenv("IMGSIFT_LOCAL_STORAGE_DIR", str(tmp_path / "objects"))
     monkeypatch.setenv("IMGSIFT_REDIS_URL", redis_url)
@@ -28,13 +31,16 @@ def worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str) -> I
     for cached in per_process:
         cached.cache_clear()
     yield worker
+    state_store = per_process[2]  # the test may have replaced the module's attribute
+    if state_store.cache_info().currsize:
+        state_store().close()
     for cached in per_process:
         cached.cache_clear()
 
 
 @pytest.fixture
-def state(redis_url: str) -> RedisStateStore:
-    return RedisStateStore.from_url(redis_url)
+def state(worker: ModuleType) -> ServiceStateStore:
+    return worker.state_store()  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -43,7 +49,7 @@ def store(tmp_path: Path) -> LocalStore:
 
 
 def test_compare_task_records_distances_and_completes_the_job(
-    worker: ModuleType, state: RedisStateStore, store: LocalStore, crops_by_class: dict[str, list[Image.Image]]
+    worker: ModuleType, state: ServiceStateStore, store: LocalStore, crops_by_class: dict[str, list[Image.Image]]
 ) -> None:
     create_job(state, put_references(store, crops_by_class["dog"][:2]))
     state.set_flag(JOB_ID, Flag.DISCOVERY_DONE)
@@ -61,7 +67,7 @@ def test_compare_task_records_distances_and_completes_the_job(
 def test_compare_task_drops_batches_of_finished_or_unknown_jobs(
     job_state: JobState | None,
     worker: ModuleType,
-    state: RedisStateStore,
+    state: ServiceStateStore,
     store: LocalStore,
     crops_by_class: dict[str, list[Image.Image]],
 ) -> None:
@@ -74,7 +80,7 @@ def test_compare_task_drops_batches_of_finished_or_unknown_jobs(
 
 
 def test_a_job_whose_references_are_gone_fails_with_the_reason(
-    worker: ModuleType, state: RedisStateStore, store: LocalStore, crops_by_class: dict[str, list[Image.Image]]
+    worker: ModuleType, state: ServiceStateStore, store: LocalStore, crops_by_class: dict[str, list[Image.Image]]
 ) -> None:
     (reference,) = put_references(store, crops_by_class["dog"][:1])
     create_job(state, [reference])
@@ -90,7 +96,7 @@ def test_a_job_whose_references_are_gone_fails_with_the_reason(
 
 def test_a_training_that_outlasts_its_lock_time_keeps_the_lock(
     worker: ModuleType,
-    state: RedisStateStore,
+    state: ServiceStateStore,
     store: LocalStore,
     crops_by_class: dict[str, list[Image.Image]],
     monkeypatch: pytest.MonkeyPatch,
@@ -131,6 +137,9 @@ class UnreachableState:
     ("error", "attempts"),
     [
         (redis.exceptions.ConnectionError("Redis went away"), 1 + DEFAULT_TASK_MAX_RETRIES),  # transient: retried
+        # PostgreSQL restarting: retried too
+        (sqlalchemy.exc.OperationalError("SELECT", {}, Exception("connection lost")), 1 + DEFAULT_TASK_MAX_RETRIES),
+        (sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key")), 1),  # a bug: not retried
         (RuntimeError("a bug"), 1),  # anything else: retrying cannot help
     ],
 )

@@ -1,10 +1,11 @@
-"""The API app: a lifespan that opens Redis, the object store and the Celery producer once.
+"""The API app: a lifespan that opens PostgreSQL, Redis, the object store and the Celery producer once.
 
 Run with ``uvicorn imgsift_api.main:app``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ from imgsift_common.apikeys import ApiKeyStore
 from imgsift_common.celery_app import STATE_ERRORS, STORE_ERRORS, create_celery_app
 from imgsift_common.logs import configure_logging
 from imgsift_common.metrics import api_metrics
-from imgsift_common.state import RedisStateStore
+from imgsift_common.servicestate import ServiceStateStore, wait_for_database
 from imgsift_common.storage import store_from_settings
 
 
@@ -29,7 +30,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = ApiSettings()
     configure_logging(settings.log_level)
     app.state.settings = settings
-    app.state.state = RedisStateStore.from_url(settings.redis_url)
+    state = ServiceStateStore.from_settings(settings)
+    # Waits (logging each try) while PostgreSQL is unreachable; a schema this code does not know
+    # (SchemaMismatch: the migrate step has not run, or a newer imgsift's) stops the start-up.
+    await asyncio.to_thread(wait_for_database, state.engine)
+    app.state.state = state
     app.state.store = store_from_settings(settings)
     app.state.celery = create_celery_app("imgsift-api", settings.redis_url)
     app.state.keys = ApiKeyStore(app.state.state.r)
@@ -38,7 +43,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.keys.add(
             settings.bootstrap_key.get_secret_value(), "bootstrap (IMGSIFT_API_BOOTSTRAP_KEY)", admin=True
         )
-    yield
+    try:
+        yield
+    finally:
+        state.close()
 
 
 app = FastAPI(
@@ -56,7 +64,7 @@ app.include_router(keys.router, prefix="/v1")
 
 
 async def state_unreachable(request: Request, exc: Exception) -> JSONResponse:
-    """Redis down or restarting: a clear 503 the client can retry, not a 500."""
+    """PostgreSQL or Redis down or restarting: a clear 503 the client can retry, not a 500."""
     return JSONResponse({"detail": "the job state store is unreachable; retry later"}, status_code=503)
 
 

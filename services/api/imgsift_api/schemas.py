@@ -155,6 +155,7 @@ class QuestionsOut(BaseModel):
 
 class Health(BaseModel):
     status: str
+    database: bool
     redis: bool
     storage: bool
 

@@ -48,7 +48,7 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.progress import finish_if_complete
-from imgsift_common.state import RedisStateStore, StateStore
+from imgsift_common.servicestate import ServiceStateStore
 from imgsift_common.storage import ObjectStore, store_from_settings
 from imgsift_crawler import pipeline
 from imgsift_crawler.fetch import Fetcher, FetchError
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 settings = CrawlerSettings()
 configure_logging(settings.log_level)
-app = create_celery_app("imgsift-crawler", settings.redis_url)
 
 TICK_SECONDS = 20.0  # how long one discover tick may keep stepping before it hands over
 LOCK = "discover"
@@ -70,8 +69,11 @@ RESEND_CROPS = 64  # crops per compare message, likewise
 
 
 @cache
-def state() -> StateStore:
-    return RedisStateStore.from_url(settings.redis_url)
+def state() -> ServiceStateStore:
+    return ServiceStateStore.from_settings(settings)
+
+
+app = create_celery_app("imgsift-crawler", settings.redis_url, state)
 
 
 @cache

@@ -17,7 +17,7 @@ from imgsift_common.celery_app import TaskName, create_celery_app, retry_policy,
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import CropBatch, ImageBatch, JobState, Stage
 from imgsift_common.progress import finish_if_complete
-from imgsift_common.state import RedisStateStore, StateStore
+from imgsift_common.servicestate import ServiceStateStore
 from imgsift_common.storage import ObjectStore, store_from_settings
 from imgsift_detector.detect import detect_batch
 from imgsift_detector.model import WeightsError, detector_from_settings
@@ -27,15 +27,17 @@ log = logging.getLogger(__name__)
 
 settings = DetectorSettings()
 configure_logging(settings.log_level)
-app = create_celery_app("imgsift-detector", settings.redis_url)
 
 # Crop keys per message to the Siamese stage.
 CROPS_PER_MESSAGE = 64
 
 
 @cache
-def state() -> StateStore:
-    return RedisStateStore.from_url(settings.redis_url)
+def state() -> ServiceStateStore:
+    return ServiceStateStore.from_settings(settings)
+
+
+app = create_celery_app("imgsift-detector", settings.redis_url, state)
 
 
 @cache

@@ -21,7 +21,7 @@ from imgsift_common.leases import Renewal
 from imgsift_common.logs import configure_logging
 from imgsift_common.messages import CropBatch, JobState, Stage, TrainMessage
 from imgsift_common.progress import finish_if_complete
-from imgsift_common.state import RedisStateStore
+from imgsift_common.servicestate import ServiceStateStore
 from imgsift_common.storage import ObjectStore, store_from_settings
 from imgsift_siamese.compare import ReferenceImagesError, compare_batch
 from imgsift_siamese.embed import job_embedder
@@ -44,11 +44,11 @@ def object_store() -> ObjectStore:
 
 
 @functools.cache
-def state_store() -> RedisStateStore:
-    return RedisStateStore.from_url(worker_settings().redis_url)
+def state_store() -> ServiceStateStore:
+    return ServiceStateStore.from_settings(worker_settings())
 
 
-app = create_celery_app("imgsift-siamese", worker_settings().redis_url)
+app = create_celery_app("imgsift-siamese", worker_settings().redis_url, state_store)
 
 
 @signals.setup_logging.connect

@@ -73,6 +73,8 @@ def render() -> str:
     lines += [
         "",
         "# ---- compose only",
+        "# password of compose's PostgreSQL user imgsift; compose builds IMGSIFT_DATABASE_URL from it",
+        "IMGSIFT_POSTGRES_PASSWORD=change-me-postgres-password",
         "# host port of the API",
         "# IMGSIFT_API_PORT=8000",
         "# uvicorn's own settings (the API container sets these)",

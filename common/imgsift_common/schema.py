@@ -26,7 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from imgsift_common.sqldialect import WRITE, Key, make_engine
+from imgsift_common.sqldialect import WRITE, Key, make_engine, migration_lock
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -276,6 +276,7 @@ def migrate(target: str | Engine) -> None:
         # A write transaction from the start: two processes opening a new SQLite file at once
         # take turns instead of one failing when it upgrades its read lock.
         with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            migration_lock(conn)
             if current_revision(conn) is None and (found := sa.inspect(conn).get_table_names()):
                 raise SchemaMismatch(
                     f"{_where(engine)} holds tables ({', '.join(sorted(found)[:5])}, ...) but no imgsift schema "
@@ -305,7 +306,7 @@ def check_schema(engine: Engine) -> None:
     else:
         why = f"is at schema revision {current}, which this code does not know (a newer imgsift wrote it?)"
     raise SchemaMismatch(
-        f"{_where(engine)} {why}; migrate it first (imgsift_common.schema.migrate, the services' one-shot "
+        f"{_where(engine)} {why}; migrate it first (`python -m imgsift_common.migrate`, the services' one-shot "
         "migrate step) or run the imgsift version that matches it"
     )
 

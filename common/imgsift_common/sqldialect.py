@@ -43,6 +43,21 @@ def snapshot(conn: Connection) -> None:
         conn.execution_options(isolation_level="REPEATABLE READ")
 
 
+# Any 64-bit number of our own: the advisory lock that serialises concurrent migrations.
+MIGRATION_LOCK = 0x696D67736966  # "imgsif"
+
+
+def migration_lock(conn: Connection) -> None:
+    """Make concurrent migrations of one database take turns, until the transaction ends.
+
+    Kubernetes starts one migration per pod (an initContainer), so several may run at once;
+    PostgreSQL serialises them with a transaction-scoped advisory lock, SQLite with its write
+    lock, which the migration's transaction holds from BEGIN (:data:`WRITE`).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+
+
 def engine_url(url: str | sa.URL) -> sa.URL:
     """``url`` with psycopg 3 as the driver of a plain ``postgresql://`` URL (SQLAlchemy's default is psycopg2)."""
     parsed = sa.make_url(url)

@@ -1,5 +1,5 @@
 """Start the compose topology as local processes: the same commands and environment as
-docker-compose.yml, with Redis and S3 endpoints swapped for ones the test started."""
+docker-compose.yml, with PostgreSQL, Redis and S3 endpoints swapped for ones the test started."""
 
 from __future__ import annotations
 
@@ -92,7 +92,20 @@ class Stack:
         self.procs[name] = proc
         return proc
 
+    def migrate(self, timeout: float = 120) -> None:
+        """Run compose's one-shot ``migrate`` service to completion, as compose does before the others."""
+        command, environment = service_command("migrate", self.env)
+        bindir = Path(sys.executable).parent
+        command[0] = str(bindir / command[0]) if (bindir / command[0]).exists() else command[0]
+        done = subprocess.run(
+            command, env={**os.environ, **environment}, capture_output=True, text=True, timeout=timeout
+        )
+        (self.logdir / "migrate.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(f"migrate exited with {done.returncode}:\n{done.stdout}{done.stderr}")
+
     def start_all(self) -> None:
+        self.migrate()
         for service in APP_SERVICES:
             self.start(service)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3_TEST_CREDENTIALS, free_port
+from tests.conftest import S3_TEST_CREDENTIALS, PostgresServer, free_port
 from tests.support.stack import Stack
 
 # The operator's first key (compose's IMGSIFT_API_BOOTSTRAP_KEY): every API call but /healthz needs a key.
@@ -16,10 +16,31 @@ AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 
 
 @pytest.fixture
-def stack_env(redis_url: str, s3_endpoint: str, yolo_weights: Path) -> dict[str, str]:
+def stack_database(postgres_server: PostgresServer) -> Iterator[str]:
+    """An empty database of the test's own PostgreSQL: the stack's migrate step gives it its schema."""
+    url = postgres_server.create_database(migrated=False)
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture
+def stack_state(stack_database: str, redis_url: str):  # type: ignore[no-untyped-def]
+    """The stack's job state, read as the services read it (PostgreSQL, with Redis for locks)."""
+    from imgsift_common.servicestate import ServiceStateStore
+
+    state = ServiceStateStore.connect(stack_database, redis_url)
+    yield state
+    state.close()
+
+
+@pytest.fixture
+def stack_env(redis_url: str, stack_database: str, s3_endpoint: str, yolo_weights: Path) -> dict[str, str]:
     """The environment compose would give, with test endpoints; tests may add to it before `stack`."""
     return {
         **S3_TEST_CREDENTIALS,
+        "IMGSIFT_DATABASE_URL": stack_database,
+        # Compose builds the URL above from it; the test's server trusts local connections.
+        "IMGSIFT_POSTGRES_PASSWORD": "unused",
         "IMGSIFT_REDIS_URL": redis_url,
         "IMGSIFT_API_BOOTSTRAP_KEY": TEST_API_KEY,
         "IMGSIFT_S3_ENDPOINT": s3_endpoint,

@@ -16,22 +16,39 @@ import yaml
 
 from tests.support.stack import APP_SERVICES, ROOT, compose_file
 
+MIGRATE_COMMAND = ["python", "-m", "imgsift_common.migrate"]
 
-def test_redis_persists_and_every_service_has_a_healthcheck() -> None:
+
+def test_stores_persist_and_every_long_running_service_has_a_healthcheck() -> None:
     services = compose_file()["services"]
     # Services under a profile (flower) start only when asked for.
-    assert {name for name, spec in services.items() if "profiles" not in spec} == {"redis", "minio", *APP_SERVICES}
+    started = {name for name, spec in services.items() if "profiles" not in spec}
+    assert started == {"postgres", "redis", "minio", "migrate", *APP_SERVICES}
     assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
+    assert services["postgres"]["image"].startswith("postgres:16")
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
     for name, spec in services.items():
+        if name == "migrate":  # a one-shot: it exits, and the others wait for its exit status
+            assert spec["restart"] == "no" and "healthcheck" not in spec
+            continue
         assert spec.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
 
 
-def test_app_services_wait_for_healthy_redis_and_minio() -> None:
+def test_migrate_runs_once_against_a_healthy_postgres_before_every_app_service() -> None:
     services = compose_file()["services"]
+    assert services["migrate"]["command"] == MIGRATE_COMMAND
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    url = services["migrate"]["environment"]["IMGSIFT_DATABASE_URL"]
+    assert all(services[name]["environment"]["IMGSIFT_DATABASE_URL"] == url for name in APP_SERVICES)
     for name in APP_SERVICES:
-        depends = services[name]["depends_on"]
-        assert depends == {"redis": {"condition": "service_healthy"}, "minio": {"condition": "service_healthy"}}, name
+        assert services[name]["depends_on"] == {
+            "postgres": {"condition": "service_healthy"},
+            "migrate": {"condition": "service_completed_successfully"},
+            "redis": {"condition": "service_healthy"},
+            "minio": {"condition": "service_healthy"},
+        }, name
 
 
 def test_each_service_image_installs_only_its_own_code() -> None:

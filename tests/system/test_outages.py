@@ -24,7 +24,7 @@ import pytest
 
 from imgsift_common.celery_app import DeadLetter, TaskName
 from imgsift_common.messages import DownloadOutcome, FailureReason
-from imgsift_common.state import RedisStateStore
+from imgsift_common.state import StateStore
 from tests.conftest import free_port
 from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128
@@ -97,12 +97,12 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 180) ->
         time.sleep(0.1)
 
 
-def _work_done(state: RedisStateStore, job_id: str) -> int:
+def _work_done(state: StateStore, job_id: str) -> int:
     c = state.counters(job_id)
     return sum(c.get(n, 0) for n in ("downloaded", "failed", "detected", "compared", "compare_failed"))
 
 
-def _seconds_until_progress(state: RedisStateStore, job_id: str, timeout: float = 180) -> float:
+def _seconds_until_progress(state: StateStore, job_id: str, timeout: float = 180) -> float:
     """Seconds until the job's counters move again."""
     start, done = time.monotonic(), _work_done(state, job_id)
     _wait_for(lambda: _work_done(state, job_id) > done or state.get_job(job_id).state.is_final, "progress", timeout)
@@ -132,10 +132,15 @@ def _letters(client: httpx.Client, job_id: str) -> list[DeadLetter]:
 
 
 def test_redis_restart_mid_job_loses_and_duplicates_nothing(
-    stack: tuple[Stack, str], web: TestWeb, coco128: Coco128, persistent_redis: PersistentRedis, redis_url: str
+    stack: tuple[Stack, str],
+    web: TestWeb,
+    coco128: Coco128,
+    persistent_redis: PersistentRedis,
+    redis_url: str,
+    stack_state: StateStore,
 ) -> None:
     running, api = stack
-    state = RedisStateStore.from_url(redis_url)
+    state = stack_state
     with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         job_id, _ = _create_job(client, web, coco128)
         started = time.monotonic()
@@ -168,10 +173,15 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
 
 
 def test_s3_unreachable_for_30_seconds_is_ridden_through(
-    stack: tuple[Stack, str], web: TestWeb, coco128: Coco128, s3_proxy: TcpProxy, redis_url: str
+    stack: tuple[Stack, str],
+    web: TestWeb,
+    coco128: Coco128,
+    s3_proxy: TcpProxy,
+    redis_url: str,
+    stack_state: StateStore,
 ) -> None:
     running, api = stack
-    state = RedisStateStore.from_url(redis_url)
+    state = stack_state
     with httpx.Client(base_url=api, timeout=60, headers=AUTH) as client:
         job_id, urls = _create_job(client, web, coco128)
         started = time.monotonic()
@@ -213,13 +223,18 @@ ONE_RETRY = {"IMGSIFT_TASK_MAX_RETRIES": "1", "IMGSIFT_CRAWLER_STALL_SECONDS": "
 
 @pytest.mark.parametrize("stack_env", [ONE_RETRY], indirect=True, ids=["1-retry"])
 def test_outage_past_the_retry_budget_is_recorded_not_silent(
-    stack: tuple[Stack, str], web: TestWeb, coco128: Coco128, s3_proxy: TcpProxy, redis_url: str
+    stack: tuple[Stack, str],
+    web: TestWeb,
+    coco128: Coco128,
+    s3_proxy: TcpProxy,
+    redis_url: str,
+    stack_state: StateStore,
 ) -> None:
     """S3 gone for good, tasks allowed one retry: each task fails for good once, is dead-lettered,
     and its job records what it cost (URLs failed with reason task_failed, images with no crops,
     crops in compare_failed) with a note naming the task and the error; the job ends."""
     running, api = stack
-    state = RedisStateStore.from_url(redis_url)
+    state = stack_state
     with httpx.Client(base_url=api, timeout=60, headers=AUTH) as client:
         job_id, urls = _create_job(client, web, coco128)
         started = time.monotonic()

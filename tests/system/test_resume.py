@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from imgsift_common.messages import DownloadOutcome
-from imgsift_common.state import RedisStateStore
+from imgsift_common.state import StateStore
 from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
@@ -41,14 +41,14 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
 
 
 def test_killed_crawler_resumes_without_refetching_or_losing_urls(
-    stack, web: TestWeb, coco128: Coco128, redis_url: str
+    stack, web: TestWeb, coco128: Coco128, redis_url: str, stack_state: StateStore
 ) -> None:  # type: ignore[no-untyped-def]
     running, api = stack
     photos = coco128.images[:PHOTOS]
     # Slow responses keep downloads in flight when the worker dies.
     urls = [web.add(f"/slow/{p.name}", p.read_bytes(), "image/jpeg", delay=0.3) for p in photos]
     spec = {"target": "person", "threshold": 0.9, "sources": [{"kind": "urls", "urls": urls}]}
-    state = RedisStateStore.from_url(redis_url)
+    state = stack_state
     with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         files = [("references", ("ref.jpg", coco128.images[-1].read_bytes(), "image/jpeg"))]
         job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files).json()["id"]
@@ -92,7 +92,7 @@ def test_killed_crawler_resumes_without_refetching_or_losing_urls(
 
 
 def test_killed_detector_and_siamese_workers_lose_and_duplicate_nothing(
-    stack, web: TestWeb, coco128: Coco128, redis_url: str
+    stack, web: TestWeb, coco128: Coco128, redis_url: str, stack_state: StateStore
 ) -> None:  # type: ignore[no-untyped-def]
     """kill -9 of the detector, then of the Siamese worker, twice each, mid-batch: the job
     completes, every image is detected once, every crop compared once, the counters agree."""
@@ -100,7 +100,7 @@ def test_killed_detector_and_siamese_workers_lose_and_duplicate_nothing(
     photos = coco128.images[:PHOTOS]
     urls = [web.add(f"/img/{p.name}", p.read_bytes(), "image/jpeg") for p in photos]
     spec = {"target": "any", "threshold": 0.9, "sources": [{"kind": "urls", "urls": urls}]}
-    state = RedisStateStore.from_url(redis_url)
+    state = stack_state
     kills = []
     with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
         files = [("references", ("ref.jpg", coco128.images[-1].read_bytes(), "image/jpeg"))]

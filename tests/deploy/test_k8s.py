@@ -36,9 +36,12 @@ COMPOSE_ENV = {
     "IMGSIFT_S3_ACCESS_KEY": "x" * 8,
     "IMGSIFT_S3_SECRET_KEY": "y" * 8,
     "IMGSIFT_API_BOOTSTRAP_KEY": "z" * 16,
+    "IMGSIFT_POSTGRES_PASSWORD": "p" * 8,
 }
 # Compose and Kubernetes name these differently (service host names), on purpose.
 PER_PLATFORM = {"IMGSIFT_REDIS_URL", "IMGSIFT_S3_ENDPOINT"}
+# Secrets in Kubernetes (imgsift-secrets); compose has them from .env.
+SECRETS = {*COMPOSE_ENV, "IMGSIFT_CRAWLER_FLICKR_API_KEY", "IMGSIFT_DATABASE_URL"}
 # The parameters of KEDA's `redis` (lists) scaler; its CRD accepts any string key in `metadata`.
 REDIS_SCALER_PARAMETERS = {
     "address", "host", "port", "addressFromEnv", "hostFromEnv", "portFromEnv", "usernameFromEnv",
@@ -161,6 +164,32 @@ def test_each_container_runs_the_command_the_system_test_starts(overlay: list[Ob
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
+def test_each_pod_first_runs_the_migrate_step_compose_runs(overlay: list[Obj], service: str) -> None:
+    command, _ = service_command("migrate", COMPOSE_ENV)
+    image = container(overlay, service)["image"]
+    (init,) = pod_spec(overlay, service)["initContainers"]
+    assert init["name"] == "migrate" and init["args"] == command and "command" not in init
+    assert init["image"] == image  # every service image carries imgsift_common and its migrations
+    (url,) = init["env"]
+    assert url["name"] == "IMGSIFT_DATABASE_URL"
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "imgsift-secrets", "key": "IMGSIFT_DATABASE_URL"}
+
+
+def test_the_stores_postgres_is_the_one_the_database_url_names(overlay: list[Obj]) -> None:
+    secret = find(overlay, "Secret", "imgsift-secrets")["stringData"]
+    url = urlsplit(secret["IMGSIFT_DATABASE_URL"])
+    service = find(overlay, "Service", "postgres")
+    assert url.hostname == f"postgres.{service['metadata']['namespace']}.svc.cluster.local"
+    assert url.port == service["spec"]["ports"][0]["port"] == 5432
+    assert url.password == secret["IMGSIFT_POSTGRES_PASSWORD"]
+    pod = find(overlay, "StatefulSet", "postgres")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["containers"][0]["env"]}
+    assert env["POSTGRES_PASSWORD"]["secretKeyRef"]["key"] == "IMGSIFT_POSTGRES_PASSWORD"
+    assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == (url.username, url.path.lstrip("/"))
+    assert "pg_isready" in pod["containers"][0]["readinessProbe"]["exec"]["command"]
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
 def test_each_container_gets_the_settings_compose_gives(cpu: list[Obj], service: str) -> None:
     _, interpolated = service_command(service, COMPOSE_ENV)
     compose_env = {name: interpolated[name] for name in compose_file()["services"][service]["environment"]}
@@ -168,7 +197,7 @@ def test_each_container_gets_the_settings_compose_gives(cpu: list[Obj], service:
     assert set(compose_env) - set(k8s_env) == set(), "settings compose passes and Kubernetes does not"
     secret = find(cpu, "Secret", "imgsift-secrets")["stringData"]
     for name, value in compose_env.items():
-        if name in COMPOSE_ENV or name == "IMGSIFT_CRAWLER_FLICKR_API_KEY":
+        if name in SECRETS:
             ref = k8s_env[name]["secretKeyRef"]
             assert ref["name"] == "imgsift-secrets" and ref["key"] == name and name in secret, name
         elif name not in PER_PLATFORM:

@@ -114,8 +114,16 @@ class PostgresServer:
 
     TEMPLATE = "imgsift_template"
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, pg_ctl: list[str] | None = None) -> None:
         self.port = port
+        self._pg_ctl = pg_ctl or []  # the pg_ctl command line, up to its action
+
+    def stop(self) -> None:
+        """Stop the server as an operator's restart does: ``pg_ctl stop -m fast`` (open sessions end)."""
+        subprocess.run([*self._pg_ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        subprocess.run([*self._pg_ctl, "-w", "-t", "60", "start"], check=True, capture_output=True, timeout=120)
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -171,7 +179,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')}") from exc
-    server = PostgresServer(port)
+    server = PostgresServer(port, [*as_server, *map(str, (PG_BIN / "pg_ctl", "-D", data, "-o", options, "-l", log))])
     try:
         server._admin(f'CREATE DATABASE "{PostgresServer.TEMPLATE}"')
         migrate(server.url(PostgresServer.TEMPLATE))

@@ -1,11 +1,12 @@
-"""Outages mid-job: Redis restarted (with its append-only file, as compose runs it) and the S3
-endpoint unreachable for 30 seconds. Tasks retry with backoff, a bounded number of times; the job
+"""Outages mid-job: PostgreSQL restarted, Redis restarted (with its append-only file, as compose
+runs it) and the S3 endpoint unreachable for 30 seconds. Tasks retry with backoff, a bounded number of times; the job
 completes with every image detected once and every crop compared once. An outage longer than the
 retry budget ends with what it cost recorded in the job, with the reason, and in the dead letters:
 never silently, never retried forever.
 
-The stack runs as processes (the compose commands) against a redis-server of the test's own with
-persistence on, and reaches moto's S3 through a TCP proxy the test can take down
+The stack runs as processes (the compose commands) against the tests' own PostgreSQL server
+(tests/conftest.py; restarted with ``pg_ctl stop -m fast`` and ``start``), a redis-server of the
+test's own with persistence on, and reaches moto's S3 through a TCP proxy the test can take down
 (tests/support/faults.py). Run with ``-s`` to see the figures docs/reliability.md records.
 """
 
@@ -25,7 +26,7 @@ import pytest
 from imgsift_common.celery_app import DeadLetter, TaskName
 from imgsift_common.messages import DownloadOutcome, FailureReason
 from imgsift_common.state import StateStore
-from tests.conftest import free_port
+from tests.conftest import PostgresServer, free_port
 from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128
 from tests.support.faults import PersistentRedis, TcpProxy
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.system
 PHOTOS = 16
 S3_OUTAGE = 30.0  # seconds
 REDIS_OUTAGE = 5.0
+POSTGRES_OUTAGE = 5.0
 MID_JOB = 6  # images stored when the fault starts: downloads in flight, detections and comparisons to come
 WORKERS = ("crawler", "detector", "siamese")
 
@@ -168,6 +170,50 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
     running.check_alive()  # every worker rode through the broker's restart
     print(
         f"\nRedis restart: down {outage:.1f} s at {before}; first progress {stalled:.1f} s after the restart; "
+        f"job done in {total:.1f} s; {_retries(running)}; crops {status['counts']['crops']}"
+    )
+
+
+def test_postgres_restart_mid_job_loses_and_duplicates_nothing(
+    stack: tuple[Stack, str],
+    web: TestWeb,
+    coco128: Coco128,
+    postgres_server: PostgresServer,
+    stack_state: StateStore,
+) -> None:
+    running, api = stack
+    state = stack_state
+    with httpx.Client(base_url=api, timeout=30, headers=AUTH) as client:
+        job_id, _ = _create_job(client, web, coco128)
+        started = time.monotonic()
+        _wait_for(lambda: state.counters(job_id).get("downloaded", 0) >= MID_JOB, "downloads")
+        before = dict(state.counters(job_id))
+
+        postgres_server.stop()  # fast: every open session is ended, as in an operator's restart
+        down = time.monotonic()
+        try:
+            during = client.get(f"/v1/jobs/{job_id}")
+            assert during.status_code == 503, during.text  # said plainly, and retryable
+            assert "state store is unreachable" in during.json()["detail"]
+            health = httpx.get(f"{api}/healthz", timeout=30)
+            assert health.status_code == 503 and health.json()["database"] is False, health.text
+            time.sleep(max(0.0, POSTGRES_OUTAGE - (time.monotonic() - down)))
+        finally:
+            postgres_server.start()
+        outage = time.monotonic() - down
+
+        after = dict(state.counters(job_id))  # a pooled connection the restart broke is replaced (pre-ping)
+        assert all(after.get(k, 0) >= v for k, v in before.items()), (before, after)  # nothing recorded was lost
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+        stalled = _seconds_until_progress(state, job_id)
+        status = wait_until_final(client, job_id, running, timeout=240)
+        total = time.monotonic() - started
+        assert_each_image_and_crop_handled_once(status, state, job_id, PHOTOS)
+        assert status["counts"]["compare_failed"] == 0 and status["counts"]["failed"] == 0
+        assert _letters(client, job_id) == []  # nothing failed for good
+    running.check_alive()  # every worker and the API rode through the restart
+    print(
+        f"\nPostgreSQL restart: down {outage:.1f} s at {before}; first progress {stalled:.1f} s after the restart; "
         f"job done in {total:.1f} s; {_retries(running)}; crops {status['counts']['crops']}"
     )
 

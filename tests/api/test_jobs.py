@@ -321,3 +321,24 @@ def test_a_crop_without_a_distance_cannot_be_answered_yet(api: TestClient) -> No
     assert state.feedback(job_id) == {}  # nothing recorded
     assert api.get(f"/v1/jobs/{job_id}/questions").json()["items"] == []  # nothing to ask either
     assert api.put(f"/v1/jobs/{job_id}/crops/{crop_ids[0]}/feedback", json={"correct": None}).status_code == 200
+
+
+def test_the_api_refuses_to_start_against_a_database_without_its_schema(
+    redis_url: str, postgres_server, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_api.main import app
+    from imgsift_common.schema import SchemaMismatch
+
+    empty = postgres_server.create_database(migrated=False)
+    try:
+        for name, value in {
+            "IMGSIFT_DATABASE_URL": empty,
+            "IMGSIFT_REDIS_URL": redis_url,
+            "IMGSIFT_STORAGE": "local",
+            "IMGSIFT_LOCAL_STORAGE_DIR": str(tmp_path),
+        }.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SchemaMismatch, match="migrate it first"), TestClient(app):
+            pass
+    finally:
+        postgres_server.drop_database(empty)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.coco import Coco128
+from tests.support.postgres import PostgresServer, PostgresUnavailable, running_postgres
 from tests.support.web import TestWeb
 
 # No test sends a packet beyond loopback, nor asks DNS: see tests/support/netguard.py.
@@ -106,87 +107,15 @@ def redis_url(redis_server: str) -> Iterator[str]:
 
 # ---------------------------------------------------------------------------- PostgreSQL
 
-PG_BIN = Path(os.environ.get("IMGSIFT_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-class PostgresServer:
-    """A PostgreSQL server of our own: one throwaway database per test, copied from a migrated template."""
-
-    TEMPLATE = "imgsift_template"
-
-    def __init__(self, port: int, pg_ctl: list[str] | None = None) -> None:
-        self.port = port
-        self._pg_ctl = pg_ctl or []  # the pg_ctl command line, up to its action
-
-    def stop(self) -> None:
-        """Stop the server as an operator's restart does: ``pg_ctl stop -m fast`` (open sessions end)."""
-        subprocess.run([*self._pg_ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True, timeout=120)
-
-    def start(self) -> None:
-        subprocess.run([*self._pg_ctl, "-w", "-t", "60", "start"], check=True, capture_output=True, timeout=120)
-
-    def url(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self, *, migrated: bool = True) -> str:
-        """A new database (with the job-state schema, or empty); its URL."""
-        name = f"t_{os.urandom(6).hex()}"
-        template = self.TEMPLATE if migrated else "template0"
-        self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-        return self.url(name)
-
-    def drop_database(self, url: str) -> None:
-        self._admin(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-
-    def _admin(self, sql: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]
-
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL 15 on a free port, in a temp dir (never the machine's own server)."""
-    import tempfile
-
-    from imgsift_common.schema import migrate
-
-    if not (PG_BIN / "initdb").is_file():
-        pytest.skip(
-            f"PostgreSQL 15 is not installed ({PG_BIN / 'initdb'} is missing; scripts/install.sh installs "
-            "Debian's postgresql package when run as root, or set IMGSIFT_TEST_PG_BIN)"
-        )
-    # Not under pytest's tmp dir: that is private to this user, and the server may run as another.
-    root = Path(tempfile.mkdtemp(prefix="imgsift-pg-"))
-    as_server: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the postgres user
-        shutil.chown(root, "postgres")
-        as_server = ["runuser", "-u", "postgres", "--"]
-    data, sockets, log = root / "data", root / "sockets", root / "server.log"
-    port = free_port()
-
-    def run(*args: object) -> None:
-        subprocess.run([*as_server, *map(str, args)], check=True, capture_output=True, timeout=120)
-
     try:
-        # A language collation, as servers usually have: a key compared by locale, not bytes, shows.
-        icu = ["--locale-provider=icu", "--icu-locale=en-US", "--locale=C.UTF-8"]
-        run(PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", *icu)
-        run("mkdir", sockets)
-        options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-        run(PG_BIN / "pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "-t", "60", "start")
-    except subprocess.CalledProcessError as exc:
-        shutil.rmtree(root, ignore_errors=True)
-        raise RuntimeError(f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')}") from exc
-    server = PostgresServer(port, [*as_server, *map(str, (PG_BIN / "pg_ctl", "-D", data, "-o", options, "-l", log))])
-    try:
-        server._admin(f'CREATE DATABASE "{PostgresServer.TEMPLATE}"')
-        migrate(server.url(PostgresServer.TEMPLATE))
-        yield server
-    finally:
-        run(PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        with running_postgres(free_port()) as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture

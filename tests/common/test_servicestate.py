@@ -13,7 +13,8 @@ import sqlalchemy.exc
 
 from imgsift_common.servicestate import wait_for_database
 from imgsift_common.sqldialect import make_engine
-from tests.conftest import PostgresServer, free_port
+from tests.conftest import free_port
+from tests.support.postgres import PostgresServer
 
 
 def test_a_worker_refuses_to_start_against_a_database_without_its_schema(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3_TEST_CREDENTIALS, PostgresServer, free_port
+from tests.conftest import S3_TEST_CREDENTIALS, free_port
+from tests.support.postgres import PostgresServer
 from tests.support.stack import Stack
 
 # The operator's first key (compose's IMGSIFT_API_BOOTSTRAP_KEY): every API call but /healthz needs a key.

@@ -26,10 +26,11 @@ import pytest
 from imgsift_common.celery_app import DeadLetter, TaskName
 from imgsift_common.messages import DownloadOutcome, FailureReason
 from imgsift_common.state import StateStore
-from tests.conftest import PostgresServer, free_port
+from tests.conftest import free_port
 from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128
 from tests.support.faults import PersistentRedis, TcpProxy
+from tests.support.postgres import PostgresServer
 from tests.support.stack import Stack
 from tests.support.web import TestWeb
 from tests.system.conftest import AUTH

@@ -10,11 +10,12 @@ What it does, all on loopback:
    ``--min-distance`` bits from every photo kept before, so no run drops near-duplicates;
 2. serves the corpus from nginx (Debian's; a generated config, one worker) or, where no
    nginx is installed, from uvicorn with Starlette's StaticFiles;
-3. starts a Redis server and moto's S3 server on free ports;
+3. starts the services' job-state stores (a PostgreSQL of its own, in a temp dir, migrated by
+   the services' migrate step, and a Redis server) and moto's S3 server on free ports;
 4. runs, one after the other, each as its own processes with the same parallelism:
    - imgsift's ingest (download, decode check, SHA-256, perceptual hash, near-duplicate
      lookup, store, record) into the local store, and into the S3 endpoint, the job state in
-     Redis as in the services (``download_batch``, the crawler task's stage function);
+     PostgreSQL (locks and claims in Redis) as in the services (``download_batch``, the crawler task's stage function);
    - img2dataset on the same URL list, with its default re-encoding (resize to 256, JPEG)
      and with ``--disable_all_reencoding True``;
    - the S3 endpoint alone: the same objects PUT from disk by the minio client, nothing
@@ -50,8 +51,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.support: the PostgreSQL and the stack the tests start
+
+if TYPE_CHECKING:
+    from imgsift_common.servicestate import ServiceStateStore
+    from tests.support.postgres import PostgresServer
 I2D_VERSION = "1.47.0"
 I2D_VENV = ROOT / ".bench" / "img2dataset"
 I2D_DEFAULT = "img2dataset, default (resize 256, re-encode)"
@@ -200,6 +207,37 @@ def redis_server(workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL 15 of the bench's own on a free loopback port, in a temp dir (the tests' server)."""
+    from tests.support.postgres import PostgresUnavailable, running_postgres
+
+    try:
+        with running_postgres(free_port()) as server:
+            yield server
+    except PostgresUnavailable as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+def migrated_database(server: PostgresServer, logdir: Path) -> str:
+    """A new database of ``server`` brought to the schema by the services' migrate step (compose's
+    ``migrate`` service, run as tests/support/stack.py runs it before the services start); its URL."""
+    from tests.support.stack import Stack
+
+    url = server.create_database(migrated=False)
+    # Compose builds its URL from the password; this server trusts local connections.
+    Stack(env={"IMGSIFT_DATABASE_URL": url, "IMGSIFT_POSTGRES_PASSWORD": "unused"}, logdir=logdir).migrate()
+    return url
+
+
+@contextmanager
+def service_stores(workdir: Path) -> Iterator[tuple[str, str]]:
+    """The stores the services keep job state in: a migrated PostgreSQL database and a Redis
+    (locks, idempotency keys), both the bench's own; yields their URLs."""
+    with postgres_server() as server, redis_server(workdir) as redis:
+        yield migrated_database(server, workdir), redis
+
+
+@contextmanager
 def s3_server() -> Iterator[str]:
     port = free_port()
     moto = [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)]
@@ -249,7 +287,10 @@ def run_measured(args: list[str], env: dict[str, str] | None = None, cwd: Path |
 # ============================================================================ imgsift ingest
 
 
-def ingest_command(urls: Path, store: str, target: str, redis: str, processes: int, threads: int) -> list[str]:
+def ingest_command(
+    urls: Path, store: str, target: str, stores: tuple[str, str], processes: int, threads: int
+) -> list[str]:
+    database, redis = stores
     return [
         sys.executable,
         __file__,
@@ -260,6 +301,8 @@ def ingest_command(urls: Path, store: str, target: str, redis: str, processes: i
         store,
         "--target",
         target,
+        "--database",
+        database,
         "--redis",
         redis,
         "--processes",
@@ -273,7 +316,7 @@ def ingest(args: argparse.Namespace) -> None:
     """imgsift's ingest of a URL list: ``processes`` worker processes, like crawler workers."""
     urls = Path(args.urls).read_text().split()
     job_id = f"bench-{uuid.uuid4().hex[:12]}"
-    _create_job(job_id, len(urls), args.redis)
+    _create_job(job_id, len(urls), args)  # before the fork: no connection is shared with a child
     parts = [urls[i :: args.processes] for i in range(args.processes)]
     children = []
     for part in parts:
@@ -289,29 +332,36 @@ def ingest(args: argparse.Namespace) -> None:
                 os._exit(1)
         children.append(pid)
     failed = sum(os.waitpid(pid, 0)[1] != 0 for pid in children)
-    from imgsift_common.state import RedisStateStore
-
-    counters = RedisStateStore.from_url(args.redis).counters(job_id)
+    state = _state(args)
+    counters = state.counters(job_id)
+    state.close()
     print(json.dumps({"job_id": job_id, "counters": counters}))
     if failed:
         raise SystemExit(f"{failed} ingest processes failed")
 
 
-def _create_job(job_id: str, n: int, redis: str) -> None:
+def _state(args: argparse.Namespace) -> ServiceStateStore:
+    """The services' job state: PostgreSQL, with Redis for locks and claims."""
+    from imgsift_common.servicestate import ServiceStateStore
+
+    return ServiceStateStore.connect(args.database, args.redis)
+
+
+def _create_job(job_id: str, n: int, args: argparse.Namespace) -> None:
     from imgsift_common.messages import Job, JobSpec, Limits, SourceKind, SourceSpec
-    from imgsift_common.state import RedisStateStore
 
     spec = JobSpec(
         sources=[SourceSpec(kind=SourceKind.URLS, urls=["http://127.0.0.1/bench"])],
         target="any",
         limits=Limits(max_images=n, per_source=n),
     )
-    RedisStateStore.from_url(redis).create_job(Job(id=job_id, spec=spec))
+    state = _state(args)
+    state.create_job(Job(id=job_id, spec=spec))
+    state.close()
 
 
 def _ingest_part(args: argparse.Namespace, job_id: str, urls: list[str]) -> None:
     from imgsift_common.messages import Candidate, SourceKind
-    from imgsift_common.state import RedisStateStore
     from imgsift_common.storage import LocalStore, ObjectStore, S3Store
     from imgsift_crawler.fetch import Fetcher
     from imgsift_crawler.pipeline import download_batch
@@ -331,7 +381,7 @@ def _ingest_part(args: argparse.Namespace, job_id: str, urls: list[str]) -> None
         store = s3
     else:
         store = LocalStore(args.target)
-    state = RedisStateStore.from_url(args.redis)
+    state = _state(args)
     job = state.get_job(job_id)
     assert job is not None
     fetcher = Fetcher(settings)
@@ -456,7 +506,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="crawl-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        with web_server(corpus_dir, tmp) as (base, server), redis_server(tmp) as redis, s3_server() as s3:
+        with web_server(corpus_dir, tmp) as (base, server), service_stores(tmp) as stores, s3_server() as s3:
             urls = tmp / "urls.txt"
             urls.write_text("".join(f"{base}/{f.name}\n" for f in files))
             quarter = tmp / "urls-quarter.txt"
@@ -469,8 +519,8 @@ def main() -> None:
             }
             p, t, n = args.processes, args.threads, len(files)
             runs: list[tuple[str, list[str], int]] = [
-                ("imgsift, local store", ingest_command(urls, "local", str(tmp / "local"), redis, p, t), n),
-                ("imgsift, S3 (moto)", ingest_command(urls, "s3", s3, redis, p, t), n),
+                ("imgsift, local store", ingest_command(urls, "local", str(tmp / "local"), stores, p, t), n),
+                ("imgsift, S3 (moto)", ingest_command(urls, "s3", s3, stores, p, t), n),
             ]
             if i2d is not None:
                 runs += [
@@ -478,7 +528,7 @@ def main() -> None:
                     (I2D_RAW, img2dataset_command(i2d, urls, tmp / "i2d-raw", p, t, False), n),
                 ]
             runs.append((S3_CEILING, put_only_command(corpus_dir, s3, p, t), n))
-            local_quarter = ingest_command(quarter, "local", str(tmp / "local-q"), redis, p, t)
+            local_quarter = ingest_command(quarter, "local", str(tmp / "local-q"), stores, p, t)
             runs.append((QUARTER, local_quarter, n // 4))
             for name, command, n in runs:
                 print(f"running: {name} ...", flush=True)
@@ -540,7 +590,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_ingest":
         p = argparse.ArgumentParser()
-        for flag in ("--urls", "--store", "--target", "--redis"):
+        for flag in ("--urls", "--store", "--target", "--database", "--redis"):
             p.add_argument(flag, required=True)
         p.add_argument("--processes", type=int, required=True)
         p.add_argument("--threads", type=int, required=True)

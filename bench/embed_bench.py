@@ -3,7 +3,8 @@
     .venv/bin/python bench/embed_bench.py          # 640 COCO128 box crops; --crops, --rounds, --device
 
 The crops are COCO128's labelled boxes, padded and JPEG-encoded as the detector stores them,
-in a local object store; the job state is in a redis-server of the bench's own. Measured:
+in a local object store; the job state is in the services' store, on a PostgreSQL and a
+redis-server of the bench's own. Measured:
 
 1. the stage: ``compare_batch`` over every crop of a fresh job, in batches of the default
    batch size (read from the store, decode and letterbox in the thread pool ahead of the
@@ -48,13 +49,13 @@ sys.path.insert(0, str(ROOT))  # tests.support.coco: the COCO128 reader the test
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from crawl_bench import free_port, redis_server, wait_for_port  # noqa: E402  # bench/ is on the path of a bench script
+from crawl_bench import service_stores  # noqa: E402  # bench/ is on the path of a bench script
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from imgsift_common import keys  # noqa: E402
 from imgsift_common.messages import Crop, Job, JobSpec, JobState, SiameseModel, SourceKind, SourceSpec, utcnow  # noqa: E402
-from imgsift_common.state import RedisStateStore  # noqa: E402
+from imgsift_common.servicestate import ServiceStateStore  # noqa: E402
 from imgsift_common.storage import LocalStore  # noqa: E402
 from imgsift_detector.detect import padded_box  # noqa: E402
 from imgsift_siamese import compare  # noqa: E402
@@ -111,7 +112,7 @@ def cut_crops(coco: Coco128, count: int) -> tuple[list[tuple[str, Crop, bytes]],
 
 
 def new_job(job_id: str, crops: list[tuple[str, Crop, bytes]], references: list[bytes],
-            store: LocalStore, state: RedisStateStore) -> tuple[Job, list[str]]:  # fmt: skip
+            store: LocalStore, state: ServiceStateStore) -> tuple[Job, list[str]]:  # fmt: skip
     """A job holding the references and every crop, stored and recorded as the API and the detector do."""
     reference_keys = []
     for data in references:
@@ -147,8 +148,8 @@ def stage_only(args: argparse.Namespace) -> None:
     crops, references = cut_crops(Coco128(args.coco), args.crops)
     settings = SiameseSettings(storage="local", device=args.device, batch_size=args.batch, backbone=args.backbone)
     embedder = get_embedder(settings)
-    with tempfile.TemporaryDirectory() as tmp_name, redis_server(Path(tmp_name)) as redis_url:
-        state = RedisStateStore.from_url(redis_url)
+    with tempfile.TemporaryDirectory() as tmp_name, service_stores(Path(tmp_name)) as (database_url, redis_url):
+        state = ServiceStateStore.connect(database_url, redis_url)
         store = LocalStore(Path(tmp_name) / "objects")
         warm, warm_keys = new_job("bench-warm", crops[: 2 * settings.batch_size], references, store, state)
         compare_batch(warm, warm_keys, store, state, embedder, settings)  # allocator, thread pools
@@ -158,6 +159,7 @@ def stage_only(args: argparse.Namespace) -> None:
             timed(partial(compare_batch, job, crop_keys[i : i + size], store, state, embedder, settings))
             for i in range(0, len(crop_keys), size)
         )
+        state.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {"backbone": args.backbone, "image_size": settings.image_size, "crops_per_second": len(crops) / seconds,
               "peak_rss_mb": peak_mb}  # fmt: skip
@@ -225,17 +227,10 @@ def main() -> None:
     embedder: Embedder = get_embedder(settings)
     network = embedder.network
 
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with tempfile.TemporaryDirectory() as tmp_name, service_stores(Path(tmp_name)) as (database_url, redis_url):
         tmp = Path(tmp_name)
-        server = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", tmp_name],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        state = ServiceStateStore.connect(database_url, redis_url)
         try:
-            wait_for_port(port)
-            state = RedisStateStore.from_url(f"redis://127.0.0.1:{port}/0")
             store = LocalStore(tmp / "objects")
             print(f"{len(crops)} crops, {len(references)} references, batch {batch}, {args.device}, "
                   f"torch threads {torch.get_num_threads()}, load {load_before[0]:.1f}", flush=True)  # fmt: skip
@@ -323,8 +318,7 @@ def main() -> None:
             rescore_difference = max(abs(rescored[k] - rescored_again[k]) for k in rescored)
             moved = float(np.median([abs(rescored[k] - by_key[k]) for k in rescored]))
         finally:
-            server.terminate()
-            server.wait(10)
+            state.close()
 
     n = len(crops)
     ratios = [s["bare"] / s["stage"] for s in rounds]

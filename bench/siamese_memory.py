@@ -4,8 +4,9 @@
 
 The Siamese worker's peak memory grew with the crops it scored (docs/benchmarks.md, end to
 end); this isolates the stage function from the worker around it: real MobileNetV2, real crops
-in a local store, job state in a redis-server of its own. With batches of one size it stays
-flat; the growth came from batches of every size (bench/batch_shapes_memory.py).
+in a local store, job state in the services' store (a PostgreSQL and a redis-server of its
+own). With batches of one size it stays flat; the growth came from batches of every size
+(bench/batch_shapes_memory.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
-from crawl_bench import redis_server  # noqa: E402  # bench/ is on the path of a bench script
+from crawl_bench import service_stores  # noqa: E402  # bench/ is on the path of a bench script
 from embed_bench import cut_crops, new_job  # noqa: E402
 
-from imgsift_common.state import RedisStateStore  # noqa: E402
+from imgsift_common.servicestate import ServiceStateStore  # noqa: E402
 from imgsift_common.storage import LocalStore  # noqa: E402
 from imgsift_siamese.compare import compare_batch  # noqa: E402
 from imgsift_siamese.embed import get_embedder  # noqa: E402
@@ -37,9 +38,9 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=640)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_name, redis_server(Path(tmp_name)) as redis_url:
+    with tempfile.TemporaryDirectory() as tmp_name, service_stores(Path(tmp_name)) as (database_url, redis_url):
         tmp = Path(tmp_name)
-        state = RedisStateStore.from_url(redis_url)
+        state = ServiceStateStore.connect(database_url, redis_url)
         store = LocalStore(tmp / "store")
         settings = SiameseSettings(storage="local", local_storage_dir=tmp / "store")
         embedder = get_embedder(settings)
@@ -50,6 +51,7 @@ def main() -> None:
             for start in range(0, len(keys), args.batch):
                 compare_batch(job, keys[start : start + args.batch], store, state, embedder, settings)
             print(f"after {(j + 1) * len(keys)} crops: resident {process.memory_info().rss / 2**20:.0f} MB", flush=True)
+        state.close()
 
 
 if __name__ == "__main__":

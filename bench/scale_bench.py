@@ -5,11 +5,12 @@
 
 Both modes start what ``tests/support/stack.py`` starts for the system tests (the API under
 uvicorn and Celery workers with docker-compose.yml's commands and environment, each its own
-process group), against a Redis server and moto's S3 server (a separate process, so the
-bench's own threads do not share its interpreter) on free loopback ports. The images are
-``--images`` distinct JPEGs cut from real photos (COCO128: random crops, flips, sizes and
-qualities, pairwise more than 10 perceptual-hash bits apart, so nothing is dropped as a
-near-duplicate; ``crawl_bench.build_corpus``), served over HTTP on 127.0.0.1, and the job
+process group), after compose's one-shot migrate step, against a PostgreSQL of the bench's
+own (in a temp dir; an empty database per run), a Redis server and moto's S3 server (a
+separate process, so the bench's own threads do not share its interpreter) on free loopback
+ports. The images are ``--images`` distinct JPEGs cut from real photos (COCO128: random
+crops, flips, sizes and qualities, pairwise more than 10 perceptual-hash bits apart, so
+nothing is dropped as a near-duplicate; ``crawl_bench.build_corpus``), served over HTTP on 127.0.0.1, and the job
 lists their URLs (a ``urls`` source) with target ``--target`` (default ``any``: every object
 YOLOv8n finds is cropped and scored). Politeness limits are lifted (one host serves
 everything): per-host concurrency 64, no interval.
@@ -18,8 +19,8 @@ Scaling (the default): for 1 and for 2 worker processes (replicas, like ``docker
 --scale``) per stage, one job is run stage by stage: the crawler(s) first, alone, until every
 URL has an outcome; then the detector(s), alone, over the queued images; then the Siamese
 worker(s) over the queued crops. Each stage so has the whole machine, and its rate is read
-from the job's counters in Redis (sampled every 0.2 s) from the first counted result to the
-last, so worker start-up and model loading stay out of it. The crawler's stall re-sending is
+from the job's counters in PostgreSQL (sampled every 0.2 s) from the first counted result to
+the last, so worker start-up and model loading stay out of it. The crawler's stall re-sending is
 switched off (``IMGSIFT_CRAWLER_STALL_SECONDS``) while later stages wait on purpose.
 
 End to end (``--e2e``): every service starts at once (``--replicas`` per worker stage, 1 by
@@ -55,10 +56,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
-from crawl_bench import build_corpus, free_port, redis_server, s3_server, web_server  # noqa: E402
+from crawl_bench import build_corpus, free_port, postgres_server, redis_server, s3_server, web_server  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from imgsift_common.state import RedisStateStore  # noqa: E402
+from imgsift_common.servicestate import ServiceStateStore  # noqa: E402
+from tests.support.postgres import PostgresServer  # noqa: E402
 from tests.support.stack import Stack  # noqa: E402
 
 API_KEY = "isk_scalebench_0123456789abcdef0123456789abcdef"
@@ -197,7 +199,7 @@ def compared(c: dict[str, int]) -> int:
 
 
 def watch(
-    state: RedisStateStore,
+    state: ServiceStateStore,
     stack: Stack,
     job_id: str,
     value: Callable[[dict[str, int]], int],
@@ -234,7 +236,7 @@ def watch(
     }
 
 
-def wait_final(state: RedisStateStore, stack: Stack, job_id: str, timeout: float) -> str:
+def wait_final(state: ServiceStateStore, stack: Stack, job_id: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = state.get_job(job_id)
@@ -248,8 +250,11 @@ def wait_final(state: RedisStateStore, stack: Stack, job_id: str, timeout: float
 # ============================================================================ runs
 
 
-def stack_env(redis: str, s3: str, tmp: Path, args: argparse.Namespace, staged: bool) -> dict[str, str]:
+def stack_env(database: str, redis: str, s3: str, tmp: Path, args: argparse.Namespace, staged: bool) -> dict[str, str]:
     env = {
+        "IMGSIFT_DATABASE_URL": database,
+        # Compose builds the URL above from it; the bench's server trusts local connections.
+        "IMGSIFT_POSTGRES_PASSWORD": "unused",
         "IMGSIFT_REDIS_URL": redis,
         "IMGSIFT_S3_ACCESS_KEY": "bench",
         "IMGSIFT_S3_SECRET_KEY": "bench-secret",
@@ -295,10 +300,11 @@ def run_staged(replicas: int, urls: list[str], base_env: dict[str, str], tmp: Pa
     logdir.mkdir()
     stack = Stack(env={**base_env, "UVICORN_PORT": str(free_port())}, logdir=logdir)
     api = f"http://127.0.0.1:{stack.env['UVICORN_PORT']}"
-    state = RedisStateStore.from_url(base_env["IMGSIFT_REDIS_URL"])
+    state = ServiceStateStore.connect(base_env["IMGSIFT_DATABASE_URL"], base_env["IMGSIFT_REDIS_URL"])
     sampler = Sampler(stack, api)
     names: list[str] = []
     try:
+        stack.migrate()  # compose's one-shot step, before any service starts
         stack.start("api")
         start(stack, "crawler", replicas)
         stack.wait_ready(api, timeout=300)
@@ -322,6 +328,7 @@ def run_staged(replicas: int, urls: list[str], base_env: dict[str, str], tmp: Pa
         sampler.stop()
         stack.stop_all()
     counters = state.counters(job_id)
+    state.close()
     for stage in STAGES:
         stages[stage].update(busy[stage])
         trees = [n for n in names if n.split("-")[0] == SERVICE_OF[stage]]
@@ -342,9 +349,10 @@ def run_e2e(urls: list[str], base_env: dict[str, str], tmp: Path, args: argparse
     logdir.mkdir()
     stack = Stack(env=base_env, logdir=logdir)
     api = f"http://127.0.0.1:{stack.env['UVICORN_PORT']}"
-    state = RedisStateStore.from_url(base_env["IMGSIFT_REDIS_URL"])
+    state = ServiceStateStore.connect(base_env["IMGSIFT_DATABASE_URL"], base_env["IMGSIFT_REDIS_URL"])
     sampler = Sampler(stack, api)
     try:
+        stack.migrate()  # compose's one-shot step, before any service starts
         stack.start("api")
         for service in ("crawler", "detector", "siamese"):
             start(stack, service, args.replicas)
@@ -377,6 +385,7 @@ def run_e2e(urls: list[str], base_env: dict[str, str], tmp: Path, args: argparse
         sampler.stop()
         stack.stop_all()
     counters = state.counters(job_id)
+    state.close()
     stages = {}
     for stage in STAGES:
         trees = [n for n in names if n.split("-")[0] == SERVICE_OF[stage]]
@@ -450,19 +459,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp_name, ExitStack() as servers:
         tmp = Path(tmp_name)
         base, server = servers.enter_context(web_server(corpus_dir, tmp))
+        postgres: PostgresServer = servers.enter_context(postgres_server())
         redis = servers.enter_context(redis_server(tmp))
         s3 = servers.enter_context(s3_server())
         report["server"] = server
         urls = [f"{base}/{f.name}" for f in files]
         if args.e2e:
             print(f"end to end: {len(urls)} images, {args.replicas} worker(s) per stage", flush=True)
-            env = stack_env(redis, s3, tmp, args, staged=False)
+            # An empty database: the stack's migrate step gives it its schema.
+            env = stack_env(postgres.create_database(migrated=False), redis, s3, tmp, args, staged=False)
             report["run"] = run_e2e(urls, env, tmp, args)
         else:
             report["runs"] = {}
             for replicas in (int(r) for r in args.scale.split(",")):
                 print(f"scaling: {len(urls)} images, {replicas} worker(s) per stage, one stage at a time", flush=True)
-                env = stack_env(redis, s3, tmp, args, staged=True)
+                database = postgres.create_database(migrated=False)  # each run's own, migrated by its stack
+                env = stack_env(database, redis, s3, tmp, args, staged=True)
                 report["runs"][str(replicas)] = run_staged(replicas, urls, env, tmp, args)
     report["load_average_at_end"] = os.getloadavg()
     name = "e2e_bench.json" if args.e2e else "scale_bench.json"

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))  # tests.support: the PostgreSQL and the stack the
 if TYPE_CHECKING:
     from imgsift_common.servicestate import ServiceStateStore
     from tests.support.postgres import PostgresServer
+
 I2D_VERSION = "1.47.0"
 I2D_VENV = ROOT / ".bench" / "img2dataset"
 I2D_DEFAULT = "img2dataset, default (resize 256, re-encode)"

@@ -949,6 +949,7 @@ COLUMNS = [  # (key in answers.json, header) of the tables in docs/quality.md
     ("random_20", "20 random"),
     ("asked_40", "40 asked"),
     ("random_40", "40 random"),
+    ("asked_20_with_confidence", "20 asked, with the detector's score (study)"),
 ]
 TUNED_COLUMNS = [
     ("best_where_tuned", "best threshold, pretrained"),

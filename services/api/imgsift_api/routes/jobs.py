@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
+from celery import Celery
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
@@ -31,6 +32,7 @@ from imgsift_api.schemas import (
 )
 from imgsift_api.views import TRAINING_MARKER, calibration, crop_page, job_status, question_page, training_requested
 from imgsift_common import keys, webhooks
+from imgsift_common.apikeys import ApiKey
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, send
 from imgsift_common.exports import ExportState, ExportStatus, load_status, save_status
 from imgsift_common.messages import (
@@ -43,7 +45,8 @@ from imgsift_common.messages import (
     TrainMessage,
     utcnow,
 )
-from imgsift_common.storage import ObjectNotFound
+from imgsift_common.state import StateStore
+from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_common.webhooks import Delivery
 
 log = logging.getLogger(__name__)
@@ -115,20 +118,37 @@ async def create_job(
     uploads = [await _checked(upload, settings) for upload in references]
     not_this = [await _checked(upload, settings) for upload in negatives or []]
     # Claimed once the request is known to be valid: a refused request binds no key.
+    # The state store, object store and broker are synchronous: they run in the thread pool, so a slow
+    # PostgreSQL, Redis or S3 never stalls the event loop (and every other request) while this one waits.
     if idempotency_key is not None:
         # Scoped by key: another tenant's equal Idempotency-Key neither finds nor blocks this one.
-        first = state.claim_idempotency_key(f"{principal.id}:{idempotency_key}", job_id, IDEMPOTENCY_TTL)
+        claim = f"{principal.id}:{idempotency_key}"
+        first = await run_in_threadpool(state.claim_idempotency_key, claim, job_id, IDEMPOTENCY_TTL)
         if first != job_id:
-            existing = state.get_job(first)
+            existing = await run_in_threadpool(state.get_job, first)
             for _ in range(50):  # the first request may still be storing its references
                 if existing is not None:
                     break
                 await asyncio.sleep(0.1)
-                existing = state.get_job(first)
+                existing = await run_in_threadpool(state.get_job, first)
             if existing is None:
                 raise HTTPException(status.HTTP_409_CONFLICT, "a job with this Idempotency-Key is being created")
             response.status_code = status.HTTP_200_OK
-            return job_status(existing, state)
+            return await run_in_threadpool(job_status, existing, state)
+    return await run_in_threadpool(_start_job, job_id, job_spec, principal, state, store, celery, uploads, not_this)
+
+
+def _start_job(
+    job_id: str,
+    job_spec: JobSpec,
+    principal: ApiKey,
+    state: StateStore,
+    store: ObjectStore,
+    celery: Celery,
+    uploads: list[tuple[bytes, str]],
+    not_this: list[tuple[bytes, str]],
+) -> JobStatus:
+    """Store the references, record the job and enqueue its discovery: blocking calls, run off the event loop."""
     reference_keys = sorted({store_reference(store, job_id, data, fmt) for data, fmt in uploads})
     negative_keys = sorted({store_negative(store, job_id, data, fmt) for data, fmt in not_this})
     job = Job(id=job_id, spec=job_spec, owner=principal.id, reference_keys=reference_keys, negative_keys=negative_keys)

@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 ./scripts/install.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy common/imgsift_common
+.venv/bin/mypy common/imgsift_common services/crawler/imgsift_crawler services/detector/imgsift_detector \
+    services/siamese/imgsift_siamese services/api/imgsift_api cli/imgsift clients/python/imgsift_client
 .venv/bin/python -m pytest "$@"

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from imgsift.embedded import EmbeddedConfig, EmbeddedError, EmbeddedRunner, Progress
+from imgsift.embedded import EmbeddedConfig, EmbeddedError, EmbeddedRunner, Progress, local_storage
 from imgsift_common.messages import KEYWORD_SOURCES, DedupSpec, JobSpec, Limits, SourceKind, SourceSpec
 
 app = typer.Typer(
@@ -94,7 +94,7 @@ class BarProgress(Progress):
         elif total:
             bar.total = (bar.total or 0) + total
             bar.refresh()
-        return bar.update  # type: ignore[no-any-return]
+        return bar.update
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -177,7 +177,7 @@ def collect(
         )
         if related_terms is not None and not related_terms.is_file():
             raise typer.BadParameter(f"{related_terms} is not a file", param_hint="--related-terms")
-        local = {"storage": "local", "local_storage_dir": state_dir / "objects"}
+        local = local_storage(state_dir / "objects")
         config = EmbeddedConfig(
             out=out,
             spec=spec,
@@ -264,10 +264,10 @@ def verify(
         f"{summary.rejected} rejected -> {out}"
     )
     _echo_calibration(summary, out)
-    for path, why in result.unreadable.items():
-        typer.echo(f"not an image, skipped: {path} ({why})")
-    for path in result.duplicates:
-        typer.echo(f"same bytes as another file, judged once: {path}")
+    for skipped, why in result.unreadable.items():
+        typer.echo(f"not an image, skipped: {skipped} ({why})")
+    for duplicate in result.duplicates:
+        typer.echo(f"same bytes as another file, judged once: {duplicate}")
 
 
 @app.command()

@@ -18,12 +18,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from imgsift_common import keys
 from imgsift_common.exports import manifest_row
 from imgsift_common.messages import Crop, Job, JobSpec, JobState, SiameseModel, SourceKind, StoredImage
 from imgsift_common.progress import finish_if_complete
+from imgsift_common.settings import StorageBackend
 from imgsift_common.sqlstate import SqlStateStore
 from imgsift_common.state import discovery_reason
 from imgsift_common.storage import LocalStore
@@ -45,6 +46,17 @@ class Progress:
 
     def close(self) -> None:
         pass
+
+
+class LocalStorage(TypedDict):
+    """The settings fields that keep every object in one local folder: the embedded run has no S3."""
+
+    storage: StorageBackend
+    local_storage_dir: Path
+
+
+def local_storage(folder: Path) -> LocalStorage:
+    return {"storage": StorageBackend.LOCAL, "local_storage_dir": folder}
 
 
 @dataclass

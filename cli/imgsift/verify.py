@@ -26,6 +26,7 @@ from imgsift.embedded import (
     EmbeddedRunner,
     Progress,
     RunSummary,
+    local_storage,
     settle_threshold,
     train_folder,
     write_outputs,
@@ -87,16 +88,16 @@ def verify(
         threshold=threshold if threshold is not None else 2.0,
         limits=Limits(max_images=MAX_FILES, per_source=MAX_FILES),
     )
-    local = {"storage": "local", "local_storage_dir": out / ".imgsift" / "objects"}
+    local = local_storage(out / ".imgsift" / "objects")
     config = EmbeddedConfig(
         out=out,
         spec=spec,
         refs=refs,
-        crawler=CrawlerSettings(**local),  # type: ignore[arg-type]
-        detector=DetectorSettings(**local),  # type: ignore[arg-type]
+        crawler=CrawlerSettings(**local),
+        detector=DetectorSettings(**local),
         siamese=SiameseSettings(
-            **local,  # type: ignore[arg-type]
-            backbone=backbone,  # type: ignore[arg-type]
+            **local,
+            backbone=backbone,
             weights=weights,
             device=device,
             negative_margin=margin,
@@ -167,10 +168,10 @@ def _ingest(
     unreadable: dict[str, str] = {}
     duplicates = []
     for path in files:
-        record = state.url_record(JOB_ID, path.resolve().as_uri())
-        if record is not None and record.outcome is DownloadOutcome.FAILED:
-            why = record.reason.value if record.reason else "failed"
-            unreadable[str(path)] = f"{why}: {record.detail}" if record.detail else why
-        elif record is not None and record.outcome is DownloadOutcome.DUPLICATE:
+        known = state.url_record(JOB_ID, path.resolve().as_uri())
+        if known is not None and known.outcome is DownloadOutcome.FAILED:
+            why = known.reason.value if known.reason else "failed"
+            unreadable[str(path)] = f"{why}: {known.detail}" if known.detail else why
+        elif known is not None and known.outcome is DownloadOutcome.DUPLICATE:
             duplicates.append(str(path))
     return unreadable, duplicates

@@ -15,19 +15,19 @@ from imgsift_common.storage import ObjectStore
 
 
 def get_state(request: Request) -> StateStore:
-    return request.app.state.state  # type: ignore[no-any-return]
+    return request.app.state.state
 
 
 def get_store(request: Request) -> ObjectStore:
-    return request.app.state.store  # type: ignore[no-any-return]
+    return request.app.state.store
 
 
 def get_celery(request: Request) -> Celery:
-    return request.app.state.celery  # type: ignore[no-any-return]
+    return request.app.state.celery
 
 
 def get_settings(request: Request) -> ApiSettings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 StateDep = Annotated[StateStore, Depends(get_state)]

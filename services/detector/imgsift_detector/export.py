@@ -53,7 +53,7 @@ def no_autoinstall() -> None:
     """
     from ultralytics.utils import checks
 
-    checks.AUTOINSTALL = False
+    checks.AUTOINSTALL = False  # type: ignore[attr-defined]
 
 
 def missing_modules(fmt: ExportFormat) -> list[str]:
@@ -111,7 +111,7 @@ def exported_model(weights: Path, fmt: ExportFormat, imgsz: int, cache_dir: Path
     try:
         source = work / f"{weights.stem}.pt"
         shutil.copyfile(weights, source)
-        from ultralytics import YOLO
+        from ultralytics import YOLO  # type: ignore[attr-defined]
 
         options = {"simplify": False} if fmt is ExportFormat.ONNX else {}  # onnxslim would be one more package
         produced = YOLO(str(source)).export(format=fmt.value, imgsz=imgsz, dynamic=True, device="cpu", **options)

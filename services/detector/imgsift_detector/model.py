@@ -125,7 +125,7 @@ def _rect_batch_predictor(base: type) -> type:
     takes a rectangle at all (a .pt model or a dynamic export) stays ultralytics' decision.
     """
 
-    class RectBatchPredictor(base):  # type: ignore[misc, valid-type]
+    class RectBatchPredictor(base):  # type: ignore[misc]
         def pre_transform(self, im: list[Any]) -> list[Any]:
             letterbox = super().pre_transform  # (super() does not work inside a comprehension)
             if len(im) > 1 and len({x.shape for x in im}) > 1:
@@ -158,7 +158,7 @@ class Detector:
         if export is not ExportFormat.NONE and device != "cpu":
             raise WeightsError(f"exported {export.value} models run on the CPU, not on {device!r}")
         with _pillow_open_kept():
-            from ultralytics import YOLO
+            from ultralytics import YOLO  # type: ignore[attr-defined]
 
             no_autoinstall()
             source = _weights_source(weights)
@@ -215,9 +215,14 @@ class Detector:
         """
         import onnxruntime
 
-        backend = getattr(self._model.predictor.model, "backend", None)
+        predictor: Any = self._model.predictor  # ultralytics types it None: it exists once predict() has run
+        backend = getattr(predictor.model, "backend", None)
         session = getattr(backend, "session", None)
-        if not isinstance(session, onnxruntime.InferenceSession) or session.get_providers() != ["CPUExecutionProvider"]:
+        if (
+            backend is None
+            or not isinstance(session, onnxruntime.InferenceSession)
+            or session.get_providers() != ["CPUExecutionProvider"]
+        ):
             return
         options = onnxruntime.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -237,7 +242,8 @@ class Detector:
         each pass of images that letterbox to the same shape."""
         found: list[list[Detection]] = [[] for _ in images]
         for indices in shape_batches([image.size for image in images], imgsz, batch_size):
-            results = self._model.predict(
+            # Without stream=True predict() returns a list of Results (its hint also allows a Tensor).
+            results: list[Results] = self._model.predict(  # type: ignore[assignment]
                 [images[i] for i in indices],
                 conf=conf,
                 iou=iou,

@@ -161,6 +161,9 @@ class LiteTrunk(nn.Module):
     out of the state dict), so weights files load into ``body`` as they were published.
     """
 
+    scale: torch.Tensor  # buffers, registered in __init__
+    shift: torch.Tensor
+
     def __init__(self, body: nn.Module) -> None:
         super().__init__()
         self.body = body
@@ -170,7 +173,7 @@ class LiteTrunk(nn.Module):
         self.register_buffer("shift", (mean - 0.5) / 0.5, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x * self.scale + self.shift)  # type: ignore[no-any-return]
+        return self.body(x * self.scale + self.shift)
 
 
 def _untrained_trunk(name: BackboneName) -> nn.Module:

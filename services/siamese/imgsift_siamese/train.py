@@ -78,8 +78,10 @@ class ProjectionHead(nn.Module):
         self.net = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, features)
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)  # Sequential's indexing is typed Module
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)
@@ -384,7 +386,7 @@ def _answer_distances(
     negative_keys: list[str | None] = [str(i) for i in wrong]
     if data.not_this is not None:
         negative_rows.insert(0, embed_features(head, data.not_this))
-        negative_keys = [None] * len(data.not_this) + negative_keys
+        negative_keys[:0] = [None] * len(data.not_this)
     negatives = np.concatenate(negative_rows)
     return judged_distances(
         crops, references, negatives if len(negatives) else None, method=method, k=k, margin=margin,

@@ -65,8 +65,8 @@ def train_job(job: Job, store: ObjectStore, state: StateStore, settings: Siamese
     def rows(images: list[Image.Image]) -> np.ndarray | None:
         return pooled_features(network, images, image_size=size, batch_size=batch) if images else None
 
-    refs = [read_image_or_none(store, k) for k in job.reference_keys]
-    refs = [im for im in refs if im is not None]
+    read = [read_image_or_none(store, k) for k in job.reference_keys]
+    refs = [im for im in read if im is not None]
     if len(refs) < 2:
         raise TrainingError(f"job {job.id}: fewer than 2 of its reference images could be read")
     views, group = reference_views(refs, config.augmentations, config.seed)

@@ -14,7 +14,7 @@ router = APIRouter(tags=["keys"])
 
 
 def _keys(request: Request) -> ApiKeyStore:
-    return request.app.state.keys  # type: ignore[no-any-return]
+    return request.app.state.keys
 
 
 @router.post("/keys", response_model=KeyCreated, status_code=status.HTTP_201_CREATED)

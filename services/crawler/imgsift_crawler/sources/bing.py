@@ -96,7 +96,7 @@ def _fingerprint(found: list[Candidate]) -> str:
 
 
 def page(spec: SourceSpec, ctx: SourceContext, cursor: str | None) -> SourcePage:
-    state = json.loads(cursor) if cursor else {"first": 1, "last": None}
+    state: dict[str, Any] = json.loads(cursor) if cursor else {"first": 1, "last": None}
     settings = ctx.settings
     params: dict[str, str | int] = {
         "q": query_of(ctx, "bing"),

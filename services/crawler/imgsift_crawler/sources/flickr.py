@@ -76,7 +76,7 @@ def parse_page(data: Any) -> tuple[list[Candidate], int | None]:
                 author=str(photo.get("ownername") or "").strip() or None,
             )
         )
-    pages = photos.get("pages")
+    pages: Any = photos.get("pages")  # JSON: a number, a numeric string, or missing
     try:
         return out, int(pages)
     except (TypeError, ValueError):

@@ -94,7 +94,9 @@ def page(spec: SourceSpec, ctx: SourceContext, cursor: str | None) -> SourcePage
     """
     start_urls = spec.start_urls or []
     hosts = {urlsplit(u).netloc.lower() for u in start_urls}
-    state = json.loads(cursor) if cursor else {"queue": [[u, 0] for u in start_urls], "seen": start_urls, "pages": 0}
+    state: dict[str, Any] = (
+        json.loads(cursor) if cursor else {"queue": [[u, 0] for u in start_urls], "seen": start_urls, "pages": 0}
+    )
     queue: deque[list[Any]] = deque(state["queue"])
     seen: set[str] = set(state["seen"])
     fetched_pages = state["pages"]

@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import resource
 import statistics
@@ -67,6 +68,8 @@ from imgsift_common.messages import (
 from imgsift_common.neardup import near_dup_query
 
 CROPS = 3
+# --per-crop: one write per crop's distance, as before the batch write (read by the spawned writers too)
+PER_CROP = os.environ.get("IMGSIFT_STATE_BENCH_PER_CROP") == "1"
 NEAR_DISTANCE, NEAR_SEGMENTS = 6, 4  # the crawler's defaults (imgsift_crawler.settings)
 THRESHOLD = 0.9  # JobSpec's default
 JOB_ID = "state-bench"
@@ -137,8 +140,12 @@ def record_image(store: Any, job_id: str, i: int, max_images: int) -> None:
     if final.outcome is not DownloadOutcome.STORED:
         raise RuntimeError(f"image {i} not stored: {final.outcome} ({final.duplicate_of})")
     store.record_detection(job_id, image.key, crops)
-    for crop, distance in zip(crops, distances, strict=True):
-        store.record_distance(job_id, crop.key, distance)
+    scored = [(crop.key, distance) for crop, distance in zip(crops, distances, strict=True)]
+    if hasattr(store, "record_distances") and not PER_CROP:  # the worker's one write per scored batch
+        store.record_distances(job_id, scored)
+    else:  # the tree before the move, or --per-crop: one write per crop
+        for key, distance in scored:
+            store.record_distance(job_id, key, distance)
 
 
 # ============================================================================ the stores
@@ -392,10 +399,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9, help="runs of each latency measurement (median)")
     parser.add_argument("--no-export", action="store_true", help="skip the export memory measurement")
     parser.add_argument("--out", type=Path, default=Path(".bench"))
+    parser.add_argument("--per-crop", action="store_true", help="record each crop's distance in its own write")
     parser.add_argument("--export-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", default="", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.per_crop:
+        os.environ["IMGSIFT_STATE_BENCH_PER_CROP"] = "1"  # the spawned writers read it at import
     if args.export_child:
         export_child(args)
         return
@@ -403,7 +413,7 @@ def main() -> None:
     result = run(args)
     result["wall_s"] = time.perf_counter() - began
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"state_bench_{args.store}.json"
+    path = args.out / f"state_bench_{args.store}{'-per-crop' if args.per_crop else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"wrote {path}")

@@ -671,24 +671,34 @@ class SqlStateStore:
 
     def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
         """Record a crop's distance once (counted once); a second one replaces the value, as ZADD does."""
-        distance = float(distance)
+        return self.record_distances(job_id, [(crop_key, distance)])[crop_key]
+
+    def record_distances(self, job_id: str, distances: Iterable[tuple[str, float]]) -> dict[str, bool]:
+        """:meth:`record_distance` for a batch of crops in one transaction (a scored batch: one commit,
+        one gate, one counter and histogram write instead of one each per crop); per crop key,
+        whether this call recorded it first. Written in key order, so two deliveries of
+        overlapping batches take their row locks in the same order."""
         c = t.distances.c
+        recorded: dict[str, bool] = {}
         with self._write(job_id) as tx:
             self._gate(tx, exclusive=False)
-            if self._superseded(tx, crop_key):  # its image was replaced
-                return False
-            stmt = insert(tx.conn, t.distances).values(job_id=job_id, crop_key=crop_key, distance=distance)
-            if tx.conn.execute(stmt.on_conflict_do_nothing().returning(c.crop_key)).first() is not None:
-                tx.incr(Counter.COMPARED)
-                tx.add_distance(distance)
-                return True
-            where = (c.job_id == job_id, c.crop_key == crop_key)
-            old = tx.conn.execute(sa.select(c.distance).where(*where).with_for_update()).scalar_one()
-            if old != distance:
-                tx.conn.execute(sa.update(t.distances).where(*where).values(distance=distance))
-                tx.add_distance(old, -1)
-                tx.add_distance(distance)
-            return False
+            for crop_key, value in sorted({k: float(d) for k, d in distances}.items()):
+                recorded[crop_key] = False
+                if self._superseded(tx, crop_key):  # its image was replaced
+                    continue
+                stmt = insert(tx.conn, t.distances).values(job_id=job_id, crop_key=crop_key, distance=value)
+                if tx.conn.execute(stmt.on_conflict_do_nothing().returning(c.crop_key)).first() is not None:
+                    tx.incr(Counter.COMPARED)
+                    tx.add_distance(value)
+                    recorded[crop_key] = True
+                    continue
+                where = (c.job_id == job_id, c.crop_key == crop_key)
+                old = tx.conn.execute(sa.select(c.distance).where(*where).with_for_update()).scalar_one()
+                if old != value:
+                    tx.conn.execute(sa.update(t.distances).where(*where).values(distance=value))
+                    tx.add_distance(old, -1)
+                    tx.add_distance(value)
+        return recorded
 
     def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
         with self._write(job_id) as tx:

@@ -114,6 +114,23 @@ def test_detections_and_distances_are_recorded_once(state_store) -> None:  # typ
     assert not state_store.is_detected(JOB, image_key)
 
 
+def test_a_batch_of_distances_is_recorded_as_one_by_one(state_store) -> None:  # type: ignore[no-untyped-def]
+    """record_distances (the Siamese worker's one write per scored batch) keeps record_distance's rules:
+    each crop counted once, a redelivery reports nothing new, a changed value moves its count."""
+    _job(state_store)
+    first = {f"jobs/{JOB}/crops/{i:03d}.jpg": 0.1 * i for i in range(6)}
+    assert state_store.record_distances(JOB, list(first.items())[:4]) == dict.fromkeys(list(first)[:4], True)
+    again = state_store.record_distances(JOB, list(first.items()))  # a redelivery with two new crops
+    assert again == {k: i >= 4 for i, k in enumerate(first)}
+    assert state_store.counters(JOB)["compared"] == 6
+    assert state_store.count_below(JOB, [0.25, 0.45, 2.0]) == [3, 5, 6]
+    moved = next(iter(first))
+    assert state_store.record_distances(JOB, [(moved, 0.95)]) == {moved: False}  # replaced, not counted
+    assert state_store.counters(JOB)["compared"] == 6
+    assert state_store.count_below(JOB, [0.25, 2.0]) == [2, 6]
+    assert state_store.distances_of(JOB, [moved]) == {moved: 0.95}
+
+
 def test_distance_pages_walk_every_crop_once_with_ties(state_store) -> None:  # type: ignore[no-untyped-def]
     _job(state_store)
     rng = random.Random(7)

@@ -193,12 +193,10 @@ class Scorer:
         """Record the distances of ``crop_keys`` from their feature rows; returns those this call recorded."""
         if not crop_keys:
             return []
-        return [
-            Distance(job_id=self.job_id, crop_key=key, distance=float(distance))
-            for key, distance in zip(crop_keys, self.distances(features, crop_keys), strict=True)
-            # False when another delivery of this crop recorded it first: not ours to report.
-            if state.record_distance(self.job_id, key, float(distance))
-        ]
+        values = [(key, float(d)) for key, d in zip(crop_keys, self.distances(features, crop_keys), strict=True)]
+        recorded = state.record_distances(self.job_id, values)  # one write for the batch
+        # False when another delivery of a crop recorded it first: not ours to report.
+        return [Distance(job_id=self.job_id, crop_key=key, distance=d) for key, d in values if recorded.pop(key, False)]
 
 
 def job_scorer(

@@ -139,20 +139,18 @@ class _Tx:
 
     def flush(self) -> None:
         """Write the deltas: counters, then bins, each in key order (a fixed lock order)."""
-        counts = [{"job_id": self.job_id, "name": n, "value": v} for n, v in sorted(self.counts.items()) if v]
-        if counts:
-            stmt = insert(self.conn, t.job_counters).values(counts)
+        self._add(t.job_counters, "name", "value", self.counts)
+        self._add(t.distance_bins, "bin", "crops", self.bins)
+
+    def _add(self, table: sa.Table, key: str, column: str, deltas: Tally[Any]) -> None:
+        """Add ``deltas`` (key -> change) to ``table``'s ``column``, inserting the rows that are missing."""
+        rows = [{"job_id": self.job_id, key: k, column: v} for k, v in sorted(deltas.items()) if v]
+        if rows:
+            stmt = insert(self.conn, table).values(rows)
             stmt = stmt.on_conflict_do_update(
-                index_elements=["job_id", "name"], set_={"value": t.job_counters.c.value + stmt.excluded.value}
+                index_elements=["job_id", key], set_={column: table.c[column] + stmt.excluded[column]}
             )
             self.conn.execute(stmt)
-        bins = [{"job_id": self.job_id, "bin": b, "crops": n} for b, n in sorted(self.bins.items()) if n]
-        if bins:
-            hist = insert(self.conn, t.distance_bins).values(bins)
-            hist = hist.on_conflict_do_update(
-                index_elements=["job_id", "bin"], set_={"crops": t.distance_bins.c.crops + hist.excluded.crops}
-            )
-            self.conn.execute(hist)
 
 
 @dataclass(frozen=True)

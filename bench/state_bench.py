@@ -70,6 +70,11 @@ from imgsift_common.neardup import near_dup_query
 CROPS = 3
 # --per-crop: one write per crop's distance, as before the batch write (read by the spawned writers too)
 PER_CROP = os.environ.get("IMGSIFT_STATE_BENCH_PER_CROP") == "1"
+# --one-by-one: one write per image's download, detection and distances, as before the batch writes
+ONE_BY_ONE = os.environ.get("IMGSIFT_STATE_BENCH_ONE_BY_ONE") == "1"
+# The services' default batch sizes: CrawlerSettings.download_batch_size, DetectorSettings.batch_size,
+# SiameseSettings.batch_size (crops per forward pass, recorded in one write).
+DOWNLOAD_BATCH, DETECT_BATCH, COMPARE_BATCH = 16, 16, 32
 NEAR_DISTANCE, NEAR_SEGMENTS = 6, 4  # the crawler's defaults (imgsift_crawler.settings)
 THRESHOLD = 0.9  # JobSpec's default
 JOB_ID = "state-bench"
@@ -133,7 +138,8 @@ def image_records(job_id: str, i: int) -> tuple[DownloadRecord, StoredImage, lis
 
 
 def record_image(store: Any, job_id: str, i: int, max_images: int) -> None:
-    """One image as the crawler, the detector and the Siamese worker record it."""
+    """One image as the crawler, the detector and the Siamese worker recorded it before the batch
+    writes (``--one-by-one``), or as the tree before the move records it."""
     record, image, crops, distances = image_records(job_id, i)
     near = near_dup_query(int(image.phash or "0", 16), NEAR_DISTANCE, NEAR_SEGMENTS)
     final = store.record_download(job_id, record, image, max_images, near=near)
@@ -146,6 +152,38 @@ def record_image(store: Any, job_id: str, i: int, max_images: int) -> None:
     else:  # the tree before the move, or --per-crop: one write per crop
         for key, distance in scored:
             store.record_distance(job_id, key, distance)
+
+
+def record_images(store: Any, job_id: str, first: int, last: int, max_images: int) -> None:
+    """Images [first, last) as the workers record them: one write per download task's URLs
+    (``DOWNLOAD_BATCH``), per detect batch (``DETECT_BATCH``) and per scored batch of crops
+    (``COMPARE_BATCH``), the services' default batch sizes; one image at a time where the tree
+    has no batch writes (the one before the move) or ``--one-by-one`` is asked."""
+    if ONE_BY_ONE or not hasattr(store, "record_downloads"):
+        for i in range(first, last):
+            record_image(store, job_id, i, max_images)
+        return
+    from imgsift_common.state import DownloadItem
+
+    scored: list[tuple[str, float]] = []
+    for start in range(first, last, DOWNLOAD_BATCH):
+        batch = [image_records(job_id, i) for i in range(start, min(last, start + DOWNLOAD_BATCH))]
+        items = [
+            DownloadItem(record, image, near_dup_query(int(image.phash or "0", 16), NEAR_DISTANCE, NEAR_SEGMENTS))
+            for record, image, _, _ in batch
+        ]
+        finals = store.record_downloads(job_id, items, max_images)
+        if any(final.outcome is not DownloadOutcome.STORED for final in finals):
+            raise RuntimeError(f"images {start}+ not all stored: {[f.outcome.value for f in finals]}")
+        for lo in range(0, len(batch), DETECT_BATCH):
+            detected = [(image.key, crops) for _, image, crops, _ in batch[lo : lo + DETECT_BATCH]]
+            store.record_detections(job_id, detected)
+        scored += [(crop.key, d) for _, _, crops, distances in batch for crop, d in zip(crops, distances, strict=True)]
+        while len(scored) >= COMPARE_BATCH:
+            store.record_distances(job_id, scored[:COMPARE_BATCH])
+            scored = scored[COMPARE_BATCH:]
+    if scored:
+        store.record_distances(job_id, scored)
 
 
 # ============================================================================ the stores
@@ -171,8 +209,7 @@ def writer(kind: str, database_url: str, redis_url: str, first: int, last: int, 
     try:
         store.get_job(JOB_ID)  # connected before the clock starts
         start.wait()
-        for i in range(first, last):
-            record_image(store, JOB_ID, i, max_images)
+        record_images(store, JOB_ID, first, last, max_images)
     finally:
         close_store(store)
 
@@ -332,6 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         result: dict[str, Any] = {
             "store": args.store,
+            "writes": "per crop" if PER_CROP else "one by one" if ONE_BY_ONE else "batched as the workers",
             "images": n,
             "crops": n * CROPS,
             "writers": args.writers,
@@ -399,13 +437,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9, help="runs of each latency measurement (median)")
     parser.add_argument("--no-export", action="store_true", help="skip the export memory measurement")
     parser.add_argument("--out", type=Path, default=Path(".bench"))
-    parser.add_argument("--per-crop", action="store_true", help="record each crop's distance in its own write")
+    parser.add_argument("--per-crop", action="store_true", help="one by one, and each crop's distance in its own write")
+    parser.add_argument(
+        "--one-by-one", action="store_true", help="one write per image's download, detection and distances"
+    )
     parser.add_argument("--export-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", default="", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.per_crop:
         os.environ["IMGSIFT_STATE_BENCH_PER_CROP"] = "1"  # the spawned writers read it at import
+    if args.one_by_one or args.per_crop:
+        os.environ["IMGSIFT_STATE_BENCH_ONE_BY_ONE"] = "1"
     if args.export_child:
         export_child(args)
         return
@@ -413,7 +456,8 @@ def main() -> None:
     result = run(args)
     result["wall_s"] = time.perf_counter() - began
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"state_bench_{args.store}{'-per-crop' if args.per_crop else ''}.json"
+    mode = "-per-crop" if args.per_crop else "-one-by-one" if args.one_by_one else ""
+    path = args.out / f"state_bench_{args.store}{mode}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"wrote {path}")

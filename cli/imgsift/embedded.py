@@ -473,9 +473,8 @@ def train_folder(
         model = train_job(job, store, state, settings, version)
     except (TrainingError, WeightsError) as exc:
         raise EmbeddedError(str(exc)) from None
-    job = state.update_job(JOB_ID, model=model)
-    rescore(job, store, state, settings, progress.stage("rescore", len(state.crop_keys(JOB_ID))))
-    return job, model
+    rescore(job, store, state, settings, progress.stage("rescore", len(state.crop_keys(JOB_ID))), model=model)
+    return state.get_job(JOB_ID) or job, model
 
 
 def train_collected(

@@ -8,6 +8,7 @@ take its write lock at the start of a write transaction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,6 +32,15 @@ def insert(conn: Connection, table: sa.Table) -> postgresql.Insert | sqlite.Inse
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def one_of(conn: Connection, column: sa.ColumnElement[Any], values: Sequence[Any]) -> sa.ColumnElement[bool]:
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)``, one parameter, so the statement
+    reads the same for any number of values and psycopg's prepared statements are reused
+    (an ``IN`` list is a new statement for each length). Both use the column's index."""
+    if conn.dialect.name == "postgresql":
+        return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    return column.in_(list(values))
 
 
 def snapshot(conn: Connection) -> None:

@@ -52,11 +52,12 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.neardup import NearDupQuery, hamming, within
-from imgsift_common.sqldialect import WRITE, insert, make_engine, snapshot
+from imgsift_common.sqldialect import WRITE, insert, make_engine, one_of, snapshot
 from imgsift_common.state import (
     OUTCOME_COUNTER,
     Counter,
     DistancePage,
+    DownloadItem,
     JobNotFound,
     StreamState,
     finalised_job,
@@ -104,6 +105,36 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC) if moment.tzinfo else moment
 
 
+def _insert(
+    conn: Connection,
+    table: sa.Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    update: Sequence[str] = (),
+    returning: sa.ColumnElement[Any] | None = None,
+) -> list[Any]:
+    """Insert ``rows`` (in the order given: callers sort them by key, a fixed lock order), leaving
+    a row whose key is taken as it is, or setting its ``update`` columns to the new row's; the
+    ``returning`` column of the rows inserted or updated.
+
+    One cached statement, executed for many rows: SQLAlchemy sends them as multi-row VALUES pages
+    ("insertmanyvalues"), so a batch costs a few round trips and no compile per batch size.
+    """
+    if not rows:
+        return []
+    stmt = insert(conn, table)
+    keys = [col.name for col in table.primary_key.columns]
+    if update:
+        stmt = stmt.on_conflict_do_update(index_elements=keys, set_={name: stmt.excluded[name] for name in update})
+    else:
+        stmt = stmt.on_conflict_do_nothing()
+    # RETURNING even where the caller needs nothing back: without it SQLAlchemy hands psycopg an
+    # executemany, one statement per row, instead of its multi-row pages.
+    column = returning if returning is not None else table.primary_key.columns[keys[0]]
+    found = list(conn.execute(stmt.returning(column), list(rows)).scalars())
+    return found if returning is not None else []
+
+
 RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 columns)
 
 
@@ -146,11 +177,11 @@ class _Tx:
         """Add ``deltas`` (key -> change) to ``table``'s ``column``, inserting the rows that are missing."""
         rows = [{"job_id": self.job_id, key: k, column: v} for k, v in sorted(deltas.items()) if v]
         if rows:
-            stmt = insert(self.conn, table).values(rows)
+            stmt = insert(self.conn, table)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["job_id", key], set_={column: table.c[column] + stmt.excluded[column]}
             )
-            self.conn.execute(stmt)
+            self.conn.execute(stmt.returning(table.c[key]), rows)  # RETURNING: multi-row pages (see _insert)
 
 
 @dataclass(frozen=True)
@@ -434,116 +465,33 @@ class SqlStateStore:
         across_jobs: bool = False,
     ) -> DownloadRecord:
         """Record a URL's outcome once; dedupe a stored image exactly, across jobs if asked, and by near hash."""
-        digest = _digest(record.url)
-        c = t.downloads.c
-        with self._write(job_id) as tx:
-            f = t.crawl_frontier.c
-            tx.conn.execute(sa.delete(t.crawl_frontier).where(f.job_id == job_id, f.url_digest == digest))
-            claim = (
-                insert(tx.conn, t.downloads)
-                .values(job_id=job_id, url_digest=digest, body=record.model_dump_json())
-                .on_conflict_do_nothing()
-                .returning(c.url_digest)
-            )
-            if tx.conn.execute(claim).first() is None:  # recorded before: that answer, nothing moves
-                body = tx.conn.execute(sa.select(c.body).where(c.job_id == job_id, c.url_digest == digest)).scalar_one()
-                return DownloadRecord.model_validate_json(body)
-            if image is None or not record.sha256:
-                if (reason := reason_counter(record)) is not None:
-                    tx.incr(reason)
-                tx.incr(OUTCOME_COUNTER[record.outcome])
-                return record
-            final = self._record_image(tx, record, record.sha256, image, max_images, near, across_jobs)
-            if final is not record:
-                tx.conn.execute(
-                    sa.update(t.downloads)
-                    .where(c.job_id == job_id, c.url_digest == digest)
-                    .values(body=final.model_dump_json())
-                )
-            return final
+        item = DownloadItem(record, image, near)
+        return self.record_downloads(job_id, [item], max_images, across_jobs=across_jobs)[0]
 
-    def _record_image(
+    def record_downloads(
         self,
-        tx: _Tx,
-        record: DownloadRecord,
-        sha: str,
-        image: StoredImage,
+        job_id: str,
+        items: Sequence[DownloadItem],
         max_images: int,
-        near: NearDupQuery | None,
-        across_jobs: bool,
-    ) -> DownloadRecord:
-        downloaded = self._gate(tx, exclusive=True)
-        job_id, conn = tx.job_id, tx.conn
-        s, g = t.image_shas.c, t.global_shas.c
-        owner = conn.execute(sa.select(s.url).where(s.job_id == job_id, s.sha == sha)).scalar()
-        if owner is not None and owner != record.url:
-            tx.incr(Counter.DUPLICATES)
-            self._file_duplicate(tx, owner, record.url)
-            return record.model_copy(update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": owner})
-        if across_jobs:
-            elsewhere = conn.execute(sa.select(g.job_id, g.url).where(g.sha == sha, g.job_id != job_id)).first()
-            if elsewhere is not None:
-                tx.incr(Counter.DUPLICATES)
-                of = f"job {elsewhere.job_id} {elsewhere.url}"
-                return record.model_copy(update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": of})
-        if downloaded >= max_images:
-            tx.incr(Counter.SKIPPED)
-            tx.incr(f"{DownloadOutcome.SKIPPED.value}:{FailureReason.LIMIT_REACHED.value}")
-            skipped = {"outcome": DownloadOutcome.SKIPPED, "reason": FailureReason.LIMIT_REACHED, "image_key": None}
-            return record.model_copy(update=skipped)
-        pixels = image.width * image.height
-        if near is not None and (found := self._nearest(tx, near, sha)) is not None:
-            distance, kept = found
-            if pixels <= kept.pixels:
-                tx.incr(Counter.DUPLICATES)
-                self._file_duplicate(tx, kept.url, record.url)
-                update = {"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": kept.url, "hamming": distance}
-                return record.model_copy(update=update)
-            self._supersede(tx, kept, record.url, distance)
-        self._upsert(tx, t.image_shas, {"job_id": job_id, "sha": sha, "url": record.url})
-        self._upsert(tx, t.images, {"job_id": job_id, "key": image.key, "body": image.model_dump_json()})
-        self._upsert(tx, t.global_shas, {"sha": sha, "job_id": job_id, "url": record.url})
-        if near is not None:
-            bands = {f"band{i}": b for i, b in enumerate(_bands(near.hash))}
-            row = {"job_id": job_id, "sha": sha, "hash": _signed64(near.hash), **bands}
-            self._upsert(tx, t.phashes, {**row, "pixels": pixels, "image_key": image.key, "url": record.url})
-        tx.incr(Counter.DOWNLOADED)
-        return record
+        *,
+        across_jobs: bool = False,
+    ) -> list[DownloadRecord]:
+        """:meth:`record_download` for a batch (a download task's URLs) in one transaction.
 
-    @staticmethod
-    def _upsert(tx: _Tx, table: sa.Table, row: dict[str, Any]) -> None:
-        stmt = insert(tx.conn, table).values(row)
-        keys = [col.name for col in table.primary_key.columns]
-        rest = {name: stmt.excluded[name] for name in row if name not in keys}
-        tx.conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=rest))
+        The outcome is what recording the items one after another would give, each seeing the
+        ones before it; the reads and writes are made per batch, not per item: one claim of
+        every URL, one lookup of the batch's hashes (exact, across jobs, near), one write per
+        table at the end. Each item's final record, in order.
+        """
+        if not items:
+            return []
+        with self._write(job_id) as tx:
+            return _Downloads(self, tx, max_images, across_jobs).record(items)
 
     @staticmethod
     def _file_duplicate(tx: _Tx, kept_url: str, url: str) -> None:
         row = {"job_id": tx.job_id, "kept_digest": _digest(kept_url), "url_digest": _digest(url)}
         tx.conn.execute(insert(tx.conn, t.duplicates).values(row).on_conflict_do_nothing())
-
-    def _nearest(self, tx: _Tx, near: NearDupQuery, sha: str) -> tuple[int, _Kept] | None:
-        """The kept image nearest to ``near`` within its max distance (ties: the first URL), by its bands."""
-        p = t.phashes.c
-        kept = sa.select(p.sha, p.hash, p.pixels, p.image_key, p.url).where(p.job_id == tx.job_id, p.sha != sha)
-        query: sa.Select[Any] | sa.CompoundSelect[Any] = kept
-        radius = near.max_distance // t.PHASH_BANDS
-        if radius <= MAX_BAND_RADIUS:
-            # One indexed lookup per band, united: an OR of the four would let a planner without
-            # statistics (SQLite) read every row of the job by its job_id instead.
-            query = sa.union(
-                *(
-                    kept.where(p[f"band{i}"].in_(within(value, t.PHASH_BAND_BITS, radius)))
-                    for i, value in enumerate(_bands(near.hash))
-                )
-            )
-        best: tuple[int, _Kept] | None = None
-        for row in tx.conn.execute(query):
-            distance = hamming(near.hash, row.hash & ((1 << 64) - 1))
-            if distance > near.max_distance or (best is not None and (distance, row.url) >= (best[0], best[1].url)):
-                continue
-            best = (distance, _Kept(row.sha, int(row.pixels), row.image_key, row.url))
-        return best
 
     def _supersede(self, tx: _Tx, old: _Kept, url: str, distance: int) -> None:
         """The kept copy ``old`` becomes a duplicate of the larger one at ``url``, downstream included."""
@@ -622,30 +570,44 @@ class SqlStateStore:
         n = self._scalar(sa.select(c.crops).where(c.job_id == job_id, c.image_key == image_key))
         return int(n) if n is not None else None
 
-    def _superseded(self, tx: _Tx, key: str) -> bool:
+    def _superseded(self, tx: _Tx, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` (image or crop keys) belong to an image replaced by a larger near-duplicate."""
         c = t.superseded_images.c
-        query = sa.select(sa.literal(1)).where(c.job_id == tx.job_id, c.sha24 == sha24_of(key))
-        return tx.conn.execute(query).first() is not None
+        keys = list(keys)
+        found: set[str] = set()
+        for chunk in _chunks(sorted({sha24_of(k) for k in keys})):
+            query = sa.select(c.sha24).where(c.job_id == tx.job_id, one_of(tx.conn, c.sha24, chunk))
+            found.update(tx.conn.execute(query).scalars())
+        return {k for k in keys if sha24_of(k) in found}
 
     def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
+        return self.record_detections(job_id, [(image_key, crops)])[image_key]
+
+    def record_detections(self, job_id: str, detections: Sequence[tuple[str, list[Crop]]]) -> dict[str, bool]:
+        """Record each image's crops once, a batch (a detect batch's images) in one transaction; per
+        image key, whether this call recorded it (an image listed twice: its first crops count)."""
+        batch: dict[str, list[Crop]] = {}
+        for image_key, crops in detections:
+            batch.setdefault(image_key, crops)
+        if not batch:
+            return {}
+        c = t.detections.c
         with self._write(job_id) as tx:
             self._gate(tx, exclusive=False)
-            superseded = self._superseded(tx, image_key)
+            superseded = self._superseded(tx, batch)
             # A replaced image is marked detected with no crops: a redelivery stops early.
-            row = {"job_id": job_id, "image_key": image_key, "crops": 0 if superseded else len(crops)}
-            stmt = insert(tx.conn, t.detections).values(row).on_conflict_do_nothing()
-            inserted = tx.conn.execute(stmt.returning(t.detections.c.image_key)).first() is not None
-            if superseded or not inserted:
-                return False
-            for chunk in _chunks(list({c.key: c for c in crops}.values())):
-                rows = [{"job_id": job_id, "key": c.key, "body": c.model_dump_json()} for c in chunk]
-                upsert = insert(tx.conn, t.crops).values(rows)
-                tx.conn.execute(
-                    upsert.on_conflict_do_update(index_elements=["job_id", "key"], set_={"body": upsert.excluded.body})
-                )
-            tx.incr(Counter.DETECTED)
-            tx.incr(Counter.CROPS, len(crops))
-            return True
+            rows = [
+                {"job_id": job_id, "image_key": key, "crops": 0 if key in superseded else len(crops)}
+                for key, crops in sorted(batch.items())
+            ]
+            inserted = set(_insert(tx.conn, t.detections, rows, returning=c.image_key))
+            recorded = {key: key in inserted and key not in superseded for key in batch}
+            new = {crop.key: crop for key, crops in batch.items() if recorded[key] for crop in crops}
+            crop_rows = [{"job_id": job_id, "key": k, "body": new[k].model_dump_json()} for k in sorted(new)]
+            _insert(tx.conn, t.crops, crop_rows, update=["body"])
+            tx.incr(Counter.DETECTED, sum(recorded.values()))
+            tx.incr(Counter.CROPS, sum(len(batch[key]) for key, done in recorded.items() if done))
+            return recorded
 
     def get_crops(self, job_id: str, crop_keys: Iterable[str]) -> list[Crop]:
         keys = list(crop_keys)
@@ -673,29 +635,38 @@ class SqlStateStore:
 
     def record_distances(self, job_id: str, distances: Iterable[tuple[str, float]]) -> dict[str, bool]:
         """:meth:`record_distance` for a batch of crops in one transaction (a scored batch: one commit,
-        one gate, one counter and histogram write instead of one each per crop); per crop key,
-        whether this call recorded it first. Written in key order, so two deliveries of
+        one gate, one insert, one counter and histogram write instead of one each per crop); per
+        crop key, whether this call recorded it first. Written in key order, so two deliveries of
         overlapping batches take their row locks in the same order."""
+        values = {k: float(d) for k, d in distances}
+        if not values:
+            return {}
         c = t.distances.c
-        recorded: dict[str, bool] = {}
+        recorded = dict.fromkeys(values, False)
         with self._write(job_id) as tx:
             self._gate(tx, exclusive=False)
-            for crop_key, value in sorted({k: float(d) for k, d in distances}.items()):
-                recorded[crop_key] = False
-                if self._superseded(tx, crop_key):  # its image was replaced
-                    continue
-                stmt = insert(tx.conn, t.distances).values(job_id=job_id, crop_key=crop_key, distance=value)
-                if tx.conn.execute(stmt.on_conflict_do_nothing().returning(c.crop_key)).first() is not None:
-                    tx.incr(Counter.COMPARED)
-                    tx.add_distance(value)
-                    recorded[crop_key] = True
-                    continue
-                where = (c.job_id == job_id, c.crop_key == crop_key)
-                old = tx.conn.execute(sa.select(c.distance).where(*where).with_for_update()).scalar_one()
-                if old != value:
-                    tx.conn.execute(sa.update(t.distances).where(*where).values(distance=value))
-                    tx.add_distance(old, -1)
-                    tx.add_distance(value)
+            live = sorted(set(values) - self._superseded(tx, values))  # a replaced image's crops are dropped
+            rows = [{"job_id": job_id, "crop_key": k, "distance": values[k]} for k in live]
+            for key in _insert(tx.conn, t.distances, rows, returning=c.crop_key):
+                recorded[key] = True
+                tx.incr(Counter.COMPARED)
+                tx.add_distance(values[key])
+            again = [k for k in live if not recorded[k]]  # recorded before: the new value replaces it
+            changed: list[dict[str, Any]] = []
+            for chunk in _chunks(again):
+                query = sa.select(c.crop_key, c.distance).where(c.job_id == job_id, one_of(tx.conn, c.crop_key, chunk))
+                for key, old in tx.conn.execute(query.order_by(c.crop_key).with_for_update()):
+                    if old != values[key]:
+                        tx.add_distance(old, -1)
+                        tx.add_distance(values[key])
+                        changed.append({"key": key, "value": values[key]})
+            if changed:
+                update = (
+                    sa.update(t.distances)
+                    .where(c.job_id == job_id, c.crop_key == sa.bindparam("key"))
+                    .values(distance=sa.bindparam("value"))
+                )
+                tx.conn.execute(update, changed)
         return recorded
 
     def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
@@ -835,3 +806,180 @@ class SqlStateStore:
         names = [n.value for n in (*counters, Counter.COMPARED, Counter.COMPARE_FAILED)]
         c = t.job_counters.c
         tx.conn.execute(sa.delete(t.job_counters).where(c.job_id == job_id, c.name.in_(names)))
+
+
+class _Downloads:
+    """One batch of :meth:`SqlStateStore.record_downloads`, in its transaction.
+
+    Its reads are made once for the batch; what the items decide is kept here (``owners``,
+    ``kept``, the counters) so that each item sees the ones before it, and its writes wait in
+    ``pending`` until the end, or until a supersede's SQL needs to see them.
+    """
+
+    def __init__(self, store: SqlStateStore, tx: _Tx, max_images: int, across_jobs: bool) -> None:
+        self.store, self.tx, self.max_images, self.across_jobs = store, tx, max_images, across_jobs
+        self.owners: dict[str, str] = {}  # sha -> the URL its exact copies are filed under
+        self.elsewhere: dict[str, str] = {}  # sha -> "job <id> <url>" of another job's copy
+        self.kept: dict[str, tuple[int, _Kept]] = {}  # sha -> (hash, row): near-duplicate candidates
+        self.downloaded = 0
+        self.superseded = False  # whether an item of the batch replaced a kept image
+        self.pending: dict[sa.Table, dict[tuple[Any, ...], dict[str, Any]]] = {}
+        self.bodies: dict[bytes, str] = {}  # url digest -> the final record's JSON, where it changed
+
+    def record(self, items: Sequence[DownloadItem]) -> list[DownloadRecord]:
+        tx, c = self.tx, t.downloads.c
+        digests = [_digest(item.record.url) for item in items]
+        unique = sorted(set(digests))  # one order, so two batches that overlap wait, never deadlock
+        f = t.crawl_frontier.c
+        fresh: set[bytes] = set()
+        for chunk in _chunks(unique):
+            tx.conn.execute(
+                sa.delete(t.crawl_frontier).where(f.job_id == tx.job_id, one_of(tx.conn, f.url_digest, chunk))
+            )
+        first = {d: item for d, item in reversed(list(zip(digests, items, strict=True)))}
+        rows = [{"job_id": tx.job_id, "url_digest": d, "body": first[d].record.model_dump_json()} for d in unique]
+        fresh.update(_insert(tx.conn, t.downloads, rows, returning=c.url_digest))
+        answers: dict[bytes, DownloadRecord] = {}  # recorded before: that answer, nothing moves
+        for chunk in _chunks(sorted(set(unique) - fresh)):
+            query = sa.select(c.url_digest, c.body).where(c.job_id == tx.job_id, one_of(tx.conn, c.url_digest, chunk))
+            answers.update((d, DownloadRecord.model_validate_json(b)) for d, b in tx.conn.execute(query))
+        images = [first[d] for d in unique if d in fresh and first[d].image is not None and first[d].record.sha256]
+        if images:
+            self._look_up(images)
+        finals = []
+        for digest, item in zip(digests, items, strict=True):
+            if digest not in answers:
+                answers[digest] = self._decide(item)
+                if answers[digest] is not item.record:
+                    self.bodies[digest] = answers[digest].model_dump_json()
+            elif self.superseded:  # a supersede may have changed the record since: as it is now
+                self._flush()
+                body = tx.conn.execute(sa.select(c.body).where(c.job_id == tx.job_id, c.url_digest == digest))
+                answers[digest] = DownloadRecord.model_validate_json(body.scalar_one())
+            finals.append(answers[digest])
+        self._flush()
+        return finals
+
+    def _look_up(self, items: list[DownloadItem]) -> None:
+        """The gate, and every row the batch's decisions read: exact owners, other jobs' copies, near hashes."""
+        tx = self.tx
+        self.downloaded = self.store._gate(tx, exclusive=True)
+        shas = sorted({item.record.sha256 for item in items if item.record.sha256})
+        s, g, p = t.image_shas.c, t.global_shas.c, t.phashes.c
+        for chunk in _chunks(shas):
+            rows = tx.conn.execute(sa.select(s.sha, s.url).where(s.job_id == tx.job_id, one_of(tx.conn, s.sha, chunk)))
+            self.owners.update((sha, url) for sha, url in rows)
+            if self.across_jobs:
+                query = sa.select(g.sha, g.job_id, g.url).where(one_of(tx.conn, g.sha, chunk), g.job_id != tx.job_id)
+                for sha, job_id, url in tx.conn.execute(query.order_by(g.sha, g.job_id)):
+                    self.elsewhere.setdefault(sha, f"job {job_id} {url}")
+        queries = [item.near for item in items if item.near is not None]
+        if not queries:
+            return
+        kept = sa.select(p.sha, p.hash, p.pixels, p.image_key, p.url).where(p.job_id == tx.job_id)
+        lookups: list[sa.Select[Any]] = []
+        if any(q.max_distance // t.PHASH_BANDS > MAX_BAND_RADIUS for q in queries):
+            lookups = [kept]  # the bands would return a third of the job or more: read it
+        else:
+            # One indexed lookup per band, united: an OR of the four would let a planner without
+            # statistics (SQLite) read every row of the job by its job_id instead.
+            for band in range(t.PHASH_BANDS):
+                values = sorted(
+                    {
+                        v
+                        for q in queries
+                        for v in within(_bands(q.hash)[band], t.PHASH_BAND_BITS, q.max_distance // t.PHASH_BANDS)
+                    }
+                )
+                lookups += [kept.where(one_of(tx.conn, p[f"band{band}"], chunk)) for chunk in _chunks(values)]
+        for start in range(0, len(lookups), t.PHASH_BANDS):
+            group = lookups[start : start + t.PHASH_BANDS]
+            united: sa.Select[Any] | sa.CompoundSelect[Any] = sa.union(*group) if len(group) > 1 else group[0]
+            for row in tx.conn.execute(united):
+                found = _Kept(row.sha, int(row.pixels), row.image_key, row.url)
+                self.kept[row.sha] = (int(row.hash) & ((1 << 64) - 1), found)
+
+    def _nearest(self, near: NearDupQuery, sha: str) -> tuple[int, _Kept] | None:
+        """The kept image nearest to ``near`` within its max distance (ties: the first URL)."""
+        best: tuple[int, _Kept] | None = None
+        for other, (value, row) in self.kept.items():
+            distance = hamming(near.hash, value)
+            if other == sha or distance > near.max_distance:
+                continue
+            if best is None or (distance, row.url) < (best[0], best[1].url):
+                best = (distance, row)
+        return best
+
+    def _decide(self, item: DownloadItem) -> DownloadRecord:
+        tx, record, image, near = self.tx, item.record, item.image, item.near
+        if image is None or not record.sha256:
+            if (reason := reason_counter(record)) is not None:
+                tx.incr(reason)
+            tx.incr(OUTCOME_COUNTER[record.outcome])
+            return record
+        sha, job_id = record.sha256, tx.job_id
+        owner = self.owners.get(sha)
+        if owner is not None and owner != record.url:
+            tx.incr(Counter.DUPLICATES)
+            self._duplicate(owner, record.url)
+            return record.model_copy(update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": owner})
+        if sha in self.elsewhere:
+            tx.incr(Counter.DUPLICATES)
+            return record.model_copy(update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": self.elsewhere[sha]})
+        if self.downloaded + tx.counts[Counter.DOWNLOADED] >= self.max_images:
+            tx.incr(Counter.SKIPPED)
+            tx.incr(f"{DownloadOutcome.SKIPPED.value}:{FailureReason.LIMIT_REACHED.value}")
+            skipped = {"outcome": DownloadOutcome.SKIPPED, "reason": FailureReason.LIMIT_REACHED, "image_key": None}
+            return record.model_copy(update=skipped)
+        pixels = image.width * image.height
+        if near is not None and (found := self._nearest(near, sha)) is not None:
+            distance, kept = found
+            if pixels <= kept.pixels:
+                tx.incr(Counter.DUPLICATES)
+                self._duplicate(kept.url, record.url)
+                update = {"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": kept.url, "hamming": distance}
+                return record.model_copy(update=update)
+            self._flush()  # the supersede's SQL reads and moves rows this batch may have made
+            self.store._supersede(tx, kept, record.url, distance)
+            self.superseded = True
+            del self.kept[kept.sha]
+            self.owners[kept.sha] = record.url
+        self.owners[sha] = record.url
+        self._add(t.image_shas, {"job_id": job_id, "sha": sha, "url": record.url})
+        self._add(t.images, {"job_id": job_id, "key": image.key, "body": image.model_dump_json()})
+        self._add(t.global_shas, {"sha": sha, "job_id": job_id, "url": record.url})
+        if near is not None:
+            bands = {f"band{i}": b for i, b in enumerate(_bands(near.hash))}
+            row = {"job_id": job_id, "sha": sha, "hash": _signed64(near.hash), **bands}
+            self._add(t.phashes, {**row, "pixels": pixels, "image_key": image.key, "url": record.url})
+            self.kept[sha] = (near.hash, _Kept(sha, pixels, image.key, record.url))
+        tx.incr(Counter.DOWNLOADED)
+        return record
+
+    def _duplicate(self, kept_url: str, url: str) -> None:
+        self._add(
+            t.duplicates, {"job_id": self.tx.job_id, "kept_digest": _digest(kept_url), "url_digest": _digest(url)}
+        )
+
+    def _add(self, table: sa.Table, row: dict[str, Any]) -> None:
+        key = tuple(row[col.name] for col in table.primary_key.columns)
+        self.pending.setdefault(table, {})[key] = row
+
+    def _flush(self) -> None:
+        """Write what the batch decided so far: rows in key order (a fixed lock order), then changed records."""
+        conn = self.tx.conn
+        for table, rows in sorted(self.pending.items(), key=lambda kv: kv[0].name):
+            keys = {col.name for col in table.primary_key.columns}
+            ordered = [rows[k] for k in sorted(rows)]
+            rest = [] if table is t.duplicates else [name for name in ordered[0] if name not in keys]
+            _insert(conn, table, ordered, update=rest)
+        self.pending.clear()
+        if self.bodies:
+            c = t.downloads.c
+            update = (
+                sa.update(t.downloads)
+                .where(c.job_id == self.tx.job_id, c.url_digest == sa.bindparam("digest"))
+                .values(body=sa.bindparam("new_body"))
+            )
+            conn.execute(update, [{"digest": d, "new_body": b} for d, b in sorted(self.bodies.items())])
+            self.bodies.clear()

@@ -12,7 +12,7 @@ accepted = distance <= threshold is decided when read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -88,6 +88,16 @@ class DistancePage:
     next_after: tuple[float, str] | None
 
 
+@dataclass(frozen=True)
+class DownloadItem:
+    """One URL's outcome to record: the record, its stored image (if any) and the image's
+    near-duplicate query (if near-duplicates are looked for)."""
+
+    record: DownloadRecord
+    image: StoredImage | None = None
+    near: NearDupQuery | None = None
+
+
 class JobNotFound(KeyError):
     pass
 
@@ -139,12 +149,27 @@ class StateStore(Protocol):
         near: NearDupQuery | None = None,
         across_jobs: bool = False,
     ) -> DownloadRecord: ...
+    def record_downloads(
+        self,
+        job_id: str,
+        items: Sequence[DownloadItem],
+        max_images: int,
+        *,
+        across_jobs: bool = False,
+    ) -> list[DownloadRecord]:
+        """``record_download`` for a batch in one write, in order; each item's final record."""
+        ...
+
     def get_image(self, job_id: str, key: str) -> StoredImage | None: ...
     def image_keys(self, job_id: str) -> list[str]: ...
     # detect
     def is_detected(self, job_id: str, image_key: str) -> bool: ...
     def detected_count(self, job_id: str, image_key: str) -> int | None: ...
     def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool: ...
+    def record_detections(self, job_id: str, detections: Sequence[tuple[str, list[Crop]]]) -> dict[str, bool]:
+        """``record_detection`` for a batch of images in one write; per image key, whether this call recorded it."""
+        ...
+
     def get_crops(self, job_id: str, crop_keys: Iterable[str]) -> list[Crop]: ...
     def crop_keys(self, job_id: str) -> list[str]: ...
     # siamese

@@ -390,3 +390,94 @@ def test_jobs_are_listed_per_owner(state_store) -> None:  # type: ignore[no-unty
     assert state_store.list_jobs(owner="c") == []
     assert len(state_store.list_jobs()) == 4
     assert [j.id for j in state_store.list_jobs(limit=1, owner="a")] == [jobs[2].id]
+
+
+def _download_items(job_id: str, seed: int) -> list:  # type: ignore[type-arg]
+    """A crawl's worth of outcomes that exercise every rule: exact copies, near copies smaller and
+    larger (superseding, within a batch too), a URL delivered twice, failures, the image limit."""
+    from imgsift_common.neardup import near_dup_query
+    from imgsift_common.state import DownloadItem
+
+    rng = random.Random(seed)
+    centres = [rng.getrandbits(64) for _ in range(5)]
+    shas = [f"{i:064x}" for i in range(1, 41)]
+    items = []
+    for _ in range(60):
+        url = f"http://x/{rng.randrange(55)}"
+        if rng.random() < 0.15:
+            record = DownloadRecord(url=url, outcome=DownloadOutcome.FAILED, reason=FailureReason.NOT_AN_IMAGE)
+            items.append(DownloadItem(record))
+            continue
+        sha = rng.choice(shas)
+        phash = rng.choice(centres) ^ (1 << rng.randrange(64)) if rng.random() < 0.4 else rng.getrandbits(64)
+        side = rng.randrange(100, 1000)
+        record, image = stored_image(job_id, sha, url=url, size=(side, side))
+        image = image.model_copy(update={"phash": f"{phash:016x}"})
+        items.append(DownloadItem(record, image, near_dup_query(phash, 6, 4)))
+    return items
+
+
+def _state_of(store, job_id: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    urls = {f"http://x/{i}" for i in range(55)}
+    records = {url: store.url_record(job_id, url) for url in urls}
+    return {
+        "counters": store.counters(job_id),
+        "records": {u: r.model_dump_json().replace(job_id, "J") if r else None for u, r in records.items()},
+        "images": [key.replace(job_id, "J") for key in store.image_keys(job_id)],
+        "crops": [key.replace(job_id, "J") for key in store.crop_keys(job_id)],
+        "accepted": store.count_below(job_id, [0.5, 2.0]),
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_batches_of_downloads_and_detections_record_as_one_by_one(state_store, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """record_downloads and record_detections (a download task's and a detect batch's one write)
+    give every URL, counter, image and crop that recording the same outcomes one at a time gives,
+    whatever the batch boundaries, including a batch delivered twice."""
+    spec = JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["http://a/1"])], target="dog")
+    rng = random.Random(seed)
+    finals = {}
+    for job_id, batched in (("one-by-one", False), ("batched", True)):
+        assert state_store.create_job(Job(id=job_id, spec=spec))
+        items = _download_items(job_id, seed)
+        got = []
+        if batched:
+            cuts = sorted(rng.sample(range(1, len(items)), 5))
+            for lo, hi in zip([0, *cuts], [*cuts, len(items)], strict=True):
+                got += state_store.record_downloads(job_id, items[lo:hi], 12)
+                before = state_store.counters(job_id)
+                again = state_store.record_downloads(job_id, items[lo:hi], 12)  # redelivered: the records as they are
+                assert again == [state_store.url_record(job_id, i.record.url) for i in items[lo:hi]]
+                assert state_store.counters(job_id) == before
+        else:
+            got = [
+                state_store.record_download(job_id, i.record, i.image, 12, near=i.near) for i in items
+            ]  # fmt: skip
+        finals[job_id] = [r.model_dump_json().replace(job_id, "J") for r in got]
+        # Every image, stored or superseded since, goes to the detector; superseded ones record nothing.
+        detections = []
+        for item in items:
+            if item.image is not None and item.image.key not in {key for key, _ in detections}:
+                sha = item.image.sha256
+                crops = [
+                    Crop(job_id=job_id, key=keys.crop_key(job_id, keys.crop_id(sha, k)), crop_id=keys.crop_id(sha, k),
+                         image_key=item.image.key, box=(0, 0, 1, 1), padded_box=(0, 0, 1, 1), score=0.5,
+                         class_name="dog")
+                    for k in range(2)
+                ]  # fmt: skip
+                detections.append((item.image.key, crops))
+        if batched:
+            recorded = {}
+            for lo in range(0, len(detections), 7):
+                recorded |= state_store.record_detections(job_id, detections[lo : lo + 7] * 2)  # listed twice
+            assert not any(state_store.record_detections(job_id, detections).values())  # redelivered
+        else:
+            recorded = {key: state_store.record_detection(job_id, key, crops) for key, crops in detections}
+        finals[job_id].append(sorted((k.replace(job_id, "J"), v) for k, v in recorded.items()))
+        for key in state_store.crop_keys(job_id):
+            state_store.record_distance(job_id, key, 0.4)
+    assert finals["batched"] == finals["one-by-one"]
+    assert _state_of(state_store, "batched") == _state_of(state_store, "one-by-one")
+    counters = state_store.counters("batched")
+    # The rules were exercised: exact and near copies, and the limit.
+    assert counters["downloaded"] == 12 and counters["duplicates"] > 3 and counters["skipped"] > 0, counters

@@ -238,14 +238,16 @@ def test_a_failed_crop_write_fails_the_batch_and_records_nothing_unstored(  # ty
     job = make_job(sqlite_state, "person")
     images = add_photos(sqlite_state, local_store, [coco128.image(s) for s in [*PERSON_STEMS, DOG_STEM]])
     settings = detector_settings.model_copy(update={"batch_size": 2})
-    failing = FailingPuts(local_store, fail_from=2)
+    failing = FailingPuts(local_store, fail_from=3)  # the second model batch's first crop fails
 
     with pytest.raises(OSError, match="the object store is down"):
         detect_batch(job, [i.key for i in images], failing, sqlite_state, fixed, settings)
 
+    # Each model batch's images are recorded in one write after all their crops are stored: the
+    # first batch is, the failed one records nothing (its stored crop is overwritten on redelivery).
     detected = [sqlite_state.is_detected(JOB_ID, i.key) for i in images]
-    assert detected[0] and not any(detected[1:])  # only the image whose crop was stored is recorded
-    assert sqlite_state.counters(JOB_ID)[Counter.CROPS] == 1
+    assert detected == [True, True] + [False] * (len(images) - 2)
+    assert sqlite_state.counters(JOB_ID)[Counter.CROPS] == 2
 
     # The redelivered batch detects the rest.
     crops = detect_batch(job, [i.key for i in images], local_store, sqlite_state, fixed, settings)

@@ -40,7 +40,7 @@ from imgsift_common.messages import (
     StoredImage,
     utcnow,
 )
-from imgsift_common.state import Counter, Flag, StateStore, StreamState, discovery_reason
+from imgsift_common.state import Counter, DownloadItem, Flag, StateStore, StreamState, discovery_reason
 from imgsift_common.storage import ObjectStore, put_json
 from imgsift_crawler.dedup import query_for
 from imgsift_crawler.fetch import Fetcher, FetchError, Purpose
@@ -438,6 +438,7 @@ def download_batch(
     near_distance = job.spec.dedup.near_distance
     near_distance = settings.near_dup_distance if near_distance is None else near_distance
     with claims, ThreadPoolExecutor(max_workers=max(1, settings.download_concurrency)) as pool:
+        fetched: list[DownloadItem] = []
         for candidate, (record, image, new) in zip(candidates, pool.map(work, candidates), strict=True):
             if record is None:
                 continue  # another task is fetching it
@@ -451,18 +452,22 @@ def download_batch(
                 if image and image.phash
                 else None
             )
-            final = state.record_download(
-                job.id, record, image, job.spec.limits.max_images, near=near, across_jobs=job.spec.dedup.across_jobs
-            )
+            fetched.append(DownloadItem(record, image, near))
+        # The batch's outcomes in one write, in the batch's order (as one call per URL would decide them).
+        finals = state.record_downloads(
+            job.id, fetched, job.spec.limits.max_images, across_jobs=job.spec.dedup.across_jobs
+        )
+        for item, final in zip(fetched, finals, strict=True):
+            image = item.image
             # Released once recorded, never before: a task that claims the URL next finds the record.
-            claims.release(candidate.image_url)
+            claims.release(item.record.url)
             if final.outcome is DownloadOutcome.STORED and image is not None:
                 stored.append(image)
             elif image is not None and final.outcome is not DownloadOutcome.STORED:
                 _drop_unrecorded(job, state, store, image)
             log.debug(
                 "download",
-                extra={"job_id": job.id, "stage": "crawl", "url": record.url, "outcome": final.outcome.value},
+                extra={"job_id": job.id, "stage": "crawl", "url": item.record.url, "outcome": final.outcome.value},
             )
     return stored
 

@@ -179,10 +179,18 @@ def _store_loaded(
     state: StateStore,
     settings: DetectorSettings,
 ) -> list[Crop]:
-    """Store and record the crops of a batch's images; run on the writer thread."""
+    """Store the crops of a batch's images, then record them in one write; run on the writer thread."""
+    cut = [
+        (image, _store_crops(job_id, image, pixels, image_cuts, whole_image, store, settings))
+        for (image, pixels), image_cuts in zip(loaded, cuts, strict=True)
+    ]
+    # Objects first, records second: a crash in between leaves objects that the redelivered
+    # task overwrites, never a recorded crop without its JPEG.
+    recorded = state.record_detections(job_id, [(image.key, crops) for image, crops in cut])
     crops: list[Crop] = []
-    for (image, pixels), image_cuts in zip(loaded, cuts, strict=True):
-        crops += _store_crops(job_id, image, pixels, image_cuts, whole_image, store, state, settings)
+    for image, image_crops in cut:
+        # Not recorded by this call: a concurrent delivery recorded the image first; its crops count.
+        crops += image_crops if recorded[image.key] else _recorded_crops(job_id, image, state)
     return crops
 
 
@@ -256,10 +264,9 @@ def _store_crops(
     cuts: list[tuple[Detection, Box]],
     whole_image: bool,
     store: ObjectStore,
-    state: StateStore,
     settings: DetectorSettings,
 ) -> list[Crop]:
-    """Store one image's crops, then record them; return what is recorded for the image."""
+    """Cut and store one image's crops (their JPEGs); the caller records them."""
     crops = []
     for index, (detection, cut) in enumerate(cuts):
         crop_id = keys.crop_id(image.sha256, index)
@@ -276,8 +283,4 @@ def _store_crops(
         )
         store.put(crop.key, cut_crop(pixels, cut, settings.crop_jpeg_quality), "image/jpeg")
         crops.append(crop)
-    # Objects first, record second: a crash in between leaves objects that the redelivered
-    # task overwrites, never a recorded crop without its JPEG.
-    if not state.record_detection(job_id, image.key, crops):
-        return _recorded_crops(job_id, image, state)  # a concurrent delivery recorded it first
     return crops

@@ -117,14 +117,21 @@ def rescore(
     state: StateStore,
     settings: SiameseSettings,
     progress: Callable[[int], None] | None = None,
+    *,
+    model: SiameseModel | None = None,
 ) -> int:
-    """Forget every distance of the job and score all its crops again with its current network.
+    """Forget every distance of the job and score all its crops again with its current network,
+    or with ``model``, a head just trained, which is put in place after the old distances are
+    gone: no reader sees the new version beside the old head's distances (a status that looks
+    re-scored while it is not yet).
 
     The trunk is frozen, so crops whose trunk features are stored are scored from them: the
     head and one matrix product. Only crops without stored features run through the trunk
     (and their features are stored then).
     """
     state.reset_distances(job.id)
+    if model is not None:
+        job = state.update_job(job.id, model=model)
     embedder = job_embedder(job, store, settings)
     crop_keys = state.crop_keys(job.id)
     rest = score_stored_features(job, crop_keys, store, state, embedder, settings, progress)

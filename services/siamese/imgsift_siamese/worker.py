@@ -120,11 +120,8 @@ def train(payload: dict[str, Any]) -> int:
                 state.add_note(job.id, f"training v{message.version} failed: {exc}")
                 log.warning("training failed: %s", exc, extra=fields)
                 return 0
-            # The old head's distances go before the new head is published, so no reader sees the new
-            # version beside the old distances (the status would look re-scored while it is not yet).
-            state.reset_distances(job.id)
-            job = state.update_job(job.id, model=model)
             state.add_note(job.id, f"Siamese head v{model.version} trained; every crop scored again with it")
-            return rescore(job, object_store(), state, settings)
+            # rescore publishes the head once the old head's distances are gone, then scores every crop.
+            return rescore(job, object_store(), state, settings, model=model)
     finally:
         state.release_lock(job.id, "train", owner)

@@ -88,7 +88,9 @@ def test_bing_page_without_result_tiles_is_a_clear_source_error(html: bytes) -> 
 
 def test_bing_tiles_whose_json_changed_are_a_clear_source_error() -> None:
     changed = BING_PAGE.replace(b"&quot;murl&quot;", b"&quot;mediaurl&quot;")
-    with pytest.raises(SourceError, match=r"none with a JSON 'm' attribute holding 'murl'.*the source's format changed"):
+    with pytest.raises(
+        SourceError, match=r"none with a JSON 'm' attribute holding 'murl'.*the source's format changed"
+    ):
         bing.parse_page(changed)
 
 

@@ -15,7 +15,9 @@ class CrawlerSettings(ImgsiftSettings):
         "imgsift/0.1 (+https://github.com/imgsift/imgsift)", description="User-Agent sent with every request"
     )
     contact: str | None = Field(
-        None, description="contact (mail or URL) appended to the User-Agent so site owners can reach you"
+        None,
+        description="contact (mail or URL) appended to the User-Agent so site owners can reach you; the wikimedia "
+        "source requires it (give the API the same value)",
     )
     connect_timeout: float = Field(10.0, description="seconds to open a connection")
     read_timeout: float = Field(20.0, description="seconds between two received chunks")

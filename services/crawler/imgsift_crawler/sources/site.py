@@ -214,7 +214,7 @@ def extract_page(html: bytes | str, page_url: str) -> PageFinds:
 
     stylesheets: list[str] = []
     for link in soup.find_all("link", href=True):
-        rel = link.get("rel") or []
+        rel: Any = link.get("rel") or []  # bs4: a list for rel (a multi-valued attribute)
         rels = {r.lower() for r in (rel if isinstance(rel, list) else str(rel).split())}
         if "stylesheet" in rels:
             url = urldefrag(urljoin(base, str(link["href"]).strip())).url

@@ -9,6 +9,7 @@ served by a loopback server standing in for each service.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -144,8 +145,22 @@ def test_openverse_stops_at_its_pagination_depth_with_its_largest_anonymous_page
     asked = _pages(web, "/v1/images/")
     assert [int(p["page"][0]) for p in asked] == list(range(1, 21))  # page 21 answers 400: never asked
     assert {p["page_size"][0] for p in asked} == {"20"}
-    with pytest.raises(ValueError):
-        CrawlerSettings(openverse_page_size=21)  # more answers 401 without OAuth
+    with pytest.raises(ValueError, match="openverse_page_size"):
+        CrawlerSettings(storage="local", openverse_page_size=21)  # more answers 401 without OAuth
+
+
+def test_openverse_requests_keep_to_its_rate_limit(
+    web: TestWeb, fetcher: Fetcher, crawler_settings: CrawlerSettings
+) -> None:
+    web.add("/v1/images/", _openverse_page(3), "application/json")
+    settings = crawler_settings.model_copy(
+        update={"openverse_url": web.url("/v1/images/"), "openverse_requests_per_minute": 300.0}  # one per 0.2 s
+    )
+    every_page(openverse.page, SourceSpec(kind=SourceKind.OPENVERSE), _ctx(fetcher, settings))
+    starts = [hit.started for hit in web.hits_of("/v1/images/")]
+    assert len(starts) == 3
+    assert all(b - a >= 0.19 for a, b in itertools.pairwise(starts))  # never faster (slower: a busy host)
+    assert CrawlerSettings.model_fields["openverse_requests_per_minute"].default == 20.0  # the anonymous limit
 
 
 def test_openverse_400_past_its_last_page_ends_the_stream_without_an_error(

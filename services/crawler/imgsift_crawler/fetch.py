@@ -102,6 +102,7 @@ class _Rules:
     truncate: bool = False  # read up to the cap and keep it, rather than fail (robots.txt)
     headers: tuple[tuple[str, str], ...] = ()  # a source's request profile (User-Agent, Referer...)
     error_body: bool = False  # keep the start of an error answer (an API says why it refused)
+    min_interval: float = 0.0  # seconds between requests to the host that a service's rate limit asks for
 
 
 class _Retry(Exception):
@@ -174,12 +175,15 @@ class Fetcher:
         params: dict[str, str | int] | None = None,
         accept: str | None = None,
         headers: Mapping[str, str] | None = None,
+        min_interval: float = 0.0,
     ) -> Fetched:
         """GET ``url`` under the crawler's rules; raise :class:`FetchError` with a reason.
 
         ``headers`` are a source's request profile (its User-Agent, Accept-Language, Referer,
         fetch metadata), sent on this request and its redirect hops; they change what the
         request says, never which rules apply to it (addresses, robots.txt, limits, caps).
+        ``min_interval`` raises the host's interval for this request (a service's published
+        rate limit, kept across workers by the host limiter).
         """
         cap = max_bytes or (self.settings.max_image_bytes if purpose is Purpose.IMAGE else self.settings.max_page_bytes)
         rules = _Rules(
@@ -189,6 +193,7 @@ class Fetcher:
             meta=purpose is Purpose.PAGE,
             headers=_profile(headers),
             error_body=purpose is Purpose.API,
+            min_interval=min_interval,
         )
         start = self._parse(url)
         if params:
@@ -264,7 +269,7 @@ class Fetcher:
                     self.robots.check(str(current), origin)
                 except RobotsRefusal as exc:
                     raise FetchError(exc.reason, exc.detail) from None
-            interval = max(self.settings.per_host_interval, self.robots.delay(origin) or 0.0)
+            interval = max(self.settings.per_host_interval, self.robots.delay(origin) or 0.0, rules.min_interval)
             result = self._hop(current, pin, interval, rules)
             if isinstance(result, Fetched):
                 return result

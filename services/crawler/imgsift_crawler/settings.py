@@ -57,6 +57,11 @@ class CrawlerSettings(ImgsiftSettings):
     openverse_max_pages: int = Field(
         20, ge=1, description="last Openverse page asked for (its MAX_PAGINATION_DEPTH: page 21 answers 400)"
     )
+    openverse_requests_per_minute: float = Field(
+        20.0,
+        ge=0.0,
+        description="requests a minute to Openverse, across all workers (its anonymous rate limit); 0: no pacing",
+    )
     wikimedia_url: str = Field(
         "https://commons.wikimedia.org/w/api.php", description="MediaWiki API of Wikimedia Commons"
     )

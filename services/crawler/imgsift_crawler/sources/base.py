@@ -62,10 +62,21 @@ class SourceContext:
         params: Mapping[str, str | int] | None = None,
         accept: str,
         headers: Mapping[str, str] | None = None,
+        min_interval: float = 0.0,
     ) -> Fetched:
-        """GET a source's API or result page with its request profile; failures become :class:`SourceError`."""
+        """GET a source's API or result page with its request profile; failures become :class:`SourceError`.
+
+        ``min_interval``: seconds between requests to the service's host, its published rate limit.
+        """
         try:
-            return self.fetcher.get(url, purpose=Purpose.API, params=dict(params or {}), accept=accept, headers=headers)
+            return self.fetcher.get(
+                url,
+                purpose=Purpose.API,
+                params=dict(params or {}),
+                accept=accept,
+                headers=headers,
+                min_interval=min_interval,
+            )
         except FetchError as exc:
             raise fetch_failed(source, url, exc) from exc
 
@@ -89,9 +100,10 @@ def get_json(
     params: Mapping[str, Any],
     source: str,
     headers: Mapping[str, str] | None = None,
+    min_interval: float = 0.0,
 ) -> Any:
     """GET a JSON API page, turning every failure into a :class:`SourceError` that says which source."""
-    fetched = ctx.get(source, url, params=params, accept="application/json", headers=headers)
+    fetched = ctx.get(source, url, params=params, accept="application/json", headers=headers, min_interval=min_interval)
     try:
         return json.loads(fetched.content)
     except ValueError as exc:

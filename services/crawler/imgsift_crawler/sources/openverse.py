@@ -8,8 +8,10 @@
 Limits of the service (its ``api/api/serializers/media_serializers.py`` and
 ``api/api/utils/pagination.py``): anonymous clients get at most 20 results a page (a larger
 ``page_size`` answers 401), pages past ``MAX_PAGINATION_DEPTH`` (20) answer 400 and
-``page_count`` never says more than 20; throttled requests answer 429 with ``Retry-After``
-(Django REST framework's throttles), which the pipeline waits out before the stream goes on.
+``page_count`` never says more than 20; anonymous clients may make about 20 requests a
+minute, which the crawler keeps to (``openverse_requests_per_minute``, across all workers,
+through the host limiter), and throttled requests answer 429 with ``Retry-After`` (Django
+REST framework's throttles), which the pipeline waits out before the stream goes on.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def page(spec: SourceSpec, ctx: SourceContext, cursor: str | None) -> SourcePage
         return SourcePage([], None)  # a cursor saved before the depth was lowered
     params = {"q": query_of(ctx, "openverse"), "page": number, "page_size": settings.openverse_page_size}
     try:
-        data = get_json(ctx, settings.openverse_url, params, "openverse", profiles.identified(settings))
+        pace = 60.0 / settings.openverse_requests_per_minute if settings.openverse_requests_per_minute else 0.0
+        data = get_json(ctx, settings.openverse_url, params, "openverse", profiles.identified(settings), pace)
     except SourceError as exc:
         if number > 1 and _past_last_page(exc):
             return SourcePage([], None)  # the service's depth is lower than ours: its last page was the end

@@ -24,7 +24,7 @@ from imgsift_common.messages import Job, JobSpec, SourceKind, SourceSpec
 from imgsift_crawler import pipeline
 from imgsift_crawler.fetch import Fetcher, Purpose
 from imgsift_crawler.settings import CrawlerSettings
-from imgsift_crawler.sources import SourceContext, SourceError, bing, duckduckgo, flickr, openverse, wikimedia
+from imgsift_crawler.sources import SOURCES, SourceContext, SourceError, bing, duckduckgo, flickr, openverse, wikimedia
 from imgsift_crawler.sources.base import FormatChanged
 from tests.crawler.conftest import every_page
 from tests.support.web import Route, TestWeb
@@ -35,6 +35,16 @@ DDG_SEARCH_PAGE = (FIXTURES / "duckduckgo_search_vqd.html").read_bytes()
 DDG_VQD = "3-320068370671196460038575011587633753929-199869977846294510399902480995708132308"
 THROTTLED = (FIXTURES / "openverse_429_throttled.json").read_bytes()
 PAGE_DEPTH = (FIXTURES / "openverse_400_page_depth.json").read_bytes()
+
+
+# Each keyword source: the setting of its endpoint and the path it asks for results.
+SOURCE_PATHS = {
+    SourceKind.OPENVERSE: ("openverse_url", "/v1/images/"),
+    SourceKind.WIKIMEDIA: ("wikimedia_url", "/w/api.php"),
+    SourceKind.BING: ("bing_url", "/images/async"),
+    SourceKind.DUCKDUCKGO: ("duckduckgo_url", "/i.js"),
+    SourceKind.FLICKR: ("flickr_url", "/services/rest/"),
+}
 
 
 def _json(name: str) -> Any:
@@ -131,6 +141,24 @@ def test_wikimedia_maxlag_is_transient_and_a_bare_answer_is_a_format_change() ->
     assert wikimedia.parse_page({"batchcomplete": True}) == ([], None)  # a search with no hits
     with pytest.raises(FormatChanged, match="the source's format changed"):
         wikimedia.parse_page({"warnings": {}})
+
+
+@pytest.mark.parametrize("kind", list(SOURCE_PATHS))
+def test_every_keyword_source_hands_a_429_with_its_retry_after_to_the_stream(
+    kind: SourceKind, web: TestWeb, fetcher: Fetcher, crawler_settings: CrawlerSettings
+) -> None:
+    setting, path = SOURCE_PATHS[kind]
+    # DuckDuckGo's search page answers; its i.js is what rate-limits.
+    web.add("/", DDG_SEARCH_PAGE)
+    web.add(path, THROTTLED, "application/json", status=429, headers={"Retry-After": "120"})
+    settings = crawler_settings.model_copy(
+        update={setting: web.url("/" if kind is SourceKind.DUCKDUCKGO else path), "contact": "ops@example.org"}
+        | {"flickr_api_key": SecretStr("0123456789abcdef")}
+    )
+    with pytest.raises(SourceError, match="HTTP 429") as caught:
+        SOURCES[kind](SourceSpec(kind=kind), _ctx(fetcher, settings), None)
+    assert caught.value.transient and caught.value.retry_after == 120.0
+    assert len(web.hits_of(path)) == 1  # longer than backoff_max: not retried inside the request
 
 
 # ============================================================================ Openverse

@@ -353,7 +353,7 @@ def _loopback(host: str, port: int) -> list[str]:
 
 
 def test_a_throttled_stream_waits_out_its_retry_after_and_resumes_from_its_cursor_while_others_go_on(
-    web: TestWeb, crawler_settings: CrawlerSettings, sqlite_state, monkeypatch: pytest.MonkeyPatch
+    web: TestWeb, crawler_settings: CrawlerSettings, state_store, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     throttled = Route(THROTTLED, "application/json", 429, {"Retry-After": "58"})
     page = Route(_openverse_page(3), "application/json")
@@ -367,28 +367,28 @@ def test_a_throttled_stream_waits_out_its_retry_after_and_resumes_from_its_curso
         }
     )
     job = _job("job-throttled", SourceSpec(kind=SourceKind.OPENVERSE), SourceSpec(kind=SourceKind.BING))
-    sqlite_state.create_job(job)
+    state_store.create_job(job)
     with Fetcher(settings, resolver=_loopback) as fetcher:
-        pipeline.crawl_step(job, sqlite_state, fetcher, settings)  # page 1 of each
+        pipeline.crawl_step(job, state_store, fetcher, settings)  # page 1 of each
         started = time.monotonic()
-        step = pipeline.crawl_step(job, sqlite_state, fetcher, settings)  # openverse page 2: 429
+        step = pipeline.crawl_step(job, state_store, fetcher, settings)  # openverse page 2: 429
         # Bing's page 2 came at once: Openverse's Retry-After holds back its own host only.
         assert step.paged == 2 and time.monotonic() - started < 5 and not step.discovery_done
-    ov, bing_stream = _stream_states(sqlite_state, job, settings)
+    ov, bing_stream = _stream_states(state_store, job, settings)
     assert (ov.cursor, ov.failures, ov.exhausted) == ("2", 1, False) and bing_stream.pages == 2
     assert ov.retry_at == pytest.approx(time.time() + 58, abs=5)
-    [note] = sqlite_state.notes(job.id)
+    [note] = state_store.notes(job.id)
     assert note.startswith("source openverse ('cat') failed (transient, 1 of 5 in a row)") and "in 58s" in note
     with Fetcher(settings, resolver=_loopback) as fetcher:  # another worker, as a resumed chain is
         # While it waits, the stream is left alone, and stays open (Bing ends meanwhile).
-        step = pipeline.crawl_step(job, sqlite_state, fetcher, settings)
+        step = pipeline.crawl_step(job, state_store, fetcher, settings)
         assert step.wait == pytest.approx(58, abs=5) and not step.discovery_done
         assert len(web.hits_of("/v1/images/")) == 2
         later = time.time() + 60
         monkeypatch.setattr(pipeline.time, "time", lambda: later)
-        pipeline.crawl_step(job, sqlite_state, fetcher, settings)
+        pipeline.crawl_step(job, state_store, fetcher, settings)
     assert _pages(web, "/v1/images/")[-1]["page"] == ["2"]  # the same page again, not page 3
-    ov, _ = _stream_states(sqlite_state, job, settings)
+    ov, _ = _stream_states(state_store, job, settings)
     assert (ov.cursor, ov.failures, ov.retry_at) == ("3", 0, None)
 
 

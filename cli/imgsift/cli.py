@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from imgsift.embedded import EmbeddedConfig, EmbeddedError, EmbeddedRunner, Progress, local_storage
 from imgsift_common.messages import KEYWORD_SOURCES, DedupSpec, JobSpec, Limits, SourceKind, SourceSpec
+from imgsift_common.source_checks import unmet_requirements
 
 app = typer.Typer(
     help="imgsift: build clean, labelled image datasets from the open web.",
@@ -190,6 +191,8 @@ def collect(
         )
     except ValidationError as exc:
         raise typer.BadParameter(_first_error(exc)) from None
+    if problems := unmet_requirements(spec, contact=config.crawler.contact):
+        raise typer.BadParameter("; ".join(problems), param_hint="--source")
     if not refs.exists():
         raise typer.BadParameter(f"{refs} does not exist", param_hint="--refs")
     _check_backbone(backbone)

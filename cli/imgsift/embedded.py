@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -229,6 +230,9 @@ class EmbeddedRunner:
                 done["compared"] += self._compare(job)
                 if step.finished:
                     break
+                if not step.paged and not step.batches and step.wait is not None:
+                    # Every open source waits out a transient failure (a 429's Retry-After, an outage).
+                    time.sleep(min(step.wait, crawler.source_retry_after_max) + 0.05)
         finish_if_complete(self.state, JOB_ID)
         job = self.state.get_job(JOB_ID) or job
         threshold = settle_threshold(self.state, job, self.config.threshold)

@@ -80,6 +80,8 @@ class StreamState(BaseModel):
     taken: int = 0  # distinct candidate URLs it has given
     exhausted: bool = False
     error: str | None = None
+    failures: int = 0  # transient failures in a row (a 429, a 5xx, an outage); reset by a good page
+    retry_at: float | None = None  # epoch seconds before which the stream is not asked again (backoff, Retry-After)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ def test_create_job_stores_references_and_enqueues_discovery(api: TestClient, re
         ({"target": "person", "sources": []}, None, "sources"),
         ({"target": "person", "sources": [{"kind": "openverse"}]}, None, "query"),
         ({"target": "person", "sources": [{"kind": "urls", "path": "/etc/passwd"}]}, None, "not 'path'"),
+        # Wikimedia answers 403 without a contact in the User-Agent: refused at creation, saying what to set.
+        ({"target": "person", "query": "cat", "sources": [{"kind": "wikimedia"}]}, None, "IMGSIFT_CRAWLER_CONTACT"),
         (SPEC, [b"<html>not an image</html>"], "not an image"),
         (SPEC, [b""], "empty"),
     ],

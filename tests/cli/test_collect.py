@@ -328,3 +328,21 @@ def test_bad_answers_change_nothing(first_run: dict, tmp_path: Path) -> None:  #
     missing = subprocess.run([IMGSIFT, "questions", "--out", str(tmp_path / "nothing")], capture_output=True,
                              text=True, timeout=120, env={**ENV, "COLUMNS": "300"})  # fmt: skip
     assert missing.returncode == 2 and "holds no imgsift job" in missing.stderr
+
+
+def test_a_wikimedia_source_without_the_operators_contact_is_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from imgsift.cli import app
+
+    monkeypatch.delenv("IMGSIFT_CRAWLER_CONTACT", raising=False)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(refs / "r.jpg")
+    args = ["collect", "--source", "wikimedia", "--query", "cat", "--target", "cat", "--refs", str(refs)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "IMGSIFT_CRAWLER_CONTACT" in result.output
+    assert not (tmp_path / "out").exists()  # refused before a job folder was made

@@ -85,6 +85,7 @@ def _runner(tmp_path: Path, web: TestWeb, coco: Coco128, yolo: Path, want: int) 
         openverse_url=web.url("/v1/images/"),
         network_allowlist=["127.0.0.1/32"],
         per_host_interval=0.0,
+        openverse_requests_per_minute=0.0,  # a local stand-in for the API: no rate limit to keep
     )
     return EmbeddedRunner(
         EmbeddedConfig(
@@ -151,7 +152,11 @@ def test_without_give_me_n_the_query_is_not_widened(tmp_path: Path, web: TestWeb
 
     _openverse(web, coco128)
     settings = CrawlerSettings(
-        storage="local", openverse_url=web.url("/v1/images/"), network_allowlist=["127.0.0.1/32"], per_host_interval=0
+        storage="local",
+        openverse_url=web.url("/v1/images/"),
+        network_allowlist=["127.0.0.1/32"],
+        per_host_interval=0,
+        openverse_requests_per_minute=0,
     )
     from imgsift_common.messages import Job
 

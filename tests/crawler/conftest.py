@@ -20,6 +20,7 @@ def crawler_settings() -> CrawlerSettings:
         min_side=32,
         network_allowlist=["127.0.0.1/32"],  # the test web; everything else private stays refused
         per_host_interval=0.0,  # politeness is tested on its own (test_politeness.py); fast elsewhere
+        openverse_requests_per_minute=0.0,  # its pacing is tested on its own (test_source_failures.py)
         backoff_base=0.01,
         backoff_max=2.0,
     )

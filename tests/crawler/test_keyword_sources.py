@@ -89,7 +89,9 @@ def test_openverse_pages_by_number(web: TestWeb, fetcher: Fetcher, crawler_setti
 
 def test_wikimedia_sends_continue_parameters(web: TestWeb, fetcher: Fetcher, crawler_settings) -> None:  # type: ignore[no-untyped-def]
     web.add("/w/api.php", json.dumps(_load("wikimedia_search.json")), "application/json")
-    settings = crawler_settings.model_copy(update={"wikimedia_url": web.url("/w/api.php")})
+    settings = crawler_settings.model_copy(
+        update={"wikimedia_url": web.url("/w/api.php"), "contact": "ops@example.org"}
+    )
     spec = SourceSpec(kind=SourceKind.WIKIMEDIA)
     first = wikimedia.page(spec, _ctx(fetcher, settings, "tabby cat"), None)
     second = wikimedia.page(spec, _ctx(fetcher, settings, "tabby cat"), first.cursor)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from imgsift_common.settings import ImgsiftSettings
@@ -22,6 +22,12 @@ class ApiSettings(ImgsiftSettings):
         None,
         description="the operator's first admin API key (any 16-200 letters, digits, '_' or '-', e.g. from "
         "`openssl rand -hex 32`): registered, hashed, at every start; more keys with POST /v1/keys",
+    )
+    crawler_contact: str | None = Field(
+        None,
+        validation_alias=AliasChoices("IMGSIFT_CRAWLER_CONTACT", "crawler_contact"),
+        description="the crawler's IMGSIFT_CRAWLER_CONTACT (the same variable): a job with a 'wikimedia' source "
+        "is refused without it, since Wikimedia answers 403 to clients without a contact",
     )
     rate_limit: str = Field(
         "600/minute", description="requests one API key may make, e.g. '600/minute' (a key may have its own)"

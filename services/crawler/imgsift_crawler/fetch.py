@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urlsplit
@@ -56,11 +57,22 @@ MAX_DEFER = 3600.0  # longest Retry-After that holds back a host's other request
 class FetchError(Exception):
     """A URL could not be fetched; ``reason`` is what the download record says."""
 
-    def __init__(self, reason: FailureReason, detail: str, status: int | None = None) -> None:
+    def __init__(
+        self, reason: FailureReason, detail: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
         self.status = status  # the HTTP status, when an answer was the failure
+        self.retry_after = retry_after  # seconds the server's Retry-After asked for, when it sent one
+        self.body = b""  # the start of an API's error answer (what it says went wrong), when there was one
+
+    @property
+    def transient(self) -> bool:
+        """Whether the same request may succeed later: 429, 408, 5xx, no connection, a timeout."""
+        if self.status is not None:
+            return should_retry_status(self.status)
+        return self.reason in (FailureReason.CONNECTION_ERROR, FailureReason.TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,9 @@ class _Rules:
     robots: bool  # robots.txt, X-Robots-Tag
     meta: bool  # <meta name="robots"> in an HTML page
     truncate: bool = False  # read up to the cap and keep it, rather than fail (robots.txt)
+    headers: tuple[tuple[str, str], ...] = ()  # a source's request profile (User-Agent, Referer...)
+    error_body: bool = False  # keep the start of an error answer (an API says why it refused)
+    min_interval: float = 0.0  # seconds between requests to the host that a service's rate limit asks for
 
 
 class _Retry(Exception):
@@ -159,10 +174,27 @@ class Fetcher:
         max_bytes: int | None = None,
         params: dict[str, str | int] | None = None,
         accept: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        min_interval: float = 0.0,
     ) -> Fetched:
-        """GET ``url`` under the crawler's rules; raise :class:`FetchError` with a reason."""
+        """GET ``url`` under the crawler's rules; raise :class:`FetchError` with a reason.
+
+        ``headers`` are a source's request profile (its User-Agent, Accept-Language, Referer,
+        fetch metadata), sent on this request and its redirect hops; they change what the
+        request says, never which rules apply to it (addresses, robots.txt, limits, caps).
+        ``min_interval`` raises the host's interval for this request (a service's published
+        rate limit, kept across workers by the host limiter).
+        """
         cap = max_bytes or (self.settings.max_image_bytes if purpose is Purpose.IMAGE else self.settings.max_page_bytes)
-        rules = _Rules(cap=cap, accept=accept, robots=purpose is not Purpose.API, meta=purpose is Purpose.PAGE)
+        rules = _Rules(
+            cap=cap,
+            accept=accept,
+            robots=purpose is not Purpose.API,
+            meta=purpose is Purpose.PAGE,
+            headers=_profile(headers),
+            error_body=purpose is Purpose.API,
+            min_interval=min_interval,
+        )
         start = self._parse(url)
         if params:
             start = start.copy_merge_params(params)
@@ -202,13 +234,14 @@ class Fetcher:
                         f"{error.detail}; Retry-After {retry.after:g}s is longer than backoff_max "
                         f"{self.settings.backoff_max:g}s, not retried",
                         error.status,
+                        retry.after,
                     ) from None
                 if attempt >= self.settings.max_retries:
                     if attempt:
                         raise FetchError(
-                            error.reason, f"{error.detail} (after {attempt} retries)", error.status
+                            error.reason, f"{error.detail} (after {attempt} retries)", error.status, retry.after
                         ) from None
-                    raise error from None
+                    raise FetchError(error.reason, error.detail, error.status, retry.after) from None
                 wait = (
                     retry.after
                     if retry.after is not None
@@ -236,7 +269,7 @@ class Fetcher:
                     self.robots.check(str(current), origin)
                 except RobotsRefusal as exc:
                     raise FetchError(exc.reason, exc.detail) from None
-            interval = max(self.settings.per_host_interval, self.robots.delay(origin) or 0.0)
+            interval = max(self.settings.per_host_interval, self.robots.delay(origin) or 0.0, rules.min_interval)
             result = self._hop(current, pin, interval, rules)
             if isinstance(result, Fetched):
                 return result
@@ -245,7 +278,9 @@ class Fetcher:
 
     def _hop(self, url: httpx.URL, pin: Pin, interval: float, rules: _Rules) -> Fetched | httpx.URL:
         """One request to a checked address: the answer, or where it redirects to."""
-        headers = {"Accept": rules.accept} if rules.accept else None
+        headers = dict(rules.headers)
+        if rules.accept:
+            headers["Accept"] = rules.accept
         try:
             with self.limiter.slot(pin.host, interval, self.settings.host_wait_timeout):
                 deadline = time.monotonic() + self.settings.total_timeout  # from the host's turn, not the wait
@@ -277,7 +312,10 @@ class Fetcher:
                 self.limiter.defer(pin.host, min(after, MAX_DEFER))  # the host's other requests wait too
             raise _Retry(FetchError(FailureReason.HTTP_ERROR, f"HTTP {status}", status), after)
         if not 200 <= status < 300:
-            raise FetchError(FailureReason.HTTP_ERROR, f"HTTP {status}", status)
+            error = FetchError(FailureReason.HTTP_ERROR, f"HTTP {status}", status)
+            if rules.error_body:
+                error.body = _read_error_body(response)
+            raise error
         token = self.settings.robots_token
         if rules.robots and (directive := header_opt_out(response.headers.get_list("X-Robots-Tag"), token)):
             raise FetchError(FailureReason.OPTED_OUT, f"X-Robots-Tag: {directive}", status)  # body never read
@@ -344,6 +382,20 @@ class Fetcher:
         self.close()
 
 
+# Headers a profile may not set: the Fetcher decides where a request goes and how its body is framed.
+_RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "accept"})
+
+
+def _profile(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """A source's headers, checked: a profile says who asks, never where the request goes."""
+    if not headers:
+        return ()
+    for name in headers:
+        if name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"a request profile may not set {name!r}; the Fetcher sets it (Accept: use accept=)")
+    return tuple(headers.items())
+
+
 def _origin(url: httpx.URL, port: int) -> str:
     """``scheme://host[:port]``: the scope of a robots.txt (RFC 9309), as it appears in URLs."""
     host = url.raw_host.decode("ascii")
@@ -351,6 +403,24 @@ def _origin(url: httpx.URL, port: int) -> str:
     if port != DEFAULT_PORTS[url.scheme]:
         netloc += f":{port}"
     return f"{url.scheme}://{netloc}"
+
+
+ERROR_BODY_BYTES = 4096  # of an API's error answer: enough for its message, never a whole page
+
+
+def _read_error_body(response: httpx.Response) -> bytes:
+    """The first bytes of an error answer; nothing if it cannot be read (the status says enough)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_bytes():
+            chunks.append(chunk[: ERROR_BODY_BYTES - size])
+            size += len(chunks[-1])
+            if size >= ERROR_BODY_BYTES:
+                break
+    except httpx.HTTPError:
+        pass
+    return b"".join(chunks)
 
 
 def _read(response: httpx.Response, cap: int, deadline: float, total_timeout: float, truncate: bool) -> bytes:

@@ -99,6 +99,7 @@ class Step:
 
     batches: list[list[Candidate]] = field(default_factory=list)  # candidates to hand to downloads
     paged: int = 0  # source pages fetched
+    wait: float | None = None  # seconds until a stream that waits out a failure may be asked again
     discovery_done: bool = False
     reason: DiscoveryReason | None = None
     frontier: int = 0  # URLs without an outcome yet, leased or not
@@ -115,8 +116,8 @@ def crawl_step(job: Job, state: StateStore, fetcher: Fetcher, settings: CrawlerS
     if Flag.DISCOVERY_DONE not in state.flags(job.id):
         reason = _stop_reason(job, state)
         if reason is None and _wants_more(job, state, settings):
-            step.paged = _advance(job, state, fetcher, settings)
-            if step.paged == 0:
+            step.paged, open_streams, step.wait = _advance(job, state, fetcher, settings)
+            if open_streams == 0:
                 reason = DiscoveryReason.SOURCES_EXHAUSTED
         if reason is not None:
             _finish_discovery(job, state, reason)
@@ -156,8 +157,14 @@ def _wants_more(job: Job, state: StateStore, settings: CrawlerSettings) -> bool:
     return accepted + per_image * images_in_flight + per_crop * crops_in_flight < want
 
 
-def _advance(job: Job, state: StateStore, fetcher: Fetcher, settings: CrawlerSettings) -> int:
-    """Fetch one page of every open stream in the first tier that has one; 0 if none is left."""
+def _advance(job: Job, state: StateStore, fetcher: Fetcher, settings: CrawlerSettings) -> tuple[int, int, float | None]:
+    """Fetch one page of every open stream in the first tier that has one.
+
+    Returns the pages fetched, the open streams (0: every source is exhausted), and the
+    seconds until the first stream that waits out a transient failure may be asked again.
+    A waiting stream stays open (its tier is not left for widened queries) and holds back
+    nothing else: the other streams, and every other host, go on meanwhile.
+    """
     open_streams: list[tuple[Stream, StreamState]] = []
     for stream in job_streams(job, settings):
         current = state.stream_state(job.id, stream.id) or StreamState()
@@ -166,9 +173,16 @@ def _advance(job: Job, state: StateStore, fetcher: Fetcher, settings: CrawlerSet
         if open_streams and stream.tier != open_streams[0][0].tier:
             break
         open_streams.append((stream, current))
+    now = time.time()
+    paged = 0
+    waits = []
     for stream, current in open_streams:
+        if current.retry_at is not None and current.retry_at > now:
+            waits.append(current.retry_at - now)
+            continue
         _page(job, stream, current, state, fetcher, settings)
-    return len(open_streams)
+        paged += 1
+    return paged, len(open_streams), min(waits) if waits else None
 
 
 def _page(
@@ -180,9 +194,7 @@ def _page(
     try:
         page = SOURCES[stream.spec.kind](stream.spec, ctx, current.cursor)
     except SourceError as exc:
-        log.warning("source failed", extra={"job_id": job.id, "stage": "crawl", "source": name})
-        state.add_note(job.id, f"source {name} failed: {exc}")
-        state.save_stream_state(job.id, stream.id, current.model_copy(update={"exhausted": True, "error": str(exc)}))
+        _failed(job, stream, current, state, settings, name, exc)
         return
     distinct = list({c.image_url: c for c in page.candidates}.values())[: max(0, limit - current.taken)]
     new = state.enqueue_candidates(job.id, distinct)
@@ -203,6 +215,55 @@ def _page(
         "source page",
         extra={"job_id": job.id, "stage": "crawl", "source": name, "found": len(page.candidates), "new": len(new)},
     )
+
+
+def _failed(
+    job: Job,
+    stream: Stream,
+    current: StreamState,
+    state: StateStore,
+    settings: CrawlerSettings,
+    name: str,
+    exc: SourceError,
+) -> None:
+    """A source page failed: wait and try the same cursor again if it may pass later, else end the stream.
+
+    The job's notes say which it was and why: a transient failure (429, 5xx, an outage, an
+    expired token) with the wait, or the end of the stream (a permanent failure, too many
+    transient ones in a row, or a Retry-After longer than ``source_retry_after_max``).
+    """
+    failures = current.failures + 1
+    backoff = min(settings.source_backoff * 2 ** (failures - 1), settings.source_retry_after_max)
+    wait = exc.retry_after if exc.retry_after is not None else backoff
+    if exc.transient and failures <= settings.source_max_failures and wait <= settings.source_retry_after_max:
+        note = (
+            f"source {name} failed (transient, {failures} of {settings.source_max_failures} in a row): {exc}; "
+            f"asked again in {wait:.0f}s from where it stopped"
+        )
+        update = {"failures": failures, "retry_at": time.time() + wait, "error": str(exc)}
+    else:
+        if not exc.transient:
+            why = "permanent failure"
+        elif failures > settings.source_max_failures:
+            why = f"{failures} transient failures in a row"
+        else:
+            why = (
+                f"it asked to wait {wait:.0f}s, longer than source_retry_after_max {settings.source_retry_after_max:g}s"
+            )
+        note = f"source {name} failed and ended ({why}): {exc}"
+        update = {"failures": failures, "retry_at": None, "exhausted": True, "error": str(exc)}
+    log.warning(
+        "source failed",
+        extra={
+            "job_id": job.id,
+            "stage": "crawl",
+            "source": name,
+            "transient": exc.transient,
+            "ended": "exhausted" in update,
+        },
+    )
+    state.add_note(job.id, note)
+    state.save_stream_state(job.id, stream.id, current.model_copy(update=update))
 
 
 def _finish_discovery(job: Job, state: StateStore, reason: DiscoveryReason) -> None:

@@ -15,7 +15,9 @@ class CrawlerSettings(ImgsiftSettings):
         "imgsift/0.1 (+https://github.com/imgsift/imgsift)", description="User-Agent sent with every request"
     )
     contact: str | None = Field(
-        None, description="contact (mail or URL) appended to the User-Agent so site owners can reach you"
+        None,
+        description="contact (mail or URL) appended to the User-Agent so site owners can reach you; the wikimedia "
+        "source requires it (give the API the same value)",
     )
     connect_timeout: float = Field(10.0, description="seconds to open a connection")
     read_timeout: float = Field(20.0, description="seconds between two received chunks")
@@ -49,7 +51,17 @@ class CrawlerSettings(ImgsiftSettings):
     url_list_page_size: int = Field(1000, description="URLs read from a URL list per discovery step")
     site_pages_per_step: int = Field(10, description="pages a site crawl fetches per discovery step")
     openverse_url: str = Field("https://api.openverse.org/v1/images/", description="Openverse image search endpoint")
-    openverse_page_size: int = Field(20, description="results per Openverse page (20 is the anonymous maximum)")
+    openverse_page_size: int = Field(
+        20, ge=1, le=20, description="results per Openverse page (20 is the anonymous maximum; more answers 401)"
+    )
+    openverse_max_pages: int = Field(
+        20, ge=1, description="last Openverse page asked for (its MAX_PAGINATION_DEPTH: page 21 answers 400)"
+    )
+    openverse_requests_per_minute: float = Field(
+        20.0,
+        ge=0.0,
+        description="requests a minute to Openverse, across all workers (its anonymous rate limit); 0: no pacing",
+    )
     wikimedia_url: str = Field(
         "https://commons.wikimedia.org/w/api.php", description="MediaWiki API of Wikimedia Commons"
     )
@@ -57,6 +69,7 @@ class CrawlerSettings(ImgsiftSettings):
     bing_url: str = Field("https://www.bing.com/images/async", description="Bing image search (HTML results) endpoint")
     bing_page_size: int = Field(35, ge=1, le=150, description="results asked of Bing per page (its own pages hold 35)")
     bing_safe_search: str = Field("strict", description="Bing adult filter: strict, moderate or off")
+    bing_market: str = Field("en-US", description="Bing market and UI language (its _EDGE_CD/_EDGE_S cookies)")
     duckduckgo_url: str = Field(
         "https://duckduckgo.com/", description="DuckDuckGo: the search page (for the vqd token) and i.js beside it"
     )
@@ -73,6 +86,27 @@ class CrawlerSettings(ImgsiftSettings):
         None,
         description="Flickr licence ids to search, comma-separated (e.g. 4,5,9,10 for CC BY, CC BY-SA, CC0, PDM); "
         "empty: every licence",
+    )
+    # Request profiles of the scraped search engines (docs/crawler.md, "Request profiles").
+    browser_user_agent: str = Field(
+        "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        description="User-Agent of the browser-like profile Bing and DuckDuckGo get (as searxng and ddgs send); "
+        "every other request carries IMGSIFT_CRAWLER_USER_AGENT",
+    )
+    accept_language: str = Field(
+        "en-US,en;q=0.9", description="Accept-Language of the browser-like profile (Bing, DuckDuckGo)"
+    )
+    # Source streams: transient failures and the services' rate limits (docs/crawler.md).
+    source_max_failures: int = Field(
+        5, ge=0, description="transient failures in a row after which a source stream ends (each one noted)"
+    )
+    source_backoff: float = Field(
+        30.0, ge=0.0, description="seconds before a failed source stream is tried again; doubled each failure"
+    )
+    source_retry_after_max: float = Field(
+        900.0,
+        ge=0.0,
+        description="longest Retry-After (or backoff) a source stream waits for; a longer one ends the stream",
     )
     # Network safety and politeness (docs/crawler.md).
     network_allowlist: list[str] = Field(

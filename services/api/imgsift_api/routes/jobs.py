@@ -45,6 +45,7 @@ from imgsift_common.messages import (
     TrainMessage,
     utcnow,
 )
+from imgsift_common.source_checks import unmet_requirements
 from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_common.webhooks import Delivery
@@ -106,6 +107,8 @@ async def create_job(
 ) -> JobStatus:
     """Create a job from a JSON spec and its reference images, and start it."""
     job_spec = _parse_spec(spec)
+    if problems := unmet_requirements(job_spec, contact=settings.crawler_contact):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems))
     job_id = uuid.uuid4().hex
     if not references:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "upload at least one reference image")

@@ -5,7 +5,14 @@ while you scroll; ``/images/search`` serves the same grid inside a whole page) r
 result tiles ``<a class="iusc" m="{...}">`` whose ``m`` attribute holds HTML-escaped JSON:
 ``murl`` the image, ``purl`` the page it is on, ``t`` its title, ``turl`` Bing's thumbnail.
 Bing gives no licence or author. Pagination: ``first`` is the 1-based rank of the first
-result, so the next page starts at ``first + count``.
+result, so the next page starts at ``first + count``. Past about 1,000 results Bing serves
+pages it has served before (searxng's Bing engines stop at ``first=1991`` for this reason);
+the cursor keeps a short hash of every image URL seen, and a page with nothing new ends the
+stream.
+
+Bing is asked as a browser asks (:func:`profiles.bing`: a browser User-Agent,
+``Accept-Language`` and the market cookies searxng sets): Bing is reported to cut results for
+unknown agents.
 
 The engine is queried like a search API (:attr:`Purpose.API`), not crawled: its terms of
 use are the operator's to accept. When Bing answers with something that holds no tile
@@ -22,8 +29,8 @@ from typing import Any
 from bs4 import BeautifulSoup
 
 from imgsift_common.messages import Candidate, SourceKind, SourceSpec
-from imgsift_crawler.fetch import FetchError, Purpose
-from imgsift_crawler.sources.base import SourceContext, SourceError, SourcePage, query_of
+from imgsift_crawler.sources import profiles
+from imgsift_crawler.sources.base import FormatChanged, SourceContext, SourcePage, query_of
 
 # Private-use characters Bing sometimes wraps matched words in, in titles.
 _HIGHLIGHT = dict.fromkeys(map(ord, "\ue000\ue001"))
@@ -66,17 +73,17 @@ def parse_page(html: bytes | str) -> list[Candidate]:
     if found:
         return list(found.values())
     if tiles:
-        raise SourceError(
+        raise FormatChanged(
             f"bing: {unreadable} result tiles but none with a JSON 'm' attribute holding 'murl'; "
-            "the markup may have changed"
+            "the source's format changed"
         )
     if _empty_grid(soup, html):
         return []
     title = soup.title.get_text(" ", strip=True) if soup.title else ""
-    raise SourceError(
+    raise FormatChanged(
         'bing: the page has no image results (no <a class="iusc">)'
         + (f" (page title {title!r})" if title else "")
-        + "; the markup may have changed, or Bing answered with a captcha or consent page"
+        + "; the source's format changed, or Bing answered with a captcha or consent page"
     )
 
 
@@ -91,12 +98,17 @@ def _empty_grid(soup: BeautifulSoup, html: bytes | str) -> bool:
     return grid is not None and grid.find(["li", "img", "a"]) is None
 
 
-def _fingerprint(found: list[Candidate]) -> str:
-    return hashlib.sha256("\n".join(sorted(c.image_url for c in found)).encode()).hexdigest()[:16]
+def _key(url: str) -> str:
+    """A short hash of a result URL: enough to tell pages apart, small enough for the cursor."""
+    return hashlib.sha256(url.encode()).hexdigest()[:10]
+
+
+MAX_SEEN = 3000  # hashes kept in the cursor (~33 kB); Bing repeats itself after about 1,000 results
 
 
 def page(spec: SourceSpec, ctx: SourceContext, cursor: str | None) -> SourcePage:
-    state: dict[str, Any] = json.loads(cursor) if cursor else {"first": 1, "last": None}
+    state: dict[str, Any] = json.loads(cursor) if cursor else {"first": 1}
+    seen: list[str] = state.get("seen", [])
     settings = ctx.settings
     params: dict[str, str | int] = {
         "q": query_of(ctx, "bing"),
@@ -105,15 +117,18 @@ def page(spec: SourceSpec, ctx: SourceContext, cursor: str | None) -> SourcePage
         "mmasync": 1,
         "adlt": settings.bing_safe_search,
     }
-    try:
-        got = ctx.fetcher.get(
-            settings.bing_url, purpose=Purpose.API, params=params, accept="text/html,application/xhtml+xml"
-        )
-    except FetchError as exc:
-        raise SourceError(f"bing: request to {settings.bing_url} failed ({exc})") from exc
+    got = ctx.get(
+        "bing",
+        settings.bing_url,
+        params=params,
+        accept="text/html,application/xhtml+xml",
+        headers=profiles.bing(settings),
+    )
     found = parse_page(got.content)
-    fingerprint = _fingerprint(found)
-    # Past its last result Bing serves an empty grid, or the same last page again.
-    if not found or fingerprint == state["last"]:
-        return SourcePage([] if fingerprint == state["last"] else found, None)
-    return SourcePage(found, json.dumps({"first": state["first"] + settings.bing_page_size, "last": fingerprint}))
+    known = set(seen)
+    new = [c for c in found if _key(c.image_url) not in known]
+    # Past its last result Bing serves an empty grid, or pages it has served before.
+    if not new:
+        return SourcePage([], None)
+    seen = (seen + [_key(c.image_url) for c in new])[-MAX_SEEN:]
+    return SourcePage(new, json.dumps({"first": state["first"] + settings.bing_page_size, "seen": seen}))

@@ -6,6 +6,9 @@
 photo has ``id``, ``owner``, ``title``, and the extras asked for: ``license`` (an id, see
 :data:`LICENSES`), ``ownername`` and one ``url_<size>`` per size the photo has. A failure
 is HTTP 200 with ``{"stat": "fail", "code": 100, "message": "Invalid API Key (...)"}``.
+Some failures are transient: code 201 (and, seen by the Flickr Foundation's own client, code
+0) with "Sorry, the Flickr API service is not currently available.", and 105 "Service
+currently unavailable"; the pipeline tries those again later from the same page.
 
 The key comes from ``IMGSIFT_CRAWLER_FLICKR_API_KEY``, never from the job, so it is never
 stored with a job nor shown in its status; error messages have it masked.
@@ -16,11 +19,17 @@ from __future__ import annotations
 from typing import Any
 
 from imgsift_common.messages import Candidate, SourceKind, SourceSpec
-from imgsift_crawler.sources.base import SourceContext, SourceError, SourcePage, get_json, query_of
+from imgsift_crawler.sources import profiles
+from imgsift_crawler.sources.base import FormatChanged, SourceContext, SourceError, SourcePage, get_json, query_of
 
-# flickr.photos.licenses.getInfo: id -> (short name, URL). See tests/crawler/fixtures/SOURCES.md.
+# flickr.photos.licenses.getInfo as the live API answered it on 2025-06-19, after Flickr added
+# the CC 4.0 licences (11-16): tests/crawler/fixtures/flickr_licenses_getinfo.xml, SOURCES.md.
+# id -> (short name, URL). Names are Flickr's, except 9 and 10, written as CC names them.
 LICENSES: dict[str, tuple[str, str | None]] = {
-    "0": ("All Rights Reserved", None),
+    "0": (
+        "All Rights Reserved",
+        "https://www.flickrhelp.com/hc/en-us/articles/10710266545556-Using-Flickr-images-shared-by-other-members",
+    ),
     "1": ("CC BY-NC-SA 2.0", "https://creativecommons.org/licenses/by-nc-sa/2.0/"),
     "2": ("CC BY-NC 2.0", "https://creativecommons.org/licenses/by-nc/2.0/"),
     "3": ("CC BY-NC-ND 2.0", "https://creativecommons.org/licenses/by-nc-nd/2.0/"),
@@ -28,10 +37,22 @@ LICENSES: dict[str, tuple[str, str | None]] = {
     "5": ("CC BY-SA 2.0", "https://creativecommons.org/licenses/by-sa/2.0/"),
     "6": ("CC BY-ND 2.0", "https://creativecommons.org/licenses/by-nd/2.0/"),
     "7": ("No known copyright restrictions", "https://www.flickr.com/commons/usage/"),
-    "8": ("United States Government Work", "http://www.usa.gov/copyright.shtml"),
+    "8": ("United States Government Work", "https://www.usa.gov/government-copyright"),
     "9": ("CC0 1.0", "https://creativecommons.org/publicdomain/zero/1.0/"),
     "10": ("Public Domain Mark 1.0", "https://creativecommons.org/publicdomain/mark/1.0/"),
+    "11": ("CC BY 4.0", "https://creativecommons.org/licenses/by/4.0/"),
+    "12": ("CC BY-SA 4.0", "https://creativecommons.org/licenses/by-sa/4.0/"),
+    "13": ("CC BY-ND 4.0", "https://creativecommons.org/licenses/by-nd/4.0/"),
+    "14": ("CC BY-NC 4.0", "https://creativecommons.org/licenses/by-nc/4.0/"),
+    "15": ("CC BY-NC-SA 4.0", "https://creativecommons.org/licenses/by-nc-sa/4.0/"),
+    "16": ("CC BY-NC-ND 4.0", "https://creativecommons.org/licenses/by-nc-nd/4.0/"),
 }
+
+# Error codes Flickr answers for an outage rather than a bad request (its API docs: 105
+# "Service currently unavailable"; flickr-photos-api's retrying.py: 201 and 0, "Sorry, the
+# Flickr API service is not currently available.").
+TRANSIENT_CODES = frozenset({"0", "105", "201"})
+UNAVAILABLE = "not currently available"
 
 # Largest first: original, 2048, 1600, 1024, 800, 640, 500 px on the long side.
 SIZES = ("url_o", "url_k", "url_h", "url_l", "url_c", "url_z", "url_m")
@@ -49,13 +70,15 @@ def license_of(code: Any) -> tuple[str | None, str | None]:
 def parse_page(data: Any) -> tuple[list[Candidate], int | None]:
     """Candidates of one response page, and the number of pages Flickr reports."""
     if not isinstance(data, dict):
-        raise SourceError("flickr: response is not a JSON object; the API format may have changed")
+        raise FormatChanged("flickr: response is not a JSON object; the source's format changed")
     if data.get("stat") == "fail":
-        hint = "; check IMGSIFT_CRAWLER_FLICKR_API_KEY" if data.get("code") in (100, "100") else ""
-        raise SourceError(f"flickr: API error {data.get('code')}: {data.get('message')}{hint}")
+        code, message = str(data.get("code")), str(data.get("message"))
+        hint = "; check IMGSIFT_CRAWLER_FLICKR_API_KEY" if code == "100" else ""
+        transient = code in TRANSIENT_CODES or UNAVAILABLE in message
+        raise SourceError(f"flickr: API error {code}: {message}{hint}", transient=transient)
     photos = data.get("photos")
     if data.get("stat") != "ok" or not isinstance(photos, dict) or not isinstance(photos.get("photo"), list):
-        raise SourceError("flickr: response has no 'photos.photo' list; the API format may have changed")
+        raise FormatChanged("flickr: response has no 'photos.photo' list; the source's format changed")
     out = []
     for photo in photos["photo"]:
         if not isinstance(photo, dict):
@@ -109,9 +132,10 @@ def page(spec: SourceSpec, ctx: SourceContext, cursor: str | None) -> SourcePage
     if settings.flickr_licenses:
         params["license"] = settings.flickr_licenses
     try:
-        found, pages = parse_page(get_json(ctx, settings.flickr_url, params, "flickr"))
+        found, pages = parse_page(get_json(ctx, settings.flickr_url, params, "flickr", profiles.identified(settings)))
     except SourceError as exc:
-        raise SourceError(str(exc).replace(key, "***")) from exc.__cause__
+        masked = type(exc)(str(exc).replace(key, "***"), transient=exc.transient, retry_after=exc.retry_after)
+        raise masked from exc.__cause__
     last = pages is not None and number >= pages
     if not found or last or number * settings.flickr_page_size >= MAX_RESULTS:
         return SourcePage(found, None)

@@ -10,7 +10,9 @@ Formats:
 - ``coco``: COCO detection JSON (``images``, ``annotations`` with ``bbox`` [x, y, w, h] in
   pixels, ``categories``) of the accepted boxes, with each image's provenance and licence;
 - ``jsonl`` / ``csv``: the manifest of every compared crop (accepted or not) with its
-  distance, box, class, provenance and licence.
+  distance, box, class, provenance and licence;
+- ``webdataset``, ``parquet``, ``huggingface``, ``fiftyone``, ``labelstudio``: where people train and
+  review datasets (``exports_training``).
 
 Crops are read page by page from the job state (``distance_page``) and crop or image bytes one
 at a time, so memory does not grow with the job; the YOLO and COCO exports keep only the
@@ -32,7 +34,7 @@ from typing import IO, Any
 from pydantic import BaseModel
 
 from imgsift_common import keys
-from imgsift_common.messages import Crop, ExportMessage, Job, StoredImage, utcnow
+from imgsift_common.messages import Crop, ExportMessage, ExportOptions, Job, StoredImage, utcnow
 from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 
@@ -45,15 +47,41 @@ class ExportFormat(StrEnum):
     COCO = "coco"
     JSONL = "jsonl"
     CSV = "csv"
+    WEBDATASET = "webdataset"
+    PARQUET = "parquet"
+    HUGGINGFACE = "huggingface"
+    FIFTYONE = "fiftyone"
+    LABELSTUDIO = "labelstudio"
 
     @property
     def suffix(self) -> str:
-        return {"imagefolder": ".zip", "yolo": ".zip", "coco": ".json", "jsonl": ".jsonl", "csv": ".csv"}[self.value]
+        return {"coco": ".json", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet",
+                "labelstudio": ".json"}.get(self.value, ".zip")  # fmt: skip
 
     @property
     def media_type(self) -> str:
         return {".zip": "application/zip", ".json": "application/json", ".jsonl": "application/x-ndjson",
-                ".csv": "text/csv"}[self.suffix]  # fmt: skip
+                ".csv": "text/csv", ".parquet": "application/vnd.apache.parquet"}[self.suffix]  # fmt: skip
+
+    @property
+    def is_manifest(self) -> bool:
+        """Lists every compared crop, accepted or not (the others hold the accepted crops or boxes)."""
+        return self in (ExportFormat.JSONL, ExportFormat.CSV, ExportFormat.PARQUET, ExportFormat.FIFTYONE)
+
+
+FORMATS_HELP = (
+    "imagefolder (zip), yolo (zip), coco (json), jsonl, csv or parquet (manifest), webdataset (zip of tar "
+    "shards), huggingface (zip of a datasets folder), fiftyone (zip), labelstudio (tasks json)"
+)
+
+
+def parse_format(name: str) -> ExportFormat:
+    """The format called ``name`` (any case); a ValueError naming the known ones otherwise."""
+    try:
+        return ExportFormat(name.strip().lower())
+    except ValueError:
+        known = ", ".join(f.value for f in ExportFormat)
+        raise ValueError(f"unknown export format {name!r}; use one of {known}") from None
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,14 @@ class ExportResult:
     crops: int  # crops written (accepted ones, or every compared one for a manifest)
     images: int  # original images written or referenced
     missing: int  # crops or images gone from the store: skipped, counted here
+
+    @property
+    def note(self) -> str | None:
+        """What an empty export is, said once for the CLI, the API and the UI alike."""
+        if self.crops:
+            return None
+        what = "no crop was compared" if self.format.is_manifest else f"nothing was accepted at {self.threshold}"
+        return f"{what}: the {self.format.value} export is a valid, empty dataset"
 
 
 MANIFEST_FIELDS = [
@@ -127,18 +163,41 @@ def scored_crops(
 
 
 def export(
-    fmt: ExportFormat, job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path
+    fmt: ExportFormat,
+    job: Job,
+    state: StateStore,
+    store: ObjectStore,
+    threshold: float,
+    dest: Path,
+    options: ExportOptions | None = None,
 ) -> ExportResult:
     """Write the ``fmt`` export of ``job`` at ``threshold`` to the file ``dest``."""
-    writer = {
+    from imgsift_common import exports_training as training
+
+    chosen = options or ExportOptions()
+    writers: dict[ExportFormat, Any] = {
         ExportFormat.IMAGEFOLDER: _imagefolder,
         ExportFormat.YOLO: _yolo,
         ExportFormat.COCO: _coco,
         ExportFormat.JSONL: _jsonl,
         ExportFormat.CSV: _csv,
-    }[fmt]
+    }
+    trained: dict[ExportFormat, Any] = {
+        ExportFormat.WEBDATASET: training.webdataset,
+        ExportFormat.PARQUET: training.parquet,
+        ExportFormat.HUGGINGFACE: training.huggingface,
+        ExportFormat.FIFTYONE: training.fiftyone,
+        ExportFormat.LABELSTUDIO: training.labelstudio,
+    }
     tmp = dest.with_name(dest.name + ".part")
-    result = writer(job, state, store, threshold, tmp)
+    try:
+        if fmt in trained:
+            result = trained[fmt](job, state, store, threshold, tmp, chosen)
+        else:
+            result = writers[fmt](job, state, store, threshold, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file is never mistaken for an export
+        raise
     tmp.replace(dest)
     return ExportResult(fmt, threshold, *result)
 
@@ -309,6 +368,8 @@ class ExportStatus(BaseModel):
     crops: int | None = None
     images: int | None = None
     missing: int | None = None
+    note: str | None = None  # an empty export says so
+    options: ExportOptions = ExportOptions()
     error: str | None = None
     created_at: datetime
     finished_at: datetime | None = None
@@ -337,11 +398,16 @@ def run_export(message: ExportMessage, state: StateStore, store: ObjectStore, wo
     job = state.get_job(message.job_id)
     if status is None or job is None or status.state is ExportState.DONE:
         return status
+    try:
+        fmt = parse_format(message.format)
+    except ValueError as exc:  # a message from an older or newer API: say which formats this worker knows
+        failed = status.model_copy(update={"state": ExportState.FAILED, "error": str(exc), "finished_at": utcnow()})
+        save_status(state, job.id, failed)
+        return failed
     save_status(state, job.id, status.model_copy(update={"state": ExportState.RUNNING}))
-    fmt = ExportFormat(message.format)
     dest = workdir / f"{message.export_id}{fmt.suffix}"
     try:
-        result = export(fmt, job, state, store, message.threshold, dest)
+        result = export(fmt, job, state, store, message.threshold, dest, message.options)
         key = export_key(job.id, message.export_id, fmt)
         store.put_file(key, dest, fmt.media_type)
     except (OSError, ValueError) as exc:  # a full disk, a broken record: say so, do not retry forever
@@ -357,6 +423,7 @@ def run_export(message: ExportMessage, state: StateStore, store: ObjectStore, wo
             "crops": result.crops,
             "images": result.images,
             "missing": result.missing,
+            "note": result.note,
             "finished_at": utcnow(),
         }
     )

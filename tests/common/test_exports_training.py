@@ -48,13 +48,13 @@ THRESHOLD = 0.5
 HERE = Path(__file__).parent
 
 
-@pytest.fixture
-def filled(tmp_path: Path, coco128: Coco128):  # type: ignore[no-untyped-def]
-    """Four real photos with their labelled boxes as crops; every other crop accepted; titles on two."""
-    store = LocalStore(tmp_path / "objects")
-    state = SqlStateStore.sqlite(tmp_path / "state.sqlite")
-    spec = JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["x"])], target="any")
-    state.create_job(Job(id=JOB, spec=spec))
+def fill_job(state: SqlStateStore, store: LocalStore, coco128: Coco128, job_id: str) -> dict[str, dict[str, Any]]:
+    """Four real photos with their labelled boxes as crops; every other crop accepted; titles on two.
+
+    Returns what each crop should be in an export, by crop id.
+    """
+    spec = JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["x"])], target="any", threshold=THRESHOLD)
+    state.create_job(Job(id=job_id, spec=spec))
     expected: dict[str, dict[str, Any]] = {}
     n = 0
     for i, photo in enumerate(coco128.images[:4]):
@@ -63,28 +63,28 @@ def filled(tmp_path: Path, coco128: Coco128):  # type: ignore[no-untyped-def]
         with Image.open(photo) as im:
             width, height = im.size
             rgb = im.convert("RGB")
-        image_key = keys.image_key(JOB, sha, "JPEG")
+        image_key = keys.image_key(job_id, sha, "JPEG")
         store.put(image_key, data)
         candidate = Candidate(
             image_url=f"http://127.0.0.1/{photo.name}", page_url="http://127.0.0.1/", source=SourceKind.SITE,
             title=f"photo {photo.stem}" if i % 2 == 0 else None, license="cc-by", license_url="https://cc/by",
             author=f"Author {i % 2}",
         )  # fmt: skip
-        record_stored(state, JOB, sha, size=(width, height), nbytes=len(data), candidate=candidate)
+        record_stored(state, job_id, sha, size=(width, height), nbytes=len(data), candidate=candidate)
         crops = []
         for j, label in enumerate(coco128.labels(photo)):
             cid = keys.crop_id(sha, j)
             name = label.class_name.replace("_", " ")
-            crop = Crop(job_id=JOB, key=keys.crop_key(JOB, cid), crop_id=cid, image_key=image_key,
+            crop = Crop(job_id=job_id, key=keys.crop_key(job_id, cid), crop_id=cid, image_key=image_key,
                         box=label.box, padded_box=label.box, score=0.8, class_name=name)  # fmt: skip
             buffer = io.BytesIO()
             rgb.crop(tuple(round(v) for v in label.box)).save(buffer, "JPEG")
             store.put(crop.key, buffer.getvalue())
             crops.append(crop)
-        state.record_detection(JOB, image_key, crops)
+        state.record_detection(job_id, image_key, crops)
         for crop in crops:
             distance = 0.1 + 0.01 * n if n % 2 == 0 else 0.7 + 0.01 * n
-            state.record_distance(JOB, crop.key, distance)
+            state.record_distance(job_id, crop.key, distance)
             expected[crop.crop_id] = {
                 "class": crop.class_name, "box": crop.box, "distance": distance, "accepted": distance <= THRESHOLD,
                 "title": candidate.title, "image_size": (width, height), "crop_size": rgb.crop(
@@ -93,7 +93,16 @@ def filled(tmp_path: Path, coco128: Coco128):  # type: ignore[no-untyped-def]
             }  # fmt: skip
             n += 1
     first = next(iter(expected))
-    state.set_feedback(JOB, keys.crop_key(JOB, first), True)
+    state.set_feedback(job_id, keys.crop_key(job_id, first), True)
+    return expected
+
+
+@pytest.fixture
+def filled(tmp_path: Path, coco128: Coco128):  # type: ignore[no-untyped-def]
+    """The job of ``fill_job`` in the embedded SQLite store and a local folder."""
+    store = LocalStore(tmp_path / "objects")
+    state = SqlStateStore.sqlite(tmp_path / "state.sqlite")
+    expected = fill_job(state, store, coco128, JOB)
     yield state.get_job(JOB), state, store, expected
     state.close()
 

@@ -97,19 +97,30 @@ def _typed(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "fetched_at": datetime.fromisoformat(fetched) if fetched else None}
 
 
+BATCH_BYTES = 16 << 20  # a batch of rows with images is written once its images reach this many bytes
+
+
 class _Batches:
-    """Rows into a Parquet writer a page at a time: memory holds one page, never the table."""
+    """Rows into a Parquet writer a batch at a time: memory holds one batch, never the table.
+
+    A batch is ``PAGE`` rows, or fewer once their image bytes reach ``BATCH_BYTES`` (large photos). Image
+    columns skip dictionary encoding: no two images are alike, so a dictionary would only cost memory.
+    """
 
     def __init__(self, sink: Any, schema: pa.Schema, metadata: dict[bytes, bytes] | None = None) -> None:
         import pyarrow.parquet as pq
 
         self.schema = schema.with_metadata(metadata) if metadata else schema
-        self.writer = pq.ParquetWriter(sink, self.schema)
+        images = {"jpg", "image"} & set(self.schema.names)
+        plain = [n for n in self.schema.names if n not in images]
+        self.writer = pq.ParquetWriter(sink, self.schema, use_dictionary=plain)
         self.rows: list[dict[str, Any]] = []
+        self.bytes = 0
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], image_bytes: int = 0) -> None:
         self.rows.append(row)
-        if len(self.rows) >= PAGE:
+        self.bytes += image_bytes
+        if len(self.rows) >= PAGE or self.bytes >= BATCH_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -117,7 +128,7 @@ class _Batches:
 
         if self.rows:
             self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
+            self.rows, self.bytes = [], 0
 
     def close(self) -> None:
         self.flush()
@@ -144,7 +155,7 @@ def parquet(
                 except ObjectNotFound:
                     row["jpg"] = None
                     missing += 1
-            batches.add(row)
+            batches.add(row, len(row.get("jpg") or b""))
             rows += 1
             images.add(crop.image_key)
     finally:
@@ -367,7 +378,7 @@ def huggingface(
                 row = manifest_row(crop, image, distance, threshold)
                 row.update(image={"bytes": data, "path": f"{crop.crop_id}.jpg"},
                            label=index[crop.class_name or "object"])  # fmt: skip
-                batches.add({k: row[k] for k in schema.names})
+                batches.add({k: row[k] for k in schema.names}, len(data))
                 rows_in_shard += 1
                 crops += 1
                 images.add(crop.image_key)

@@ -81,7 +81,7 @@ def parse_format(name: str) -> ExportFormat:
         return ExportFormat(name.strip().lower())
     except ValueError:
         known = ", ".join(f.value for f in ExportFormat)
-        raise ValueError(f"unknown export format {name!r}; use one of {known}") from None
+        raise ValueError(f"unknown format {name!r}; use one of {known}") from None
 
 
 @dataclass(frozen=True)

@@ -396,7 +396,7 @@ def test_nothing_accepted_gives_a_valid_empty_dataset_in_every_format(filled, tm
 
 
 def test_an_unknown_format_names_the_known_ones(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=r"unknown export format 'pdf'; use one of .*webdataset.*labelstudio"):
+    with pytest.raises(ValueError, match=r"unknown format 'pdf'; use one of .*webdataset.*labelstudio"):
         parse_format("pdf")
     assert parse_format(" HuggingFace ") is ExportFormat.HUGGINGFACE
     job, state, store, _ = filled

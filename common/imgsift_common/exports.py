@@ -15,8 +15,9 @@ Formats:
   review datasets (``exports_training``).
 
 Crops are read page by page from the job state (``distance_page``) and crop or image bytes one
-at a time, so memory does not grow with the job; the YOLO and COCO exports keep only the
-accepted boxes per image (a few numbers each) until they are written.
+at a time, so memory does not grow with the job; the YOLO and COCO exports group the accepted
+boxes by image in a temporary SQLite file beside the export (``exports_training.ImageGroups``),
+on disk rather than in memory.
 """
 
 from __future__ import annotations
@@ -222,88 +223,106 @@ def _folder(class_name: str | None) -> str:
     return (class_name or "object").replace("/", "_").replace(" ", "_")
 
 
-def _accepted_by_image(
-    job: Job, state: StateStore, threshold: float
-) -> tuple[dict[str, list[Crop]], dict[str, StoredImage], list[str]]:
-    by_image: dict[str, list[Crop]] = {}
-    images: dict[str, StoredImage] = {}
+def _accepted_by_image(job: Job, state: StateStore, threshold: float, folder: Path) -> tuple[Any, list[str]]:
+    """The accepted boxes grouped by image on disk (``ImageGroups``), and the class names, sorted."""
+    from imgsift_common.exports_training import ImageGroups
+
+    groups = ImageGroups(folder)
     names: set[str] = set()
-    for crop, image, _ in scored_crops(job, state, threshold, accepted_only=True):
-        if image is None:
-            continue
-        by_image.setdefault(crop.image_key, []).append(crop)
-        images.setdefault(crop.image_key, image)
-        names.add(crop.class_name or "object")
-    return by_image, images, sorted(names)
+    try:
+        for crop, image, _ in scored_crops(job, state, threshold, accepted_only=True):
+            if image is None:
+                continue
+            name = crop.class_name or "object"
+            prov = image.provenance
+            groups.add(crop.image_key, {
+                "box": list(crop.box), "class": name, "score": crop.score, "crop_id": crop.crop_id,
+                "sha256": image.sha256, "width": image.width, "height": image.height,
+                "fetched_at": image.fetched_at.isoformat(), "image_url": prov.image_url, "page_url": prov.page_url,
+                "license": prov.license, "license_url": prov.license_url, "author": prov.author,
+                "title": prov.title, "source": prov.source.value,
+            })  # fmt: skip
+            names.add(name)
+    except BaseException:
+        groups.close()
+        raise
+    return groups, sorted(names)
 
 
 def _yolo(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
-    by_image, images, names = _accepted_by_image(job, state, threshold)
+    groups, names = _accepted_by_image(job, state, threshold, dest.parent)
     index = {name: i for i, name in enumerate(names)}
     crops = written = missing = 0
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
-        for key, boxes in sorted(by_image.items()):
-            image = images[key]
-            try:
-                data = store.get(key)
-            except ObjectNotFound:
-                missing += len(boxes)
-                continue
-            stem = image.sha256
-            archive.writestr(f"images/{stem}.{key.rsplit('.', 1)[-1]}", data, zipfile.ZIP_STORED)
-            lines = []
-            for crop in boxes:
-                x1, y1, x2, y2 = crop.box
-                cx, cy = (x1 + x2) / 2 / image.width, (y1 + y2) / 2 / image.height
-                w, h = (x2 - x1) / image.width, (y2 - y1) / image.height
-                lines.append(f"{index[crop.class_name or 'object']} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-            archive.writestr(f"labels/{stem}.txt", "\n".join(lines) + "\n")
-            crops += len(boxes)
-            written += 1
-        names_yaml = "\n".join(f"  {i}: {json.dumps(name)}" for i, name in enumerate(names))
-        archive.writestr(
-            "data.yaml",
-            f"# imgsift job {job.id}, threshold {threshold}: only the accepted boxes\n"
-            f"path: .\ntrain: images\nval: images\nnames:\n{names_yaml}\n",
-        )
+    try:
+        with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
+            for key, boxes in groups.groups():
+                try:
+                    data = store.get(key)
+                except ObjectNotFound:
+                    missing += len(boxes)
+                    continue
+                first = boxes[0]
+                stem, width, height = first["sha256"], first["width"], first["height"]
+                archive.writestr(f"images/{stem}.{key.rsplit('.', 1)[-1]}", data, zipfile.ZIP_STORED)
+                lines = []
+                for box in boxes:
+                    x1, y1, x2, y2 = box["box"]
+                    cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+                    w, h = (x2 - x1) / width, (y2 - y1) / height
+                    lines.append(f"{index[box['class']]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+                archive.writestr(f"labels/{stem}.txt", "\n".join(lines) + "\n")
+                crops += len(boxes)
+                written += 1
+            names_yaml = "\n".join(f"  {i}: {json.dumps(name)}" for i, name in enumerate(names))
+            archive.writestr(
+                "data.yaml",
+                f"# imgsift job {job.id}, threshold {threshold}: only the accepted boxes\n"
+                f"path: .\ntrain: images\nval: images\nnames:\n{names_yaml}\n",
+            )
+    finally:
+        groups.close()
     return crops, written, missing
 
 
 def _coco(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
-    by_image, images, names = _accepted_by_image(job, state, threshold)
+    groups, names = _accepted_by_image(job, state, threshold, dest.parent)
     category = {name: i + 1 for i, name in enumerate(names)}
     licences: dict[tuple[str | None, str | None], int] = {}
-    crops = 0
-    with dest.open("w", encoding="utf-8") as out:
-        out.write('{"info": ' + json.dumps({"description": f"imgsift job {job.id}", "threshold": threshold}))
-        out.write(',\n"images": [')
-        for n, key in enumerate(sorted(by_image)):
-            image = images[key]
-            prov = image.provenance
-            licence = licences.setdefault((prov.license, prov.license_url), len(licences) + 1)
-            entry = {
-                "id": n + 1, "file_name": key.rsplit("/", 1)[-1], "width": image.width, "height": image.height,
-                "license": licence, "coco_url": prov.image_url, "flickr_url": prov.page_url,
-                "date_captured": image.fetched_at.isoformat(), "imgsift": {"key": key, "author": prov.author,
-                "title": prov.title, "source": prov.source.value},
-            }  # fmt: skip
-            out.write(("," if n else "") + "\n" + json.dumps(entry))
-        out.write('],\n"annotations": [')
-        for n, key in enumerate(sorted(by_image)):
-            for crop in by_image[key]:
-                x1, y1, x2, y2 = crop.box
-                w, h = x2 - x1, y2 - y1
+    crops = images = 0
+    try:
+        with dest.open("w", encoding="utf-8") as out:
+            out.write('{"info": ' + json.dumps({"description": f"imgsift job {job.id}", "threshold": threshold}))
+            out.write(',\n"images": [')
+            for n, (key, boxes) in enumerate(groups.groups()):  # images, then their boxes: two passes on disk
+                image = boxes[0]
+                licence = licences.setdefault((image["license"], image["license_url"]), len(licences) + 1)
                 entry = {
-                    "id": crops + 1, "image_id": n + 1, "category_id": category[crop.class_name or "object"],
-                    "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)], "area": round(w * h, 2),
-                    "iscrowd": 0, "score": round(crop.score, 4), "imgsift": {"crop_id": crop.crop_id},
+                    "id": n + 1, "file_name": key.rsplit("/", 1)[-1], "width": image["width"],
+                    "height": image["height"], "license": licence, "coco_url": image["image_url"],
+                    "flickr_url": image["page_url"], "date_captured": image["fetched_at"], "imgsift": {"key": key,
+                    "author": image["author"], "title": image["title"], "source": image["source"]},
                 }  # fmt: skip
-                out.write(("," if crops else "") + "\n" + json.dumps(entry))
-                crops += 1
-        out.write('],\n"categories": ' + json.dumps([{"id": i, "name": n} for n, i in category.items()]))
-        out.write(',\n"licenses": ' + json.dumps([{"id": i, "name": k[0], "url": k[1]} for k, i in licences.items()]))
-        out.write("}\n")
-    return crops, len(by_image), 0
+                out.write(("," if n else "") + "\n" + json.dumps(entry))
+                images += 1
+            out.write('],\n"annotations": [')
+            for n, (_, boxes) in enumerate(groups.groups()):
+                for box in boxes:
+                    x1, y1, x2, y2 = box["box"]
+                    w, h = x2 - x1, y2 - y1
+                    entry = {
+                        "id": crops + 1, "image_id": n + 1, "category_id": category[box["class"]],
+                        "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)], "area": round(w * h, 2),
+                        "iscrowd": 0, "score": round(box["score"], 4), "imgsift": {"crop_id": box["crop_id"]},
+                    }  # fmt: skip
+                    out.write(("," if crops else "") + "\n" + json.dumps(entry))
+                    crops += 1
+            out.write('],\n"categories": ' + json.dumps([{"id": i, "name": n} for n, i in category.items()]))
+            licence_list = [{"id": i, "name": k[0], "url": k[1]} for k, i in licences.items()]
+            out.write(',\n"licenses": ' + json.dumps(licence_list))
+            out.write("}\n")
+    finally:
+        groups.close()
+    return crops, images, 0
 
 
 def _rows(job: Job, state: StateStore, threshold: float) -> Iterator[dict[str, Any]]:

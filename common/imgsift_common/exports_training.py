@@ -478,7 +478,7 @@ def _cell(text: str) -> str:
 # ---------------------------------------------------------------------------- grouped by image (on disk)
 
 
-class _ByImage:
+class ImageGroups:
     """Rows grouped by their image in a temporary SQLite file: the grouping costs disk, not memory."""
 
     def __init__(self, folder: Path) -> None:
@@ -492,8 +492,8 @@ class _ByImage:
         self.db.execute("INSERT INTO row VALUES (?, ?)", (image_key, json.dumps(payload)))
 
     def groups(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-        """Each image's rows, in the order they were added; one image's rows in memory at a time."""
-        self.db.execute("CREATE INDEX row_image ON row (image_key)")
+        """Each image's rows (images by key, rows in the order added); one image's rows in memory at a time."""
+        self.db.execute("CREATE INDEX IF NOT EXISTS row_image ON row (image_key)")
         cursor = self.db.execute("SELECT image_key, payload FROM row ORDER BY image_key, rowid")
         for key, rows in itertools.groupby(cursor, key=lambda r: r[0]):
             yield key, [json.loads(payload) for _, payload in rows]
@@ -522,7 +522,7 @@ def fiftyone(
 ) -> Written:
     """Every compared box on its original, in FiftyOne's ``FiftyOneImageDetectionDataset`` layout, zipped."""
     answers = _answers(job, state)
-    grouped = _ByImage(dest.parent)
+    grouped = ImageGroups(dest.parent)
     labels_path = dest.with_name(dest.name + ".labels.part")
     names: set[str] = set()
     crops = written = missing = 0
@@ -601,7 +601,7 @@ def labelstudio(
     job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path, options: ExportOptions
 ) -> Written:
     """Label Studio tasks: each original's URL, its accepted boxes as a prediction scored by distance."""
-    grouped = _ByImage(dest.parent)
+    grouped = ImageGroups(dest.parent)
     crops = tasks = missing = 0
     try:
         for crop, image, distance in scored_crops(job, state, threshold, accepted_only=True):

@@ -393,6 +393,8 @@ def test_nothing_accepted_gives_a_valid_empty_dataset_in_every_format(filled, tm
     assert pq.read_table(tmp_path / "none.parquet").num_rows == 0
     labels = json.loads(_unzip(tmp_path / "none.zip", tmp_path / "n").joinpath("labels.json").read_text())
     assert labels == {"labels": {}, "classes": []}
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".imgsift-group-") or p.suffix == ".part"]
+    assert leftovers == []  # the on-disk grouping and the partial files are gone
 
 
 def test_an_unknown_format_names_the_known_ones(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,8 @@ import typer
 from pydantic import ValidationError
 
 from imgsift.embedded import EmbeddedConfig, EmbeddedError, EmbeddedRunner, Progress, local_storage
+from imgsift_common.exports import FORMATS_HELP as EXPORT_FORMATS_HELP
+from imgsift_common.exports import ExportFormat
 from imgsift_common.messages import KEYWORD_SOURCES, DedupSpec, JobSpec, Limits, SourceKind, SourceSpec
 from imgsift_common.source_checks import unmet_requirements
 
@@ -390,28 +392,38 @@ def train(
 @app.command("export")
 def export_dataset(
     out: Annotated[Path, typer.Option(help="the output folder of an earlier `imgsift collect`")],
-    format: Annotated[
-        str, typer.Option("--format", help="imagefolder (zip), yolo (zip), coco (json), jsonl or csv (manifest)")
-    ],
+    format: Annotated[str, typer.Option("--format", help=EXPORT_FORMATS_HELP)],
     to: Annotated[
         Path | None, typer.Option(help="file to write (default: OUT/exports/<format>-<threshold>.<ext>)")
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="accepted = distance <= this (default: the job's)")] = None,
+    originals: Annotated[
+        bool, typer.Option("--originals", help="webdataset: each sample's image is the original photo, not the crop")
+    ] = False,
+    embed_images: Annotated[
+        bool, typer.Option("--embed-images", help="parquet: the crops' JPEG bytes in a `jpg` column")
+    ] = False,
+    samples_per_shard: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="webdataset and huggingface: samples in one shard")
+    ] = 10_000,
 ) -> None:
-    """Export the collected dataset: accepted crops as ImageFolder, YOLO or COCO; the manifest as JSONL or CSV."""
+    """Export the collected dataset: for training (ImageFolder, YOLO, COCO, WebDataset, Hugging Face), for
+    review (FiftyOne, Label Studio), or the manifest of every crop (JSONL, CSV, Parquet)."""
     from imgsift.embedded import STATE_DIR
-    from imgsift_common.exports import ExportFormat, export
+    from imgsift_common.exports import export, parse_format
+    from imgsift_common.exports_training import class_names, label_studio_config
+    from imgsift_common.messages import ExportOptions
     from imgsift_common.sqlstate import SqlStateStore
     from imgsift_common.storage import LocalStore
 
     try:
-        fmt = ExportFormat(format.lower())
-    except ValueError:
-        choices = ", ".join(f.value for f in ExportFormat)
-        raise typer.BadParameter(f"unknown format {format!r}; use one of {choices}", param_hint="--format") from None
+        fmt = parse_format(format)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--format") from None
     state_path = out / STATE_DIR / "state.sqlite"
     if not state_path.exists():
         raise typer.BadParameter(f"{out} holds no imgsift collect job; run imgsift collect first", param_hint="--out")
+    options = ExportOptions(originals=originals, embed_images=embed_images, samples_per_shard=samples_per_shard)
     state = SqlStateStore.sqlite(state_path)
     try:
         job = state.get_job("local")
@@ -420,10 +432,17 @@ def export_dataset(
         chosen = job.spec.threshold if threshold is None else threshold
         dest = to or out / "exports" / f"{fmt.value}-{chosen}{fmt.suffix}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        result = export(fmt, job, state, LocalStore(out / STATE_DIR / "objects"), chosen, dest)
+        result = export(fmt, job, state, LocalStore(out / STATE_DIR / "objects"), chosen, dest, options)
+        config = dest.with_name(dest.name + ".label_config.xml")
+        if fmt is ExportFormat.LABELSTUDIO:  # the project's labelling config the predictions are made for
+            config.write_text(label_studio_config(class_names(job, state, chosen) or ["object"]))
     finally:
         state.close()
     typer.echo(f"{fmt.value}: {result.crops} crops from {result.images} images at threshold {chosen} -> {dest}")
+    if result.note:
+        typer.echo(result.note)
+    if fmt is ExportFormat.LABELSTUDIO:
+        typer.echo(f"Label Studio project config (Settings > Labeling Interface > Code): {config}")
     if result.missing:
         typer.echo(f"skipped {result.missing} crops whose files are gone from the store")
 

@@ -10,11 +10,14 @@ Formats:
 - ``coco``: COCO detection JSON (``images``, ``annotations`` with ``bbox`` [x, y, w, h] in
   pixels, ``categories``) of the accepted boxes, with each image's provenance and licence;
 - ``jsonl`` / ``csv``: the manifest of every compared crop (accepted or not) with its
-  distance, box, class, provenance and licence.
+  distance, box, class, provenance and licence;
+- ``webdataset``, ``parquet``, ``huggingface``, ``fiftyone``, ``labelstudio``: where people train and
+  review datasets (``exports_training``).
 
 Crops are read page by page from the job state (``distance_page``) and crop or image bytes one
-at a time, so memory does not grow with the job; the YOLO and COCO exports keep only the
-accepted boxes per image (a few numbers each) until they are written.
+at a time, so memory does not grow with the job; the YOLO and COCO exports group the accepted
+boxes by image in a temporary SQLite file beside the export (``exports_training.ImageGroups``),
+on disk rather than in memory.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import IO, Any
 from pydantic import BaseModel
 
 from imgsift_common import keys
-from imgsift_common.messages import Crop, ExportMessage, Job, StoredImage, utcnow
+from imgsift_common.messages import Crop, ExportMessage, ExportOptions, Job, StoredImage, utcnow
 from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 
@@ -45,15 +48,41 @@ class ExportFormat(StrEnum):
     COCO = "coco"
     JSONL = "jsonl"
     CSV = "csv"
+    WEBDATASET = "webdataset"
+    PARQUET = "parquet"
+    HUGGINGFACE = "huggingface"
+    FIFTYONE = "fiftyone"
+    LABELSTUDIO = "labelstudio"
 
     @property
     def suffix(self) -> str:
-        return {"imagefolder": ".zip", "yolo": ".zip", "coco": ".json", "jsonl": ".jsonl", "csv": ".csv"}[self.value]
+        return {"coco": ".json", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet",
+                "labelstudio": ".json"}.get(self.value, ".zip")  # fmt: skip
 
     @property
     def media_type(self) -> str:
         return {".zip": "application/zip", ".json": "application/json", ".jsonl": "application/x-ndjson",
-                ".csv": "text/csv"}[self.suffix]  # fmt: skip
+                ".csv": "text/csv", ".parquet": "application/vnd.apache.parquet"}[self.suffix]  # fmt: skip
+
+    @property
+    def is_manifest(self) -> bool:
+        """Lists every compared crop, accepted or not (the others hold the accepted crops or boxes)."""
+        return self in (ExportFormat.JSONL, ExportFormat.CSV, ExportFormat.PARQUET, ExportFormat.FIFTYONE)
+
+
+FORMATS_HELP = (
+    "imagefolder (zip), yolo (zip), coco (json), jsonl, csv or parquet (manifest), webdataset (zip of tar "
+    "shards), huggingface (zip of a datasets folder), fiftyone (zip), labelstudio (tasks json)"
+)
+
+
+def parse_format(name: str) -> ExportFormat:
+    """The format called ``name`` (any case); a ValueError naming the known ones otherwise."""
+    try:
+        return ExportFormat(name.strip().lower())
+    except ValueError:
+        known = ", ".join(f.value for f in ExportFormat)
+        raise ValueError(f"unknown format {name!r}; use one of {known}") from None
 
 
 @dataclass(frozen=True)
@@ -63,6 +92,14 @@ class ExportResult:
     crops: int  # crops written (accepted ones, or every compared one for a manifest)
     images: int  # original images written or referenced
     missing: int  # crops or images gone from the store: skipped, counted here
+
+    @property
+    def note(self) -> str | None:
+        """What an empty export is, said once for the CLI, the API and the UI alike."""
+        if self.crops:
+            return None
+        what = "no crop was compared" if self.format.is_manifest else f"nothing was accepted at {self.threshold}"
+        return f"{what}: the {self.format.value} export is a valid, empty dataset"
 
 
 MANIFEST_FIELDS = [
@@ -127,18 +164,41 @@ def scored_crops(
 
 
 def export(
-    fmt: ExportFormat, job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path
+    fmt: ExportFormat,
+    job: Job,
+    state: StateStore,
+    store: ObjectStore,
+    threshold: float,
+    dest: Path,
+    options: ExportOptions | None = None,
 ) -> ExportResult:
     """Write the ``fmt`` export of ``job`` at ``threshold`` to the file ``dest``."""
-    writer = {
+    from imgsift_common import exports_training as training
+
+    chosen = options or ExportOptions()
+    writers: dict[ExportFormat, Any] = {
         ExportFormat.IMAGEFOLDER: _imagefolder,
         ExportFormat.YOLO: _yolo,
         ExportFormat.COCO: _coco,
         ExportFormat.JSONL: _jsonl,
         ExportFormat.CSV: _csv,
-    }[fmt]
+    }
+    trained: dict[ExportFormat, Any] = {
+        ExportFormat.WEBDATASET: training.webdataset,
+        ExportFormat.PARQUET: training.parquet,
+        ExportFormat.HUGGINGFACE: training.huggingface,
+        ExportFormat.FIFTYONE: training.fiftyone,
+        ExportFormat.LABELSTUDIO: training.labelstudio,
+    }
     tmp = dest.with_name(dest.name + ".part")
-    result = writer(job, state, store, threshold, tmp)
+    try:
+        if fmt in trained:
+            result = trained[fmt](job, state, store, threshold, tmp, chosen)
+        else:
+            result = writers[fmt](job, state, store, threshold, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file is never mistaken for an export
+        raise
     tmp.replace(dest)
     return ExportResult(fmt, threshold, *result)
 
@@ -163,88 +223,106 @@ def _folder(class_name: str | None) -> str:
     return (class_name or "object").replace("/", "_").replace(" ", "_")
 
 
-def _accepted_by_image(
-    job: Job, state: StateStore, threshold: float
-) -> tuple[dict[str, list[Crop]], dict[str, StoredImage], list[str]]:
-    by_image: dict[str, list[Crop]] = {}
-    images: dict[str, StoredImage] = {}
+def _accepted_by_image(job: Job, state: StateStore, threshold: float, folder: Path) -> tuple[Any, list[str]]:
+    """The accepted boxes grouped by image on disk (``ImageGroups``), and the class names, sorted."""
+    from imgsift_common.exports_training import ImageGroups
+
+    groups = ImageGroups(folder)
     names: set[str] = set()
-    for crop, image, _ in scored_crops(job, state, threshold, accepted_only=True):
-        if image is None:
-            continue
-        by_image.setdefault(crop.image_key, []).append(crop)
-        images.setdefault(crop.image_key, image)
-        names.add(crop.class_name or "object")
-    return by_image, images, sorted(names)
+    try:
+        for crop, image, _ in scored_crops(job, state, threshold, accepted_only=True):
+            if image is None:
+                continue
+            name = crop.class_name or "object"
+            prov = image.provenance
+            groups.add(crop.image_key, {
+                "box": list(crop.box), "class": name, "score": crop.score, "crop_id": crop.crop_id,
+                "sha256": image.sha256, "width": image.width, "height": image.height,
+                "fetched_at": image.fetched_at.isoformat(), "image_url": prov.image_url, "page_url": prov.page_url,
+                "license": prov.license, "license_url": prov.license_url, "author": prov.author,
+                "title": prov.title, "source": prov.source.value,
+            })  # fmt: skip
+            names.add(name)
+    except BaseException:
+        groups.close()
+        raise
+    return groups, sorted(names)
 
 
 def _yolo(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
-    by_image, images, names = _accepted_by_image(job, state, threshold)
+    groups, names = _accepted_by_image(job, state, threshold, dest.parent)
     index = {name: i for i, name in enumerate(names)}
     crops = written = missing = 0
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
-        for key, boxes in sorted(by_image.items()):
-            image = images[key]
-            try:
-                data = store.get(key)
-            except ObjectNotFound:
-                missing += len(boxes)
-                continue
-            stem = image.sha256
-            archive.writestr(f"images/{stem}.{key.rsplit('.', 1)[-1]}", data, zipfile.ZIP_STORED)
-            lines = []
-            for crop in boxes:
-                x1, y1, x2, y2 = crop.box
-                cx, cy = (x1 + x2) / 2 / image.width, (y1 + y2) / 2 / image.height
-                w, h = (x2 - x1) / image.width, (y2 - y1) / image.height
-                lines.append(f"{index[crop.class_name or 'object']} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-            archive.writestr(f"labels/{stem}.txt", "\n".join(lines) + "\n")
-            crops += len(boxes)
-            written += 1
-        names_yaml = "\n".join(f"  {i}: {json.dumps(name)}" for i, name in enumerate(names))
-        archive.writestr(
-            "data.yaml",
-            f"# imgsift job {job.id}, threshold {threshold}: only the accepted boxes\n"
-            f"path: .\ntrain: images\nval: images\nnames:\n{names_yaml}\n",
-        )
+    try:
+        with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as archive:
+            for key, boxes in groups.groups():
+                try:
+                    data = store.get(key)
+                except ObjectNotFound:
+                    missing += len(boxes)
+                    continue
+                first = boxes[0]
+                stem, width, height = first["sha256"], first["width"], first["height"]
+                archive.writestr(f"images/{stem}.{key.rsplit('.', 1)[-1]}", data, zipfile.ZIP_STORED)
+                lines = []
+                for box in boxes:
+                    x1, y1, x2, y2 = box["box"]
+                    cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+                    w, h = (x2 - x1) / width, (y2 - y1) / height
+                    lines.append(f"{index[box['class']]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+                archive.writestr(f"labels/{stem}.txt", "\n".join(lines) + "\n")
+                crops += len(boxes)
+                written += 1
+            names_yaml = "\n".join(f"  {i}: {json.dumps(name)}" for i, name in enumerate(names))
+            archive.writestr(
+                "data.yaml",
+                f"# imgsift job {job.id}, threshold {threshold}: only the accepted boxes\n"
+                f"path: .\ntrain: images\nval: images\nnames:\n{names_yaml}\n",
+            )
+    finally:
+        groups.close()
     return crops, written, missing
 
 
 def _coco(job: Job, state: StateStore, store: ObjectStore, threshold: float, dest: Path) -> tuple[int, int, int]:
-    by_image, images, names = _accepted_by_image(job, state, threshold)
+    groups, names = _accepted_by_image(job, state, threshold, dest.parent)
     category = {name: i + 1 for i, name in enumerate(names)}
     licences: dict[tuple[str | None, str | None], int] = {}
-    crops = 0
-    with dest.open("w", encoding="utf-8") as out:
-        out.write('{"info": ' + json.dumps({"description": f"imgsift job {job.id}", "threshold": threshold}))
-        out.write(',\n"images": [')
-        for n, key in enumerate(sorted(by_image)):
-            image = images[key]
-            prov = image.provenance
-            licence = licences.setdefault((prov.license, prov.license_url), len(licences) + 1)
-            entry = {
-                "id": n + 1, "file_name": key.rsplit("/", 1)[-1], "width": image.width, "height": image.height,
-                "license": licence, "coco_url": prov.image_url, "flickr_url": prov.page_url,
-                "date_captured": image.fetched_at.isoformat(), "imgsift": {"key": key, "author": prov.author,
-                "title": prov.title, "source": prov.source.value},
-            }  # fmt: skip
-            out.write(("," if n else "") + "\n" + json.dumps(entry))
-        out.write('],\n"annotations": [')
-        for n, key in enumerate(sorted(by_image)):
-            for crop in by_image[key]:
-                x1, y1, x2, y2 = crop.box
-                w, h = x2 - x1, y2 - y1
+    crops = images = 0
+    try:
+        with dest.open("w", encoding="utf-8") as out:
+            out.write('{"info": ' + json.dumps({"description": f"imgsift job {job.id}", "threshold": threshold}))
+            out.write(',\n"images": [')
+            for n, (key, boxes) in enumerate(groups.groups()):  # images, then their boxes: two passes on disk
+                image = boxes[0]
+                licence = licences.setdefault((image["license"], image["license_url"]), len(licences) + 1)
                 entry = {
-                    "id": crops + 1, "image_id": n + 1, "category_id": category[crop.class_name or "object"],
-                    "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)], "area": round(w * h, 2),
-                    "iscrowd": 0, "score": round(crop.score, 4), "imgsift": {"crop_id": crop.crop_id},
+                    "id": n + 1, "file_name": key.rsplit("/", 1)[-1], "width": image["width"],
+                    "height": image["height"], "license": licence, "coco_url": image["image_url"],
+                    "flickr_url": image["page_url"], "date_captured": image["fetched_at"], "imgsift": {"key": key,
+                    "author": image["author"], "title": image["title"], "source": image["source"]},
                 }  # fmt: skip
-                out.write(("," if crops else "") + "\n" + json.dumps(entry))
-                crops += 1
-        out.write('],\n"categories": ' + json.dumps([{"id": i, "name": n} for n, i in category.items()]))
-        out.write(',\n"licenses": ' + json.dumps([{"id": i, "name": k[0], "url": k[1]} for k, i in licences.items()]))
-        out.write("}\n")
-    return crops, len(by_image), 0
+                out.write(("," if n else "") + "\n" + json.dumps(entry))
+                images += 1
+            out.write('],\n"annotations": [')
+            for n, (_, boxes) in enumerate(groups.groups()):
+                for box in boxes:
+                    x1, y1, x2, y2 = box["box"]
+                    w, h = x2 - x1, y2 - y1
+                    entry = {
+                        "id": crops + 1, "image_id": n + 1, "category_id": category[box["class"]],
+                        "bbox": [round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)], "area": round(w * h, 2),
+                        "iscrowd": 0, "score": round(box["score"], 4), "imgsift": {"crop_id": box["crop_id"]},
+                    }  # fmt: skip
+                    out.write(("," if crops else "") + "\n" + json.dumps(entry))
+                    crops += 1
+            out.write('],\n"categories": ' + json.dumps([{"id": i, "name": n} for n, i in category.items()]))
+            licence_list = [{"id": i, "name": k[0], "url": k[1]} for k, i in licences.items()]
+            out.write(',\n"licenses": ' + json.dumps(licence_list))
+            out.write("}\n")
+    finally:
+        groups.close()
+    return crops, images, 0
 
 
 def _rows(job: Job, state: StateStore, threshold: float) -> Iterator[dict[str, Any]]:
@@ -309,6 +387,8 @@ class ExportStatus(BaseModel):
     crops: int | None = None
     images: int | None = None
     missing: int | None = None
+    note: str | None = None  # an empty export says so
+    options: ExportOptions = ExportOptions()
     error: str | None = None
     created_at: datetime
     finished_at: datetime | None = None
@@ -337,11 +417,16 @@ def run_export(message: ExportMessage, state: StateStore, store: ObjectStore, wo
     job = state.get_job(message.job_id)
     if status is None or job is None or status.state is ExportState.DONE:
         return status
+    try:
+        fmt = parse_format(message.format)
+    except ValueError as exc:  # a message from an older or newer API: say which formats this worker knows
+        failed = status.model_copy(update={"state": ExportState.FAILED, "error": str(exc), "finished_at": utcnow()})
+        save_status(state, job.id, failed)
+        return failed
     save_status(state, job.id, status.model_copy(update={"state": ExportState.RUNNING}))
-    fmt = ExportFormat(message.format)
     dest = workdir / f"{message.export_id}{fmt.suffix}"
     try:
-        result = export(fmt, job, state, store, message.threshold, dest)
+        result = export(fmt, job, state, store, message.threshold, dest, message.options)
         key = export_key(job.id, message.export_id, fmt)
         store.put_file(key, dest, fmt.media_type)
     except (OSError, ValueError) as exc:  # a full disk, a broken record: say so, do not retry forever
@@ -357,6 +442,7 @@ def run_export(message: ExportMessage, state: StateStore, store: ObjectStore, wo
             "crops": result.crops,
             "images": result.images,
             "missing": result.missing,
+            "note": result.note,
             "finished_at": utcnow(),
         }
     )

@@ -400,12 +400,25 @@ class CropBatch(JobMessage):
     crop_keys: list[str] = Field(min_length=1)
 
 
+class ExportOptions(BaseModel):
+    """How an export is built, where its format has a choice (the others ignore these)."""
+
+    originals: bool = Field(
+        default=False, description="webdataset: each sample's image is the original photo, not the crop"
+    )
+    embed_images: bool = Field(default=False, description="parquet: the crop's JPEG bytes in a `jpg` column")
+    samples_per_shard: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=10_000, description="webdataset and huggingface: samples in one shard (img2dataset's default)"
+    )
+
+
 class ExportMessage(JobMessage):
     """Build one export of a job into the object store."""
 
     export_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     format: str
     threshold: Annotated[float, Field(ge=0.0, le=4.0)]
+    options: ExportOptions = Field(default_factory=ExportOptions)
 
 
 class WebhookMessage(JobMessage):

@@ -186,7 +186,8 @@ def test_ui_creates_a_job_watches_it_moves_the_threshold_marks_and_exports(
         # Every export through its button, then validated.
         accepted = _crops(client, job_id, shown, accepted=True)
         downloads = {}
-        for fmt in ("imagefolder", "yolo", "coco", "jsonl", "csv"):
+        for fmt in ("imagefolder", "yolo", "coco", "jsonl", "csv", "webdataset", "parquet", "huggingface",
+                    "fiftyone", "labelstudio"):  # fmt: skip
             with page.expect_download(timeout=60_000) as info:
                 page.click(f"#export-{fmt}")
             target = tmp_path / f"export-{fmt}"
@@ -260,3 +261,26 @@ def _check_exports(files: dict[str, Path], accepted: list[dict], compared: int) 
     rows = [json.loads(line) for line in files["jsonl"].read_text().splitlines()]
     assert len(rows) == compared and sum(r["accepted"] for r in rows) == len(accepted)
     assert len(list(csv.DictReader(files["csv"].open()))) == compared
+    _check_training_exports(files, accepted, compared)
+
+
+def _check_training_exports(files: dict[str, Path], accepted: list[dict], compared: int) -> None:  # type: ignore[type-arg]
+    """The buttons' training and review exports hold the crops the API calls accepted (or compared)."""
+    import pyarrow.parquet as pq
+
+    want = sorted(c["crop_id"] for c in accepted)
+    with zipfile.ZipFile(files["webdataset"]) as archive:
+        stats = [json.loads(archive.read(n)) for n in archive.namelist() if n.endswith("_stats.json")]
+        tables = [pq.read_table(io.BytesIO(archive.read(n))) for n in archive.namelist() if n.endswith(".parquet")]
+    assert sum(s["successes"] for s in stats) == len(accepted)
+    assert sorted(c for t in tables for c in t.column("crop_id").to_pylist()) == want
+    assert pq.read_table(files["parquet"]).num_rows == compared
+    with zipfile.ZipFile(files["huggingface"]) as archive:
+        shards = [n for n in archive.namelist() if n.startswith("data/train-")]
+        rows = [r for n in shards for r in pq.read_table(io.BytesIO(archive.read(n))).column("crop_id").to_pylist()]
+        assert sorted(rows) == want and "README.md" in archive.namelist()
+    with zipfile.ZipFile(files["fiftyone"]) as archive:
+        labels = json.loads(archive.read("labels.json"))["labels"]
+    assert sum(len(d) for d in labels.values()) == compared
+    tasks = json.loads(files["labelstudio"].read_text())
+    assert sorted(r["id"] for t in tasks for r in t["predictions"][0]["result"]) == want

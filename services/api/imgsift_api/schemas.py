@@ -8,8 +8,17 @@ from typing import Annotated
 from pydantic import BaseModel, Field, SecretStr
 
 from imgsift_common.apikeys import ApiKey
-from imgsift_common.exports import ExportFormat, ExportState
-from imgsift_common.messages import Box, DetectMode, DiscoveryReason, JobSpec, JobState, SourceKind, Stage
+from imgsift_common.exports import FORMATS_HELP, ExportFormat, ExportState
+from imgsift_common.messages import (
+    Box,
+    DetectMode,
+    DiscoveryReason,
+    ExportOptions,
+    JobSpec,
+    JobState,
+    SourceKind,
+    Stage,
+)
 from imgsift_common.progress import StageProgress
 
 
@@ -165,8 +174,18 @@ class Feedback(BaseModel):
 
 
 class ExportRequest(BaseModel):
-    format: ExportFormat = Field(description="imagefolder (zip), yolo (zip), coco (json), jsonl or csv (manifest)")
+    format: ExportFormat = Field(description=FORMATS_HELP)
     threshold: Annotated[float | None, Field(ge=0.0, le=4.0, description="default: the job's threshold")] = None
+    originals: bool = Field(default=False, description="webdataset: each sample's image is the original photo")
+    embed_images: bool = Field(default=False, description="parquet: the crops' JPEG bytes in a `jpg` column")
+    samples_per_shard: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=10_000, description="webdataset and huggingface: samples in one shard"
+    )
+
+    def options(self) -> ExportOptions:
+        return ExportOptions(
+            originals=self.originals, embed_images=self.embed_images, samples_per_shard=self.samples_per_shard
+        )
 
 
 class ExportOut(BaseModel):
@@ -177,6 +196,8 @@ class ExportOut(BaseModel):
     crops: int | None = Field(description="crops written (accepted crops, or every compared crop for a manifest)")
     images: int | None
     missing: int | None = Field(description="crops or images gone from storage, skipped")
+    note: str | None = Field(default=None, description="set when the export is empty: why, and that it is valid")
+    options: ExportOptions
     error: str | None
     download_url: str | None = Field(description="API path that streams the file once the export is done")
     created_at: datetime

@@ -34,7 +34,7 @@ from imgsift_api.views import TRAINING_MARKER, calibration, crop_page, job_statu
 from imgsift_common import keys, webhooks
 from imgsift_common.apikeys import ApiKey
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, send
-from imgsift_common.exports import ExportState, ExportStatus, load_status, save_status
+from imgsift_common.exports import ExportFormat, ExportState, ExportStatus, load_status, save_status
 from imgsift_common.messages import (
     DiscoverMessage,
     ExportMessage,
@@ -349,12 +349,16 @@ def _export_out(job: Job, status: ExportStatus) -> ExportOut:
 def create_export(job: JobDep, state: StateDep, celery: CeleryDep, body: ExportRequest) -> ExportOut:
     """Build a dataset export in the background (the ``export`` queue); poll it, then download it."""
     threshold = job.spec.threshold if body.threshold is None else body.threshold
+    options = body.options()
     export = ExportStatus(
-        id=uuid.uuid4().hex, format=body.format, threshold=threshold, state=ExportState.QUEUED, created_at=utcnow()
-    )
+        id=uuid.uuid4().hex, format=body.format, threshold=threshold, state=ExportState.QUEUED, created_at=utcnow(),
+        options=options,
+    )  # fmt: skip
     save_status(state, job.id, export)
     try:
-        message = ExportMessage(job_id=job.id, export_id=export.id, format=body.format.value, threshold=threshold)
+        message = ExportMessage(
+            job_id=job.id, export_id=export.id, format=body.format.value, threshold=threshold, options=options
+        )
         send(celery, TaskName.EXPORT, message)
     except Exception as exc:
         failed = export.model_copy(update={"state": ExportState.FAILED, "error": "the job queue is unreachable"})
@@ -379,7 +383,7 @@ def get_export(job: JobDep, state: StateDep, export_id: str) -> ExportOut:
 @router.get(
     "/{job_id}/exports/{export_id}/download",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/zip": {}, "application/json": {}, "text/csv": {}}}},
+    responses={200: {"content": {t: {} for t in sorted({f.media_type for f in ExportFormat})}}},
 )
 def download_export(job: JobDep, state: StateDep, store: StoreDep, export_id: str) -> StreamingResponse:
     """The export's file, streamed from storage a chunk at a time."""

@@ -6,7 +6,9 @@
 const KEYWORD_SOURCES = ["openverse", "wikimedia", "bing", "duckduckgo", "flickr"];
 const EXPORTS = [
   ["imagefolder", "ImageFolder zip"], ["yolo", "YOLO dataset"], ["coco", "COCO JSON"],
-  ["jsonl", "manifest JSONL"], ["csv", "manifest CSV"],
+  ["webdataset", "WebDataset shards"], ["huggingface", "Hugging Face dataset"],
+  ["fiftyone", "FiftyOne dataset"], ["labelstudio", "Label Studio tasks"],
+  ["jsonl", "manifest JSONL"], ["csv", "manifest CSV"], ["parquet", "manifest Parquet"],
 ];
 const ASK_BATCH = 5;  // questions fetched at a time by the "Ask me" panel
 const view = document.getElementById("view");
@@ -480,6 +482,7 @@ async function exportAs(page, format, button) {
     link.href = job.download_url;
     link.id = `download-${format}`;
     link.textContent = `${label} (${job.crops} crops)`;
+    if (job.note) link.title = job.note;  // an empty export is valid; say why it is empty
     link.setAttribute("download", "");
     button.replaceWith(link);
     link.click();

@@ -10,8 +10,9 @@ redis-server of the bench's own. Measured:
    batch size (read from the store, decode and letterbox in the thread pool ahead of the
    model, trunk, head, distances to 5 references, store the trunk features, record);
 2. the same stage with one decode thread (no pool), to show what the pool brings;
-3. the bare forward: the trunk as the stage runs it (fp16 with ``--half``) and the head, batched (same batch size), over the
-   same crops decoded and preprocessed beforehand, outside the timing;
+3. the bare forward: the trunk as the stage runs it (fp16 with ``--half``) and the head,
+   batched (same batch size), over the same crops decoded and preprocessed beforehand, outside
+   the timing;
 4. ``rescore`` after a trained head: from the stored trunk features, against the trunk over
    every crop again (the stored crop features deleted first, as before they were kept).
 

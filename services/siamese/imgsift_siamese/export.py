@@ -11,8 +11,9 @@ cache too), dynamic in the batch size. Exports run on the CPU.
 OpenVINO is told to compute in fp32 and its IR keeps fp32 weights: on CPUs with AMX or
 AVX512-BF16 its default is bf16, and ``save_model``'s default compresses weights to fp16;
 either moves pooled features by percents of a row's norm (bf16 the most), where the stored
-features of a trunk are one thing whichever worker computed them (one ``trunk_id``). In fp32, OpenVINO and ONNX Runtime agree with torch to about 1e-5 of
-a row's norm, below what storing the rows as float16 rounds away (``tests/siamese/test_export.py``).
+features of a trunk are one thing whichever worker computed them (one ``trunk_id``). In fp32,
+OpenVINO and ONNX Runtime agree with torch to about 1e-5 of a row's norm, below what storing the
+rows as float16 rounds away (``tests/siamese/test_export.py``).
 """
 
 from __future__ import annotations

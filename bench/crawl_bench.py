@@ -26,6 +26,13 @@ What it does, all on loopback:
 5. prints images per second, peak memory (the sum of the resident sets of the process tree,
    sampled every 50 ms) and the ratios, and writes them to ``<out>/crawl_bench.json``.
 
+    .venv/bin/python bench/crawl_bench.py --hash-drafts 256,64   # the perceptual hash at two JPEG draft sizes
+
+hashes every corpus image with its JPEG decoded at each draft size (``imgsift_crawler.dedup.HASH_DRAFT``,
+64 now, 256 before issue 18) and reports the CPU time per image of decode and hash, how many
+bits each image's hash moved, and whether any near-duplicate decision of the corpus's pairs
+(at every distance up to ``--near-distance``) changed.
+
 img2dataset is installed into ``.bench/img2dataset`` (its own venv; PyPI) the first time.
 Politeness limits are lifted for imgsift here (one host serves everything: per-host
 concurrency = processes x threads, no interval), since img2dataset has none; robots.txt and
@@ -482,6 +489,41 @@ def img2dataset_stored(out: Path) -> int:
 # ============================================================================ main
 
 
+def compare_hash_drafts(args: argparse.Namespace) -> None:
+    """The corpus's perceptual hashes at each JPEG draft size: CPU per image, bits moved, decisions changed."""
+    import numpy as np
+    from PIL import Image
+
+    from imgsift_crawler.dedup import perceptual_hash
+
+    files = build_corpus(args.photos, args.out / "corpus", args.images, args.min_distance)
+    data = [f.read_bytes() for f in files]
+
+    def hashed(content: bytes, draft: int) -> int:
+        with Image.open(io.BytesIO(content)) as image:
+            image.draft("L", (draft, draft))
+            image.load()
+            return perceptual_hash(image)
+
+    hashes = {}
+    for draft in args.hash_drafts:
+        start = time.process_time()
+        hashes[draft] = np.array([hashed(d, draft) for d in data], dtype=np.uint64)
+        print(f"draft {draft}: decode + hash {1000 * (time.process_time() - start) / len(data):.2f} CPU ms per image")
+
+    def bits(x: np.ndarray) -> np.ndarray:
+        return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+
+    first = args.hash_drafts[0]
+    pairs = {draft: np.concatenate([bits(h[i] ^ h[i + 1 :]) for i in range(len(h) - 1)]) for draft, h in hashes.items()}
+    for draft in args.hash_drafts[1:]:
+        moved = bits(hashes[first] ^ hashes[draft])
+        changed = {d: int(((pairs[first] <= d) != (pairs[draft] <= d)).sum()) for d in range(args.near_distance + 1)}
+        print(f"draft {draft} against {first}, {len(data)} images: hash moved {moved.mean():.2f} bits on average, "
+              f"{moved.max()} at most; closest pair {pairs[first].min()} -> {pairs[draft].min()} bits; "
+              f"decisions changed (distances 0..{args.near_distance}): {sum(changed.values())}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -496,7 +538,12 @@ def main() -> None:
     parser.add_argument("--min-distance", type=int, default=10, help="perceptual-hash bits between corpus images")
     parser.add_argument("--img2dataset", default="auto", help="'auto' (install into .bench), a path, or 'skip'")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    parser.add_argument("--hash-drafts", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="compare the perceptual hash at these JPEG draft sizes instead (e.g. 256,64)")  # fmt: skip
+    parser.add_argument("--near-distance", type=int, default=6, help="--hash-drafts: decisions up to this distance")
     args = parser.parse_args()
+    if args.hash_drafts:
+        return compare_hash_drafts(args)
 
     args.out.mkdir(parents=True, exist_ok=True)
     corpus_dir = args.out / "corpus"

@@ -10,8 +10,9 @@ redis-server of the bench's own. Measured:
    batch size (read from the store, decode and letterbox in the thread pool ahead of the
    model, trunk, head, distances to 5 references, store the trunk features, record);
 2. the same stage with one decode thread (no pool), to show what the pool brings;
-3. the bare backbone: batched ``network.embed`` forward passes (same batch size) over the
-   same crops decoded and preprocessed beforehand, outside the timing;
+3. the bare forward: the trunk as the stage runs it (fp16 with ``--half``) and the head,
+   batched (same batch size), over the same crops decoded and preprocessed beforehand, outside
+   the timing;
 4. ``rescore`` after a trained head: from the stored trunk features, against the trunk over
    every crop again (the stored crop features deleted first, as before they were kept).
 
@@ -26,6 +27,17 @@ compares backbones instead: each in a fresh process (so its memory is its own), 
 (``compare_batch``) over the same crops, the processes in turn for ``--rounds`` rounds, so load
 falls on all alike. Reported per backbone: crops per second and the process's peak resident
 memory, both also as ratios to the first backbone's in the same run (medians over the rounds).
+
+    .venv/bin/python bench/embed_bench.py --exports openvino,onnx   # issue 18: the trunk exported
+
+compares the trunk's runtimes on the default backbone (or ``--backbone``), in one run on the same
+crops, batch by batch in a rotating order: the stage (``compare_batch``) with the torch trunk and
+with each export (``IMGSIFT_SIAMESE_EXPORT``), and the bare forward of each (trunk and head over
+inputs decoded and preprocessed beforehand). Goals (issue 18): the exported stage at least 2.5x
+the torch stage, and at least 0.85x its own bare exported forward. Then the stage's parts are
+timed one after the other on a fresh job of the same crops with the first export (issue 18
+item 5): object-store read, JPEG decode, letterbox and normalise, the trunk, head and distances,
+writing the trunk features, recording the distances; wall and CPU time per crop.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support.coco: the COCO128 reader the tests use
@@ -59,16 +72,19 @@ from imgsift_common.servicestate import ServiceStateStore  # noqa: E402
 from imgsift_common.storage import LocalStore  # noqa: E402
 from imgsift_detector.detect import padded_box  # noqa: E402
 from imgsift_siamese import compare  # noqa: E402
-from imgsift_siamese.compare import compare_batch  # noqa: E402
+from imgsift_siamese import features as stored_features  # noqa: E402
+from imgsift_siamese.compare import compare_batch, job_scorer  # noqa: E402
 from imgsift_siamese.distance import reference_distance  # noqa: E402
 from imgsift_siamese.embed import Embedder, get_embedder  # noqa: E402
-from imgsift_siamese.preprocess import decode_image, preprocess  # noqa: E402
+from imgsift_siamese.export import TorchTrunk  # noqa: E402
+from imgsift_siamese.preprocess import decode_image, letterbox, preprocess, to_array  # noqa: E402
 from imgsift_siamese.settings import SiameseSettings  # noqa: E402
 from imgsift_siamese.train import TrainConfig, TrainedHead, train_head  # noqa: E402
 from imgsift_siamese.training import rescore  # noqa: E402
 from tests.support.coco import Coco128  # noqa: E402
 
 REFERENCE_CLASS = "elephant"
+R = TypeVar("R")
 
 
 class CountingTrunk(nn.Module):
@@ -201,6 +217,168 @@ def compare_backbones(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
 
 
+def compare_exports(args: argparse.Namespace) -> None:
+    """The stage and the bare forward with the torch trunk and with each export, in one run; then the export's parts."""
+    from imgsift_common.model_exports import ExportFormat, missing_modules
+
+    load_before = os.getloadavg()
+    formats = [ExportFormat(name) for name in args.exports]
+    for fmt in formats:
+        if missing := missing_modules(fmt):
+            raise SystemExit(f"--exports {fmt.value}: not installed ({', '.join(missing)})")
+    crops, references = cut_crops(Coco128(args.coco), args.crops)
+    base = SiameseSettings(storage="local", device=args.device, batch_size=args.batch, backbone=args.backbone)
+    export_dir = args.out.parent / "siamese-exports"
+    runs = {
+        "torch": base,
+        **{f.value: base.model_copy(update={"export": f, "export_dir": export_dir}) for f in formats},
+    }
+    embedders = {}
+    for name, settings in runs.items():
+        start = time.perf_counter()
+        embedders[name] = get_embedder(settings)
+        print(f"{name}: loaded in {time.perf_counter() - start:.1f} s ({embedders[name].trunk.name})", flush=True)
+    batch, size = base.batch_size, base.image_size
+    inputs = [
+        np.stack([to_array(letterbox(decode_image(data), size)) for _, _, data in crops[i : i + batch]])
+        for i in range(0, len(crops), batch)
+    ]
+
+    def bare(embedder: Embedder, chunk: np.ndarray) -> None:
+        embedder.embed_features(embedder.trunk(chunk))
+
+    names = [f"stage {n}" for n in runs] + [f"bare {n}" for n in runs]
+    seconds: list[dict[str, float]] = []
+    cpu: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp_name, service_stores(Path(tmp_name)) as (database_url, redis_url):
+        state = ServiceStateStore.connect(database_url, redis_url)
+        try:
+            store = LocalStore(Path(tmp_name) / "objects")
+            print(f"{len(crops)} crops, {len(references)} references, {base.backbone} {size} px, batch {batch}, "
+                  f"{args.device}, torch threads {torch.get_num_threads()}, "
+                  f"load {load_before[0]:.1f}", flush=True)  # fmt: skip
+            warm, warm_keys = new_job("bench-warm", crops[: 2 * batch], references, store, state)
+            for name, embedder in embedders.items():  # allocator, thread pools, each runtime's first runs
+                bare(embedder, inputs[0])
+                compare._reference_cache.clear()
+                for i in range(0, len(warm_keys), batch):
+                    compare_batch(warm, warm_keys[i : i + batch], store, state, embedder, runs[name])
+            for r in range(args.rounds):
+                jobs = {n: new_job(f"bench-{r}-{n}", crops, references, store, state) for n in runs}
+                compare._reference_cache.clear()  # each job embeds its references, as a fresh worker would
+                took = dict.fromkeys(names, 0.0)
+                took_cpu = dict.fromkeys(names, 0.0)
+                for b, start in enumerate(range(0, len(crops), batch)):
+                    calls: dict[str, Callable[[], object]] = {}
+                    for n, embedder in embedders.items():
+                        job, keys_ = jobs[n]
+                        calls[f"stage {n}"] = partial(compare_batch, job, keys_[start : start + batch], store, state,
+                                                      embedder, runs[n])  # fmt: skip
+                        calls[f"bare {n}"] = partial(bare, embedder, inputs[b])
+                    turn = (b + r) % len(names)
+                    for name in names[turn:] + names[:turn]:
+                        wall, process = time.perf_counter(), time.process_time()
+                        calls[name]()
+                        took[name] += time.perf_counter() - wall
+                        took_cpu[name] += time.process_time() - process
+                seconds.append(took)
+                cpu.append(took_cpu)
+                print(f"round {r + 1}: " + ", ".join(f"{n} {len(crops) / s:6.1f}" for n, s in took.items())
+                      + " crops/s", flush=True)  # fmt: skip
+            parts = stage_parts(crops, references, store, state, embedders[formats[0].value], runs[formats[0].value])
+            torch_parts = stage_parts(crops, references, store, state, embedders["torch"], base)
+        finally:
+            state.close()
+
+    n = len(crops)
+
+    def rate(name: str) -> float:
+        return statistics.median(n / s[name] for s in seconds)
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(s[b] / s[a] for s in seconds)
+
+    report = {
+        "crops": n,
+        "backbone": base.backbone,
+        "image_size": size,
+        "batch": batch,
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "rounds": [
+            {name: {"seconds": s[name], "cpu_seconds": c[name], "crops_per_second": n / s[name]} for name in names}
+            for s, c in zip(seconds, cpu, strict=True)
+        ],
+        "crops_per_second": {name: rate(name) for name in names},
+        "export_stage_vs_torch_stage": {f.value: ratio(f"stage {f.value}", "stage torch") for f in formats},
+        "export_stage_vs_its_bare_forward": {f.value: ratio(f"stage {f.value}", f"bare {f.value}") for f in formats},
+        "torch_stage_vs_its_bare_forward": ratio("stage torch", "bare torch"),
+        "parts_ms_per_crop": {formats[0].value: parts, "torch": torch_parts},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\n{n} crops, {base.backbone}, batch {batch}, {args.device}, {args.rounds} rounds (medians); "
+          f"load {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
+    for name in names:
+        print(f"{name:16} {rate(name):7.1f} crops/s")
+    for f in formats:
+        speed, own = ratio(f"stage {f.value}", "stage torch"), ratio(f"stage {f.value}", f"bare {f.value}")
+        fast, close = "met" if speed >= 2.5 else "NOT met", "met" if own >= 0.85 else "NOT met"
+        print(f"{f.value}: stage / torch stage {speed:.2f}x (goal >= 2.5x: {fast}); "
+              f"stage / its bare forward {own:.2f}x (goal >= 0.85x: {close})")  # fmt: skip
+    print(f"torch: stage / its bare forward {ratio('stage torch', 'bare torch'):.2f}x")
+    for label, measured in ((formats[0].value, parts), ("torch", torch_parts)):
+        total = sum(v["wall_ms"] for v in measured.values())
+        print(f"\nthe stage's parts, one after the other, {label} trunk (ms per crop; share of their sum):")
+        for part, v in measured.items():
+            print(f"  {part:26} wall {v['wall_ms']:6.2f}  cpu {v['cpu_ms']:6.2f}  {v['wall_ms'] / total:5.0%}")
+
+
+def stage_parts(
+    crops: list[tuple[str, Crop, bytes]],
+    references: list[bytes],
+    store: LocalStore,
+    state: ServiceStateStore,
+    embedder: Embedder,
+    settings: SiameseSettings,
+) -> dict[str, dict[str, float]]:
+    """Each part of ``compare_batch``'s work on a fresh job of the crops, run one after the other, batch by
+    batch: wall and CPU milliseconds per crop. The parts are the stage's own functions, unthreaded."""
+    job, crop_keys = new_job(f"bench-parts-{embedder.trunk.name}", crops, references, store, state)
+    compare._reference_cache.clear()
+    job, scorer = job_scorer(job, store, state, embedder, settings)  # the references, as a batch's first call
+    sources = compare.crop_sources(job.id, crop_keys, state)
+    totals: dict[str, list[float]] = {}
+
+    def part(name: str, function: Callable[[], R]) -> R:
+        wall, process = time.perf_counter(), time.process_time()
+        result = function()
+        spent = totals.setdefault(name, [0.0, 0.0])
+        spent[0] += time.perf_counter() - wall
+        spent[1] += time.process_time() - process
+        return result
+
+    batch = settings.batch_size
+    for start in range(0, len(crop_keys), batch):
+        chunk = crop_keys[start : start + batch]
+        data = part("read (object store)", lambda: [store.get(k) for k in chunk])  # noqa: B023
+        images = part("decode (JPEG)", lambda: [decode_image(d) for d in data])  # noqa: B023
+        arrays = part("letterbox + normalise", lambda: np.stack([to_array(letterbox(im, embedder.image_size))
+                                                                 for im in images]))  # noqa: B023  # fmt: skip
+        rows = part("trunk", lambda: stored_features.as_stored(embedder.features_of_arrays(arrays)))  # noqa: B023
+        distances = part("head + distances", lambda: scorer.distances(rows, chunk))  # noqa: B023
+        features = stored_features.FeatureRows(list(chunk), [sources[k] for k in chunk], rows)
+        key = keys.crop_features_key(job.id, embedder.trunk_id, stored_features.digest(chunk))
+        part("write trunk features", lambda: stored_features.write(store, key, embedder.trunk_id, features))  # noqa: B023
+        values = [(k, float(d)) for k, d in zip(chunk, distances, strict=True)]
+        part("record distances", lambda: state.record_distances(job.id, values))  # noqa: B023
+    n = len(crop_keys)
+    return {name: {"wall_ms": 1000 * w / n, "cpu_ms": 1000 * c / n} for name, (w, c) in totals.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco128")
@@ -212,16 +390,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "embed_bench.json")
     parser.add_argument("--backbones", type=lambda v: v.split(","), default=None,
                         help="compare these backbones' stage (speed, memory) instead")  # fmt: skip
-    parser.add_argument("--backbone", default="mobilenet_v2", help=argparse.SUPPRESS)
+    parser.add_argument("--half", action="store_true", help="the trunk in fp16 (IMGSIFT_SIAMESE_HALF; CUDA)")
+    parser.add_argument("--exports", type=lambda v: v.split(","), default=None,
+                        help="compare the torch trunk with these exports (openvino, onnx) instead")  # fmt: skip
+    parser.add_argument("--backbone", default=None, help="the backbone of --exports (default: the settings')")
     parser.add_argument("--stage-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.backbone is None:
+        args.backbone = "mobilenet_v2" if args.stage_only else SiameseSettings.model_fields["backbone"].default
     if args.stage_only:
         return stage_only(args)
+    if args.exports:
+        return compare_exports(args)
     if args.backbones:
         return compare_backbones(args)
     load_before = os.getloadavg()
     crops, references = cut_crops(Coco128(args.coco), args.crops)
-    settings = SiameseSettings(storage="local", device=args.device, batch_size=args.batch)
+    settings = SiameseSettings(storage="local", device=args.device, batch_size=args.batch, half=args.half)
     single = settings.model_copy(update={"decode_threads": 1})
     batch = settings.batch_size
     embedder: Embedder = get_embedder(settings)
@@ -243,9 +428,9 @@ def main() -> None:
             ]
 
             def bare(inputs: torch.Tensor | None = None) -> None:
-                with torch.inference_mode():
-                    for batch_inputs in tensors if inputs is None else [inputs]:
-                        network.embed(batch_inputs.to(embedder.device))
+                # The embedder's trunk runner (torch, fp16 with --half) and head, as the stage runs them.
+                for batch_inputs in tensors if inputs is None else [inputs]:
+                    embedder.embed_features(embedder.trunk(batch_inputs.numpy()))
 
             warm, warm_keys = new_job("bench-warm", crops[: 2 * batch], references, store, state)
             bare()  # warm-up: allocator, thread pools
@@ -303,8 +488,11 @@ def main() -> None:
             model = SiameseModel(version=1, key=model_key, trained_at=utcnow())
             tuned_job = state.update_job(stage_job.id, model=model)
 
-            counting = CountingTrunk(network.trunk)
-            network.trunk = counting
+            # Counted where the stage's trunk runs: the network, or the fp16 copy of it (--half).
+            runner = embedder.trunk
+            counted = runner.module.network if isinstance(runner, TorchTrunk) else network
+            counting = CountingTrunk(counted.trunk)
+            counted.trunk = counting
             from_features = timed(lambda: rescore(tuned_job, store, state, settings))
             trunk_images_features = counting.images
             rescored = dict(state.distances(stage_job.id))
@@ -313,7 +501,7 @@ def main() -> None:
             counting.images = 0
             full_trunk = timed(lambda: rescore(tuned_job, store, state, settings))
             trunk_images_full = counting.images
-            network.trunk = counting.inner
+            counted.trunk = counting.inner
             rescored_again = dict(state.distances(stage_job.id))
             rescore_difference = max(abs(rescored[k] - rescored_again[k]) for k in rescored)
             moved = float(np.median([abs(rescored[k] - by_key[k]) for k in rescored]))
@@ -329,6 +517,7 @@ def main() -> None:
         "batch": batch,
         "decode_threads": settings.decode_threads,
         "device": args.device,
+        "half": args.half,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_average_before": load_before,

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scale_bench.py                        # scaling: 600 images, 1 then 2 workers per stage
     .venv/bin/python bench/scale_bench.py --e2e --images 2000    # end to end: one 2,000-image job, compose topology
+    .venv/bin/python bench/scale_bench.py --e2e --images 2000 --siamese-export none,openvino   # issue 18
 
 Both modes start what ``tests/support/stack.py`` starts for the system tests (the API under
 uvicorn and Celery workers with docker-compose.yml's commands and environment, each its own
@@ -25,7 +26,11 @@ switched off (``IMGSIFT_CRAWLER_STALL_SECONDS``) while later stages wait on purp
 
 End to end (``--e2e``): every service starts at once (``--replicas`` per worker stage, 1 by
 default: the compose file's topology), then one job runs with all stages overlapping; the
-figure is stored images per second from job creation to completion.
+figure is stored images per second from job creation to completion. ``--siamese-export
+none,openvino`` runs the same job once per value of ``IMGSIFT_SIAMESE_EXPORT`` (each on a
+database of its own, the same code, corpus and servers), one after the other, and prints the
+images per second of each against the first; the export is made once beforehand (in
+``--out``/siamese-exports), so no job waits for it.
 
 Both report, per stage: items, images (or crops) per second, busy time (the sum of the
 stage's task run times, from each worker's Prometheus histogram
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -344,8 +350,17 @@ def run_staged(replicas: int, urls: list[str], base_env: dict[str, str], tmp: Pa
     }
 
 
-def run_e2e(urls: list[str], base_env: dict[str, str], tmp: Path, args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
-    logdir = tmp / "logs-e2e"
+def make_export(env: dict[str, str], module: str, expression: str, imports: str) -> None:
+    """Make a stage's export into the cache its worker will read (loading its model as the worker does, with
+    ``env``), in a process of its own, so that no job's time includes it."""
+    code = f"from {module} import *; {imports}; print({expression})"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True, capture_output=True)
+
+
+def run_e2e(
+    urls: list[str], base_env: dict[str, str], tmp: Path, args: argparse.Namespace, logs: str = "logs-e2e"
+) -> dict:  # type: ignore[type-arg]
+    logdir = tmp / logs
     logdir.mkdir()
     stack = Stack(env=base_env, logdir=logdir)
     api = f"http://127.0.0.1:{stack.env['UVICORN_PORT']}"
@@ -432,6 +447,12 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=ROOT.parent / "shared" / "models" / "yolov8n.pt")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "scale")
     parser.add_argument("--report", type=Path, help="print the tables of a JSON file this bench wrote, and stop")
+    parser.add_argument(
+        "--detector-export", default="none", help="IMGSIFT_DETECTOR_EXPORT of every run (made once beforehand)"
+    )
+    parser.add_argument(
+        "--siamese-export", default="", help="--e2e: one job per IMGSIFT_SIAMESE_EXPORT, e.g. none,openvino"
+    )
     args = parser.parse_args()
     if args.report:
         print_report(json.loads(args.report.read_text()))
@@ -452,6 +473,7 @@ def main() -> None:
         "corpus_mb": sum(f.stat().st_size for f in files) / 2**20,
         "target": args.target,
         "store": args.store,
+        "detector_export": args.detector_export,
         "cpus": os.cpu_count(),
         "load_average_at_start": load,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -465,10 +487,29 @@ def main() -> None:
         report["server"] = server
         urls = [f"{base}/{f.name}" for f in files]
         if args.e2e:
-            print(f"end to end: {len(urls)} images, {args.replicas} worker(s) per stage", flush=True)
-            # An empty database: the stack's migrate step gives it its schema.
-            env = stack_env(postgres.create_database(migrated=False), redis, s3, tmp, args, staged=False)
-            report["run"] = run_e2e(urls, env, tmp, args)
+            exports = [e for e in args.siamese_export.split(",") if e] or [""]
+            report["runs_by_siamese_export"] = {}
+            for export in exports:
+                label = f", IMGSIFT_SIAMESE_EXPORT={export}" if export else ""
+                print(f"end to end: {len(urls)} images, {args.replicas} worker(s) per stage{label}", flush=True)
+                # An empty database: the stack's migrate step gives it its schema.
+                env = stack_env(postgres.create_database(migrated=False), redis, s3, tmp, args, staged=False)
+                if args.detector_export != "none":
+                    env.update(
+                        IMGSIFT_DETECTOR_EXPORT=args.detector_export,
+                        IMGSIFT_DETECTOR_EXPORT_DIR=str(args.out / "detector-exports"),
+                    )
+                    make_export(env, "imgsift_detector.model", "detector_from_settings(DetectorSettings()).model_path",
+                                "from imgsift_detector.settings import DetectorSettings")  # fmt: skip
+                if export:
+                    env.update(
+                        IMGSIFT_SIAMESE_EXPORT=export, IMGSIFT_SIAMESE_EXPORT_DIR=str(args.out / "siamese-exports")
+                    )
+                    if export != "none":
+                        make_export(env, "imgsift_siamese.embed", "get_embedder(SiameseSettings()).trunk.name",
+                                    "from imgsift_siamese.settings import SiameseSettings")  # fmt: skip
+                report["run"] = run_e2e(urls, env, tmp, args, logs=f"logs-e2e-{export or 'default'}")
+                report["runs_by_siamese_export"][export or "default"] = report["run"]
         else:
             report["runs"] = {}
             for replicas in (int(r) for r in args.scale.split(",")):
@@ -491,20 +532,13 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['load_average_at_end'][0]:.1f} at the end"
     )
     if report["mode"] == "e2e":
-        run = report["run"]
-        c = run["counters"]
-        print(
-            f"job {run['state']} in {run['wall_seconds']:.1f} s: {run['images_per_second']:.2f} images/s "
-            f"({c.get('downloaded', 0)} stored, {c.get('detected', 0)} detected, {c.get('crops', 0)} crops, "
-            f"{c.get('compared', 0)} compared)"
-        )
-        print(f"\n{'stage':8} {'items':>7} {'done at s':>10} {'busy s':>8} {'busy %':>7} {'CPU s':>8}")
-        for stage, s in run["stages"].items():
-            print(
-                f"{stage:8} {s['items']:7.0f} {s['done_after_seconds']:10.1f} {s['busy_seconds']:8.1f} "
-                f"{100 * s['busy_fraction']:6.0f}% {s['cpu_seconds']:8.1f}"
-            )
-        print_processes(run)
+        runs = report.get("runs_by_siamese_export") or {"default": report["run"]}
+        first = next(iter(runs.values()))
+        for label, run in runs.items():
+            if len(runs) > 1:
+                ratio = run["images_per_second"] / first["images_per_second"]
+                print(f"\n== IMGSIFT_SIAMESE_EXPORT={label}: {ratio:.2f}x the images per second of {next(iter(runs))}")
+            print_e2e(run)
         return
     runs = report["runs"]
     keys = list(runs)
@@ -524,6 +558,22 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{cpu / max(items, 1):11.3f} {cpu / s['seconds']:6.2f}"
             )
         print_processes(runs[k])
+
+
+def print_e2e(run: dict[str, Any]) -> None:
+    c = run["counters"]
+    print(
+        f"job {run['state']} in {run['wall_seconds']:.1f} s: {run['images_per_second']:.2f} images/s "
+        f"({c.get('downloaded', 0)} stored, {c.get('detected', 0)} detected, {c.get('crops', 0)} crops, "
+        f"{c.get('compared', 0)} compared)"
+    )
+    print(f"\n{'stage':8} {'items':>7} {'done at s':>10} {'busy s':>8} {'busy %':>7} {'CPU s':>8} {'CPU s/item':>11}")
+    for stage, s in run["stages"].items():
+        print(
+            f"{stage:8} {s['items']:7.0f} {s['done_after_seconds']:10.1f} {s['busy_seconds']:8.1f} "
+            f"{100 * s['busy_fraction']:6.0f}% {s['cpu_seconds']:8.1f} {s['cpu_seconds'] / max(s['items'], 1):11.3f}"
+        )
+    print_processes(run)
 
 
 def print_processes(run: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
   "${PIP[@]}" -c constraints.txt --index-url "$TORCH_INDEX_URL" torch torchvision
 fi
 "${PIP[@]}" -c constraints.txt \
-  -e common -e services/crawler -e 'services/detector[openvino,onnx]' -e 'services/siamese[efficientnet]' -e services/api -e cli -e clients/python \
+  -e common -e services/crawler -e 'services/detector[openvino,onnx]' -e 'services/siamese[efficientnet,openvino,onnx]' -e services/api -e cli -e clients/python \
   -r requirements-dev.txt
 
 # The UI test drives Debian's Chromium through Playwright (a browser download fails offline).

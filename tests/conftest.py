@@ -204,3 +204,9 @@ def sqlite_state(tmp_path: Path):  # type: ignore[no-untyped-def]
     store = SqlStateStore.sqlite(tmp_path / "state.sqlite")
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def siamese_export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of Siamese trunk exports for the session: each export is made once (seconds each)."""
+    return tmp_path_factory.mktemp("siamese-exports")

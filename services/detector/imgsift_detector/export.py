@@ -16,32 +16,26 @@ extra instead.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
+import importlib.util  # noqa: F401  # tests hide a runtime by patching find_spec through this module
 import shutil
-import tempfile
 from pathlib import Path
 
+from imgsift_common import model_exports
+from imgsift_common.model_exports import ExportError, cached_export
 from imgsift_detector.settings import ExportFormat
 
-# The modules each format needs, to export and to run, and the extra that installs them.
-REQUIRED_MODULES: dict[ExportFormat, tuple[str, ...]] = {
-    ExportFormat.ONNX: ("onnx", "onnxruntime"),
-    ExportFormat.OPENVINO: ("openvino",),
-}
+__all__ = ["EXPORT_VERSION", "ExportError", "default_export_dir", "export_name", "exported_model"]
+
+# The modules each format needs, to export and to run (ultralytics exports ONNX through the onnx package).
+REQUIRED_MODULES: dict[ExportFormat, tuple[str, ...]] = model_exports.RUNTIME_MODULES
 
 # Part of every cache name: raise it when the export arguments below change, so old exports are not reused.
 EXPORT_VERSION = 1
 
 
-class ExportError(RuntimeError):
-    """The weights cannot be exported to, or run in, the configured format."""
-
-
 def default_export_dir() -> Path:
     """$XDG_CACHE_HOME/imgsift/detector-exports, else ~/.cache/imgsift/detector-exports."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "imgsift" / "detector-exports"
+    return model_exports.default_export_dir("detector")
 
 
 def no_autoinstall() -> None:
@@ -58,16 +52,12 @@ def no_autoinstall() -> None:
 
 def missing_modules(fmt: ExportFormat) -> list[str]:
     """The Python modules ``fmt`` needs that this environment lacks."""
-    return [name for name in REQUIRED_MODULES.get(fmt, ()) if importlib.util.find_spec(name) is None]
+    return model_exports.missing_modules(fmt, REQUIRED_MODULES)
 
 
 def require_runtime(fmt: ExportFormat) -> None:
     """Raise ExportError, naming the extra to install, if ``fmt``'s runtime is not installed."""
-    if missing := missing_modules(fmt):
-        raise ExportError(
-            f"IMGSIFT_DETECTOR_EXPORT={fmt.value} needs the Python package(s) {', '.join(missing)}, which are not "
-            f"installed: pip install 'imgsift-detector[{fmt.value}]', or set IMGSIFT_DETECTOR_EXPORT=none"
-        )
+    model_exports.require_runtime(fmt, variable="IMGSIFT_DETECTOR_EXPORT", package="imgsift-detector")
 
 
 def weights_digest(weights: Path) -> str:
@@ -84,31 +74,23 @@ def export_name(weights: Path, fmt: ExportFormat, imgsz: int) -> str:
     return f"{weights.stem}-{weights_digest(weights)}-{imgsz}-{fmt.value}-v{EXPORT_VERSION}"
 
 
-def _artifact(folder: Path, stem: str, fmt: ExportFormat) -> Path:
-    """What ultralytics writes for an export of ``stem``.pt in ``folder``, and what ``YOLO()`` loads."""
-    return folder / (f"{stem}_openvino_model" if fmt is ExportFormat.OPENVINO else f"{stem}.onnx")
+def _artifact(stem: str, fmt: ExportFormat) -> str:
+    """What ultralytics writes for an export of ``stem``.pt, and what ``YOLO()`` loads."""
+    return f"{stem}_openvino_model" if fmt is ExportFormat.OPENVINO else f"{stem}.onnx"
 
 
 def exported_model(weights: Path, fmt: ExportFormat, imgsz: int, cache_dir: Path) -> Path:
     """The path of ``weights`` exported to ``fmt`` for ``imgsz``: from the cache, or exported now into it.
 
     The export runs in a private temporary folder (the weights are copied there, since
-    ultralytics writes beside them) that is renamed into place when complete, so concurrent
-    workers never see half an export; when two export at once, the first rename wins.
+    ultralytics writes beside them) that is renamed into place when complete
+    (:func:`imgsift_common.model_exports.cached_export`).
     """
     if fmt is ExportFormat.NONE:
         raise ValueError("no export format given")
     require_runtime(fmt)
-    entry = cache_dir / export_name(weights, fmt, imgsz)
-    artifact = _artifact(entry, weights.stem, fmt)
-    if artifact.exists():
-        return artifact
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache_dir))
-    except OSError as exc:
-        raise ExportError(f"cannot write exports to {cache_dir} ({exc}); set IMGSIFT_DETECTOR_EXPORT_DIR") from exc
-    try:
+
+    def make(work: Path) -> Path:
         source = work / f"{weights.stem}.pt"
         shutil.copyfile(weights, source)
         from ultralytics import YOLO  # type: ignore[attr-defined]
@@ -116,17 +98,15 @@ def exported_model(weights: Path, fmt: ExportFormat, imgsz: int, cache_dir: Path
         options = {"simplify": False} if fmt is ExportFormat.ONNX else {}  # onnxslim would be one more package
         produced = YOLO(str(source)).export(format=fmt.value, imgsz=imgsz, dynamic=True, device="cpu", **options)
         source.unlink()
-        if Path(produced).resolve() != _artifact(work, weights.stem, fmt).resolve():
-            raise ExportError(f"ultralytics exported {weights} to {produced}, not where expected")
-        try:
-            work.rename(entry)
-        except OSError:
-            if not artifact.exists():  # not a concurrent export that finished first
-                raise
-    except ExportError:
+        return Path(produced)
+
+    try:
+        return cached_export(
+            cache_dir, export_name(weights, fmt, imgsz), _artifact(weights.stem, fmt), make,
+            variable="IMGSIFT_DETECTOR_EXPORT",
+        )  # fmt: skip
+    except ExportError as exc:
+        if exc.__cause__ is not None and not isinstance(exc.__cause__, ExportError):
+            cause = exc.__cause__
+            raise ExportError(f"exporting {weights} to {fmt.value} failed: {type(cause).__name__}: {cause}") from cause
         raise
-    except Exception as exc:  # ultralytics raises anything from its exporters
-        raise ExportError(f"exporting {weights} to {fmt.value} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return artifact

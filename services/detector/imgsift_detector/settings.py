@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
-from pathlib import Path
-from typing import Annotated
-
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from imgsift_common.model_exports import ExportFormat, OptionalDir
 from imgsift_common.settings import ImgsiftSettings
 
-
-class ExportFormat(StrEnum):
-    """The model the detector runs: the .pt weights through torch, or an export of them made once."""
-
-    NONE = "none"
-    ONNX = "onnx"
-    OPENVINO = "openvino"
-
-
-# A folder, where "" (a variable set but empty) means the default one.
-OptionalDir = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
+__all__ = ["DetectorSettings", "ExportFormat", "OptionalDir"]
 
 
 class DetectorSettings(ImgsiftSettings):

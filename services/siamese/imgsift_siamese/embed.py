@@ -19,7 +19,8 @@ from imgsift_common.batching import in_batches
 from imgsift_common.messages import Job
 from imgsift_common.storage import ObjectStore
 from imgsift_common.threads import limit_torch_threads
-from imgsift_siamese.backbone import build_backbone, weights_identity
+from imgsift_siamese.backbone import WeightsError, build_backbone, weights_identity
+from imgsift_siamese.export import ExportError, ExportFormat, TrunkRunner, trunk_runner
 from imgsift_siamese.features import PREPROCESSING_VERSION
 from imgsift_siamese.network import SiameseNetwork
 from imgsift_siamese.preprocess import letterbox, to_array
@@ -32,6 +33,9 @@ class Embedder:
     It runs in two parts: the frozen trunk (images to pooled features, the expensive part,
     whose rows are stored per crop; ``trunk_id`` names them) and the head with L2
     normalisation (features to embeddings, cheap; ``embedding_id`` names the whole branch).
+    ``trunk`` runs the trunk (:mod:`imgsift_siamese.export`: torch in fp32 or fp16, or an
+    OpenVINO / ONNX export); by default the network's own, in torch. Every runner computes the
+    same features within the bounds its tests check, so they share one ``trunk_id``.
     """
 
     def __init__(
@@ -44,9 +48,17 @@ class Embedder:
         device: str = "cpu",
         batch_size: int = 32,
         head_id: str | None = None,
+        trunk: TrunkRunner | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
+        self.trunk: TrunkRunner = (
+            trunk
+            if trunk is not None
+            else trunk_runner(
+                self.network, backbone=backbone, weights_id=weights_id, image_size=image_size, device=self.device
+            )
+        )
         self.backbone = backbone
         self.weights_id = weights_id  # the trunk's weights
         self.head_id = head_id  # the trained head's object key; None: the pretrained embedding
@@ -72,9 +84,8 @@ class Embedder:
     @functools.cached_property
     def feature_dim(self) -> int:
         """Length of one row of pooled trunk features."""
-        with torch.inference_mode():
-            probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
-            return int(self.network.features(probe).shape[1])
+        probe = np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32)
+        return int(self.trunk(probe).shape[1])
 
     def features_of_arrays(self, arrays: np.ndarray) -> np.ndarray:
         """Pooled trunk features ``(n, f)`` float32 of preprocessed inputs ``(n, 3, size, size)``.
@@ -82,11 +93,7 @@ class Embedder:
         The trunk sees few batch sizes (``imgsift_common.batching``): on the CPU each new one
         costs memory the process keeps, and a worker's batches come in every size.
         """
-        rows = []
-        with torch.inference_mode():
-            for chunk in in_batches(arrays, self.batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(chunk))
-                rows.append(self.network.features(batch.to(self.device)).float().cpu().numpy())
+        rows = [self.trunk(chunk) for chunk in in_batches(arrays, self.batch_size)]
         if not rows:
             return np.zeros((0, self.feature_dim), dtype=np.float32)
         return np.concatenate(rows).astype(np.float32, copy=False)
@@ -117,15 +124,43 @@ class Embedder:
 def get_embedder(settings: SiameseSettings) -> Embedder:
     """The process's Embedder for these settings; the network is loaded on first use, then reused."""
     limit_torch_threads(settings.torch_threads)
-    return _embedder(settings.backbone, settings.weights, settings.device, settings.image_size, settings.batch_size)
+    return _embedder(
+        settings.backbone,
+        settings.weights,
+        settings.device,
+        settings.image_size,
+        settings.batch_size,
+        settings.half,
+        ExportFormat(settings.export),
+        settings.export_dir,
+        settings.torch_threads,
+    )
 
 
 @functools.lru_cache(maxsize=4)
-def _embedder(backbone: BackboneName, weights: Path | None, device: str, image_size: int, batch_size: int) -> Embedder:
+def _embedder(
+    backbone: BackboneName,
+    weights: Path | None,
+    device: str,
+    image_size: int,
+    batch_size: int,
+    half: bool = False,
+    export: ExportFormat = ExportFormat.NONE,
+    export_dir: Path | None = None,
+    threads: int = 0,
+) -> Embedder:
     network, weights_id = _network(backbone, weights, device)
+    try:
+        trunk = trunk_runner(
+            network, backbone=backbone, weights_id=weights_id, image_size=image_size, device=torch.device(device),
+            half=half, export=export, export_dir=export_dir, threads=threads,
+        )  # fmt: skip
+    except ExportError as exc:  # reported as a weights problem is: at load, with what to change
+        raise WeightsError(str(exc)) from exc
     return Embedder(
-        network, backbone=backbone, weights_id=weights_id, image_size=image_size, device=device, batch_size=batch_size
-    )
+        network, backbone=backbone, weights_id=weights_id, image_size=image_size, device=device,
+        batch_size=batch_size, trunk=trunk,
+    )  # fmt: skip
 
 
 # A worker has one configuration, so this holds one network; the bound only matters for
@@ -169,6 +204,7 @@ def job_embedder(job: Job, store: ObjectStore, settings: SiameseSettings) -> Emb
         image_size=base.image_size,
         device=str(base.device),
         batch_size=base.batch_size,
+        trunk=base.trunk,  # the same trunk, run the same way; only the head is the job's
     )
     tuned.__dict__["feature_dim"] = base.feature_dim  # the same trunk: known without probing it again
     return tuned

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from imgsift_common.model_exports import ExportFormat, OptionalDir
 from imgsift_common.settings import ImgsiftSettings
 
 BackboneName = Literal["mobilenet_v2", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite2"]
@@ -39,6 +40,24 @@ class SiameseSettings(ImgsiftSettings):
         ),
     )
     device: str = Field("cpu", description="torch device the network runs on ('cpu', 'cuda', 'cuda:1')")
+    half: bool = Field(
+        False,
+        description="CUDA workers: run the trunk in fp16 (the head, references and distances stay fp32)",
+    )
+    export: ExportFormat = Field(
+        ExportFormat.NONE,
+        description=(
+            "CPU workers: 'openvino' or 'onnx' exports the trunk once per backbone, weights and input size (cached) "
+            "and runs the export instead of torch; needs imgsift-siamese[openvino] or [onnx]; 'none' runs torch"
+        ),
+    )
+    export_dir: OptionalDir = Field(
+        None,
+        description=(
+            "folder of cached trunk exports (empty: $XDG_CACHE_HOME/imgsift/siamese-exports, "
+            "else ~/.cache/imgsift/siamese-exports)"
+        ),
+    )
     batch_size: int = Field(32, ge=1, description="crops per forward pass")
     decode_threads: int = Field(4, ge=1, description="threads reading and decoding crops ahead of the model")
     torch_threads: int = Field(
@@ -68,4 +87,18 @@ class SiameseSettings(ImgsiftSettings):
             self.image_size = NATIVE_INPUT_SIZE[self.backbone]
         elif self.image_size < 32:
             raise ValueError("image_size must be 0 (the backbone's own) or at least 32")
+        return self
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> SiameseSettings:
+        if self.export is not ExportFormat.NONE and self.device != "cpu":
+            raise ValueError(
+                f"IMGSIFT_SIAMESE_EXPORT={self.export.value} runs on the CPU; set IMGSIFT_SIAMESE_DEVICE=cpu, or "
+                "IMGSIFT_SIAMESE_EXPORT=none to run torch on the GPU (with IMGSIFT_SIAMESE_HALF=true)"
+            )
+        if self.half and not self.device.startswith("cuda"):
+            raise ValueError(
+                f"IMGSIFT_SIAMESE_HALF=true runs the trunk in fp16 on CUDA, not on {self.device!r}; on CPU workers "
+                "set IMGSIFT_SIAMESE_HALF=false (IMGSIFT_SIAMESE_EXPORT=openvino or onnx is their faster trunk)"
+            )
         return self

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 from imgsift_client import AsyncImgsiftClient, Forbidden, ImgsiftClient, InvalidRequest, NotFound, Unauthorized
@@ -52,6 +53,10 @@ def test_client_creates_waits_pages_rethresholds_exports_and_raises_typed_errors
         rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
         assert export.state == "done" and len(rows) == done.counts["compared"]
         assert sum(r["accepted"] for r in rows) == len(accepted)
+        # The server's export options go through: the crops' bytes embedded in the Parquet file.
+        imgsift.export(job.id, "parquet", tmp_path / "crops.parquet", threshold=2.0, embed_images=True)
+        table = pq.read_table(tmp_path / "crops.parquet")
+        assert table.num_rows == done.counts["compared"] and all(j[:2] == b"\xff\xd8" for j in table["jpg"].to_pylist())
 
         with pytest.raises(NotFound) as missing:
             imgsift.get_job("0" * 32)

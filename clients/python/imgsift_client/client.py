@@ -131,8 +131,8 @@ class _Requests:
         return _Call("GET", f"/v1/jobs/{job_id}/crops", dict, {"params": params})
 
     @staticmethod
-    def start_export(job_id: str, format: str, threshold: float | None) -> _Call[Export]:
-        body = {"format": format, "threshold": threshold}
+    def start_export(job_id: str, format: str, threshold: float | None, options: dict[str, Any]) -> _Call[Export]:
+        body = {"format": format, "threshold": threshold, **{k: v for k, v in options.items() if v is not None}}
         return _Call("POST", f"/v1/jobs/{job_id}/exports", Export.model_validate, {"json": body})
 
     @staticmethod
@@ -261,11 +261,20 @@ class ImgsiftClient:
         dest: str | Path,
         *,
         threshold: float | None = None,
+        originals: bool | None = None,
+        embed_images: bool | None = None,
+        samples_per_shard: int | None = None,
         timeout: float = 600.0,
         poll: float = 0.5,
     ) -> Export:
-        """Build an export on the server, wait for it, and stream it to ``dest``."""
-        export = self._send(_Requests.start_export(job_id, format, threshold))
+        """Build an export on the server, wait for it, and stream it to ``dest``.
+
+        ``originals`` (webdataset: the original photos as samples), ``embed_images`` (parquet: the
+        crops' bytes in a ``jpg`` column) and ``samples_per_shard`` (webdataset, huggingface) are the
+        server's export options; None leaves the server's default.
+        """
+        options = {"originals": originals, "embed_images": embed_images, "samples_per_shard": samples_per_shard}
+        export = self._send(_Requests.start_export(job_id, format, threshold, options))
         deadline = time.monotonic() + timeout
         while export.state in ("queued", "running"):
             _check_deadline(deadline, f"export {export.id} still {export.state} after {timeout} s", export)
@@ -381,10 +390,14 @@ class AsyncImgsiftClient:
         dest: str | Path,
         *,
         threshold: float | None = None,
+        originals: bool | None = None,
+        embed_images: bool | None = None,
+        samples_per_shard: int | None = None,
         timeout: float = 600.0,
         poll: float = 0.5,
     ) -> Export:
-        export = await self._send(_Requests.start_export(job_id, format, threshold))
+        options = {"originals": originals, "embed_images": embed_images, "samples_per_shard": samples_per_shard}
+        export = await self._send(_Requests.start_export(job_id, format, threshold, options))
         deadline = time.monotonic() + timeout
         while export.state in ("queued", "running"):
             _check_deadline(deadline, f"export {export.id} still {export.state} after {timeout} s", export)

@@ -137,11 +137,16 @@ def image_records(job_id: str, i: int) -> tuple[DownloadRecord, StoredImage, lis
     return record, image, crops, distances
 
 
+def near_query(image: StoredImage) -> Any:
+    """The crawler's near-duplicate query for the image's perceptual hash, at its default settings."""
+    return near_dup_query(int(image.phash or "0", 16), NEAR_DISTANCE, NEAR_SEGMENTS)
+
+
 def record_image(store: Any, job_id: str, i: int, max_images: int) -> None:
     """One image as the crawler, the detector and the Siamese worker recorded it before the batch
     writes (``--one-by-one``), or as the tree before the move records it."""
     record, image, crops, distances = image_records(job_id, i)
-    near = near_dup_query(int(image.phash or "0", 16), NEAR_DISTANCE, NEAR_SEGMENTS)
+    near = near_query(image)
     final = store.record_download(job_id, record, image, max_images, near=near)
     if final.outcome is not DownloadOutcome.STORED:
         return  # random hashes: a rare one lands within 6 bits of another, a near-duplicate, as in a crawl
@@ -168,10 +173,7 @@ def record_images(store: Any, job_id: str, first: int, last: int, max_images: in
     scored: list[tuple[str, float]] = []
     for start in range(first, last, DOWNLOAD_BATCH):
         batch = [image_records(job_id, i) for i in range(start, min(last, start + DOWNLOAD_BATCH))]
-        items = [
-            DownloadItem(record, image, near_dup_query(int(image.phash or "0", 16), NEAR_DISTANCE, NEAR_SEGMENTS))
-            for record, image, _, _ in batch
-        ]
+        items = [DownloadItem(record, image, near_query(image)) for record, image, _, _ in batch]
         finals = store.record_downloads(job_id, items, max_images)
         # A near-duplicate (a rare random hash within 6 bits of another) goes no further, as in a crawl.
         batch = [b for b, final in zip(batch, finals, strict=True) if final.outcome is DownloadOutcome.STORED]

@@ -86,6 +86,11 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
+def _duplicate_row(job_id: str, kept_url: str, url: str) -> dict[str, Any]:
+    """The row that files ``url`` as a duplicate of the copy kept at ``kept_url``."""
+    return {"job_id": job_id, "kept_digest": _digest(kept_url), "url_digest": _digest(url)}
+
+
 def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
@@ -490,7 +495,7 @@ class SqlStateStore:
 
     @staticmethod
     def _file_duplicate(tx: _Tx, kept_url: str, url: str) -> None:
-        row = {"job_id": tx.job_id, "kept_digest": _digest(kept_url), "url_digest": _digest(url)}
+        row = _duplicate_row(tx.job_id, kept_url, url)
         tx.conn.execute(insert(tx.conn, t.duplicates).values(row).on_conflict_do_nothing())
 
     def _supersede(self, tx: _Tx, old: _Kept, url: str, distance: int) -> None:
@@ -957,9 +962,7 @@ class _Downloads:
         return record
 
     def _duplicate(self, kept_url: str, url: str) -> None:
-        self._add(
-            t.duplicates, {"job_id": self.tx.job_id, "kept_digest": _digest(kept_url), "url_digest": _digest(url)}
-        )
+        self._add(t.duplicates, _duplicate_row(self.tx.job_id, kept_url, url))
 
     def _add(self, table: sa.Table, row: dict[str, Any]) -> None:
         key = tuple(row[col.name] for col in table.primary_key.columns)

@@ -39,7 +39,7 @@ FILL_CHUNK = 5000  # rows per transaction while filling
 
 def fill(database_url: str, job_id: str, owner: str, n: int) -> None:
     """One running job of ``owner`` with ``n`` crops and distances, written in the store's transactions."""
-    from imgsift_common import keys
+    from imgsift_common import keys, sqlstate
     from imgsift_common import schema as t
     from imgsift_common.messages import Crop, Job, JobSpec, JobState, SourceKind, SourceSpec
     from imgsift_common.sqlstate import SqlStateStore
@@ -51,24 +51,27 @@ def fill(database_url: str, job_id: str, owner: str, n: int) -> None:
     state.create_job(Job(id=job_id, spec=spec, owner=owner, state=JobState.RUNNING, reference_distances=distances))
     rng = random.Random(0)
     for start in range(0, n, FILL_CHUNK):
-        crops, distances = [], []
+        detected, distances = [], []
         # The store's own write transaction: it adds up the counters and histogram bins the
-        # rows below move, and writes them at its end, as record_detection/record_distance do.
-        with state._write(job_id) as tx:
+        # rows below move, and writes them at its end, as record_detections/record_distances do.
+        with state._write(job_id, numbered=True) as tx:
             for i in range(start, min(start + FILL_CHUNK, n)):
                 sha = hashlib.sha256(str(i).encode()).hexdigest()  # crop ids take the hash's first 24 digits
                 crop_id = keys.crop_id(sha, 0)
                 key = keys.crop_key(job_id, crop_id)
-                crop = Crop(job_id=job_id, key=key, crop_id=crop_id, image_key=keys.image_key(job_id, sha, "JPEG"),
+                image_key = keys.image_key(job_id, sha, "JPEG")
+                crop = Crop(job_id=job_id, key=key, crop_id=crop_id, image_key=image_key,
                             box=(0, 0, 10, 10), padded_box=(0, 0, 11, 11), score=0.9, class_name="dog")  # fmt: skip
+                image, tail = sqlstate.image_id(job_id, image_key)
+                packed = sqlstate.pack_crops(job_id, image_key, image, [crop])
+                detected.append({"job": tx.job, "image": image, "tail": tail, "crops": 1, "packed": packed})
                 distance = rng.random() * 1.5
-                crops.append({"job_id": job_id, "key": key, "body": crop.model_dump_json()})
-                distances.append({"job_id": job_id, "crop_key": key, "distance": distance})
+                distances.append({"job": tx.job, "crop": sqlstate.crop_id(job_id, key), "distance": distance})
                 tx.add_distance(distance)
-            tx.conn.execute(t.crops.insert(), crops)
-            tx.conn.execute(t.distances.insert(), distances)
+            tx.conn.execute(t.detected_images.insert(), detected)
+            tx.conn.execute(t.crop_distances.insert(), distances)
             for counter in (Counter.DETECTED, Counter.CROPS, Counter.COMPARED):
-                tx.incr(counter, len(crops))
+                tx.incr(counter, len(detected))
     state.close()
 
 
@@ -85,20 +88,24 @@ def api_key_id(redis_url: str) -> str:
 def halfway_cursor(conn: psycopg.Connection, job_id: str, threshold: float) -> tuple[str, int]:
     """The API's cursor after the middle accepted crop, and how many accepted crops follow it."""
     from imgsift_api.views import encode_cursor
+    from imgsift_common.sqlstate import crop_key_of
 
     accepted = count_accepted(conn, job_id, threshold)
     middle = accepted // 2
     row = conn.execute(
-        "SELECT distance, crop_key FROM distances WHERE job_id = %s AND distance <= %s"
-        " ORDER BY distance, crop_key OFFSET %s LIMIT 1",
+        "SELECT distance, crop FROM crop_distances WHERE job = (SELECT num FROM job_numbers WHERE job_id = %s)"
+        " AND distance <= %s ORDER BY distance, crop OFFSET %s LIMIT 1",
         (job_id, threshold, middle),
     ).fetchone()
     assert row is not None
-    return encode_cursor((float(row[0]), str(row[1]))), accepted - middle - 1
+    return encode_cursor((float(row[0]), crop_key_of(job_id, bytes(row[1])))), accepted - middle - 1
 
 
 def count_accepted(conn: psycopg.Connection, job_id: str, threshold: float) -> int:
-    query = "SELECT count(*) FROM distances WHERE job_id = %s AND distance <= %s"
+    query = (
+        "SELECT count(*) FROM crop_distances WHERE job = (SELECT num FROM job_numbers WHERE job_id = %s)"
+        " AND distance <= %s"
+    )
     row = conn.execute(query, (job_id, threshold)).fetchone()
     assert row is not None
     return int(row[0])

@@ -39,6 +39,7 @@ import os
 import random
 import resource
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,10 @@ JOB_ID = "state-bench"
 # ============================================================================ the records
 
 
+def _f32(value: float) -> float:
+    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+
+
 def image_records(job_id: str, i: int) -> tuple[DownloadRecord, StoredImage, list[Crop], list[float]]:
     """Image ``i``'s download record, stored image, crops and distances: realistic sizes, seeded by ``i``."""
     rng = random.Random(i)
@@ -118,8 +123,14 @@ def image_records(job_id: str, i: int) -> tuple[DownloadRecord, StoredImage, lis
     for index in range(CROPS):
         x, y = rng.uniform(0, width / 2), rng.uniform(0, height / 2)
         w, h = rng.uniform(40, width / 2), rng.uniform(40, height / 2)
-        box = (round(x, 2), round(y, 2), round(x + w, 2), round(y + h, 2))
-        padded = (max(0.0, box[0] - 8), max(0.0, box[1] - 8), min(width, box[2] + 8), min(height, box[3] + 8))
+        # As the detector makes them: YOLO's float32 box and score, the padded box in whole pixels.
+        box = (_f32(x), _f32(y), _f32(x + w), _f32(y + h))
+        padded = (
+            float(max(0, math.floor(box[0] - 8))),
+            float(max(0, math.floor(box[1] - 8))),
+            float(min(width, math.ceil(box[2] + 8))),
+            float(min(height, math.ceil(box[3] + 8))),
+        )
         crop_id = keys.crop_id(sha, index)
         crops.append(
             Crop(
@@ -129,7 +140,7 @@ def image_records(job_id: str, i: int) -> tuple[DownloadRecord, StoredImage, lis
                 image_key=key,
                 box=box,
                 padded_box=padded,
-                score=round(rng.uniform(0.25, 0.99), 6),
+                score=_f32(rng.uniform(0.25, 0.99)),
                 class_name="dog",
             )
         )

@@ -132,36 +132,38 @@ crawl_frontier = sa.Table(  # URLs without an outcome yet, leased to download ta
     sa.Index(None, "job_id", "lease_until", "id"),
 )
 
-downloads = sa.Table(  # what became of each URL: written once, rewritten only when superseded
-    "downloads",
+# ------------------------------------------------------------------------------ per-image records
+#
+# The tables that grow with a job's images are laid out for size (issue 16: at most 1.5 KB of
+# disk per stored image with 3 crops): the job is a 4-byte number (job_numbers), hashes and
+# identities are bytes, each image's key and each crop's key is rebuilt from those bytes where it
+# follows keys.py's layout (sqlstate.image_id / crop_id), columns are ordered by alignment, an
+# image's crops are packed into its detection row, and distances are rows of their own that are
+# inserted, not updated (an update leaves a dead row and index entries behind).
+
+JobNo = sa.Integer()  # a job's number (job_numbers.num)
+
+
+def _job_no() -> sa.Column[int]:
+    return sa.Column("job", JobNo, primary_key=True)
+
+
+job_numbers = sa.Table(  # a job's 4-byte number, given on the first record of the job
+    "job_numbers",
     metadata,
-    _job_id(),
-    sa.Column("url_digest", Digest, primary_key=True),
-    sa.Column("body", sa.Text, nullable=False),  # the DownloadRecord as JSON
+    sa.Column("num", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", Key, nullable=False, unique=True),
 )
 
-image_shas = sa.Table(  # content hash -> the URL whose copy the job keeps
-    "image_shas",
+url_outcomes = sa.Table(  # what became of each URL: written once, rewritten only when superseded
+    "url_outcomes",
     metadata,
-    _job_id(),
-    sa.Column("sha", Key, primary_key=True),
-    sa.Column("url", sa.Text, nullable=False),
-)
-
-global_shas = sa.Table(  # content hash -> the job and URL that kept it last (dedup across jobs)
-    "global_shas",
-    metadata,
-    sa.Column("sha", Key, primary_key=True),
-    sa.Column("job_id", Key, nullable=False),
-    sa.Column("url", sa.Text, nullable=False),
-)
-
-images = sa.Table(
-    "images",
-    metadata,
-    _job_id(),
-    sa.Column("key", Key, primary_key=True),
-    sa.Column("body", sa.Text, nullable=False),  # the StoredImage as JSON
+    _job_no(),
+    sa.Column("url_digest", sa.LargeBinary(16), primary_key=True),  # first 16 bytes of the URL's SHA-256
+    # A URL whose image the job keeps: its image's hash, and no body (the record is rebuilt from
+    # kept_images); any other outcome: its DownloadRecord as JSON.
+    sa.Column("sha", sa.LargeBinary(32)),
+    sa.Column("body", sa.Text),
 )
 
 # The perceptual hash of each kept image, cut into four 16-bit bands, each indexed: two
@@ -170,59 +172,65 @@ images = sa.Table(
 PHASH_BANDS = 4
 PHASH_BAND_BITS = 16
 
-phashes = sa.Table(
-    "phashes",
+kept_images = sa.Table(  # the images a job keeps, with their provenance
+    "kept_images",
     metadata,
-    _job_id(),
-    sa.Column("sha", Key, primary_key=True),
-    sa.Column("hash", sa.BigInteger, nullable=False),  # the 64 bits as a signed integer
-    *(sa.Column(f"band{i}", sa.Integer, nullable=False) for i in range(PHASH_BANDS)),
-    sa.Column("pixels", sa.BigInteger, nullable=False),
-    sa.Column("image_key", Key, nullable=False),
-    sa.Column("url", sa.Text, nullable=False),
-    *(sa.Index(None, "job_id", f"band{i}") for i in range(PHASH_BANDS)),
+    # Fixed-width columns first (no alignment padding between them).
+    sa.Column("fetched_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("phash", sa.BigInteger),  # StoredImage.phash, 64 bits as a signed integer
+    sa.Column("near", sa.BigInteger),  # the crawler's near-duplicate hash, where it looked
+    sa.Column("job", JobNo, primary_key=True),
+    sa.Column("width", sa.Integer, nullable=False),
+    sa.Column("height", sa.Integer, nullable=False),
+    *(sa.Column(f"band{i}", sa.Integer) for i in range(PHASH_BANDS)),
+    # Keyed by hash first: the same index finds a hash in this job and in every other job.
+    sa.Column("sha", sa.LargeBinary(32), primary_key=True),
+    sa.Column("format", Key, nullable=False),
+    sa.Column("source", Key, nullable=False),
+    sa.Column("key", Key),  # the object key, where it is not keys.image_key(job, sha, format)
+    # The URL whose copy the job keeps and the provenance's texts (image URL where it differs, page
+    # URL, title, licence, licence URL, author), packed and deflated (sqlstate.pack_provenance):
+    # they repeat one another (a file name in the image URL, the page URL and the title), and
+    # PostgreSQL compresses only values of 2 KB and more.
+    sa.Column("provenance", sa.LargeBinary, nullable=False),
+    # The band indexes lead with the job, so they also serve "every image of a job".
+    *(sa.Index(None, "job", f"band{i}") for i in range(PHASH_BANDS)),
+    sa.PrimaryKeyConstraint("sha", "job"),
+)
+
+superseded = sa.Table(  # images replaced by a larger near-duplicate: their copies point at it, work on them is dropped
+    "superseded",
+    metadata,
+    _job_no(),
+    sa.Column("prefix", sa.LargeBinary(12), primary_key=True),  # the hash's first 12 bytes (crop ids carry them)
+    sa.Column("sha", sa.LargeBinary(32), nullable=False, index=True),
+    sa.Column("url", sa.Text, nullable=False),  # the URL whose copy replaced it
 )
 
 duplicates = sa.Table(  # the copies filed under the URL kept, so a larger copy can take them all over
     "duplicates",
     metadata,
-    _job_id(),
-    sa.Column("kept_digest", Digest, primary_key=True),
-    sa.Column("url_digest", Digest, primary_key=True),
-)
-
-superseded_images = sa.Table(  # images replaced by a larger near-duplicate: work on them is dropped
-    "superseded_images", metadata, _job_id(), sa.Column("sha24", Key, primary_key=True)
+    _job_no(),
+    sa.Column("kept_digest", sa.LargeBinary(16), primary_key=True),
+    sa.Column("url_digest", sa.LargeBinary(16), primary_key=True),
 )
 
 # ------------------------------------------------------------------------------ detect
 
-detections = sa.Table(
-    "detections",
+detected_images = sa.Table(  # each detected image, with its crops
+    "detected_images",
     metadata,
-    _job_id(),
-    sa.Column("image_key", Key, primary_key=True),
-    sa.Column("crops", sa.Integer, nullable=False),
-)
-
-crops = sa.Table(
-    "crops",
-    metadata,
-    _job_id(),
-    sa.Column("key", Key, primary_key=True),
-    sa.Column("body", sa.Text, nullable=False),  # the Crop as JSON
+    _job_no(),
+    sa.Column("image", sa.LargeBinary, primary_key=True),  # sqlstate.image_id of the image's key
+    sa.Column("crops", sa.SmallInteger, nullable=False),
+    sa.Column("tail", sa.LargeBinary),  # the rest of the key, where the id is the hash's first 12 bytes
+    # The image's crops, packed (sqlstate.pack_crops): index, boxes as float32 (the detector's own
+    # precision), score, class. A crop row of its own would cost its header and key again per crop.
+    sa.Column("packed", sa.LargeBinary),
 )
 
 # ------------------------------------------------------------------------------ siamese
-
-distances = sa.Table(
-    "distances",
-    metadata,
-    _job_id(),
-    sa.Column("crop_key", Key, primary_key=True),
-    sa.Column("distance", sa.Double, nullable=False),
-    sa.Index(None, "job_id", "distance", "crop_key"),  # keyset pages and range counts
-)
 
 distance_bins = sa.Table(  # how many distances fall in each bin (see sqlstate.distance_bin)
     "distance_bins",
@@ -232,7 +240,19 @@ distance_bins = sa.Table(  # how many distances fall in each bin (see sqlstate.d
     sa.Column("crops", sa.BigInteger, nullable=False),
 )
 
-compare_failures = sa.Table("compare_failures", metadata, _job_id(), sa.Column("crop_key", Key, primary_key=True))
+crop_distances = sa.Table(  # each compared crop's distance, written once (an update only when rescored)
+    "crop_distances",
+    metadata,
+    _job_no(),
+    sa.Column("crop", sa.LargeBinary, primary_key=True),  # sqlstate.crop_id of the crop's key
+    sa.Column("distance", sa.Double, nullable=False),
+    # Range counts and keyset pages by distance; ties are ordered by the crop id after the index.
+    sa.Index(None, "job", "distance"),
+)
+
+compare_failures = sa.Table(
+    "compare_failures", metadata, _job_no(), sa.Column("crop", sa.LargeBinary, primary_key=True)
+)
 
 feedback = sa.Table(
     "feedback",

@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
+import re
+import struct
 import time
+import zlib
 from bisect import bisect_right
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,6 +42,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from imgsift_common import keys
 from imgsift_common import schema as t
 from imgsift_common.calibration import GRID, MAX_DISTANCE
 from imgsift_common.messages import (
@@ -61,9 +66,7 @@ from imgsift_common.state import (
     JobNotFound,
     StreamState,
     finalised_job,
-    page_of,
     reason_counter,
-    sha24_of,
     updated_job,
 )
 
@@ -86,9 +89,79 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
-def _duplicate_row(job_id: str, kept_url: str, url: str) -> dict[str, Any]:
+def _url_id(url: str) -> bytes:
+    """A URL's id in the per-image tables: the first 16 bytes of its SHA-256 (no collision in any
+    job's lifetime: 2^64 URLs would give one even odds)."""
+    return _digest(url)[:16]
+
+
+def _duplicate_row(job: int, kept_url: str, url: str) -> dict[str, Any]:
     """The row that files ``url`` as a duplicate of the copy kept at ``kept_url``."""
-    return {"job_id": job_id, "kept_digest": _digest(kept_url), "url_digest": _digest(url)}
+    return {"job": job, "kept_digest": _url_id(kept_url), "url_digest": _url_id(url)}
+
+
+# ---------------------------------------------------------------------------- compact ids
+#
+# An image's or a crop's key is kept as bytes that rebuild it: for keys laid out as keys.py lays
+# them out (the only ones the workers write), the image hash's first 12 bytes (and for a crop
+# its index as 2 bytes), so that bytes order is key order; any other key as FOREIGN + its UTF-8
+# bytes (never 12 or 14 bytes long, so the two kinds never meet).
+
+FOREIGN = b"\xff" * 15
+_HEX_RE = r"[0-9a-f]"
+
+
+@functools.lru_cache(maxsize=64)
+def _patterns(job_id: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    job = re.escape(job_id)
+    image = re.compile(rf"jobs/{job}/images/({_HEX_RE}{{64}})\.([a-z]+)")
+    crop = re.compile(rf"jobs/{job}/crops/({_HEX_RE}{{24}})-(\d{{3}})\.jpg")
+    return image, crop
+
+
+def image_id(job_id: str, key: str) -> tuple[bytes, bytes | None]:
+    """An image key's id and the tail that rebuilds the key with it (None: the id holds the key)."""
+    if m := _patterns(job_id)[0].fullmatch(key):
+        sha = bytes.fromhex(m[1])
+        return sha[:12], sha[12:] + m[2].encode()
+    return FOREIGN + key.encode(), None
+
+
+def image_key_of(job_id: str, image: bytes, tail: bytes | None) -> str:
+    if tail is None:
+        return image[len(FOREIGN) :].decode()
+    return f"jobs/{job_id}/images/{(image + tail[:20]).hex()}.{tail[20:].decode()}"
+
+
+def crop_id(job_id: str, key: str) -> bytes:
+    """A crop key's id (see above); a crop of keys.py's layout: its image's id + its index."""
+    if m := _patterns(job_id)[1].fullmatch(key):
+        return bytes.fromhex(m[1]) + int(m[2]).to_bytes(2, "big")
+    return FOREIGN + key.encode()
+
+
+def crop_key_of(job_id: str, crop: bytes) -> str:
+    if crop.startswith(FOREIGN):
+        return crop[len(FOREIGN) :].decode()
+    return f"jobs/{job_id}/crops/{crop[:12].hex()}-{int.from_bytes(crop[12:], 'big'):03d}.jpg"
+
+
+def _prefix(job_id: str, key: str) -> bytes | None:
+    """The image hash prefix (12 bytes) an image or crop key of keys.py's layout names."""
+    ident = crop_id(job_id, key) if "/crops/" in key else image_id(job_id, key)[0]
+    return None if ident.startswith(FOREIGN) else ident[:12]
+
+
+# The record types the compact rows rebuild: a new field must get a column here too.
+assert set(StoredImage.model_fields) == {
+    "job_id", "key", "sha256", "width", "height", "format", "bytes", "fetched_at", "provenance", "phash"
+}, "StoredImage changed: add its new fields to schema.kept_images"  # fmt: skip
+assert set(Candidate.model_fields) == {
+    "image_url", "page_url", "source", "title", "license", "license_url", "author"
+}, "Candidate changed: add its new fields to schema.kept_images"  # fmt: skip
+assert set(Crop.model_fields) == {
+    "job_id", "key", "crop_id", "image_key", "box", "padded_box", "score", "class_name", "whole_image"
+}, "Crop changed: add its new fields to schema.detected_images (sqlstate.pack_crops)"  # fmt: skip
 
 
 def _signed64(value: int) -> int:
@@ -146,11 +219,11 @@ RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 co
 @functools.lru_cache(maxsize=RANGES_PER_QUERY)
 def _range_counts(n: int) -> sa.Select[Any]:
     """One row of ``n`` counts of a job's distances in [low{i}, high{i}]; built once per ``n``."""
-    c = t.distances.c
-    job_id: sa.BindParameter[str] = sa.bindparam("job_id")
+    c = t.crop_distances.c
+    job: sa.BindParameter[int] = sa.bindparam("job")
     counts = (
         sa.select(sa.func.count())
-        .where(c.job_id == job_id, c.distance.between(sa.bindparam(f"low{i}"), sa.bindparam(f"high{i}")))
+        .where(c.job == job, c.distance.between(sa.bindparam(f"low{i}"), sa.bindparam(f"high{i}")))
         .scalar_subquery()
         .label(f"n{i}")
         for i in range(n)
@@ -164,6 +237,7 @@ class _Tx:
 
     conn: Connection
     job_id: str
+    job: int = 0  # the job's number, where the transaction writes per-image tables
     counts: Tally[str] = field(default_factory=Tally)
     bins: Tally[int] = field(default_factory=Tally)
 
@@ -193,7 +267,7 @@ class _Tx:
 class _Kept:
     """A kept image's perceptual-hash row: what a larger near-duplicate needs to replace it."""
 
-    sha: str
+    sha: bytes
     pixels: int
     image_key: str
     url: str
@@ -204,6 +278,7 @@ class SqlStateStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._numbers: dict[str, int] = {}  # job id -> number, once given (never changes)
 
     @classmethod
     def open(cls, url: str | sa.URL, *, migrate: bool = False) -> SqlStateStore:
@@ -227,11 +302,26 @@ class SqlStateStore:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self, job_id: str = "") -> Iterator[_Tx]:
+    def _write(self, job_id: str = "", *, numbered: bool = False) -> Iterator[_Tx]:
+        """A write transaction of ``job_id``; ``numbered``: it writes per-image tables (``tx.job``)."""
+        job = self._number(job_id, create=True) or 0 if numbered else 0
         with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
-            tx = _Tx(conn, job_id)
+            tx = _Tx(conn, job_id, job)
             yield tx
             tx.flush()
+
+    def _number(self, job_id: str, *, create: bool = False) -> int | None:
+        """The job's number in the per-image tables (None: the job has recorded none), given on first use."""
+        if (known := self._numbers.get(job_id)) is not None:
+            return known
+        n = t.job_numbers.c
+        with self.engine.connect().execution_options(**(WRITE if create else {})) as conn, conn.begin():
+            if create:
+                conn.execute(insert(conn, t.job_numbers).values(job_id=job_id).on_conflict_do_nothing())
+            found = conn.execute(sa.select(n.num).where(n.job_id == job_id)).scalar()
+        if found is not None:
+            self._numbers[job_id] = int(found)
+        return found
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -450,14 +540,18 @@ class SqlStateStore:
             )
 
     def url_record(self, job_id: str, url: str) -> DownloadRecord | None:
-        c = t.downloads.c
-        body = self._scalar(sa.select(c.body).where(c.job_id == job_id, c.url_digest == _digest(url)))
-        return DownloadRecord.model_validate_json(body) if body is not None else None
+        if (job := self._number(job_id)) is None:
+            return None
+        c = t.url_outcomes.c
+        with self._read() as conn:
+            rows = conn.execute(sa.select(c.sha, c.body).where(c.job == job, c.url_digest == _url_id(url))).all()
+            return _records(conn, job, job_id, rows)[0] if rows else None
 
     def sha_owner(self, job_id: str, sha256: str) -> str | None:
-        c = t.image_shas.c
-        url = self._scalar(sa.select(c.url).where(c.job_id == job_id, c.sha == sha256))
-        return str(url) if url is not None else None
+        if (job := self._number(job_id)) is None:
+            return None
+        with self._read() as conn:
+            return _owners(conn, job, [bytes.fromhex(sha256)]).get(bytes.fromhex(sha256))
 
     def record_download(
         self,
@@ -490,100 +584,102 @@ class SqlStateStore:
         """
         if not items:
             return []
-        with self._write(job_id) as tx:
+        with self._write(job_id, numbered=True) as tx:
             return _Downloads(self, tx, max_images, across_jobs).record(items)
 
     @staticmethod
-    def _file_duplicate(tx: _Tx, kept_url: str, url: str) -> None:
-        row = _duplicate_row(tx.job_id, kept_url, url)
-        tx.conn.execute(insert(tx.conn, t.duplicates).values(row).on_conflict_do_nothing())
-
-    def _supersede(self, tx: _Tx, old: _Kept, url: str, distance: int) -> None:
+    def _supersede(tx: _Tx, old: _Kept, url: str, distance: int) -> None:
         """The kept copy ``old`` becomes a duplicate of the larger one at ``url``, downstream included."""
-        conn, job_id = tx.conn, tx.job_id
-        d, dup = t.downloads.c, t.duplicates.c
-        old_digest, new_digest = _digest(old.url), _digest(url)
+        conn, job_id, job = tx.conn, tx.job_id, tx.job
+        d, dup = t.url_outcomes.c, t.duplicates.c
+        old_digest, new_digest = _url_id(old.url), _url_id(url)
         # It and every copy filed under it now point at the new copy: one keeper per group.
-        members = sa.select(dup.url_digest).where(dup.job_id == job_id, dup.kept_digest == old_digest)
+        members = sa.select(dup.url_digest).where(dup.job == job, dup.kept_digest == old_digest)
         group = conn.execute(
-            sa.select(d.url_digest, d.body).where(
-                d.job_id == job_id, (d.url_digest == old_digest) | d.url_digest.in_(members)
+            sa.select(d.url_digest, d.sha, d.body).where(
+                d.job == job, (d.url_digest == old_digest) | d.url_digest.in_(members)
             )
         ).all()
-        for row in group:
+        records = _records(conn, job, job_id, group)
+        for row, record in zip(group, records, strict=True):
             update: dict[str, object] = {"duplicate_of": url}
             if row.url_digest == old_digest:
                 update |= {"outcome": DownloadOutcome.DUPLICATE, "hamming": distance}
-            moved = DownloadRecord.model_validate_json(row.body).model_copy(update=update)
             conn.execute(
-                sa.update(t.downloads)
-                .where(d.job_id == job_id, d.url_digest == row.url_digest)
-                .values(body=moved.model_dump_json())
+                sa.update(t.url_outcomes)
+                .where(d.job == job, d.url_digest == row.url_digest)
+                .values(sha=None, body=record.model_copy(update=update).model_dump_json())
             )
         conn.execute(
-            sa.update(t.duplicates)
-            .where(dup.job_id == job_id, dup.kept_digest == old_digest)
-            .values(kept_digest=new_digest)
+            sa.update(t.duplicates).where(dup.job == job, dup.kept_digest == old_digest).values(kept_digest=new_digest)
         )
-        self._file_duplicate(tx, url, old.url)
-        s, i, p = t.image_shas.c, t.images.c, t.phashes.c
-        conn.execute(sa.update(t.image_shas).where(s.job_id == job_id, s.sha == old.sha).values(url=url))
-        conn.execute(sa.delete(t.images).where(i.job_id == job_id, i.key == old.image_key))
-        conn.execute(sa.delete(t.phashes).where(p.job_id == job_id, p.sha == old.sha))
+        conn.execute(insert(conn, t.duplicates).values(_duplicate_row(job, url, old.url)).on_conflict_do_nothing())
+        k = t.kept_images.c
+        conn.execute(sa.delete(t.kept_images).where(k.sha == old.sha, k.job == job))
+        replaced = {"job": job, "prefix": old.sha[:12], "sha": old.sha, "url": url}
+        _insert(conn, t.superseded, [replaced], update=["sha", "url"])
         tx.incr(Counter.DOWNLOADED, -1)
         tx.incr(Counter.DUPLICATES)
-        sha24 = old.sha[:24]
-        conn.execute(insert(conn, t.superseded_images).values(job_id=job_id, sha24=sha24).on_conflict_do_nothing())
-        det = t.detections.c
-        n = conn.execute(sa.select(det.crops).where(det.job_id == job_id, det.image_key == old.image_key)).scalar()
-        if n is None:
+        det = t.detected_images.c
+        found = conn.execute(sa.select(det.crops, det.packed).where(det.job == job, det.image == old.sha[:12])).first()
+        if found is None:
             return
         tx.incr(Counter.DETECTED, -1)
-        tx.incr(Counter.CROPS, -int(n))
-        crop_keys = [f"jobs/{job_id}/crops/{sha24}-{k:03d}.jpg" for k in range(int(n))]
-        dist, failed = t.distances.c, t.compare_failures.c
-        for chunk in _chunks(crop_keys):
-            gone = conn.execute(
-                sa.delete(t.distances).where(dist.job_id == job_id, dist.crop_key.in_(chunk)).returning(dist.distance)
-            ).scalars()
-            for value in gone:
+        tx.incr(Counter.CROPS, -int(found.crops))
+        crops = [old.sha[:12] + index.to_bytes(2, "big") for index in unpack_crops(found.packed)]
+        cd, failed = t.crop_distances.c, t.compare_failures.c
+        for chunk in _chunks(crops):
+            scored = sa.delete(t.crop_distances).where(cd.job == job, one_of(conn, cd.crop, chunk))
+            for value in conn.execute(scored.returning(cd.distance)).scalars():
                 tx.incr(Counter.COMPARED, -1)
                 tx.add_distance(value, -1)
             lost = conn.execute(
                 sa.delete(t.compare_failures)
-                .where(failed.job_id == job_id, failed.crop_key.in_(chunk))
-                .returning(failed.crop_key)
+                .where(failed.job == job, one_of(conn, failed.crop, chunk))
+                .returning(failed.crop)
             ).all()
             tx.incr(Counter.COMPARE_FAILED, -len(lost))
 
     def get_image(self, job_id: str, key: str) -> StoredImage | None:
-        c = t.images.c
-        body = self._scalar(sa.select(c.body).where(c.job_id == job_id, c.key == key))
-        return StoredImage.model_validate_json(body) if body is not None else None
+        if (job := self._number(job_id)) is None:
+            return None
+        k = t.kept_images.c
+        ident, tail = image_id(job_id, key)
+        where = (k.sha == ident + tail[:20], k.job == job) if tail is not None else (k.job == job, k.key == key)
+        with self._read() as conn:
+            row = conn.execute(sa.select(t.kept_images).where(*where)).first()
+        image = _stored_image(job_id, row) if row is not None else None
+        return image if image is not None and image.key == key else None
 
     def image_keys(self, job_id: str) -> list[str]:
-        c = t.images.c
+        if (job := self._number(job_id)) is None:
+            return []
+        k = t.kept_images.c
         with self._read() as conn:
-            return list(conn.execute(sa.select(c.key).where(c.job_id == job_id).order_by(c.key)).scalars())
+            rows = conn.execute(sa.select(k.sha, k.format, k.key).where(k.job == job))
+            return sorted(_image_key(job_id, row) for row in rows)
 
     # ------------------------------------------------------------------ detect
     def is_detected(self, job_id: str, image_key: str) -> bool:
         return self.detected_count(job_id, image_key) is not None
 
     def detected_count(self, job_id: str, image_key: str) -> int | None:
-        c = t.detections.c
-        n = self._scalar(sa.select(c.crops).where(c.job_id == job_id, c.image_key == image_key))
+        if (job := self._number(job_id)) is None:
+            return None
+        c = t.detected_images.c
+        n = self._scalar(sa.select(c.crops).where(c.job == job, c.image == image_id(job_id, image_key)[0]))
         return int(n) if n is not None else None
 
-    def _superseded(self, tx: _Tx, keys: Iterable[str]) -> set[str]:
+    @staticmethod
+    def _superseded(tx: _Tx, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` (image or crop keys) belong to an image replaced by a larger near-duplicate."""
-        c = t.superseded_images.c
-        keys = list(keys)
-        found: set[str] = set()
-        for chunk in _chunks(sorted({sha24_of(k) for k in keys})):
-            query = sa.select(c.sha24).where(c.job_id == tx.job_id, one_of(tx.conn, c.sha24, chunk))
+        c = t.superseded.c
+        prefixes = {k: _prefix(tx.job_id, k) for k in keys}
+        found: set[bytes] = set()
+        for chunk in _chunks(sorted({p for p in prefixes.values() if p is not None})):
+            query = sa.select(c.prefix).where(c.job == tx.job, one_of(tx.conn, c.prefix, chunk))
             found.update(tx.conn.execute(query).scalars())
-        return {k for k in keys if sha24_of(k) in found}
+        return {k for k, p in prefixes.items() if p in found}
 
     def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
         return self.record_detections(job_id, [(image_key, crops)])[image_key]
@@ -596,43 +692,61 @@ class SqlStateStore:
             batch.setdefault(image_key, crops)
         if not batch:
             return {}
-        c = t.detections.c
-        with self._write(job_id) as tx:
+        ids = {key: image_id(job_id, key) for key in batch}
+        packed = {key: pack_crops(job_id, key, ids[key][0], crops) for key, crops in batch.items()}
+        c = t.detected_images.c
+        with self._write(job_id, numbered=True) as tx:
             self._gate(tx, exclusive=False)
             superseded = self._superseded(tx, batch)
             # A replaced image is marked detected with no crops: a redelivery stops early.
             rows = [
-                {"job_id": job_id, "image_key": key, "crops": 0 if key in superseded else len(crops)}
-                for key, crops in sorted(batch.items())
+                {"job": tx.job, "image": ident, "tail": tail}
+                | (
+                    {"crops": 0, "packed": None}
+                    if key in superseded
+                    else {"crops": len(batch[key]), "packed": packed[key]}
+                )
+                for key, (ident, tail) in sorted(ids.items(), key=lambda kv: kv[1][0])
             ]
-            inserted = set(_insert(tx.conn, t.detections, rows, returning=c.image_key))
-            recorded = {key: key in inserted and key not in superseded for key in batch}
-            new = {crop.key: crop for key, crops in batch.items() if recorded[key] for crop in crops}
-            crop_rows = [{"job_id": job_id, "key": k, "body": new[k].model_dump_json()} for k in sorted(new)]
-            _insert(tx.conn, t.crops, crop_rows, update=["body"])
+            inserted = set(_insert(tx.conn, t.detected_images, rows, returning=c.image))
+            recorded = {key: ids[key][0] in inserted and key not in superseded for key in batch}
             tx.incr(Counter.DETECTED, sum(recorded.values()))
             tx.incr(Counter.CROPS, sum(len(batch[key]) for key, done in recorded.items() if done))
             return recorded
 
     def get_crops(self, job_id: str, crop_keys: Iterable[str]) -> list[Crop]:
         keys = list(crop_keys)
-        c = t.crops.c
-        found: dict[str, str] = {}
+        if not keys or (job := self._number(job_id)) is None:
+            return []
+        det = t.detected_images.c
+        found: dict[bytes, Crop | None] = {}
+        images = sorted({ident[:12] for ident in map(functools.partial(crop_id, job_id), keys) if len(ident) == 14})
         with self._read() as conn:
-            for chunk in _chunks(keys):
-                rows = conn.execute(sa.select(c.key, c.body).where(c.job_id == job_id, c.key.in_(chunk)))
-                found.update((key, body) for key, body in rows)
-        return [Crop.model_validate_json(found[key]) for key in keys if key in found]
+            for chunk in _chunks(images):
+                query = sa.select(det.image, det.tail, det.packed).where(
+                    det.job == job, one_of(conn, det.image, chunk), det.packed.is_not(None)
+                )
+                for row in conn.execute(query):
+                    image_key = image_key_of(job_id, row.image, row.tail)
+                    for index, crop in unpack_crops(row.packed, job_id, row.image, image_key).items():
+                        found[row.image + index.to_bytes(2, "big")] = crop
+        return [crop for key in keys if (crop := found.get(crop_id(job_id, key))) is not None]
 
     def crop_keys(self, job_id: str) -> list[str]:
-        c = t.crops.c
+        if (job := self._number(job_id)) is None:
+            return []
+        det = t.detected_images.c
         with self._read() as conn:
-            return list(conn.execute(sa.select(c.key).where(c.job_id == job_id).order_by(c.key)).scalars())
+            rows = conn.execute(sa.select(det.image, det.packed).where(det.job == job, det.packed.is_not(None)))
+            return sorted(
+                crop_key_of(job_id, image + index.to_bytes(2, "big"))
+                for image, packed in rows
+                for index in unpack_crops(packed)
+            )
 
     # ------------------------------------------------------------------ siamese
     def has_distance(self, job_id: str, crop_key: str) -> bool:
-        c = t.distances.c
-        return self._scalar(sa.select(sa.literal(1)).where(c.job_id == job_id, c.crop_key == crop_key)) is not None
+        return bool(self.distances_of(job_id, [crop_key]))
 
     def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
         """Record a crop's distance once (counted once); a second one replaces the value, as ZADD does."""
@@ -641,44 +755,46 @@ class SqlStateStore:
     def record_distances(self, job_id: str, distances: Iterable[tuple[str, float]]) -> dict[str, bool]:
         """:meth:`record_distance` for a batch of crops in one transaction (a scored batch: one commit,
         one gate, one insert, one counter and histogram write instead of one each per crop); per
-        crop key, whether this call recorded it first. Written in key order, so two deliveries of
+        crop key, whether this call recorded it first. Written in id order, so two deliveries of
         overlapping batches take their row locks in the same order."""
         values = {k: float(d) for k, d in distances}
         if not values:
             return {}
-        c = t.distances.c
+        c = t.crop_distances.c
         recorded = dict.fromkeys(values, False)
-        with self._write(job_id) as tx:
+        with self._write(job_id, numbered=True) as tx:
             self._gate(tx, exclusive=False)
-            live = sorted(set(values) - self._superseded(tx, values))  # a replaced image's crops are dropped
-            rows = [{"job_id": job_id, "crop_key": k, "distance": values[k]} for k in live]
-            for key in _insert(tx.conn, t.distances, rows, returning=c.crop_key):
+            ids = {crop_id(job_id, k): k for k in set(values) - self._superseded(tx, values)}
+            rows = [{"job": tx.job, "crop": i, "distance": values[ids[i]]} for i in sorted(ids)]
+            for ident in _insert(tx.conn, t.crop_distances, rows, returning=c.crop):
+                key = ids[ident]
                 recorded[key] = True
                 tx.incr(Counter.COMPARED)
                 tx.add_distance(values[key])
-            again = [k for k in live if not recorded[k]]  # recorded before: the new value replaces it
+            again = sorted(i for i, k in ids.items() if not recorded[k])  # scored before: the new value replaces it
             changed: list[dict[str, Any]] = []
             for chunk in _chunks(again):
-                query = sa.select(c.crop_key, c.distance).where(c.job_id == job_id, one_of(tx.conn, c.crop_key, chunk))
-                for key, old in tx.conn.execute(query.order_by(c.crop_key).with_for_update()):
-                    if old != values[key]:
+                query = sa.select(c.crop, c.distance).where(c.job == tx.job, one_of(tx.conn, c.crop, chunk))
+                for ident, old in tx.conn.execute(query.order_by(c.crop).with_for_update()):
+                    new = values[ids[ident]]
+                    if old != new:
                         tx.add_distance(old, -1)
-                        tx.add_distance(values[key])
-                        changed.append({"key": key, "value": values[key]})
+                        tx.add_distance(new)
+                        changed.append({"ident": ident, "value": new})
             if changed:
                 update = (
-                    sa.update(t.distances)
-                    .where(c.job_id == job_id, c.crop_key == sa.bindparam("key"))
+                    sa.update(t.crop_distances)
+                    .where(c.job == tx.job, c.crop == sa.bindparam("ident"))
                     .values(distance=sa.bindparam("value"))
                 )
                 tx.conn.execute(update, changed)
         return recorded
 
     def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
-        with self._write(job_id) as tx:
+        with self._write(job_id, numbered=True) as tx:
             self._gate(tx, exclusive=False)
-            stmt = insert(tx.conn, t.compare_failures).values(job_id=job_id, crop_key=crop_key)
-            if tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.compare_failures.c.crop_key)).first() is None:
+            stmt = insert(tx.conn, t.compare_failures).values(job=tx.job, crop=crop_id(job_id, crop_key))
+            if tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.compare_failures.c.crop)).first() is None:
                 return False
             tx.incr(Counter.COMPARE_FAILED)
             return True
@@ -689,6 +805,7 @@ class SqlStateStore:
     def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
         """Counts from the histogram's full bins plus one indexed range count per partly covered bin."""
         b = t.distance_bins.c
+        job = self._number(job_id) or 0
         with self._read() as conn:
             snapshot(conn)  # the histogram and the range counts from one state
             hist = {k: int(n) for k, n in conn.execute(sa.select(b.bin, b.crops).where(b.job_id == job_id))}
@@ -704,7 +821,7 @@ class SqlStateStore:
                 else:  # bin 0 is open below, as the last bin is above
                     ranges.append((EDGES[k - 1] if k else -math.inf, threshold))
             for chunk in _chunks(ranges, RANGES_PER_QUERY):
-                params: dict[str, object] = {"job_id": job_id}
+                params: dict[str, object] = {"job": job}
                 for i, (low, high) in enumerate(chunk):
                     params |= {f"low{i}": low, f"high{i}": high}
                 row = conn.execute(_range_counts(len(chunk)), params).one()
@@ -712,19 +829,24 @@ class SqlStateStore:
         return [below[distance_bin(x)] + partial[x] for x in thresholds]
 
     def distances_of(self, job_id: str, crop_keys: list[str]) -> dict[str, float]:
-        c = t.distances.c
+        if not crop_keys or (job := self._number(job_id)) is None:
+            return {}
+        c = t.crop_distances.c
+        ids = {crop_id(job_id, k): k for k in crop_keys}
         found: dict[str, float] = {}
         with self._read() as conn:
-            for chunk in _chunks(crop_keys):
-                rows = conn.execute(sa.select(c.crop_key, c.distance).where(c.job_id == job_id, c.crop_key.in_(chunk)))
-                found.update((key, float(d)) for key, d in rows)
+            for chunk in _chunks(sorted(ids)):
+                query = sa.select(c.crop, c.distance).where(c.job == job, one_of(conn, c.crop, chunk))
+                found.update((ids[ident], float(d)) for ident, d in conn.execute(query))
         return {key: found[key] for key in crop_keys if key in found}
 
     def distances(self, job_id: str) -> list[tuple[str, float]]:
-        c = t.distances.c
-        query = sa.select(c.crop_key, c.distance).where(c.job_id == job_id).order_by(c.distance, c.crop_key)
+        if (job := self._number(job_id)) is None:
+            return []
+        c = t.crop_distances.c
+        query = sa.select(c.crop, c.distance).where(c.job == job).order_by(c.distance, c.crop)
         with self._read() as conn:
-            return [(key, float(d)) for key, d in conn.execute(query)]
+            return [(crop_key_of(job_id, crop), float(d)) for crop, d in conn.execute(query)]
 
     def distance_page(
         self,
@@ -736,20 +858,30 @@ class SqlStateStore:
         limit: int = 100,
         descending: bool = False,
     ) -> DistancePage:
-        """One page in (distance, crop key) order, after the last one's cursor (keyset, never OFFSET)."""
-        c = t.distances.c
-        query = sa.select(c.crop_key, c.distance).where(c.job_id == job_id)
+        """One page in (distance, crop id) order, after the last one's cursor (keyset, never OFFSET).
+
+        Crop ids order as the keys of keys.py's layout do (other keys follow them, in their order)."""
+        if (job := self._number(job_id)) is None:
+            return DistancePage([], None)
+        c = t.crop_distances.c
+        query = sa.select(c.crop, c.distance).where(c.job == job)
         if max_distance is not None:
             query = query.where(c.distance <= max_distance)
         if min_distance_exclusive is not None:
             query = query.where(c.distance > min_distance_exclusive)
         if after is not None:
-            cursor = sa.tuple_(c.distance, c.crop_key)
-            query = query.where(cursor < after if descending else cursor > after)
-        order = (c.distance.desc(), c.crop_key.desc()) if descending else (c.distance, c.crop_key)
+            cursor, position = sa.tuple_(c.distance, c.crop), (after[0], crop_id(job_id, after[1]))
+            # The distance bound alone lets the (job, distance) index start at the cursor.
+            if descending:
+                query = query.where(c.distance <= after[0], cursor < position)
+            else:
+                query = query.where(c.distance >= after[0], cursor > position)
+        order = (c.distance.desc(), c.crop.desc()) if descending else (c.distance, c.crop)
         with self._read() as conn:
-            rows = conn.execute(query.order_by(*order).limit(limit + 1))
-            return page_of([(key, float(d)) for key, d in rows], limit, descending)
+            rows = conn.execute(query.order_by(*order).limit(limit + 1)).all()
+        items = [(crop_key_of(job_id, crop), float(d)) for crop, d in rows[:limit]]
+        more = len(rows) > limit and items
+        return DistancePage(items, (items[-1][1], items[-1][0]) if more else None)
 
     # ------------------------------------------------------------------ feedback and resets
     def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
@@ -771,46 +903,281 @@ class SqlStateStore:
             return {key: bool(v) for key, v in conn.execute(sa.select(c.crop_key, c.correct).where(c.job_id == job_id))}
 
     def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
-        i, det, cr = t.images.c, t.detections.c, t.crops.c
-        dist, failed = t.distances.c, t.compare_failures.c
-        images = (
-            sa.select(i.key)
-            .where(i.job_id == job_id, ~sa.exists().where(det.job_id == job_id, det.image_key == i.key))
-            .order_by(i.key)
-        )
-        crops = (
-            sa.select(cr.key)
-            .where(
-                cr.job_id == job_id,
-                ~sa.exists().where(dist.job_id == job_id, dist.crop_key == cr.key),
-                ~sa.exists().where(failed.job_id == job_id, failed.crop_key == cr.key),
-            )
-            .order_by(cr.key)
-        )
+        if (job := self._number(job_id)) is None:
+            return [], []
+        k, det = t.kept_images.c, t.detected_images.c
+        todo_images: list[str] = []
+        todo_crops: list[str] = []
         with self._read() as conn:
             snapshot(conn)
-            return list(conn.execute(images).scalars()), list(conn.execute(crops).scalars())
+            done = set(conn.execute(sa.select(det.image).where(det.job == job)).scalars())
+            for row in conn.execute(sa.select(k.sha, k.format, k.key).where(k.job == job)):
+                key = _image_key(job_id, row)
+                if image_id(job_id, key)[0] not in done:
+                    todo_images.append(key)
+            detected = conn.execute(sa.select(det.image, det.packed).where(det.job == job, det.packed.is_not(None)))
+            crops = [image + index.to_bytes(2, "big") for image, packed in detected for index in unpack_crops(packed)]
+            for chunk in _chunks(sorted(crops)):
+                ended: set[bytes] = set()
+                for table in (t.crop_distances, t.compare_failures):
+                    c = table.c
+                    ended.update(
+                        conn.execute(sa.select(c.crop).where(c.job == job, one_of(conn, c.crop, chunk))).scalars()
+                    )
+                todo_crops += [crop_key_of(job_id, crop) for crop in chunk if crop not in ended]
+        return sorted(todo_images), sorted(todo_crops)
 
     def reset_detections(self, job_id: str) -> None:
-        with self._write(job_id) as tx:
+        with self._write(job_id, numbered=True) as tx:
             self._gate(tx, exclusive=True)
-            tx.conn.execute(sa.delete(t.detections).where(t.detections.c.job_id == job_id))
-            tx.conn.execute(sa.delete(t.crops).where(t.crops.c.job_id == job_id))
+            tx.conn.execute(sa.delete(t.detected_images).where(t.detected_images.c.job == tx.job))
             self._forget_distances(tx, Counter.DETECTED, Counter.CROPS)
 
     def reset_distances(self, job_id: str) -> None:
-        with self._write(job_id) as tx:
+        with self._write(job_id, numbered=True) as tx:
             self._gate(tx, exclusive=True)
             self._forget_distances(tx)
 
     @staticmethod
     def _forget_distances(tx: _Tx, *counters: Counter) -> None:
         job_id = tx.job_id
-        for table in (t.distances, t.distance_bins, t.compare_failures):
-            tx.conn.execute(sa.delete(table).where(table.c.job_id == job_id))
+        tx.conn.execute(sa.delete(t.distance_bins).where(t.distance_bins.c.job_id == job_id))
+        for table in (t.crop_distances, t.compare_failures):
+            tx.conn.execute(sa.delete(table).where(table.c.job == tx.job))
         names = [n.value for n in (*counters, Counter.COMPARED, Counter.COMPARE_FAILED)]
         c = t.job_counters.c
         tx.conn.execute(sa.delete(t.job_counters).where(c.job_id == job_id, c.name.in_(names)))
+
+
+# ---------------------------------------------------------------------------- rows and records
+
+# A packed crop: index and flags, its box, padded box and score as float32 where that keeps each
+# value exactly (the detector's boxes and scores are float32, padded boxes whole pixels; else
+# float64, flag 4), then its class name unless it is the previous crop's (flag 8) and, where it
+# is not the row's image (flag 2), its image key: each text a 2-byte length and UTF-8 (a length
+# of NO_TEXT: None). Flag 1: the crop is the whole image.
+_HEAD = struct.Struct("<HB")
+_NARROW, _WIDE = struct.Struct("<9f"), struct.Struct("<9d")
+_TEXT = struct.Struct("<H")
+NO_TEXT = 0xFFFF
+WHOLE, OTHER_IMAGE, WIDE, SAME_CLASS = 1, 2, 4, 8
+
+
+def _float32_exact(values: Sequence[float]) -> bool:
+    return _NARROW.unpack(_NARROW.pack(*values)) == tuple(values)
+
+
+def _text(value: str | None) -> bytes:
+    if value is None:
+        return _TEXT.pack(NO_TEXT)
+    raw = value.encode()
+    return _TEXT.pack(len(raw)) + raw
+
+
+def pack_crops(job_id: str, image_key: str, image: bytes, crops: Sequence[Crop]) -> bytes:
+    """An image's crops as bytes; refused unless each crop's key is keys.crop_key(job, crop_id) of this image."""
+    out = bytearray()
+    previous: tuple[str | None] | None = None
+    for crop in crops:
+        ident = crop_id(job_id, crop.key)
+        if crop.job_id != job_id or len(ident) != 14 or ident[:12] != image[:12]:
+            raise ValueError(
+                f"crop {crop.key!r} of job {crop.job_id!r}: crops are recorded under keys.crop_key(job, crop_id) "
+                f"of their image's hash ({image_key!r})"
+            )
+        if crop.crop_id != crop.key.rsplit("/", 1)[-1].removesuffix(".jpg"):
+            raise ValueError(f"crop {crop.key!r}: its crop_id {crop.crop_id!r} is not its key's")
+        values = (*crop.box, *crop.padded_box, crop.score)
+        narrow = _float32_exact(values)
+        flags = (WHOLE if crop.whole_image else 0) | (0 if crop.image_key == image_key else OTHER_IMAGE)
+        flags |= (0 if narrow else WIDE) | (SAME_CLASS if previous == (crop.class_name,) else 0)
+        out += _HEAD.pack(int.from_bytes(ident[12:], "big"), flags)
+        out += (_NARROW if narrow else _WIDE).pack(*values)
+        if not flags & SAME_CLASS:
+            out += _text(crop.class_name)
+        if flags & OTHER_IMAGE:
+            out += _text(crop.image_key)
+        previous = (crop.class_name,)
+    return bytes(out)
+
+
+def _unpacked(packed: bytes) -> Iterator[tuple[int, int, tuple[float, ...], str | None, str | None]]:
+    """Per packed crop: index, flags, the 9 floats, class name, other image key."""
+    at, class_name = 0, None
+
+    def text() -> str | None:
+        nonlocal at
+        (n,) = _TEXT.unpack_from(packed, at)
+        at += _TEXT.size
+        if n == NO_TEXT:
+            return None
+        at += n
+        return packed[at - n : at].decode()
+
+    while at < len(packed):
+        index, flags = _HEAD.unpack_from(packed, at)
+        at += _HEAD.size
+        floats = _WIDE if flags & WIDE else _NARROW
+        values = floats.unpack_from(packed, at)
+        at += floats.size
+        if not flags & SAME_CLASS:
+            class_name = text()
+        other = text() if flags & OTHER_IMAGE else None
+        yield index, flags, values, class_name, other
+
+
+def unpack_crops(
+    packed: bytes, job_id: str | None = None, image: bytes = b"", image_key: str = ""
+) -> dict[int, Crop | None]:
+    """Per crop index, the crop (None unless ``job_id`` is given: the indexes only)."""
+    crops: dict[int, Crop | None] = {}
+    for index, flags, values, class_name, other in _unpacked(packed):
+        if job_id is None:
+            crops[index] = None
+            continue
+        key = crop_key_of(job_id, image[:12] + index.to_bytes(2, "big"))
+        crops[index] = Crop(
+            job_id=job_id,
+            key=key,
+            crop_id=key.rsplit("/", 1)[-1].removesuffix(".jpg"),
+            image_key=other if other is not None else image_key,
+            box=values[0:4],
+            padded_box=values[4:8],
+            score=values[8],
+            class_name=class_name,
+            whole_image=bool(flags & WHOLE),
+        )
+    return crops
+
+
+def _image_key(job_id: str, row: Any) -> str:
+    """A kept image's object key: its own column where it does not follow keys.py's layout."""
+    return str(row.key) if row.key is not None else keys.image_key(job_id, bytes(row.sha).hex(), row.format)
+
+
+def _image_row(job_id: str, url: str, image: StoredImage, near: NearDupQuery | None) -> dict[str, Any]:
+    """A kept image's row (its job number set by the caller)."""
+    try:
+        derived = keys.image_key(job_id, image.sha256, image.format) == image.key
+    except ValueError:
+        derived = False
+    if image.phash is not None and not re.fullmatch(r"[0-9a-f]{16}", image.phash):
+        raise ValueError(f"image {image.key!r}: perceptual hash {image.phash!r} is not 16 hex digits")
+    p = image.provenance
+    return {
+        "sha": bytes.fromhex(image.sha256),
+        "fetched_at": _utc(image.fetched_at),
+        "bytes": image.bytes,
+        "phash": _signed64(int(image.phash, 16)) if image.phash is not None else None,
+        "near": _signed64(near.hash) if near is not None else None,
+        "width": image.width,
+        "height": image.height,
+        **{f"band{i}": (b if near is not None else None) for i, b in enumerate(_bands(near.hash if near else 0))},
+        "format": image.format,
+        "source": p.source.value,
+        "key": None if derived else image.key,
+        "provenance": pack_provenance(url, p),
+    }
+
+
+def pack_provenance(url: str, p: Candidate) -> bytes:
+    """The URL kept and the provenance's texts as compact JSON, deflated where that is shorter (first byte: 1)."""
+    image_url = None if p.image_url == url else p.image_url
+    plain = json.dumps([url, image_url, p.page_url, p.title, p.license, p.license_url, p.author], separators=(",", ":"))
+    raw = plain.encode()
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: no header or checksum per row
+    packed = squeeze.compress(raw) + squeeze.flush()
+    return b"\x01" + packed if len(packed) < len(raw) else b"\x00" + raw
+
+
+def _provenance(packed: bytes) -> list[Any]:
+    body = packed[1:] if packed[:1] == b"\x00" else zlib.decompress(packed[1:], -15)
+    return list(json.loads(body))
+
+
+def kept_url(packed: bytes) -> str:
+    """The URL whose copy the job keeps, from a kept image's packed provenance."""
+    return str(_provenance(packed)[0])
+
+
+def _stored_image(job_id: str, row: Any) -> StoredImage:
+    fetched = row.fetched_at
+    url, image_url, page_url, title, license_, license_url, author = _provenance(row.provenance)
+    return StoredImage(
+        job_id=job_id,
+        key=_image_key(job_id, row),
+        sha256=bytes(row.sha).hex(),
+        width=row.width,
+        height=row.height,
+        format=row.format,
+        bytes=row.bytes,
+        fetched_at=fetched.replace(tzinfo=UTC) if fetched.tzinfo is None else fetched.astimezone(UTC),
+        provenance=Candidate(
+            image_url=image_url or url,
+            page_url=page_url,
+            source=row.source,
+            title=title,
+            license=license_,
+            license_url=license_url,
+            author=author,
+        ),
+        phash=f"{row.phash & ((1 << 64) - 1):016x}" if row.phash is not None else None,
+    )
+
+
+def _compact(record: DownloadRecord, image: StoredImage | None) -> bool:
+    """Whether ``record`` is rebuilt from its kept image's row alone (a URL whose image the job keeps)."""
+    return (
+        image is not None
+        and record.sha256 is not None
+        and record
+        == DownloadRecord(url=record.url, outcome=DownloadOutcome.STORED, sha256=record.sha256, image_key=image.key)
+    )
+
+
+def _outcome_row(job: int, digest: bytes, record: DownloadRecord, image: StoredImage | None) -> dict[str, Any]:
+    if _compact(record, image):
+        assert record.sha256 is not None
+        return {"job": job, "url_digest": digest, "sha": bytes.fromhex(record.sha256), "body": None}
+    return {"job": job, "url_digest": digest, "sha": None, "body": record.model_dump_json()}
+
+
+def _records(conn: Connection, job: int, job_id: str, rows: Sequence[Any]) -> list[DownloadRecord]:
+    """The records of ``url_outcomes`` rows (``sha``, ``body``): a kept image's from its row."""
+    k = t.kept_images.c
+    shas = sorted({bytes(row.sha) for row in rows if row.body is None})
+    kept: dict[bytes, Any] = {}
+    for chunk in _chunks(shas):
+        query = sa.select(k.sha, k.provenance, k.format, k.key).where(one_of(conn, k.sha, chunk), k.job == job)
+        kept.update((bytes(row.sha), row) for row in conn.execute(query))
+    records = []
+    for row in rows:
+        if row.body is not None:
+            records.append(DownloadRecord.model_validate_json(row.body))
+            continue
+        image = kept[bytes(row.sha)]
+        key = _image_key(job_id, image)
+        records.append(
+            DownloadRecord(
+                url=kept_url(image.provenance),
+                outcome=DownloadOutcome.STORED,
+                sha256=bytes(row.sha).hex(),
+                image_key=key,
+            )
+        )
+    return records
+
+
+def _owners(conn: Connection, job: int, shas: Sequence[bytes]) -> dict[bytes, str]:
+    """Per hash, the URL the job's exact copies of it are filed under (a kept or a replaced image's)."""
+    k, s = t.kept_images.c, t.superseded.c
+    found: dict[bytes, str] = {}
+    for chunk in _chunks(sorted(set(shas))):
+        kept = sa.select(k.sha, k.provenance).where(one_of(conn, k.sha, chunk), k.job == job)
+        found.update((bytes(sha), kept_url(packed)) for sha, packed in conn.execute(kept))
+        replaced = sa.select(s.sha, s.url).where(s.job == job, one_of(conn, s.sha, chunk))
+        found.update((bytes(sha), url) for sha, url in conn.execute(replaced))
+    return found
 
 
 class _Downloads:
@@ -823,45 +1190,47 @@ class _Downloads:
 
     def __init__(self, store: SqlStateStore, tx: _Tx, max_images: int, across_jobs: bool) -> None:
         self.store, self.tx, self.max_images, self.across_jobs = store, tx, max_images, across_jobs
-        self.owners: dict[str, str] = {}  # sha -> the URL its exact copies are filed under
-        self.elsewhere: dict[str, str] = {}  # sha -> "job <id> <url>" of another job's copy
-        self.kept: dict[str, tuple[int, _Kept]] = {}  # sha -> (hash, row): near-duplicate candidates
+        self.owners: dict[bytes, str] = {}  # sha -> the URL its exact copies are filed under
+        self.elsewhere: dict[bytes, str] = {}  # sha -> "job <id> <url>" of another job's copy
+        self.kept: dict[bytes, tuple[int, _Kept]] = {}  # sha -> (hash, row): near-duplicate candidates
         self.downloaded = 0
         self.superseded = False  # whether an item of the batch replaced a kept image
         self.pending: dict[sa.Table, dict[tuple[Any, ...], dict[str, Any]]] = {}
-        self.bodies: dict[bytes, str] = {}  # url digest -> the final record's JSON, where it changed
+        self.changed: dict[bytes, DownloadRecord] = {}  # url id -> the final record, where the claim's differs
 
     def record(self, items: Sequence[DownloadItem]) -> list[DownloadRecord]:
-        tx, c = self.tx, t.downloads.c
-        digests = [_digest(item.record.url) for item in items]
-        unique = sorted(set(digests))  # one order, so two batches that overlap wait, never deadlock
+        tx, c = self.tx, t.url_outcomes.c
+        ids = [_url_id(item.record.url) for item in items]
         f = t.crawl_frontier.c
-        fresh: set[bytes] = set()
-        for chunk in _chunks(unique):
+        for chunk in _chunks(sorted({_digest(item.record.url) for item in items})):
             tx.conn.execute(
                 sa.delete(t.crawl_frontier).where(f.job_id == tx.job_id, one_of(tx.conn, f.url_digest, chunk))
             )
-        first = {d: item for d, item in reversed(list(zip(digests, items, strict=True)))}
-        rows = [{"job_id": tx.job_id, "url_digest": d, "body": first[d].record.model_dump_json()} for d in unique]
-        fresh.update(_insert(tx.conn, t.downloads, rows, returning=c.url_digest))
+        unique = sorted(set(ids))  # one order, so two batches that overlap wait, never deadlock
+        first = {d: item for d, item in reversed(list(zip(ids, items, strict=True)))}
+        rows = [_outcome_row(tx.job, d, first[d].record, first[d].image) for d in unique]
+        fresh = set(_insert(tx.conn, t.url_outcomes, rows, returning=c.url_digest))
         answers: dict[bytes, DownloadRecord] = {}  # recorded before: that answer, nothing moves
         for chunk in _chunks(sorted(set(unique) - fresh)):
-            query = sa.select(c.url_digest, c.body).where(c.job_id == tx.job_id, one_of(tx.conn, c.url_digest, chunk))
-            answers.update((d, DownloadRecord.model_validate_json(b)) for d, b in tx.conn.execute(query))
+            query = sa.select(c.url_digest, c.sha, c.body).where(c.job == tx.job, one_of(tx.conn, c.url_digest, chunk))
+            found = tx.conn.execute(query).all()
+            answers.update(
+                zip((row.url_digest for row in found), _records(tx.conn, tx.job, tx.job_id, found), strict=True)
+            )
         images = [first[d] for d in unique if d in fresh and first[d].image is not None and first[d].record.sha256]
         if images:
             self._look_up(images)
         finals = []
-        for digest, item in zip(digests, items, strict=True):
-            if digest not in answers:
-                answers[digest] = self._decide(item)
-                if answers[digest] is not item.record:
-                    self.bodies[digest] = answers[digest].model_dump_json()
+        for ident, item in zip(ids, items, strict=True):
+            if ident not in answers:
+                answers[ident] = self._decide(item)
+                if answers[ident] is not item.record:  # its claim row holds the record as given
+                    self.changed[ident] = answers[ident]
             elif self.superseded:  # a supersede may have changed the record since: as it is now
                 self._flush()
-                body = tx.conn.execute(sa.select(c.body).where(c.job_id == tx.job_id, c.url_digest == digest))
-                answers[digest] = DownloadRecord.model_validate_json(body.scalar_one())
-            finals.append(answers[digest])
+                query = sa.select(c.url_digest, c.sha, c.body).where(c.job == tx.job, c.url_digest == ident)
+                answers[ident] = _records(tx.conn, tx.job, tx.job_id, tx.conn.execute(query).all())[0]
+            finals.append(answers[ident])
         self._flush()
         return finals
 
@@ -869,19 +1238,26 @@ class _Downloads:
         """The gate, and every row the batch's decisions read: exact owners, other jobs' copies, near hashes."""
         tx = self.tx
         self.downloaded = self.store._gate(tx, exclusive=True)
-        shas = sorted({item.record.sha256 for item in items if item.record.sha256})
-        s, g, p = t.image_shas.c, t.global_shas.c, t.phashes.c
-        for chunk in _chunks(shas):
-            rows = tx.conn.execute(sa.select(s.sha, s.url).where(s.job_id == tx.job_id, one_of(tx.conn, s.sha, chunk)))
-            self.owners.update((sha, url) for sha, url in rows)
-            if self.across_jobs:
-                query = sa.select(g.sha, g.job_id, g.url).where(one_of(tx.conn, g.sha, chunk), g.job_id != tx.job_id)
-                for sha, job_id, url in tx.conn.execute(query.order_by(g.sha, g.job_id)):
-                    self.elsewhere.setdefault(sha, f"job {job_id} {url}")
+        shas = sorted({bytes.fromhex(item.record.sha256) for item in items if item.record.sha256})
+        self.owners.update(_owners(tx.conn, tx.job, shas))
+        if self.across_jobs:
+            k, s, n = t.kept_images.c, t.superseded.c, t.job_numbers.c
+            for chunk in _chunks(shas):
+                held = sa.select(k.sha, n.job_id, k.provenance).join(t.job_numbers, n.num == k.job)
+                held = held.where(one_of(tx.conn, k.sha, chunk), k.job != tx.job)
+                replaced = sa.select(s.sha, n.job_id, s.url).join(t.job_numbers, n.num == s.job)
+                replaced = replaced.where(one_of(tx.conn, s.sha, chunk), s.job != tx.job)
+                copies = [(sha, job_id, kept_url(packed)) for sha, job_id, packed in tx.conn.execute(held)]
+                copies += [(sha, job_id, url) for sha, job_id, url in tx.conn.execute(replaced)]
+                for sha, job_id, url in sorted(copies, key=lambda c: (bytes(c[0]), c[1])):
+                    self.elsewhere.setdefault(bytes(sha), f"job {job_id} {url}")
         queries = [item.near for item in items if item.near is not None]
         if not queries:
             return
-        kept = sa.select(p.sha, p.hash, p.pixels, p.image_key, p.url).where(p.job_id == tx.job_id)
+        k = t.kept_images.c
+        kept: sa.Select[Any] = sa.select(k.sha, k.near, k.width, k.height, k.format, k.key, k.provenance).where(
+            k.job == tx.job, k.near.is_not(None)
+        )
         lookups: list[sa.Select[Any]] = []
         if any(q.max_distance // t.PHASH_BANDS > MAX_BAND_RADIUS for q in queries):
             lookups = [kept]  # the bands would return a third of the job or more: read it
@@ -896,15 +1272,18 @@ class _Downloads:
                         for v in within(_bands(q.hash)[band], t.PHASH_BAND_BITS, q.max_distance // t.PHASH_BANDS)
                     }
                 )
-                lookups += [kept.where(one_of(tx.conn, p[f"band{band}"], chunk)) for chunk in _chunks(values)]
+                lookups += [kept.where(one_of(tx.conn, k[f"band{band}"], chunk)) for chunk in _chunks(values)]
         for start in range(0, len(lookups), t.PHASH_BANDS):
             group = lookups[start : start + t.PHASH_BANDS]
             united: sa.Select[Any] | sa.CompoundSelect[Any] = sa.union(*group) if len(group) > 1 else group[0]
             for row in tx.conn.execute(united):
-                found = _Kept(row.sha, int(row.pixels), row.image_key, row.url)
-                self.kept[row.sha] = (int(row.hash) & ((1 << 64) - 1), found)
+                sha = bytes(row.sha)
+                found = _Kept(
+                    sha, int(row.width) * int(row.height), _image_key(tx.job_id, row), kept_url(row.provenance)
+                )
+                self.kept[sha] = (int(row.near) & ((1 << 64) - 1), found)
 
-    def _nearest(self, near: NearDupQuery, sha: str) -> tuple[int, _Kept] | None:
+    def _nearest(self, near: NearDupQuery, sha: bytes) -> tuple[int, _Kept] | None:
         """The kept image nearest to ``near`` within its max distance (ties: the first URL)."""
         best: tuple[int, _Kept] | None = None
         for other, (value, row) in self.kept.items():
@@ -922,7 +1301,7 @@ class _Downloads:
                 tx.incr(reason)
             tx.incr(OUTCOME_COUNTER[record.outcome])
             return record
-        sha, job_id = record.sha256, tx.job_id
+        sha = bytes.fromhex(record.sha256)
         owner = self.owners.get(sha)
         if owner is not None and owner != record.url:
             tx.incr(Counter.DUPLICATES)
@@ -950,19 +1329,14 @@ class _Downloads:
             del self.kept[kept.sha]
             self.owners[kept.sha] = record.url
         self.owners[sha] = record.url
-        self._add(t.image_shas, {"job_id": job_id, "sha": sha, "url": record.url})
-        self._add(t.images, {"job_id": job_id, "key": image.key, "body": image.model_dump_json()})
-        self._add(t.global_shas, {"sha": sha, "job_id": job_id, "url": record.url})
+        self._add(t.kept_images, {"job": tx.job, **_image_row(tx.job_id, record.url, image, near)})
         if near is not None:
-            bands = {f"band{i}": b for i, b in enumerate(_bands(near.hash))}
-            row = {"job_id": job_id, "sha": sha, "hash": _signed64(near.hash), **bands}
-            self._add(t.phashes, {**row, "pixels": pixels, "image_key": image.key, "url": record.url})
             self.kept[sha] = (near.hash, _Kept(sha, pixels, image.key, record.url))
         tx.incr(Counter.DOWNLOADED)
         return record
 
     def _duplicate(self, kept_url: str, url: str) -> None:
-        self._add(t.duplicates, _duplicate_row(self.tx.job_id, kept_url, url))
+        self._add(t.duplicates, _duplicate_row(self.tx.job, kept_url, url))
 
     def _add(self, table: sa.Table, row: dict[str, Any]) -> None:
         key = tuple(row[col.name] for col in table.primary_key.columns)
@@ -972,17 +1346,18 @@ class _Downloads:
         """Write what the batch decided so far: rows in key order (a fixed lock order), then changed records."""
         conn = self.tx.conn
         for table, rows in sorted(self.pending.items(), key=lambda kv: kv[0].name):
-            keys = {col.name for col in table.primary_key.columns}
+            keys_ = {col.name for col in table.primary_key.columns}
             ordered = [rows[k] for k in sorted(rows)]
-            rest = [] if table is t.duplicates else [name for name in ordered[0] if name not in keys]
+            rest = [] if table is t.duplicates else [name for name in ordered[0] if name not in keys_]
             _insert(conn, table, ordered, update=rest)
         self.pending.clear()
-        if self.bodies:
-            c = t.downloads.c
+        if self.changed:
+            c = t.url_outcomes.c
             update = (
-                sa.update(t.downloads)
-                .where(c.job_id == self.tx.job_id, c.url_digest == sa.bindparam("digest"))
-                .values(body=sa.bindparam("new_body"))
+                sa.update(t.url_outcomes)
+                .where(c.job == self.tx.job, c.url_digest == sa.bindparam("ident"))
+                .values(sha=None, body=sa.bindparam("new_body"))
             )
-            conn.execute(update, [{"digest": d, "new_body": b} for d, b in sorted(self.bodies.items())])
-            self.bodies.clear()
+            changed = [{"ident": d, "new_body": r.model_dump_json()} for d, r in sorted(self.changed.items())]
+            conn.execute(update, changed)
+            self.changed.clear()

@@ -211,7 +211,7 @@ def test_concurrent_near_duplicates_keep_the_largest_and_take_back_the_rest(sql_
     store.close()
 
 
-@pytest.mark.parametrize("table", ["detections", "distances"])
+@pytest.mark.parametrize("table", ["detected_images", "crop_distances"])
 def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: str) -> None:
     """A detection or distance of the small copy is being written when the larger copy
     arrives: the supersede waits for it and takes it back, so nothing of the small copy counts."""
@@ -222,7 +222,7 @@ def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: st
     small = small.model_copy(update={"phash": f"{phash:016x}"})
     worker.record_download(JOB, small_record, small, 10, near=near_dup_query(phash, 6, 4))
     (crop,) = crops(JOB, _sha(1), 1)
-    if table == "distances":
+    if table == "crop_distances":
         worker.record_detection(JOB, small.key, [crop])
     inside, proceed = threading.Event(), threading.Event()
 
@@ -232,7 +232,7 @@ def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: st
             proceed.wait(10)
 
     sa.event.listen(worker.engine, "before_cursor_execute", pause)
-    if table == "detections":
+    if table == "detected_images":
         downstream = threading.Thread(target=worker.record_detection, args=(JOB, small.key, [crop]))
     else:
         downstream = threading.Thread(target=worker.record_distance, args=(JOB, crop.key, 0.2))
@@ -335,3 +335,87 @@ def test_a_state_file_of_an_older_imgsift_is_refused_with_how_to_go_on(tmp_path:
         db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, created REAL, body TEXT NOT NULL)")
     with pytest.raises(SchemaMismatch, match=r"older imgsift.*new --out folder"):
         SqlStateStore.sqlite(path)
+
+
+def test_revision_0002_upgrades_an_empty_0001_database_and_refuses_one_with_job_records(empty_url: str) -> None:
+    """0002 replaces the per-image tables without carrying their rows over: it says so rather than drop them."""
+    from alembic import command
+
+    from imgsift_common.schema import alembic_config
+
+    engine = make_engine(empty_url)
+
+    def upgrade(target: str) -> None:
+        with engine.begin() as conn:
+            config = alembic_config()
+            config.attributes["connection"] = conn
+            command.upgrade(config, target)
+
+    upgrade("0001")
+    with engine.begin() as conn:  # a job of the old layout, with one URL outcome
+        conn.execute(sa.text("INSERT INTO downloads (job_id, url_digest, body) VALUES ('j', :d, '{}')"), {"d": b"x"})
+    with pytest.raises(RuntimeError, match=r"does not carry job records over, and downloads hold some"):
+        upgrade("head")
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM downloads"))
+    upgrade("head")
+    check_schema(engine)
+    engine.dispose()
+    store = SqlStateStore.open(empty_url)
+    _job(store)
+    record, image = stored_image(JOB, _sha(1), url="http://x/1")
+    assert store.record_download(JOB, record, image, 10) == record
+    assert store.url_record(JOB, "http://x/1") == record and store.get_image(JOB, image.key) == image
+    store.close()
+
+
+def test_packed_crops_and_provenance_give_back_exactly_what_was_recorded() -> None:
+    """Crops packed into a detection row (float32 only where that is exact) and a kept image's
+    deflated provenance come back equal, whatever their values."""
+    import struct
+
+    from imgsift_common import keys
+    from imgsift_common.messages import Candidate, Crop, SourceKind
+    from imgsift_common.sqlstate import _provenance, image_id, kept_url, pack_crops, pack_provenance, unpack_crops
+
+    rng = random.Random(3)
+    sha = _sha(7)
+    image_key = keys.image_key(JOB, sha, "PNG")
+    ident = image_id(JOB, image_key)[0]
+
+    def f32(v: float) -> float:
+        return float(struct.unpack("<f", struct.pack("<f", v))[0])
+
+    for _ in range(50):
+        crops = []
+        for index in rng.sample(range(300), rng.randrange(0, 6)):
+            exact = rng.random() < 0.5
+            value = f32 if exact else float
+            box = tuple(value(rng.uniform(0, 5000)) for _ in range(4))
+            crops.append(Crop(
+                job_id=JOB, key=keys.crop_key(JOB, keys.crop_id(sha, index)), crop_id=keys.crop_id(sha, index),
+                image_key=image_key if rng.random() < 0.8 else "elsewhere/ä.jpg", box=box,
+                padded_box=tuple(float(round(v)) for v in box), score=value(rng.random()),
+                class_name=rng.choice([None, "dog", "dog", "Hund ä"]), whole_image=rng.random() < 0.2,
+            ))  # fmt: skip
+        packed = pack_crops(JOB, image_key, ident, crops)
+        assert list(unpack_crops(packed, JOB, ident, image_key).values()) == crops
+        assert list(unpack_crops(packed)) == [int(c.crop_id.rsplit("-", 1)[1]) for c in crops]
+    narrow = pack_crops(JOB, image_key, ident, crops[:1] if crops else [])
+    assert len(narrow) < 60  # one detector crop (float32 values): a few dozen bytes
+    cid = keys.crop_id(_sha(8), 0)
+    other = Crop(job_id=JOB, key=keys.crop_key(JOB, cid), crop_id=cid, image_key=image_key, box=(0, 0, 1, 1),
+                 padded_box=(0, 0, 1, 1), score=0.5, class_name="dog")  # fmt: skip
+    with pytest.raises(ValueError, match=r"keys\.crop_key"):
+        pack_crops(JOB, image_key, ident, [other])  # not a crop of this image's hash
+    for candidate, url in [
+        (Candidate(image_url="http://x/a.jpg", source=SourceKind.URLS), "http://x/a.jpg"),
+        (Candidate(image_url="http://x/a.jpg", page_url="http://x/", source=SourceKind.SITE, title="ä " * 40,
+                   license="CC0", license_url="https://l/", author="Ann"), "http://x/a.jpg?size=large"),
+    ]:  # fmt: skip
+        packed = pack_provenance(url, candidate)
+        assert kept_url(packed) == url
+        got = _provenance(packed)
+        c = candidate
+        expected = [url, c.image_url, c.page_url, c.title, c.license, c.license_url, c.author]
+        assert [got[0], got[1] or got[0], *got[2:]] == expected

@@ -10,10 +10,10 @@ The rules of :mod:`imgsift_common.state`, kept by the database:
   fixed order, so two transactions never wait for each other's rows in opposite orders.
 - The decisions that read before they write (the image limit, exact and near-duplicate
   dedup, superseding) are serialised per job by a lock on the job's ``downloaded`` counter
-  row; the writes that superseding takes back (detections, distances, compare failures) hold
-  a shared lock on it, so a supersede never misses work that lands at the same moment.
-  SQLite has one writer at a time and takes its lock at ``BEGIN``; PostgreSQL takes the row
-  locks (``FOR UPDATE`` / ``FOR KEY SHARE``).
+  row (``FOR NO KEY UPDATE``); the writes that superseding takes back (detections, distances,
+  compare failures) hold a shared lock on it (``FOR KEY SHARE``), which does not wait for a
+  download batch, and a supersede takes the row alone (``FOR UPDATE``), so it never misses work
+  that lands at the same moment. SQLite has one writer at a time and takes its lock at ``BEGIN``.
 - Distances are counted at any threshold without reading them: a per-job histogram of
   :data:`~imgsift_common.calibration.GRID` bins over [0, 2] (the calibration grid), written
   with each distance, gives the count below a bin's lower edge, and an indexed range count
@@ -332,8 +332,15 @@ class SqlStateStore:
         with self._read() as conn:
             return conn.execute(query).scalar()
 
-    def _gate(self, tx: _Tx, *, exclusive: bool) -> int:
-        """Lock the job's ``downloaded`` counter row (see the module docstring); its value."""
+    @staticmethod
+    def _gate(tx: _Tx, mode: str) -> int:
+        """Lock the job's ``downloaded`` counter row (see the module docstring); its value.
+
+        ``share``: a write downstream of the crawl (detections, distances, compare failures);
+        ``decide``: a download batch's dedup and limit decisions, one batch of the job at a time,
+        beside the shared holders; ``exclusive``: a supersede or a reset, alone (it waits for the
+        shared holders and makes new ones wait). A batch that supersedes goes from ``decide`` to
+        ``exclusive`` in its transaction."""
         c = t.job_counters.c
         tx.conn.execute(
             insert(tx.conn, t.job_counters)
@@ -341,7 +348,8 @@ class SqlStateStore:
             .on_conflict_do_nothing()
         )
         query = sa.select(c.value).where(c.job_id == tx.job_id, c.name == Counter.DOWNLOADED.value)
-        query = query.with_for_update() if exclusive else query.with_for_update(read=True, key_share=True)
+        read, key_share = {"share": (True, True), "decide": (False, True), "exclusive": (False, False)}[mode]
+        query = query.with_for_update(read=read, key_share=key_share)
         return int(tx.conn.execute(query).scalar_one())
 
     # ------------------------------------------------------------------ jobs
@@ -590,6 +598,7 @@ class SqlStateStore:
     @staticmethod
     def _supersede(tx: _Tx, old: _Kept, url: str, distance: int) -> None:
         """The kept copy ``old`` becomes a duplicate of the larger one at ``url``, downstream included."""
+        SqlStateStore._gate(tx, "exclusive")  # work downstream in flight on the old copy ends first
         conn, job_id, job = tx.conn, tx.job_id, tx.job
         d, dup = t.url_outcomes.c, t.duplicates.c
         old_digest, new_digest = _url_id(old.url), _url_id(url)
@@ -696,7 +705,7 @@ class SqlStateStore:
         packed = {key: pack_crops(job_id, key, ids[key][0], crops) for key, crops in batch.items()}
         c = t.detected_images.c
         with self._write(job_id, numbered=True) as tx:
-            self._gate(tx, exclusive=False)
+            self._gate(tx, "share")
             superseded = self._superseded(tx, batch)
             # A replaced image is marked detected with no crops: a redelivery stops early.
             rows = [
@@ -763,7 +772,7 @@ class SqlStateStore:
         c = t.crop_distances.c
         recorded = dict.fromkeys(values, False)
         with self._write(job_id, numbered=True) as tx:
-            self._gate(tx, exclusive=False)
+            self._gate(tx, "share")
             ids = {crop_id(job_id, k): k for k in set(values) - self._superseded(tx, values)}
             rows = [{"job": tx.job, "crop": i, "distance": values[ids[i]]} for i in sorted(ids)]
             for ident in _insert(tx.conn, t.crop_distances, rows, returning=c.crop):
@@ -792,7 +801,7 @@ class SqlStateStore:
 
     def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
         with self._write(job_id, numbered=True) as tx:
-            self._gate(tx, exclusive=False)
+            self._gate(tx, "share")
             stmt = insert(tx.conn, t.compare_failures).values(job=tx.job, crop=crop_id(job_id, crop_key))
             if tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.compare_failures.c.crop)).first() is None:
                 return False
@@ -929,13 +938,13 @@ class SqlStateStore:
 
     def reset_detections(self, job_id: str) -> None:
         with self._write(job_id, numbered=True) as tx:
-            self._gate(tx, exclusive=True)
+            self._gate(tx, "exclusive")
             tx.conn.execute(sa.delete(t.detected_images).where(t.detected_images.c.job == tx.job))
             self._forget_distances(tx, Counter.DETECTED, Counter.CROPS)
 
     def reset_distances(self, job_id: str) -> None:
         with self._write(job_id, numbered=True) as tx:
-            self._gate(tx, exclusive=True)
+            self._gate(tx, "exclusive")
             self._forget_distances(tx)
 
     @staticmethod
@@ -1237,7 +1246,7 @@ class _Downloads:
     def _look_up(self, items: list[DownloadItem]) -> None:
         """The gate, and every row the batch's decisions read: exact owners, other jobs' copies, near hashes."""
         tx = self.tx
-        self.downloaded = self.store._gate(tx, exclusive=True)
+        self.downloaded = self.store._gate(tx, "decide")
         shas = sorted({bytes.fromhex(item.record.sha256) for item in items if item.record.sha256})
         self.owners.update(_owners(tx.conn, tx.job, shas))
         if self.across_jobs:

@@ -31,7 +31,7 @@ from imgsift_common.neardup import near_dup_query
 from imgsift_common.schema import SchemaMismatch, check_schema, head_revision, metadata, migrate
 from imgsift_common.sqldialect import make_engine
 from imgsift_common.sqlstate import SqlStateStore
-from tests.support.records import crops, stored_image
+from tests.support.records import crops, record_stored, stored_image
 
 JOB = "job-sql"
 WRITERS = 4
@@ -419,3 +419,45 @@ def test_packed_crops_and_provenance_give_back_exactly_what_was_recorded() -> No
         c = candidate
         expected = [url, c.image_url, c.page_url, c.title, c.license, c.license_url, c.author]
         assert [got[0], got[1] or got[0], *got[2:]] == expected
+
+
+def test_downstream_writes_do_not_wait_for_a_download_batch_deciding(sql_url: str) -> None:
+    """A download batch holds the job's dedup and limit decisions (other batches wait), but the
+    detector's and the Siamese worker's writes go on beside it; only a supersede stops them."""
+    if sql_url.startswith("sqlite"):
+        pytest.skip("SQLite has one writer at a time")
+    worker, crawler = SqlStateStore.open(sql_url), SqlStateStore.open(sql_url)
+    _job(worker)
+    record_stored(worker, JOB, _sha(1))
+    (crop,) = crops(JOB, _sha(1), 1)
+    worker.record_detection(JOB, keys.image_key(JOB, _sha(1), "JPEG"), [crop])
+    inside, proceed = threading.Event(), threading.Event()
+
+    def pause(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("INSERT INTO kept_images"):  # the batch has taken its decision lock
+            inside.set()
+            proceed.wait(10)
+
+    sa.event.listen(crawler.engine, "before_cursor_execute", pause)
+    record, image = stored_image(JOB, _sha(2), url="http://x/2")
+    batch = threading.Thread(target=crawler.record_download, args=(JOB, record, image, 10))
+    batch.start()
+    assert inside.wait(10)
+    scored = threading.Thread(target=worker.record_distance, args=(JOB, crop.key, 0.3))
+    scored.start()
+    scored.join(5)
+    assert not scored.is_alive()  # it did not wait for the batch
+    third = SqlStateStore.open(sql_url)
+    blocked = threading.Thread(
+        target=third.record_download, args=(JOB, *stored_image(JOB, _sha(3), url="http://x/3"), 10)
+    )
+    blocked.start()
+    blocked.join(0.5)
+    assert blocked.is_alive()  # a second batch waits for the first one's decisions
+    proceed.set()
+    batch.join(10)
+    blocked.join(10)
+    assert worker.distances(JOB) == [(crop.key, 0.3)]
+    assert worker.counters(JOB)["downloaded"] == 3
+    for store in (worker, crawler, third):
+        store.close()

@@ -15,9 +15,10 @@ The rules of :mod:`imgsift_common.state`, kept by the database:
   download batch, and a supersede takes the row alone (``FOR UPDATE``), so it never misses work
   that lands at the same moment. SQLite has one writer at a time and takes its lock at ``BEGIN``.
 - Distances are counted at any threshold without reading them: a per-job histogram of
-  :data:`~imgsift_common.calibration.GRID` bins over [0, 2] (the calibration grid), written
-  with each distance, gives the count below a bin's lower edge, and an indexed range count
-  covers the one bin the threshold falls in.
+  :data:`BINS` bins over [0, 2] (ten per step of the calibration grid, whose thresholds are bin
+  edges), written with each distance, gives the count below a bin's lower edge, and an indexed
+  range count covers the one bin the threshold falls in (at 10 million crops, a few thousand
+  index entries).
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ from imgsift_common.state import (
 
 CHUNK = 500  # rows or keys per statement: well under SQLite's 32,766 bound parameters
 
+BINS = 10 * GRID
 # Bin b holds the distances in [EDGES[b - 1], EDGES[b]); the first and last bins are open-ended.
-EDGES = [MAX_DISTANCE * i / GRID for i in range(1, GRID)]
+EDGES = [MAX_DISTANCE * i / BINS for i in range(1, BINS)]
 
 # Above this per-band radius (near-duplicate distances of 20 bits or more) the band lookup
 # would return a third of the job or more, so the job's hashes are read instead.
@@ -818,8 +820,8 @@ class SqlStateStore:
         with self._read() as conn:
             snapshot(conn)  # the histogram and the range counts from one state
             hist = {k: int(n) for k, n in conn.execute(sa.select(b.bin, b.crops).where(b.job_id == job_id))}
-            below = [0] * (GRID + 1)  # below[k]: distances in the bins under bin k
-            for k in range(GRID):
+            below = [0] * (BINS + 1)  # below[k]: distances in the bins under bin k
+            for k in range(BINS):
                 below[k + 1] = below[k] + int(hist.get(k, 0))
             partial: dict[float, int] = {}  # distances at or under the threshold in its own bin
             ranges: list[tuple[float, float]] = []  # (the bin's lower edge, the threshold)

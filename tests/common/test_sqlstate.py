@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from imgsift_common import keys
-from imgsift_common.calibration import GRID, MAX_DISTANCE
+from imgsift_common.calibration import MAX_DISTANCE
 from imgsift_common.messages import (
     Candidate,
     DownloadOutcome,
@@ -30,7 +30,7 @@ from imgsift_common.messages import (
 from imgsift_common.neardup import near_dup_query
 from imgsift_common.schema import SchemaMismatch, check_schema, head_revision, metadata, migrate
 from imgsift_common.sqldialect import make_engine
-from imgsift_common.sqlstate import SqlStateStore
+from imgsift_common.sqlstate import BINS, SqlStateStore
 from tests.support.records import crops, record_stored, stored_image
 
 JOB = "job-sql"
@@ -262,7 +262,7 @@ def test_histogram_counts_equal_exact_counts(sql_url: str) -> None:
     store = SqlStateStore.open(sql_url)
     _job(store)
     rng = random.Random(5)
-    edges = [MAX_DISTANCE * i / GRID for i in range(GRID + 1)]
+    edges = [MAX_DISTANCE * i / BINS for i in range(BINS + 1)]
     values = [rng.random() * 1.2 for _ in range(400)] + rng.sample(edges, 40) + [0.0, 0.0, 1.2, 2.0, 2.5, -0.01]
     keys_ = [f"jobs/{JOB}/crops/{i:024x}-000.jpg" for i in range(len(values))]
     for key, value in zip(keys_, values, strict=True):

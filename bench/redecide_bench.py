@@ -114,12 +114,26 @@ def count_accepted(conn: psycopg.Connection, job_id: str, threshold: float) -> i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--crops", type=int, default=100_000)
+    parser.add_argument(
+        "--measure-when",
+        type=Path,
+        help="after the fill, wait until this file exists before measuring (to fill while the machine is busy "
+        "and measure once it is quiet)",
+    )
     args = parser.parse_args()
     api_port = free_port()
     job_id = "f" * 32
     with tempfile.TemporaryDirectory() as tmp, service_stores(Path(tmp)) as (database_url, redis_url):
         print(f"filling {args.crops} crops ...", flush=True)
         fill(database_url, job_id, api_key_id(redis_url), args.crops)
+        # What autovacuum does to a table after bulk inserts, done now: statistics, and the
+        # visibility map that lets a range count read the index alone.
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE)")
+        if args.measure_when is not None:
+            print(f"filled; waiting for {args.measure_when} to measure", flush=True)
+            while not args.measure_when.exists():
+                time.sleep(5)
         env = {**os.environ, "IMGSIFT_DATABASE_URL": database_url, "IMGSIFT_REDIS_URL": redis_url,
                "IMGSIFT_API_BOOTSTRAP_KEY": API_KEY, "IMGSIFT_API_RATE_LIMIT": "100000/minute",
                "IMGSIFT_STORAGE": "local", "IMGSIFT_LOCAL_STORAGE_DIR": str(Path(tmp) / "objects"),

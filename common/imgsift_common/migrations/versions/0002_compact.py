@@ -17,6 +17,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from imgsift_common.schema import SchemaMismatch
+
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | None = None
@@ -36,9 +38,10 @@ def upgrade() -> None:
         name for name in (*OLD, BINS_0001) if conn.execute(sa.text(f"SELECT 1 FROM {name} LIMIT 1")).first() is not None
     ]
     if held:
-        raise RuntimeError(
+        raise SchemaMismatch(
             f"schema revision 0002 does not carry job records over, and {', '.join(held)} hold some: finish and "
-            "export those jobs with the imgsift version that wrote them, or migrate a new database"
+            "export those jobs with the imgsift version that wrote them, or migrate a new database (for "
+            "`imgsift collect`, a new --out folder)"
         )
     for name in OLD:
         op.drop_table(name)  # their indexes go with them

@@ -34,6 +34,32 @@ def insert(conn: Connection, table: sa.Table) -> postgresql.Insert | sqlite.Inse
     return sqlite.insert(table)
 
 
+def insert_rows(
+    conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]
+) -> tuple[postgresql.Insert | sqlite.Insert, list[dict[str, Any]] | dict[str, Any]]:
+    """``INSERT`` of ``rows`` (each with the same columns) and its parameters, for the database ``conn``
+    speaks to; add ``ON CONFLICT`` and ``RETURNING`` to the statement, then execute it with them.
+
+    PostgreSQL: one statement for any number of rows, ``INSERT ... SELECT * FROM unnest(:col1,
+    :col2, ...)``, a parameter per column (an array of the rows' values), so its text is the same
+    for every batch and psycopg parses and prepares it once (a multi-row ``VALUES`` list is a new
+    statement for each row count, and psycopg parses one of more than 50 parameters anew on every
+    execution). SQLite: the rows as an executemany (SQLAlchemy's multi-row VALUES pages).
+    """
+    if conn.dialect.name != "postgresql":
+        return sqlite.insert(table), list(rows)
+    names = list(rows[0])
+    arrays = [sa.cast(sa.bindparam(f"rows_{name}"), postgresql.ARRAY(_element(table.c[name].type))) for name in names]
+    source = sa.func.unnest(*arrays).table_valued(*names).render_derived()
+    stmt = postgresql.insert(table).from_select(names, sa.select(*(source.c[name] for name in names)))
+    return stmt, {f"rows_{name}": [row[name] for row in rows] for name in names}
+
+
+def _element(column_type: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
+    # Keys are compared under the "C" collation by their columns; the array that carries them is plain text.
+    return sa.Text() if isinstance(column_type, sa.String) else column_type
+
+
 def one_of(conn: Connection, column: sa.ColumnElement[Any], values: Sequence[Any]) -> sa.ColumnElement[bool]:
     """``column IN values``; on PostgreSQL ``column = ANY(:array)``, one parameter, so the statement
     reads the same for any number of values and psycopg's prepared statements are reused

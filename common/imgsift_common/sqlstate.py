@@ -58,7 +58,7 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.neardup import NearDupQuery, hamming, within
-from imgsift_common.sqldialect import WRITE, insert, make_engine, one_of, snapshot
+from imgsift_common.sqldialect import WRITE, insert, insert_rows, make_engine, one_of, snapshot
 from imgsift_common.state import (
     OUTCOME_COUNTER,
     Counter,
@@ -197,21 +197,20 @@ def _insert(
     a row whose key is taken as it is, or setting its ``update`` columns to the new row's; the
     ``returning`` column of the rows inserted or updated.
 
-    One cached statement, executed for many rows: SQLAlchemy sends them as multi-row VALUES pages
-    ("insertmanyvalues"), so a batch costs a few round trips and no compile per batch size.
+    One cached statement for any number of rows (:func:`sqldialect.insert_rows`).
     """
     if not rows:
         return []
-    stmt = insert(conn, table)
+    stmt, params = insert_rows(conn, table, rows)
     keys = [col.name for col in table.primary_key.columns]
     if update:
         stmt = stmt.on_conflict_do_update(index_elements=keys, set_={name: stmt.excluded[name] for name in update})
     else:
         stmt = stmt.on_conflict_do_nothing()
-    # RETURNING even where the caller needs nothing back: without it SQLAlchemy hands psycopg an
-    # executemany, one statement per row, instead of its multi-row pages.
+    # RETURNING even where the caller needs nothing back: without it SQLAlchemy hands SQLite's
+    # driver an executemany, one statement per row, instead of its multi-row pages.
     column = returning if returning is not None else table.primary_key.columns[keys[0]]
-    found = list(conn.execute(stmt.returning(column), list(rows)).scalars())
+    found = list(conn.execute(stmt.returning(column), params).scalars())
     return found if returning is not None else []
 
 
@@ -258,11 +257,11 @@ class _Tx:
         """Add ``deltas`` (key -> change) to ``table``'s ``column``, inserting the rows that are missing."""
         rows = [{"job_id": self.job_id, key: k, column: v} for k, v in sorted(deltas.items()) if v]
         if rows:
-            stmt = insert(self.conn, table)
+            stmt, params = insert_rows(self.conn, table, rows)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["job_id", key], set_={column: table.c[column] + stmt.excluded[column]}
             )
-            self.conn.execute(stmt.returning(table.c[key]), rows)  # RETURNING: multi-row pages (see _insert)
+            self.conn.execute(stmt.returning(table.c[key]), params)  # RETURNING: see _insert
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support: the PostgreSQL and the stack the tests start
@@ -296,7 +296,7 @@ def run_measured(args: list[str], env: dict[str, str] | None = None, cwd: Path |
 
 
 def ingest_command(
-    urls: Path, store: str, target: str, stores: tuple[str, str], processes: int, threads: int
+    urls: Path, store: str, target: str, stores: tuple[str, str], processes: int, threads: int, profile: bool = False
 ) -> list[str]:
     database, redis = stores
     return [
@@ -317,6 +317,7 @@ def ingest_command(
         str(processes),
         "--threads",
         str(threads),
+        *(["--profile"] if profile else []),
     ]
 
 
@@ -371,6 +372,7 @@ def _create_job(job_id: str, n: int, args: argparse.Namespace) -> None:
 def _ingest_part(args: argparse.Namespace, job_id: str, urls: list[str]) -> None:
     from imgsift_common.messages import Candidate, SourceKind
     from imgsift_common.storage import LocalStore, ObjectStore, S3Store
+    from imgsift_crawler import pipeline
     from imgsift_crawler.fetch import Fetcher
     from imgsift_crawler.pipeline import download_batch
     from imgsift_crawler.settings import CrawlerSettings
@@ -393,10 +395,63 @@ def _ingest_part(args: argparse.Namespace, job_id: str, urls: list[str]) -> None
     job = state.get_job(job_id)
     assert job is not None
     fetcher = Fetcher(settings)
+    timer = PartTimer() if args.profile else None
+    if timer is not None:  # every call the stage makes to the state, the web and the store, timed
+        state, fetcher, store = timer.wrap(state, "state"), timer.wrap(fetcher, "web"), timer.wrap(store, "store")
+        pipeline.inspect_image = timer.timed(pipeline.inspect_image, "decode check, SHA-256, phash")
     batch = args.threads * 8
+    cpu, wall = time.process_time(), time.perf_counter()
     for start in range(0, len(urls), batch):
         candidates = [Candidate(image_url=u, source=SourceKind.URLS) for u in urls[start : start + batch]]
-        download_batch(job, candidates, store, state, settings, fetcher)
+        with timer.span("download_batch") if timer else nullcontext():
+            download_batch(job, candidates, store, state, settings, fetcher)
+    if timer is not None:
+        timer.add("process CPU", time.process_time() - cpu)
+        timer.add("process wall", time.perf_counter() - wall)
+        print(PROFILE_LINE + json.dumps(timer.totals), flush=True)
+
+
+PROFILE_LINE = "profile: "
+
+
+class PartTimer:
+    """Seconds and calls per named part, summed over threads (a part that waits, for a round trip
+    or for the GIL, counts its wait): where one ingest process's time goes."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            entry = self.totals.setdefault(name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def timed(self, fn: Any, name: str) -> Any:
+        def call(*a: Any, **k: Any) -> Any:
+            with self.span(name):
+                return fn(*a, **k)
+
+        return call
+
+    def wrap(self, target: Any, prefix: str) -> Any:
+        timer = self
+
+        class Timed:
+            def __getattr__(self, attr: str) -> Any:
+                value = getattr(target, attr)
+                return timer.timed(value, f"{prefix}.{attr}") if callable(value) else value
+
+        return Timed()
 
 
 def put_only_command(corpus: Path, s3: str, processes: int, threads: int) -> list[str]:
@@ -524,6 +579,77 @@ def compare_hash_drafts(args: argparse.Namespace) -> None:
               f"decisions changed (distances 0..{args.near_distance}): {sum(changed.values())}")  # fmt: skip
 
 
+def server_cpu(pg_port: int) -> dict[str, float]:
+    """CPU seconds so far of the servers the ingest talks to: this bench's PostgreSQL (its
+    postmaster and backends), Redis and nginx (the children of this process)."""
+    import psutil
+
+    def cpu(proc: psutil.Process) -> float:
+        """Its CPU seconds and those of its children that ended (PostgreSQL's backends end with their connections)."""
+        try:
+            times = proc.cpu_times()
+            return float(times.user + times.system + times.children_user + times.children_system)
+        except psutil.Error:
+            return 0.0
+
+    found = {"PostgreSQL": 0.0, "Redis": 0.0, "nginx": 0.0}
+    for proc in psutil.Process().children(recursive=True):
+        name = proc.name()
+        if name.startswith("redis"):
+            found["Redis"] += cpu(proc)
+        elif name.startswith("nginx"):
+            found["nginx"] += cpu(proc)
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"-p {pg_port} " in " ".join(proc.info["cmdline"] or []) and proc.name() == "postgres":
+            found["PostgreSQL"] += cpu(proc) + sum(cpu(c) for c in proc.children(recursive=True))
+    return found
+
+
+def profile_ingest(args: argparse.Namespace) -> None:
+    """One imgsift ingest into the local store with every call of the stage timed: where the time goes."""
+    files = build_corpus(args.photos, args.out / "corpus", args.images, args.min_distance)
+    with tempfile.TemporaryDirectory(prefix="crawl-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        with (
+            web_server(args.out / "corpus", tmp) as (base, server),
+            postgres_server() as pg,
+            redis_server(tmp) as redis,
+        ):
+            urls = tmp / "urls.txt"
+            urls.write_text("".join(f"{base}/{f.name}\n" for f in files))
+            stores = (migrated_database(pg, tmp), redis)
+            command = ingest_command(urls, "local", str(tmp / "local"), stores, args.processes, args.threads, True)
+            before = server_cpu(pg.port)
+            measured = run_measured(command, cwd=tmp)
+            after = server_cpu(pg.port)
+    lines = str(measured["output"]).splitlines()
+    totals: dict[str, list[float]] = {}
+    for line in lines:
+        if line.startswith(PROFILE_LINE):
+            for name, (calls, seconds) in json.loads(line.removeprefix(PROFILE_LINE)).items():
+                entry = totals.setdefault(name, [0, 0.0])
+                entry[0] += calls
+                entry[1] += seconds
+    stored = json.loads(lines[-1])["counters"].get("downloaded", 0)
+    wall = float(measured["seconds"])
+    print(f"{stored}/{len(files)} stored in {wall:.1f} s ({stored / wall:.0f} images/s), served by {server}; "
+          f"{args.processes} processes x {args.threads} threads")  # fmt: skip
+    threads = args.processes * args.threads
+    busy = totals.pop("download_batch")[1] * args.threads  # thread-seconds the pools had
+    print(f"\n{'part (summed over threads)':44} {'calls':>7} {'ms/call':>8} {'thread-s':>9} {'share':>6}")
+    for name, (calls, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        if name.startswith("process"):
+            continue
+        share = f"{100 * seconds / busy:5.1f}%"
+        print(f"{name:44} {int(calls):7d} {1000 * seconds / calls:8.2f} {seconds:9.2f} {share:>6}")
+    print(f"(share: of the {threads} download threads' time, {busy:.0f} thread-s)\n")
+    print("CPU seconds per image, by process:")
+    print(f"  imgsift ingest processes  {1000 * totals['process CPU'][1] / stored:6.2f} ms")
+    for name in before:
+        print(f"  {name:24}  {1000 * (after[name] - before[name]) / stored:6.2f} ms")
+    print(f"  (wall time per image x {os.cpu_count()} CPUs: {1000 * wall * (os.cpu_count() or 1) / stored:.2f} ms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -541,9 +667,13 @@ def main() -> None:
     parser.add_argument("--hash-drafts", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="compare the perceptual hash at these JPEG draft sizes instead (e.g. 256,64)")  # fmt: skip
     parser.add_argument("--near-distance", type=int, default=6, help="--hash-drafts: decisions up to this distance")
+    parser.add_argument("--profile", action="store_true",
+                        help="only an imgsift ingest (local store), every call of the stage timed")  # fmt: skip
     args = parser.parse_args()
     if args.hash_drafts:
         return compare_hash_drafts(args)
+    if args.profile:
+        return profile_ingest(args)
 
     args.out.mkdir(parents=True, exist_ok=True)
     corpus_dir = args.out / "corpus"
@@ -642,6 +772,7 @@ if __name__ == "__main__":
             p.add_argument(flag, required=True)
         p.add_argument("--processes", type=int, required=True)
         p.add_argument("--threads", type=int, required=True)
+        p.add_argument("--profile", action="store_true")
         ingest(p.parse_args(sys.argv[2:]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_put_only":
         p = argparse.ArgumentParser()

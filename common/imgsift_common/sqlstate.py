@@ -454,6 +454,18 @@ class SqlStateStore:
         body = self._scalar(sa.select(c.body).where(c.job_id == job_id, c.url_digest == _digest(url)))
         return DownloadRecord.model_validate_json(body) if body is not None else None
 
+    def url_records(self, job_id: str, urls: Sequence[str]) -> dict[str, DownloadRecord]:
+        """The records of those of ``urls`` that have one, in one read (a statement per CHUNK URLs)."""
+        c = t.downloads.c
+        by_digest = {_digest(url): url for url in urls}
+        found: dict[str, DownloadRecord] = {}
+        with self._read() as conn:
+            for chunk in _chunks(sorted(by_digest)):
+                query = sa.select(c.url_digest, c.body).where(c.job_id == job_id, one_of(conn, c.url_digest, chunk))
+                for digest, body in conn.execute(query):
+                    found[by_digest[bytes(digest)]] = DownloadRecord.model_validate_json(body)
+        return found
+
     def sha_owner(self, job_id: str, sha256: str) -> str | None:
         c = t.image_shas.c
         url = self._scalar(sa.select(c.url).where(c.job_id == job_id, c.sha == sha256))

@@ -452,6 +452,8 @@ class FetchClaims:
         return [self.state.hold_lock(self.job_id, claim, self.owner, self.ttl) for claim in claims]
 
     def _free(self, claims: list[str]) -> None:
+        if not claims:
+            return
         if isinstance(self.state, BatchLocks):
             self.state.release_locks(self.job_id, claims, self.owner)
             return

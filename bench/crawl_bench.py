@@ -23,7 +23,8 @@ What it does, all on loopback:
      the ceiling of any ingest into it);
    - imgsift into the local store again on a quarter of the images, to see whether its
      peak memory grows with the number of images;
-5. prints images per second, peak memory (the sum of the resident sets of the process tree,
+5. prints images per second, CPU milliseconds per image (of the run's own processes, not of the
+   servers it talks to), peak memory (the sum of the resident sets of the process tree,
    sampled every 50 ms) and the ratios, and writes them to ``<out>/crawl_bench.json``.
 
     .venv/bin/python bench/crawl_bench.py --hash-drafts 256,64   # the perceptual hash at two JPEG draft sizes
@@ -32,6 +33,12 @@ hashes every corpus image with its JPEG decoded at each draft size (``imgsift_cr
 64 now, 256 before issue 18) and reports the CPU time per image of decode and hash, how many
 bits each image's hash moved, and whether any near-duplicate decision of the corpus's pairs
 (at every distance up to ``--near-distance``) changed.
+
+    .venv/bin/python bench/crawl_bench.py --profile   # where an imgsift ingest's time goes
+
+runs only imgsift's ingest into the local store, every call ``download_batch`` makes to the state,
+the web and the store (and the decode check) timed and summed over the download threads, and
+prints the CPU time per image of the ingest processes, of PostgreSQL, Redis and nginx.
 
 img2dataset is installed into ``.bench/img2dataset`` (its own venv; PyPI) the first time.
 Politeness limits are lifted for imgsift here (one host serves everything: per-host
@@ -257,9 +264,13 @@ def s3_server() -> Iterator[str]:
 
 
 def run_measured(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, float]:
-    """Run a command; its wall time and the peak of the summed RSS of its process tree."""
+    """Run a command; its wall time, the CPU time of its process tree (the processes it waited
+    for: not the servers it talks to) and the peak of the summed RSS of its process tree."""
+    import resource
+
     import psutil
 
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = 0
@@ -283,13 +294,16 @@ def run_measured(args: list[str], env: dict[str, str] | None = None, cwd: Path |
     sampler.start()
     rc = proc.wait()
     wall = time.perf_counter() - start
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = used.ru_utime + used.ru_stime - children.ru_utime - children.ru_stime
     done.set()
     sampler.join()
     reader.join()
     if rc != 0:
         sys.stderr.write(b"".join(output).decode(errors="replace")[-4000:])
         raise SystemExit(f"{args[:3]} failed with exit code {rc}")
-    return {"seconds": wall, "peak_rss_mb": peak / 2**20, "output": b"".join(output).decode(errors="replace")}  # type: ignore[dict-item]
+    output_text = b"".join(output).decode(errors="replace")
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": peak / 2**20, "output": output_text}  # type: ignore[dict-item]
 
 
 # ============================================================================ imgsift ingest
@@ -722,10 +736,13 @@ def main() -> None:
                 else:
                     stored = img2dataset_stored(tmp / ("i2d" if name == I2D_DEFAULT else "i2d-raw"))
                 measured.update(images=n, stored=stored, images_per_second=stored / measured["seconds"])
+                measured["cpu_ms_per_image"] = 1000 * measured["cpu_seconds"] / max(1, stored)
                 results[name] = measured
                 print(
                     f"  {stored}/{n} stored in {measured['seconds']:.1f} s: "
-                    f"{measured['images_per_second']:.0f} images/s, peak {measured['peak_rss_mb']:.0f} MB",
+                    f"{measured['images_per_second']:.0f} images/s, "
+                    f"{measured['cpu_ms_per_image']:.2f} CPU ms per image, "
+                    f"peak {measured['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
 
@@ -756,9 +773,9 @@ def main() -> None:
         f"\n{len(files)} images ({corpus_bytes / 2**20:.0f} MB) served by {server}; "
         f"{args.processes} processes x {args.threads} threads each"
     )
-    print(f"{'run':48} {'images/s':>9} {'peak MB':>8}")
+    print(f"{'run':48} {'images/s':>9} {'CPU ms/image':>13} {'peak MB':>8}")
     for name, r in results.items():
-        print(f"{name:48} {r['images_per_second']:9.0f} {r['peak_rss_mb']:8.0f}")
+        print(f"{name:48} {r['images_per_second']:9.0f} {r['cpu_ms_per_image']:13.2f} {r['peak_rss_mb']:8.0f}")
     print()
     for name, value in ratios.items():
         print(f"{name:60} {value:5.2f}x")

@@ -56,6 +56,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,13 @@ I2D_VENV = ROOT / ".bench" / "img2dataset"
 I2D_DEFAULT = "img2dataset, default (resize 256, re-encode)"
 I2D_RAW = "img2dataset, --disable_all_reencoding"
 QUARTER = "imgsift, local store, 1/4 of the images"
+LOCAL = "imgsift, local store"
+BASELINE = "imgsift, local store, the --baseline tree"
+S3 = "imgsift, S3 (moto)"
+RUN_KEYS = ("local", "baseline", "s3", "i2d-default", "i2d-raw", "s3-alone", "quarter")
+# Where a tree's packages are (what PYTHONPATH names for a checkout that is not installed).
+PACKAGE_DIRS = ("common", "cli", "services/crawler", "services/detector", "services/siamese", "services/api",
+                "clients/python", ".")  # fmt: skip
 S3_CEILING = "S3 (moto) alone: PUT the same objects from disk"
 
 
@@ -681,6 +689,11 @@ def main() -> None:
     parser.add_argument("--hash-drafts", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="compare the perceptual hash at these JPEG draft sizes instead (e.g. 256,64)")  # fmt: skip
     parser.add_argument("--near-distance", type=int, default=6, help="--hash-drafts: decisions up to this distance")
+    parser.add_argument("--only", type=lambda v: set(v.split(",")), default=None,
+                        help=f"only these runs, of {','.join(RUN_KEYS)} (default: all)")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, help="run the runs this many times, alternating; medians")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of another tree: its ingest (local store) runs too, back to back")  # fmt: skip
     parser.add_argument("--profile", action="store_true",
                         help="only an imgsift ingest (local store), every call of the stage timed")  # fmt: skip
     args = parser.parse_args()
@@ -695,7 +708,6 @@ def main() -> None:
     files = build_corpus(args.photos, corpus_dir, args.images, args.min_distance)
     corpus_bytes = sum(f.stat().st_size for f in files)
     i2d = img2dataset_bin(args.img2dataset)
-    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="crawl-bench-") as tmp_name:
         tmp = Path(tmp_name)
         with web_server(corpus_dir, tmp) as (base, server), service_stores(tmp) as stores, s3_server() as s3:
@@ -710,54 +722,76 @@ def main() -> None:
                 "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations would ask PyPI for a newer version
             }
             p, t, n = args.processes, args.threads, len(files)
-            runs: list[tuple[str, list[str], int]] = [
-                ("imgsift, local store", ingest_command(urls, "local", str(tmp / "local"), stores, p, t), n),
-                ("imgsift, S3 (moto)", ingest_command(urls, "s3", s3, stores, p, t), n),
+            runs: list[tuple[str, str, list[str], int, dict[str, str]]] = [  # key, name, command, images, env
+                ("local", LOCAL, ingest_command(urls, "local", str(tmp / "local"), stores, p, t), n, env),
+                ("s3", S3, ingest_command(urls, "s3", s3, stores, p, t), n, env),
             ]
+            if args.baseline is not None:
+                tree = args.baseline.resolve()
+                baseline_env = {**env, "PYTHONPATH": os.pathsep.join(str(tree / d) for d in PACKAGE_DIRS)}
+                command = ingest_command(urls, "local", str(tmp / "local-baseline"), stores, p, t)
+                runs.insert(1, ("baseline", BASELINE, command, n, baseline_env))
             if i2d is not None:
                 runs += [
-                    (I2D_DEFAULT, img2dataset_command(i2d, urls, tmp / "i2d", p, t, True), n),
-                    (I2D_RAW, img2dataset_command(i2d, urls, tmp / "i2d-raw", p, t, False), n),
+                    ("i2d-default", I2D_DEFAULT, img2dataset_command(i2d, urls, tmp / "i2d", p, t, True), n, env),
+                    ("i2d-raw", I2D_RAW, img2dataset_command(i2d, urls, tmp / "i2d-raw", p, t, False), n, env),
                 ]
-            runs.append((S3_CEILING, put_only_command(corpus_dir, s3, p, t), n))
+            runs.append(("s3-alone", S3_CEILING, put_only_command(corpus_dir, s3, p, t), n, env))
             local_quarter = ingest_command(quarter, "local", str(tmp / "local-q"), stores, p, t)
-            runs.append((QUARTER, local_quarter, n // 4))
-            for name, command, n in runs:
-                print(f"running: {name} ...", flush=True)
-                measured = run_measured(command, env=env, cwd=tmp)
-                output = str(measured.pop("output"))
-                if name.startswith("imgsift"):
-                    counters = json.loads(output.strip().splitlines()[-1])["counters"]
-                    stored = int(counters.get("downloaded", 0))
-                    measured["failed"] = int(counters.get("failed", 0))
-                    measured["duplicates"] = int(counters.get("duplicates", 0))
-                elif name == S3_CEILING:
-                    stored = n
-                else:
-                    stored = img2dataset_stored(tmp / ("i2d" if name == I2D_DEFAULT else "i2d-raw"))
-                measured.update(images=n, stored=stored, images_per_second=stored / measured["seconds"])
-                measured["cpu_ms_per_image"] = 1000 * measured["cpu_seconds"] / max(1, stored)
-                results[name] = measured
-                print(
-                    f"  {stored}/{n} stored in {measured['seconds']:.1f} s: "
-                    f"{measured['images_per_second']:.0f} images/s, "
-                    f"{measured['cpu_ms_per_image']:.2f} CPU ms per image, "
-                    f"peak {measured['peak_rss_mb']:.0f} MB",
-                    flush=True,
-                )
+            runs.append(("quarter", QUARTER, local_quarter, n // 4, env))
+            runs = [run for run in runs if args.only is None or run[0] in args.only]
+            outputs = {
+                LOCAL: tmp / "local", BASELINE: tmp / "local-baseline", I2D_DEFAULT: tmp / "i2d",
+                I2D_RAW: tmp / "i2d-raw", QUARTER: tmp / "local-q",
+            }  # fmt: skip
+            every: dict[str, list[dict[str, float]]] = {}
+            for repetition in range(args.repeat):
+                for _, name, command, n, run_env in runs:
+                    shutil.rmtree(outputs.get(name, tmp / "none"), ignore_errors=True)  # each run starts empty
+                    print(f"running: {name} ({repetition + 1} of {args.repeat}) ...", flush=True)
+                    measured = run_measured(command, env=run_env, cwd=tmp)
+                    output = str(measured.pop("output"))
+                    if name.startswith("imgsift"):
+                        counters = json.loads(output.strip().splitlines()[-1])["counters"]
+                        stored = int(counters.get("downloaded", 0))
+                        measured["failed"] = int(counters.get("failed", 0))
+                        measured["duplicates"] = int(counters.get("duplicates", 0))
+                    elif name == S3_CEILING:
+                        stored = n
+                    else:
+                        stored = img2dataset_stored(outputs[name])
+                    measured.update(images=n, stored=stored, images_per_second=stored / measured["seconds"])
+                    measured["cpu_ms_per_image"] = 1000 * measured["cpu_seconds"] / max(1, stored)
+                    every.setdefault(name, []).append(measured)
+                    print(
+                        f"  {stored}/{n} stored in {measured['seconds']:.1f} s: "
+                        f"{measured['images_per_second']:.0f} images/s, "
+                        f"{measured['cpu_ms_per_image']:.2f} CPU ms per image, "
+                        f"peak {measured['peak_rss_mb']:.0f} MB",
+                        flush=True,
+                    )
 
+    # With --repeat, each figure is the median of its runs (the runs alternate, so load that
+    # comes and goes on a shared machine falls on every tool alike).
+    results = {name: {key: statistics.median(m[key] for m in ms) for key in ms[0]} for name, ms in every.items()}
     ips = {k: v["images_per_second"] for k, v in results.items()}
-    ratios = {}
-    i2d_default = ips.get(I2D_DEFAULT)
-    i2d_raw = ips.get(I2D_RAW)
-    for mine in ("imgsift, local store", "imgsift, S3 (moto)"):
-        if i2d_default:
-            ratios[f"{mine} / img2dataset default"] = ips[mine] / i2d_default
-        if i2d_raw:
-            ratios[f"{mine} / img2dataset no re-encoding"] = ips[mine] / i2d_raw
-    ratios["imgsift, S3 (moto) / S3 (moto) alone"] = ips["imgsift, S3 (moto)"] / ips[S3_CEILING]
-    full, part = results["imgsift, local store"], results[QUARTER]
-    ratios["imgsift peak memory, all / a quarter of the images"] = full["peak_rss_mb"] / part["peak_rss_mb"]
+    ratios: dict[str, float | list[float]] = {}
+    for mine in (LOCAL, BASELINE, S3):
+        for theirs, label in ((I2D_DEFAULT, "img2dataset default"), (I2D_RAW, "img2dataset no re-encoding")):
+            if mine in ips and theirs in ips:
+                ratios[f"{mine} / {label}"] = ips[mine] / ips[theirs]
+                if args.repeat > 1:  # each repetition's own ratio: how far the noise moves it
+                    pairs = zip(every[mine], every[theirs], strict=True)
+                    ratios[f"{mine} / {label}, each repetition"] = [
+                        a["images_per_second"] / b["images_per_second"] for a, b in pairs
+                    ]
+    if LOCAL in ips and BASELINE in ips:
+        ratios[f"{LOCAL} / {BASELINE}"] = ips[LOCAL] / ips[BASELINE]
+    if S3 in ips and S3_CEILING in ips:
+        ratios[f"{S3} / S3 (moto) alone"] = ips[S3] / ips[S3_CEILING]
+    if LOCAL in results and QUARTER in results:
+        full, part = results[LOCAL], results[QUARTER]
+        ratios["imgsift peak memory, all / a quarter of the images"] = full["peak_rss_mb"] / part["peak_rss_mb"]
     report = {
         "images": len(files),
         "corpus_mb": corpus_bytes / 2**20,
@@ -765,7 +799,10 @@ def main() -> None:
         "processes": args.processes,
         "threads": args.threads,
         "cpus": os.cpu_count(),
+        "repeat": args.repeat,
+        "baseline": str(args.baseline) if args.baseline else None,
         "results": results,
+        "every_run": every,
         "ratios": ratios,
     }
     (args.out / "crawl_bench.json").write_text(json.dumps(report, indent=2))
@@ -778,7 +815,8 @@ def main() -> None:
         print(f"{name:48} {r['images_per_second']:9.0f} {r['cpu_ms_per_image']:13.2f} {r['peak_rss_mb']:8.0f}")
     print()
     for name, value in ratios.items():
-        print(f"{name:60} {value:5.2f}x")
+        shown = ", ".join(f"{v:.2f}x" for v in value) if isinstance(value, list) else f"{value:5.2f}x"
+        print(f"{name:72} {shown}")
     print(f"\nwritten to {args.out / 'crawl_bench.json'}")
 
 

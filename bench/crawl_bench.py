@@ -348,6 +348,10 @@ def ingest(args: argparse.Namespace) -> None:
     urls = Path(args.urls).read_text().split()
     job_id = f"bench-{uuid.uuid4().hex[:12]}"
     _create_job(job_id, len(urls), args)  # before the fork: no connection is shared with a child
+    # The stage's modules are imported before the fork, as Celery's prefork pool imports the
+    # tasks' in the worker's parent: each process pays its imports once in a worker's life, not per run.
+    from imgsift_crawler import pipeline  # noqa: F401
+
     parts = [urls[i :: args.processes] for i in range(args.processes)]
     children = []
     for part in parts:

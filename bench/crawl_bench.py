@@ -23,7 +23,8 @@ What it does, all on loopback:
      the ceiling of any ingest into it);
    - imgsift into the local store again on a quarter of the images, to see whether its
      peak memory grows with the number of images;
-5. prints images per second, peak memory (the sum of the resident sets of the process tree,
+5. prints images per second, CPU milliseconds per image (of the run's own processes, not of the
+   servers it talks to), peak memory (the sum of the resident sets of the process tree,
    sampled every 50 ms) and the ratios, and writes them to ``<out>/crawl_bench.json``.
 
     .venv/bin/python bench/crawl_bench.py --hash-drafts 256,64   # the perceptual hash at two JPEG draft sizes
@@ -32,6 +33,12 @@ hashes every corpus image with its JPEG decoded at each draft size (``imgsift_cr
 64 now, 256 before issue 18) and reports the CPU time per image of decode and hash, how many
 bits each image's hash moved, and whether any near-duplicate decision of the corpus's pairs
 (at every distance up to ``--near-distance``) changed.
+
+    .venv/bin/python bench/crawl_bench.py --profile   # where an imgsift ingest's time goes
+
+runs only imgsift's ingest into the local store, every call ``download_batch`` makes to the state,
+the web and the store (and the decode check) timed and summed over the download threads, and
+prints the CPU time per image of the ingest processes, of PostgreSQL, Redis and nginx.
 
 img2dataset is installed into ``.bench/img2dataset`` (its own venv; PyPI) the first time.
 Politeness limits are lifted for imgsift here (one host serves everything: per-host
@@ -49,6 +56,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,9 +64,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support: the PostgreSQL and the stack the tests start
@@ -72,6 +80,13 @@ I2D_VENV = ROOT / ".bench" / "img2dataset"
 I2D_DEFAULT = "img2dataset, default (resize 256, re-encode)"
 I2D_RAW = "img2dataset, --disable_all_reencoding"
 QUARTER = "imgsift, local store, 1/4 of the images"
+LOCAL = "imgsift, local store"
+BASELINE = "imgsift, local store, the --baseline tree"
+S3 = "imgsift, S3 (moto)"
+RUN_KEYS = ("local", "baseline", "s3", "i2d-default", "i2d-raw", "s3-alone", "quarter")
+# Where a tree's packages are (what PYTHONPATH names for a checkout that is not installed).
+PACKAGE_DIRS = ("common", "cli", "services/crawler", "services/detector", "services/siamese", "services/api",
+                "clients/python", ".")  # fmt: skip
 S3_CEILING = "S3 (moto) alone: PUT the same objects from disk"
 
 
@@ -257,9 +272,13 @@ def s3_server() -> Iterator[str]:
 
 
 def run_measured(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, float]:
-    """Run a command; its wall time and the peak of the summed RSS of its process tree."""
+    """Run a command; its wall time, the CPU time of its process tree (the processes it waited
+    for: not the servers it talks to) and the peak of the summed RSS of its process tree."""
+    import resource
+
     import psutil
 
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = 0
@@ -283,20 +302,23 @@ def run_measured(args: list[str], env: dict[str, str] | None = None, cwd: Path |
     sampler.start()
     rc = proc.wait()
     wall = time.perf_counter() - start
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = used.ru_utime + used.ru_stime - children.ru_utime - children.ru_stime
     done.set()
     sampler.join()
     reader.join()
     if rc != 0:
         sys.stderr.write(b"".join(output).decode(errors="replace")[-4000:])
         raise SystemExit(f"{args[:3]} failed with exit code {rc}")
-    return {"seconds": wall, "peak_rss_mb": peak / 2**20, "output": b"".join(output).decode(errors="replace")}  # type: ignore[dict-item]
+    output_text = b"".join(output).decode(errors="replace")
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": peak / 2**20, "output": output_text}  # type: ignore[dict-item]
 
 
 # ============================================================================ imgsift ingest
 
 
 def ingest_command(
-    urls: Path, store: str, target: str, stores: tuple[str, str], processes: int, threads: int
+    urls: Path, store: str, target: str, stores: tuple[str, str], processes: int, threads: int, profile: bool = False
 ) -> list[str]:
     database, redis = stores
     return [
@@ -317,6 +339,7 @@ def ingest_command(
         str(processes),
         "--threads",
         str(threads),
+        *(["--profile"] if profile else []),
     ]
 
 
@@ -325,6 +348,10 @@ def ingest(args: argparse.Namespace) -> None:
     urls = Path(args.urls).read_text().split()
     job_id = f"bench-{uuid.uuid4().hex[:12]}"
     _create_job(job_id, len(urls), args)  # before the fork: no connection is shared with a child
+    # The stage's modules are imported before the fork, as Celery's prefork pool imports the
+    # tasks' in the worker's parent: each process pays its imports once in a worker's life, not per run.
+    from imgsift_crawler import pipeline  # noqa: F401
+
     parts = [urls[i :: args.processes] for i in range(args.processes)]
     children = []
     for part in parts:
@@ -371,6 +398,7 @@ def _create_job(job_id: str, n: int, args: argparse.Namespace) -> None:
 def _ingest_part(args: argparse.Namespace, job_id: str, urls: list[str]) -> None:
     from imgsift_common.messages import Candidate, SourceKind
     from imgsift_common.storage import LocalStore, ObjectStore, S3Store
+    from imgsift_crawler import pipeline
     from imgsift_crawler.fetch import Fetcher
     from imgsift_crawler.pipeline import download_batch
     from imgsift_crawler.settings import CrawlerSettings
@@ -393,10 +421,63 @@ def _ingest_part(args: argparse.Namespace, job_id: str, urls: list[str]) -> None
     job = state.get_job(job_id)
     assert job is not None
     fetcher = Fetcher(settings)
+    timer = PartTimer() if args.profile else None
+    if timer is not None:  # every call the stage makes to the state, the web and the store, timed
+        state, fetcher, store = timer.wrap(state, "state"), timer.wrap(fetcher, "web"), timer.wrap(store, "store")
+        pipeline.inspect_image = timer.timed(pipeline.inspect_image, "decode check, SHA-256, phash")
     batch = args.threads * 8
+    cpu, wall = time.process_time(), time.perf_counter()
     for start in range(0, len(urls), batch):
         candidates = [Candidate(image_url=u, source=SourceKind.URLS) for u in urls[start : start + batch]]
-        download_batch(job, candidates, store, state, settings, fetcher)
+        with timer.span("download_batch") if timer else nullcontext():
+            download_batch(job, candidates, store, state, settings, fetcher)
+    if timer is not None:
+        timer.add("process CPU", time.process_time() - cpu)
+        timer.add("process wall", time.perf_counter() - wall)
+        print(PROFILE_LINE + json.dumps(timer.totals), flush=True)
+
+
+PROFILE_LINE = "profile: "
+
+
+class PartTimer:
+    """Seconds and calls per named part, summed over threads (a part that waits, for a round trip
+    or for the GIL, counts its wait): where one ingest process's time goes."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            entry = self.totals.setdefault(name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def timed(self, fn: Any, name: str) -> Any:
+        def call(*a: Any, **k: Any) -> Any:
+            with self.span(name):
+                return fn(*a, **k)
+
+        return call
+
+    def wrap(self, target: Any, prefix: str) -> Any:
+        timer = self
+
+        class Timed:
+            def __getattr__(self, attr: str) -> Any:
+                value = getattr(target, attr)
+                return timer.timed(value, f"{prefix}.{attr}") if callable(value) else value
+
+        return Timed()
 
 
 def put_only_command(corpus: Path, s3: str, processes: int, threads: int) -> list[str]:
@@ -524,6 +605,77 @@ def compare_hash_drafts(args: argparse.Namespace) -> None:
               f"decisions changed (distances 0..{args.near_distance}): {sum(changed.values())}")  # fmt: skip
 
 
+def server_cpu(pg_port: int) -> dict[str, float]:
+    """CPU seconds so far of the servers the ingest talks to: this bench's PostgreSQL (its
+    postmaster and backends), Redis and nginx (the children of this process)."""
+    import psutil
+
+    def cpu(proc: psutil.Process) -> float:
+        """Its CPU seconds and those of its children that ended (PostgreSQL's backends end with their connections)."""
+        try:
+            times = proc.cpu_times()
+            return float(times.user + times.system + times.children_user + times.children_system)
+        except psutil.Error:
+            return 0.0
+
+    found = {"PostgreSQL": 0.0, "Redis": 0.0, "nginx": 0.0}
+    for proc in psutil.Process().children(recursive=True):
+        name = proc.name()
+        if name.startswith("redis"):
+            found["Redis"] += cpu(proc)
+        elif name.startswith("nginx"):
+            found["nginx"] += cpu(proc)
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"-p {pg_port} " in " ".join(proc.info["cmdline"] or []) and proc.name() == "postgres":
+            found["PostgreSQL"] += cpu(proc) + sum(cpu(c) for c in proc.children(recursive=True))
+    return found
+
+
+def profile_ingest(args: argparse.Namespace) -> None:
+    """One imgsift ingest into the local store with every call of the stage timed: where the time goes."""
+    files = build_corpus(args.photos, args.out / "corpus", args.images, args.min_distance)
+    with tempfile.TemporaryDirectory(prefix="crawl-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        with (
+            web_server(args.out / "corpus", tmp) as (base, server),
+            postgres_server() as pg,
+            redis_server(tmp) as redis,
+        ):
+            urls = tmp / "urls.txt"
+            urls.write_text("".join(f"{base}/{f.name}\n" for f in files))
+            stores = (migrated_database(pg, tmp), redis)
+            command = ingest_command(urls, "local", str(tmp / "local"), stores, args.processes, args.threads, True)
+            before = server_cpu(pg.port)
+            measured = run_measured(command, cwd=tmp)
+            after = server_cpu(pg.port)
+    lines = str(measured["output"]).splitlines()
+    totals: dict[str, list[float]] = {}
+    for line in lines:
+        if line.startswith(PROFILE_LINE):
+            for name, (calls, seconds) in json.loads(line.removeprefix(PROFILE_LINE)).items():
+                entry = totals.setdefault(name, [0, 0.0])
+                entry[0] += calls
+                entry[1] += seconds
+    stored = json.loads(lines[-1])["counters"].get("downloaded", 0)
+    wall = float(measured["seconds"])
+    print(f"{stored}/{len(files)} stored in {wall:.1f} s ({stored / wall:.0f} images/s), served by {server}; "
+          f"{args.processes} processes x {args.threads} threads")  # fmt: skip
+    threads = args.processes * args.threads
+    busy = totals.pop("download_batch")[1] * args.threads  # thread-seconds the pools had
+    print(f"\n{'part (summed over threads)':44} {'calls':>7} {'ms/call':>8} {'thread-s':>9} {'share':>6}")
+    for name, (calls, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        if name.startswith("process"):
+            continue
+        share = f"{100 * seconds / busy:5.1f}%"
+        print(f"{name:44} {int(calls):7d} {1000 * seconds / calls:8.2f} {seconds:9.2f} {share:>6}")
+    print(f"(share: of the {threads} download threads' time, {busy:.0f} thread-s)\n")
+    print("CPU seconds per image, by process:")
+    print(f"  imgsift ingest processes  {1000 * totals['process CPU'][1] / stored:6.2f} ms")
+    for name in before:
+        print(f"  {name:24}  {1000 * (after[name] - before[name]) / stored:6.2f} ms")
+    print(f"  (wall time per image x {os.cpu_count()} CPUs: {1000 * wall * (os.cpu_count() or 1) / stored:.2f} ms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -541,9 +693,18 @@ def main() -> None:
     parser.add_argument("--hash-drafts", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="compare the perceptual hash at these JPEG draft sizes instead (e.g. 256,64)")  # fmt: skip
     parser.add_argument("--near-distance", type=int, default=6, help="--hash-drafts: decisions up to this distance")
+    parser.add_argument("--only", type=lambda v: set(v.split(",")), default=None,
+                        help=f"only these runs, of {','.join(RUN_KEYS)} (default: all)")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, help="run the runs this many times, alternating; medians")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of another tree: its ingest (local store) runs too, back to back")  # fmt: skip
+    parser.add_argument("--profile", action="store_true",
+                        help="only an imgsift ingest (local store), every call of the stage timed")  # fmt: skip
     args = parser.parse_args()
     if args.hash_drafts:
         return compare_hash_drafts(args)
+    if args.profile:
+        return profile_ingest(args)
 
     args.out.mkdir(parents=True, exist_ok=True)
     corpus_dir = args.out / "corpus"
@@ -551,7 +712,6 @@ def main() -> None:
     files = build_corpus(args.photos, corpus_dir, args.images, args.min_distance)
     corpus_bytes = sum(f.stat().st_size for f in files)
     i2d = img2dataset_bin(args.img2dataset)
-    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="crawl-bench-") as tmp_name:
         tmp = Path(tmp_name)
         with web_server(corpus_dir, tmp) as (base, server), service_stores(tmp) as stores, s3_server() as s3:
@@ -566,51 +726,76 @@ def main() -> None:
                 "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations would ask PyPI for a newer version
             }
             p, t, n = args.processes, args.threads, len(files)
-            runs: list[tuple[str, list[str], int]] = [
-                ("imgsift, local store", ingest_command(urls, "local", str(tmp / "local"), stores, p, t), n),
-                ("imgsift, S3 (moto)", ingest_command(urls, "s3", s3, stores, p, t), n),
+            runs: list[tuple[str, str, list[str], int, dict[str, str]]] = [  # key, name, command, images, env
+                ("local", LOCAL, ingest_command(urls, "local", str(tmp / "local"), stores, p, t), n, env),
+                ("s3", S3, ingest_command(urls, "s3", s3, stores, p, t), n, env),
             ]
+            if args.baseline is not None:
+                tree = args.baseline.resolve()
+                baseline_env = {**env, "PYTHONPATH": os.pathsep.join(str(tree / d) for d in PACKAGE_DIRS)}
+                command = ingest_command(urls, "local", str(tmp / "local-baseline"), stores, p, t)
+                runs.insert(1, ("baseline", BASELINE, command, n, baseline_env))
             if i2d is not None:
                 runs += [
-                    (I2D_DEFAULT, img2dataset_command(i2d, urls, tmp / "i2d", p, t, True), n),
-                    (I2D_RAW, img2dataset_command(i2d, urls, tmp / "i2d-raw", p, t, False), n),
+                    ("i2d-default", I2D_DEFAULT, img2dataset_command(i2d, urls, tmp / "i2d", p, t, True), n, env),
+                    ("i2d-raw", I2D_RAW, img2dataset_command(i2d, urls, tmp / "i2d-raw", p, t, False), n, env),
                 ]
-            runs.append((S3_CEILING, put_only_command(corpus_dir, s3, p, t), n))
+            runs.append(("s3-alone", S3_CEILING, put_only_command(corpus_dir, s3, p, t), n, env))
             local_quarter = ingest_command(quarter, "local", str(tmp / "local-q"), stores, p, t)
-            runs.append((QUARTER, local_quarter, n // 4))
-            for name, command, n in runs:
-                print(f"running: {name} ...", flush=True)
-                measured = run_measured(command, env=env, cwd=tmp)
-                output = str(measured.pop("output"))
-                if name.startswith("imgsift"):
-                    counters = json.loads(output.strip().splitlines()[-1])["counters"]
-                    stored = int(counters.get("downloaded", 0))
-                    measured["failed"] = int(counters.get("failed", 0))
-                    measured["duplicates"] = int(counters.get("duplicates", 0))
-                elif name == S3_CEILING:
-                    stored = n
-                else:
-                    stored = img2dataset_stored(tmp / ("i2d" if name == I2D_DEFAULT else "i2d-raw"))
-                measured.update(images=n, stored=stored, images_per_second=stored / measured["seconds"])
-                results[name] = measured
-                print(
-                    f"  {stored}/{n} stored in {measured['seconds']:.1f} s: "
-                    f"{measured['images_per_second']:.0f} images/s, peak {measured['peak_rss_mb']:.0f} MB",
-                    flush=True,
-                )
+            runs.append(("quarter", QUARTER, local_quarter, n // 4, env))
+            runs = [run for run in runs if args.only is None or run[0] in args.only]
+            outputs = {
+                LOCAL: tmp / "local", BASELINE: tmp / "local-baseline", I2D_DEFAULT: tmp / "i2d",
+                I2D_RAW: tmp / "i2d-raw", QUARTER: tmp / "local-q",
+            }  # fmt: skip
+            every: dict[str, list[dict[str, float]]] = {}
+            for repetition in range(args.repeat):
+                for _, name, command, n, run_env in runs:
+                    shutil.rmtree(outputs.get(name, tmp / "none"), ignore_errors=True)  # each run starts empty
+                    print(f"running: {name} ({repetition + 1} of {args.repeat}) ...", flush=True)
+                    measured = run_measured(command, env=run_env, cwd=tmp)
+                    output = str(measured.pop("output"))
+                    if name.startswith("imgsift"):
+                        counters = json.loads(output.strip().splitlines()[-1])["counters"]
+                        stored = int(counters.get("downloaded", 0))
+                        measured["failed"] = int(counters.get("failed", 0))
+                        measured["duplicates"] = int(counters.get("duplicates", 0))
+                    elif name == S3_CEILING:
+                        stored = n
+                    else:
+                        stored = img2dataset_stored(outputs[name])
+                    measured.update(images=n, stored=stored, images_per_second=stored / measured["seconds"])
+                    measured["cpu_ms_per_image"] = 1000 * measured["cpu_seconds"] / max(1, stored)
+                    every.setdefault(name, []).append(measured)
+                    print(
+                        f"  {stored}/{n} stored in {measured['seconds']:.1f} s: "
+                        f"{measured['images_per_second']:.0f} images/s, "
+                        f"{measured['cpu_ms_per_image']:.2f} CPU ms per image, "
+                        f"peak {measured['peak_rss_mb']:.0f} MB",
+                        flush=True,
+                    )
 
+    # With --repeat, each figure is the median of its runs (the runs alternate, so load that
+    # comes and goes on a shared machine falls on every tool alike).
+    results = {name: {key: statistics.median(m[key] for m in ms) for key in ms[0]} for name, ms in every.items()}
     ips = {k: v["images_per_second"] for k, v in results.items()}
-    ratios = {}
-    i2d_default = ips.get(I2D_DEFAULT)
-    i2d_raw = ips.get(I2D_RAW)
-    for mine in ("imgsift, local store", "imgsift, S3 (moto)"):
-        if i2d_default:
-            ratios[f"{mine} / img2dataset default"] = ips[mine] / i2d_default
-        if i2d_raw:
-            ratios[f"{mine} / img2dataset no re-encoding"] = ips[mine] / i2d_raw
-    ratios["imgsift, S3 (moto) / S3 (moto) alone"] = ips["imgsift, S3 (moto)"] / ips[S3_CEILING]
-    full, part = results["imgsift, local store"], results[QUARTER]
-    ratios["imgsift peak memory, all / a quarter of the images"] = full["peak_rss_mb"] / part["peak_rss_mb"]
+    ratios: dict[str, float | list[float]] = {}
+    for mine in (LOCAL, BASELINE, S3):
+        for theirs, label in ((I2D_DEFAULT, "img2dataset default"), (I2D_RAW, "img2dataset no re-encoding")):
+            if mine in ips and theirs in ips:
+                ratios[f"{mine} / {label}"] = ips[mine] / ips[theirs]
+                if args.repeat > 1:  # each repetition's own ratio: how far the noise moves it
+                    pairs = zip(every[mine], every[theirs], strict=True)
+                    ratios[f"{mine} / {label}, each repetition"] = [
+                        a["images_per_second"] / b["images_per_second"] for a, b in pairs
+                    ]
+    if LOCAL in ips and BASELINE in ips:
+        ratios[f"{LOCAL} / {BASELINE}"] = ips[LOCAL] / ips[BASELINE]
+    if S3 in ips and S3_CEILING in ips:
+        ratios[f"{S3} / S3 (moto) alone"] = ips[S3] / ips[S3_CEILING]
+    if LOCAL in results and QUARTER in results:
+        full, part = results[LOCAL], results[QUARTER]
+        ratios["imgsift peak memory, all / a quarter of the images"] = full["peak_rss_mb"] / part["peak_rss_mb"]
     report = {
         "images": len(files),
         "corpus_mb": corpus_bytes / 2**20,
@@ -618,7 +803,10 @@ def main() -> None:
         "processes": args.processes,
         "threads": args.threads,
         "cpus": os.cpu_count(),
+        "repeat": args.repeat,
+        "baseline": str(args.baseline) if args.baseline else None,
         "results": results,
+        "every_run": every,
         "ratios": ratios,
     }
     (args.out / "crawl_bench.json").write_text(json.dumps(report, indent=2))
@@ -626,12 +814,13 @@ def main() -> None:
         f"\n{len(files)} images ({corpus_bytes / 2**20:.0f} MB) served by {server}; "
         f"{args.processes} processes x {args.threads} threads each"
     )
-    print(f"{'run':48} {'images/s':>9} {'peak MB':>8}")
+    print(f"{'run':48} {'images/s':>9} {'CPU ms/image':>13} {'peak MB':>8}")
     for name, r in results.items():
-        print(f"{name:48} {r['images_per_second']:9.0f} {r['peak_rss_mb']:8.0f}")
+        print(f"{name:48} {r['images_per_second']:9.0f} {r['cpu_ms_per_image']:13.2f} {r['peak_rss_mb']:8.0f}")
     print()
     for name, value in ratios.items():
-        print(f"{name:60} {value:5.2f}x")
+        shown = ", ".join(f"{v:.2f}x" for v in value) if isinstance(value, list) else f"{value:5.2f}x"
+        print(f"{name:72} {shown}")
     print(f"\nwritten to {args.out / 'crawl_bench.json'}")
 
 
@@ -642,6 +831,7 @@ if __name__ == "__main__":
             p.add_argument(flag, required=True)
         p.add_argument("--processes", type=int, required=True)
         p.add_argument("--threads", type=int, required=True)
+        p.add_argument("--profile", action="store_true")
         ingest(p.parse_args(sys.argv[2:]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_put_only":
         p = argparse.ArgumentParser()

@@ -156,7 +156,7 @@ def _ingest(
 ) -> tuple[dict[str, str], list[str]]:
     """Check and store the files not stored before, as the crawler stores downloads; the files
     that are no image and those whose bytes another file already has."""
-    from imgsift_crawler.pipeline import store_image
+    from imgsift_crawler.pipeline import settle, store_image
 
     state, store = runner.state, runner.store
     job = state.get_job(JOB_ID)
@@ -170,8 +170,10 @@ def _ingest(
             except ValueError:
                 rel = path.name
             candidate = Candidate(image_url=url, source=SourceKind.FILES, title=rel)
-            record, image = store_image(job, candidate, path.read_bytes(), store, state, settings)  # type: ignore[arg-type]
-            state.record_download(JOB_ID, record, image, MAX_FILES)
+            record, image = store_image(job, candidate, path.read_bytes(), store, settings)  # type: ignore[arg-type]
+            final = state.record_download(JOB_ID, record, image, MAX_FILES)
+            if image is not None:
+                settle(job, state, store, image, final)
         tick(1)
     unreadable: dict[str, str] = {}
     duplicates = []

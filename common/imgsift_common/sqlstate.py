@@ -556,6 +556,18 @@ class SqlStateStore:
             rows = conn.execute(sa.select(c.sha, c.body).where(c.job == job, c.url_digest == _url_id(url))).all()
             return _records(conn, job, job_id, rows)[0] if rows else None
 
+    def url_records(self, job_id: str, urls: Sequence[str]) -> dict[str, DownloadRecord]:
+        """The records of those of ``urls`` that have one, in one read (a statement per CHUNK URLs)."""
+        c = t.downloads.c
+        by_digest = {_digest(url): url for url in urls}
+        found: dict[str, DownloadRecord] = {}
+        with self._read() as conn:
+            for chunk in _chunks(sorted(by_digest)):
+                query = sa.select(c.url_digest, c.body).where(c.job_id == job_id, one_of(conn, c.url_digest, chunk))
+                for digest, body in conn.execute(query):
+                    found[by_digest[bytes(digest)]] = DownloadRecord.model_validate_json(body)
+        return found
+
     def sha_owner(self, job_id: str, sha256: str) -> str | None:
         if (job := self._number(job_id)) is None:
             return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -100,6 +100,19 @@ class DownloadItem:
     near: NearDupQuery | None = None
 
 
+@runtime_checkable
+class BatchLocks(Protocol):
+    """A store that takes and frees many of a job's locks in one round trip, with the rules of
+    ``hold_lock`` and ``release_lock`` for each (the services' store: its locks are in Redis).
+    The download stage takes a batch's fetch claims so; with any other store, one by one."""
+
+    def hold_locks(self, job_id: str, names: Sequence[str], owner: str, ttl: float) -> list[bool]:
+        """``hold_lock`` for each name, in order; whether each is held now."""
+        ...
+
+    def release_locks(self, job_id: str, names: Sequence[str], owner: str) -> None: ...
+
+
 class JobNotFound(KeyError):
     pass
 
@@ -140,6 +153,10 @@ class StateStore(Protocol):
     def stream_state(self, job_id: str, stream_id: str) -> StreamState | None: ...
     def save_stream_state(self, job_id: str, stream_id: str, stream: StreamState) -> None: ...
     def url_record(self, job_id: str, url: str) -> DownloadRecord | None: ...
+    def url_records(self, job_id: str, urls: Sequence[str]) -> dict[str, DownloadRecord]:
+        """``url_record`` for many URLs in one read: the record of each URL that has one."""
+        ...
+
     def sha_owner(self, job_id: str, sha256: str) -> str | None: ...
     def record_download(
         self,

@@ -482,3 +482,46 @@ def test_batches_of_downloads_and_detections_record_as_one_by_one(state_store, s
     counters = state_store.counters("batched")
     # The rules were exercised: exact and near copies, and the limit.
     assert counters["downloaded"] == 12 and counters["duplicates"] > 3 and counters["skipped"] > 0, counters
+
+
+def test_url_records_reads_the_records_of_many_urls_at_once(state_store) -> None:  # type: ignore[no-untyped-def]
+    """url_records gives what url_record gives for each URL (the URLs without a record left out),
+    over more URLs than one statement takes."""
+    from imgsift_common.sqlstate import CHUNK
+    from imgsift_common.state import DownloadItem
+
+    _job(state_store)
+    items = [DownloadItem(*_image(f"{i:064x}", f"http://x/{i}")) for i in range(0, CHUNK + 100, 2)]
+    failed = DownloadRecord(url="http://x/bad", outcome=DownloadOutcome.FAILED, reason=FailureReason.NOT_AN_IMAGE)
+    copy = DownloadItem(*_image(f"{0:064x}", "http://x/copy"))
+    state_store.record_downloads(JOB, [*items, DownloadItem(failed), copy], 1000)
+    asked = [f"http://x/{i}" for i in range(CHUNK + 100)] + ["http://x/bad", "http://x/copy", "http://x/never"]
+    found = state_store.url_records(JOB, asked)
+    assert found == {url: record for url in asked if (record := state_store.url_record(JOB, url)) is not None}
+    assert len(found) == len(items) + 2
+    assert found["http://x/copy"].outcome is DownloadOutcome.DUPLICATE
+    assert state_store.url_records(JOB, []) == {}
+    assert state_store.url_records("another-job", asked[:10]) == {}
+
+
+def test_locks_taken_and_freed_as_a_batch_follow_the_rules_of_one(service_state) -> None:  # type: ignore[no-untyped-def]
+    """The services' store takes a batch's locks in one round trip, each as hold_lock would: a free
+    or expired lock is taken, a held one kept by its holder and refused to anyone else; freeing
+    frees only the caller's."""
+    from imgsift_common.state import BatchLocks
+
+    assert isinstance(service_state, BatchLocks)
+    _job(service_state)
+    a, b = "a" * 32, "b" * 32
+    assert service_state.hold_lock(JOB, "x", b, ttl=5)
+    assert service_state.hold_lock(JOB, "short", b, ttl=0.2)
+    assert service_state.hold_locks(JOB, ["free", "x", "short"], a, ttl=5) == [True, False, False]
+    assert service_state.hold_locks(JOB, ["free", "free"], a, ttl=5) == [True, True]  # the holder keeps it
+    time.sleep(0.3)
+    assert service_state.hold_locks(JOB, ["short", "x"], a, ttl=5) == [True, False]  # expired: taken over
+    assert not service_state.hold_lock(JOB, "short", b, ttl=5)
+    service_state.release_locks(JOB, ["free", "short", "x"], a)  # "x" is b's: left alone
+    assert service_state.hold_locks(JOB, ["free", "short"], b, ttl=5) == [True, True]
+    assert not service_state.hold_lock(JOB, "x", a, ttl=5)
+    assert service_state.hold_locks(JOB, [], a, ttl=5) == []
+    service_state.release_locks(JOB, [], a)

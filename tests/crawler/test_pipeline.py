@@ -204,3 +204,105 @@ def test_a_fetch_that_outlasts_the_lease_keeps_its_claim(  # type: ignore[no-unt
     assert [[i.provenance.image_url for i in stored] for stored in result] == [[url]]  # type: ignore[attr-defined]
     assert web.requests.count("/slow.jpg") == 1
     assert state_store.hold_lock(job.id, claim, "task-b", 0.4)  # released once recorded
+
+
+class _Calls:
+    """The state store, counting the calls made to it (the store itself answers them)."""
+
+    def __init__(self, state) -> None:  # type: ignore[no-untyped-def]
+        self.state = state
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        value = getattr(self.state, name)
+        if not callable(value):
+            return value
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return value(*args, **kwargs)
+
+        return counted
+
+
+def test_a_batch_asks_the_state_per_batch_not_per_url(  # type: ignore[no-untyped-def]
+    web: TestWeb, fetcher: Fetcher, crawler_settings: CrawlerSettings, coco128, state_store, local_store
+) -> None:
+    """One claim, one read of the records, one of the counters, one write and one release for a
+    batch, whatever its size (with a store that takes locks one by one, one call per claim)."""
+    from imgsift_common.messages import Candidate
+    from imgsift_common.state import BatchLocks
+
+    urls = [web.add_image(f"/b{i}.jpg", p) for i, p in enumerate(coco128.images[:6])]
+    job = _job(SourceSpec(kind=SourceKind.URLS, urls=urls))
+    state_store.create_job(job)
+    batch = [Candidate(image_url=u, source=SourceKind.URLS) for u in urls]
+    counted = _Calls(state_store)
+
+    stored = pipeline.download_batch(job, batch, local_store, counted, crawler_settings, fetcher)  # type: ignore[arg-type]
+
+    assert sorted(i.provenance.image_url for i in stored) == sorted(urls)
+    calls = counted.calls
+    assert (calls.get("url_record"), calls.get("sha_owner")) == (None, None)
+    assert (calls["url_records"], calls["counters"], calls["record_downloads"]) == (1, 1, 1)
+    if isinstance(state_store, BatchLocks):
+        assert (calls["hold_locks"], calls.get("hold_lock")) == (1, None)
+        assert (calls["release_locks"], calls.get("release_lock")) == (1, None)
+    else:
+        assert (calls["hold_lock"], calls["release_lock"]) == (6, 6)
+    for url in urls:  # every claim was released
+        assert state_store.hold_lock(job.id, pipeline.fetch_claim(url), "another-task", 60)
+
+
+def test_an_exact_copy_leaves_the_kept_image_and_its_provenance_as_they_are(  # type: ignore[no-untyped-def]
+    web: TestWeb, fetcher: Fetcher, crawler_settings: CrawlerSettings, coco128, state_store, local_store
+) -> None:
+    """The bytes of an exact copy land on the kept image's own object (the key is their hash);
+    its provenance is written by the URL whose record kept the image only, in the same batch or later."""
+    from imgsift_common.messages import Candidate
+
+    photo = coco128.images[0]
+    kept, same_batch, later = (web.add_image(f"/{name}.jpg", photo) for name in ("kept", "copy", "later"))
+    job = _job(SourceSpec(kind=SourceKind.URLS, urls=[kept]))
+    state_store.create_job(job)
+    batches = [[kept, same_batch], [later]]
+    stored = []
+    for urls in batches:
+        candidates = [Candidate(image_url=u, source=SourceKind.URLS) for u in urls]
+        stored += pipeline.download_batch(job, candidates, local_store, state_store, crawler_settings, fetcher)
+
+    assert [i.provenance.image_url for i in stored] == [kept]
+    for url in (same_batch, later):
+        record = state_store.url_record(job.id, url)
+        assert record.outcome is DownloadOutcome.DUPLICATE and record.duplicate_of == kept
+    image = stored[0]
+    assert local_store.get(image.key) == photo.read_bytes()
+    assert get_json(local_store, keys.image_meta_key(job.id, image.sha256))["provenance"]["image_url"] == kept
+    assert len(list(local_store.list(keys.job_prefix(job.id) + "images/"))) == 2  # the image and its provenance
+    assert state_store.counters(job.id)[Counter.DUPLICATES] == 2
+
+
+def test_a_url_recorded_before_gets_its_provenance_again_without_a_fetch(  # type: ignore[no-untyped-def]
+    web: TestWeb, fetcher: Fetcher, crawler_settings: CrawlerSettings, coco128, state_store, local_store
+) -> None:
+    """A task stopped between recording its URLs and writing their provenance: the URLs' next
+    delivery finds the records, returns the images and writes the provenance, and fetches nothing."""
+    from imgsift_common.messages import Candidate
+
+    urls = [web.add_image(f"/r{i}.jpg", p) for i, p in enumerate(coco128.images[:3])]
+    job = _job(SourceSpec(kind=SourceKind.URLS, urls=urls))
+    state_store.create_job(job)
+    batch = [Candidate(image_url=u, source=SourceKind.URLS) for u in urls]
+    first = pipeline.download_batch(job, batch, local_store, state_store, crawler_settings, fetcher)
+    meta = [keys.image_meta_key(job.id, i.sha256) for i in first]
+    written = [get_json(local_store, key) for key in meta]
+    for key in meta:
+        local_store.delete(key)  # as if the task had stopped before writing them
+    requests, counters = len(web.requests), state_store.counters(job.id)
+
+    again = pipeline.download_batch(job, batch, local_store, state_store, crawler_settings, fetcher)
+
+    assert again == first
+    assert [get_json(local_store, key) for key in meta] == written
+    assert len(web.requests) == requests
+    assert state_store.counters(job.id) == counters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import imagehash
+import scipy.fftpack  # noqa: F401  imagehash.phash imports it at its first hash: here, a prefork worker's parent does, once
 from PIL import Image, ImageOps
 
 from imgsift_common.neardup import NearDupQuery, near_dup_query

@@ -40,7 +40,7 @@ from imgsift_common.messages import (
     StoredImage,
     utcnow,
 )
-from imgsift_common.state import Counter, DownloadItem, Flag, StateStore, StreamState, discovery_reason
+from imgsift_common.state import BatchLocks, Counter, DownloadItem, Flag, StateStore, StreamState, discovery_reason
 from imgsift_common.storage import ObjectStore, put_json
 from imgsift_crawler.dedup import query_for
 from imgsift_crawler.fetch import Fetcher, FetchError, Purpose
@@ -325,22 +325,28 @@ def stalled_work(
 def fetch_and_store(
     job: Job, candidate: Candidate, store: ObjectStore, state: StateStore, settings: CrawlerSettings, fetcher: Fetcher
 ) -> tuple[DownloadRecord, StoredImage | None]:
-    """Download one candidate, decide by decoding whether it is an image, store it if new."""
+    """Download one candidate, decide by decoding whether it is an image, store it.
+
+    ``state`` is not read: whether a stored image is new for the job is decided when its
+    record is made (``record_downloads``), after which :func:`settle` keeps or removes it.
+    """
     url = candidate.image_url
     try:
         fetched = fetcher.get(url, purpose=Purpose.IMAGE)
     except FetchError as exc:
         return DownloadRecord(url=url, outcome=DownloadOutcome.FAILED, reason=exc.reason, detail=exc.detail), None
-    return store_image(job, candidate, fetched.content, store, state, settings)
+    return store_image(job, candidate, fetched.content, store, settings)
 
 
 def store_image(
-    job: Job, candidate: Candidate, content: bytes, store: ObjectStore, state: StateStore, settings: CrawlerSettings
+    job: Job, candidate: Candidate, content: bytes, store: ObjectStore, settings: CrawlerSettings
 ) -> tuple[DownloadRecord, StoredImage | None]:
-    """Decide by decoding whether ``content`` is an image, and store it if it is new for the job.
+    """Decide by decoding whether ``content`` is an image, and store its bytes if it is.
 
     The bytes of a download, or of a local file (``imgsift verify``): the same checks either way.
-    Returns the record to make (``record_download``) and the stored image, if any.
+    Returns the record to make (``record_download``) and the stored image, if any; once the
+    record is made, :func:`settle` writes the image's provenance, or removes the bytes of an
+    image the record did not keep (a duplicate, over the limit).
     """
     url = candidate.image_url
     try:
@@ -355,10 +361,6 @@ def store_image(
         return DownloadRecord(url=url, outcome=DownloadOutcome.FAILED, reason=exc.reason, detail=exc.detail), None
     key = keys.image_key(job.id, info.sha256, info.format)
     record = DownloadRecord(url=url, outcome=DownloadOutcome.STORED, sha256=info.sha256, image_key=key)
-    owner = state.sha_owner(job.id, info.sha256)
-    if owner is not None and owner != url:
-        # A cheap early answer; record_download decides duplicates atomically.
-        return record.model_copy(update={"outcome": DownloadOutcome.DUPLICATE, "duplicate_of": owner}), None
     image = StoredImage(
         job_id=job.id,
         key=key,
@@ -372,10 +374,27 @@ def store_image(
         phash=f"{info.phash:016x}" if info.phash is not None else None,
     )
     # Object first, record second: a crash in between leaves an object that the redelivered
-    # task overwrites with the same bytes, never a record without its object.
+    # task overwrites with the same bytes, never a record without its object. The key is the
+    # content's hash, so the bytes of an exact duplicate land on its kept copy's object,
+    # byte for byte the same.
     store.put(key, content, f"image/{info.format.lower()}")
-    put_json(store, keys.image_meta_key(job.id, info.sha256), image.model_dump(mode="json"))
     return record, image
+
+
+def settle(job: Job, state: StateStore, store: ObjectStore, image: StoredImage, final: DownloadRecord) -> bool:
+    """After the record of a stored image: write its provenance if it was kept, or remove its
+    object if the record did not keep it; whether it was kept.
+
+    The provenance (``image_meta_key``) is written by the URL whose record kept the image
+    only, so a duplicate never overwrites its kept copy's provenance; a crash before it is
+    written is mended when the URL is handed out again (:func:`download_batch` writes it again
+    for a URL recorded before).
+    """
+    if final.outcome is DownloadOutcome.STORED and final.image_key == image.key:
+        put_json(store, keys.image_meta_key(job.id, image.sha256), image.model_dump(mode="json"))
+        return True
+    _drop_unrecorded(job, state, store, image)
+    return False
 
 
 def fetch_claim(url: str) -> str:
@@ -390,7 +409,8 @@ class FetchClaims:
     URLs are fetched by the next task. A live task renews its claims every third of that, so a
     fetch that outlasts the lease (a long wait for the host's turn, a slow server) keeps its
     URL: without renewal a second task holding the same URL (its lease ran out) would claim it
-    and fetch it again.
+    and fetch it again. A batch's claims are taken, renewed and freed together: in one round
+    trip where the store can (:class:`~imgsift_common.state.BatchLocks`), else one by one.
     """
 
     def __init__(self, state: StateStore, job_id: str, owner: str, ttl: float) -> None:
@@ -399,20 +419,19 @@ class FetchClaims:
         self._lock = threading.Lock()
         self._renewal = Renewal(self._renew, ttl / 3, "fetch-claims")
 
-    def take(self, url: str) -> bool:
-        """Claim ``url`` for this task (again, if it held it before); False: another live task holds it."""
-        claim = fetch_claim(url)
-        if not self.state.hold_lock(self.job_id, claim, self.owner, self.ttl):
-            return False
+    def take(self, urls: list[str]) -> list[bool]:
+        """Claim each URL for this task (again, if it held it before); False: another live task holds it."""
+        claims = [fetch_claim(url) for url in urls]
+        held = self._hold(claims)
         with self._lock:
-            self._held.add(claim)
-        return True
+            self._held.update(claim for claim, ok in zip(claims, held, strict=True) if ok)
+        return held
 
-    def release(self, url: str) -> None:
-        claim = fetch_claim(url)
-        with self._lock:  # not while a renewal runs, which would take the claim back
-            self._held.discard(claim)
-            self.state.release_lock(self.job_id, claim, self.owner)
+    def release(self, urls: list[str]) -> None:
+        claims = [fetch_claim(url) for url in urls]
+        with self._lock:  # not while a renewal runs, which would take the claims back
+            self._held.difference_update(claims)
+            self._free(claims)
 
     def __enter__(self) -> FetchClaims:
         self._renewal.start()
@@ -421,21 +440,37 @@ class FetchClaims:
     def __exit__(self, *exc: object) -> None:
         self._renewal.stop()
         with self._lock:
-            for claim in self._held:  # claims of URLs not recorded (the batch failed): free them now
-                try:
-                    self.state.release_lock(self.job_id, claim, self.owner)
-                except Exception:  # the state store is down: the claim runs out with the lease
-                    log.warning("fetch claim not released", extra={"job_id": self.job_id}, exc_info=True)
+            try:  # claims of URLs not recorded (the batch failed): free them now
+                self._free(sorted(self._held))
+            except Exception:  # the state store is down: the claims run out with the lease
+                log.warning("fetch claims not released", extra={"job_id": self.job_id}, exc_info=True)
             self._held.clear()
+
+    def _hold(self, claims: list[str]) -> list[bool]:
+        if isinstance(self.state, BatchLocks):
+            return self.state.hold_locks(self.job_id, claims, self.owner, self.ttl)
+        return [self.state.hold_lock(self.job_id, claim, self.owner, self.ttl) for claim in claims]
+
+    def _free(self, claims: list[str]) -> None:
+        if not claims:
+            return
+        if isinstance(self.state, BatchLocks):
+            self.state.release_locks(self.job_id, claims, self.owner)
+            return
+        for claim in claims:
+            self.state.release_lock(self.job_id, claim, self.owner)
 
     def _renew(self) -> None:
         with self._lock:
-            for claim in self._held:
-                try:
-                    if not self.state.hold_lock(self.job_id, claim, self.owner, self.ttl):
-                        log.warning("fetch claim lost", extra={"job_id": self.job_id, "claim": claim})
-                except Exception:  # the state store is down: the fetch fails on its own; try again
-                    log.warning("fetch claim not renewed", extra={"job_id": self.job_id}, exc_info=True)
+            claims = sorted(self._held)
+            try:
+                held = self._hold(claims)
+            except Exception:  # the state store is down: the fetches fail on their own; try again
+                log.warning("fetch claims not renewed", extra={"job_id": self.job_id}, exc_info=True)
+                return
+            for claim, ok in zip(claims, held, strict=True):
+                if not ok:
+                    log.warning("fetch claim lost", extra={"job_id": self.job_id, "claim": claim})
 
 
 def download_batch(
@@ -454,60 +489,48 @@ def download_batch(
 
     Images of URLs recorded before (by an earlier, interrupted delivery of this batch, or by
     another task) are returned again, so a detect message that may have been lost is sent
-    again (the detector is idempotent). Each URL's record is read once, just before its fetch.
+    again (the detector is idempotent). The state is asked per batch, not per URL: one claim
+    of the batch's URLs, one read of their records (under the claims), one read of the
+    counters, the fetches, one write of the outcomes, one release of the claims.
     """
     stored: list[StoredImage] = []
     claims = FetchClaims(state, job.id, owner or uuid.uuid4().hex, settings.lease_seconds)
-
-    def work(candidate: Candidate) -> tuple[DownloadRecord | None, StoredImage | None, bool]:
-        """The URL's record, its image, and whether the record is new (False: recorded before).
-
-        ``(None, None, False)``: another live task is fetching the URL now; it records it.
-        """
-        # A lease that ran out while this batch waited its turn (a busy worker, a long queue)
-        # hands the URL to a second task; the fetch claim lets only one of them fetch at a time.
-        # A killed worker's claim expires with the lease time, and the URL is leased again.
-        if not claims.take(candidate.image_url):
-            return None, None, False
-        try:
-            return claimed(candidate)
-        except BaseException:
-            # A failure to be retried (the store or the state is down): free the URL for
-            # whichever task gets it next (a retry of this one holds it again anyway).
-            claims.release(candidate.image_url)
-            raise
-
-    def claimed(candidate: Candidate) -> tuple[DownloadRecord | None, StoredImage | None, bool]:
-        # Looked up under the claim: a task that held it before has recorded the URL by now.
-        previous = state.url_record(job.id, candidate.image_url)
-        if previous is not None:
-            # Stored before (by an interrupted delivery of this batch, or by that other task):
-            # its image goes to the detector again, which is idempotent, so a lost detect
-            # message is sent again.
-            image = None
-            if previous.outcome is DownloadOutcome.STORED and previous.image_key:
-                image = state.get_image(job.id, previous.image_key)
-            return previous, image, False
-        if state.counters(job.id).get(Counter.DOWNLOADED, 0) >= job.spec.limits.max_images:
-            # A cheap early exit; record_download below enforces the limit exactly.
-            skipped = DownloadRecord(
-                url=candidate.image_url, outcome=DownloadOutcome.SKIPPED, reason=FailureReason.LIMIT_REACHED
-            )
-            return skipped, None, True
-        return (*fetch_and_store(job, candidate, store, state, settings, fetcher), True)
-
     near_distance = job.spec.dedup.near_distance
     near_distance = settings.near_dup_distance if near_distance is None else near_distance
     with claims, ThreadPoolExecutor(max_workers=max(1, settings.download_concurrency)) as pool:
-        fetched: list[DownloadItem] = []
-        for candidate, (record, image, new) in zip(candidates, pool.map(work, candidates), strict=True):
-            if record is None:
-                continue  # another task is fetching it
-            if not new:
-                claims.release(candidate.image_url)
+        # A lease that ran out while this batch waited its turn (a busy worker, a long queue)
+        # hands a URL to a second task; the fetch claim lets only one of them fetch at a time
+        # (a URL another live task holds is left to it: it records it). A killed worker's
+        # claims expire with the lease time, and the URLs are leased again.
+        held = claims.take([c.image_url for c in candidates])
+        mine = [c for c, ok in zip(candidates, held, strict=True) if ok]
+        # Read under the claims: a task that held one before has recorded its URL by now.
+        previous = state.url_records(job.id, [c.image_url for c in mine])
+        for candidate in mine:
+            record = previous.get(candidate.image_url)
+            if record is not None and record.outcome is DownloadOutcome.STORED and record.image_key:
+                # Stored before (by an interrupted delivery of this batch, or by that other task):
+                # its image goes to the detector again, which is idempotent, so a lost detect
+                # message is sent again; its provenance is written again, in case that delivery
+                # stopped before it did.
+                image = state.get_image(job.id, record.image_key)
+                if image is not None and image.provenance.image_url == record.url:
+                    put_json(store, keys.image_meta_key(job.id, image.sha256), image.model_dump(mode="json"))
                 if image is not None:
                     stored.append(image)
-                continue
+        claims.release(list(previous))
+        new = [c for c in mine if c.image_url not in previous]
+        # A cheap early exit for the whole batch; record_downloads below enforces the limit exactly.
+        full = bool(new) and state.counters(job.id).get(Counter.DOWNLOADED, 0) >= job.spec.limits.max_images
+
+        def work(candidate: Candidate) -> tuple[DownloadRecord, StoredImage | None]:
+            if full:
+                why = FailureReason.LIMIT_REACHED
+                return DownloadRecord(url=candidate.image_url, outcome=DownloadOutcome.SKIPPED, reason=why), None
+            return fetch_and_store(job, candidate, store, state, settings, fetcher)
+
+        fetched: list[DownloadItem] = []
+        for record, image in pool.map(work, new):
             near = (
                 query_for(int(image.phash, 16), near_distance, settings.near_dup_segments)
                 if image and image.phash
@@ -518,14 +541,12 @@ def download_batch(
         finals = state.record_downloads(
             job.id, fetched, job.spec.limits.max_images, across_jobs=job.spec.dedup.across_jobs
         )
+        images = [(item.image, final) for item, final in zip(fetched, finals, strict=True) if item.image is not None]
+        kept = list(pool.map(lambda pair: settle(job, state, store, *pair), images))
+        stored += [image for (image, _), ok in zip(images, kept, strict=True) if ok]
+        # Released once recorded, never before: a task that claims a URL next finds its record.
+        claims.release([item.record.url for item in fetched])
         for item, final in zip(fetched, finals, strict=True):
-            image = item.image
-            # Released once recorded, never before: a task that claims the URL next finds the record.
-            claims.release(item.record.url)
-            if final.outcome is DownloadOutcome.STORED and image is not None:
-                stored.append(image)
-            elif image is not None and final.outcome is not DownloadOutcome.STORED:
-                _drop_unrecorded(job, state, store, image)
             log.debug(
                 "download",
                 extra={"job_id": job.id, "stage": "crawl", "url": item.record.url, "outcome": final.outcome.value},

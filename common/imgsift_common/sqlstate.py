@@ -549,23 +549,21 @@ class SqlStateStore:
             )
 
     def url_record(self, job_id: str, url: str) -> DownloadRecord | None:
-        if (job := self._number(job_id)) is None:
-            return None
-        c = t.url_outcomes.c
-        with self._read() as conn:
-            rows = conn.execute(sa.select(c.sha, c.body).where(c.job == job, c.url_digest == _url_id(url))).all()
-            return _records(conn, job, job_id, rows)[0] if rows else None
+        return self.url_records(job_id, [url]).get(url)
 
     def url_records(self, job_id: str, urls: Sequence[str]) -> dict[str, DownloadRecord]:
         """The records of those of ``urls`` that have one, in one read (a statement per CHUNK URLs)."""
-        c = t.downloads.c
-        by_digest = {_digest(url): url for url in urls}
+        if not urls or (job := self._number(job_id)) is None:
+            return {}
+        c = t.url_outcomes.c
+        by_id = {_url_id(url): url for url in urls}
         found: dict[str, DownloadRecord] = {}
         with self._read() as conn:
-            for chunk in _chunks(sorted(by_digest)):
-                query = sa.select(c.url_digest, c.body).where(c.job_id == job_id, one_of(conn, c.url_digest, chunk))
-                for digest, body in conn.execute(query):
-                    found[by_digest[bytes(digest)]] = DownloadRecord.model_validate_json(body)
+            for chunk in _chunks(sorted(by_id)):
+                query = sa.select(c.url_digest, c.sha, c.body).where(c.job == job, one_of(conn, c.url_digest, chunk))
+                rows = conn.execute(query).all()
+                for row, record in zip(rows, _records(conn, job, job_id, rows), strict=True):
+                    found[by_id[bytes(row.url_digest)]] = record
         return found
 
     def sha_owner(self, job_id: str, sha256: str) -> str | None:

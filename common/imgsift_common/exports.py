@@ -146,18 +146,15 @@ def scored_crops(
 ) -> Iterator[tuple[Crop, StoredImage | None, float]]:
     """The job's compared crops by ascending distance, a page at a time."""
     after = None
-    images: dict[str, StoredImage | None] = {}
     while True:
         page = state.distance_page(job.id, max_distance=threshold if accepted_only else None, after=after, limit=PAGE)
         crops = {c.key: c for c in state.get_crops(job.id, [k for k, _ in page.items])}
-        images.clear()  # one page of images at a time
+        images = state.get_images(job.id, {c.image_key for c in crops.values()})  # one page of images at a time
         for key, distance in page.items:
             crop = crops.get(key)
             if crop is None:
                 continue
-            if crop.image_key not in images:
-                images[crop.image_key] = state.get_image(job.id, crop.image_key)
-            yield crop, images[crop.image_key], distance
+            yield crop, images.get(crop.image_key), distance
         if page.next_after is None:
             return
         after = page.next_after

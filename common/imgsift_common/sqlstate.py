@@ -661,15 +661,37 @@ class SqlStateStore:
             tx.incr(Counter.COMPARE_FAILED, -len(lost))
 
     def get_image(self, job_id: str, key: str) -> StoredImage | None:
-        if (job := self._number(job_id)) is None:
-            return None
+        return self.get_images(job_id, [key]).get(key)
+
+    def get_images(self, job_id: str, keys_: Iterable[str]) -> dict[str, StoredImage]:
+        """The kept images of those keys that have one, in one read (a statement per CHUNK keys)."""
+        wanted = set(keys_)
+        if not wanted or (job := self._number(job_id)) is None:
+            return {}
         k = t.kept_images.c
-        ident, tail = image_id(job_id, key)
-        where = (k.sha == ident + tail[:20], k.job == job) if tail is not None else (k.job == job, k.key == key)
+        shas: list[bytes] = []
+        foreign: list[str] = []
+        for key in wanted:
+            ident, tail = image_id(job_id, key)
+            if tail is None:
+                foreign.append(key)
+            else:
+                shas.append(ident + tail[:20])
+        found: dict[str, StoredImage] = {}
         with self._read() as conn:
-            row = conn.execute(sa.select(t.kept_images).where(*where)).first()
-        image = _stored_image(job_id, row) if row is not None else None
-        return image if image is not None and image.key == key else None
+            queries = [
+                sa.select(t.kept_images).where(one_of(conn, k.sha, chunk), k.job == job)
+                for chunk in _chunks(sorted(shas))
+            ]
+            queries += [
+                sa.select(t.kept_images).where(k.job == job, k.key.in_(chunk)) for chunk in _chunks(sorted(foreign))
+            ]
+            for query in queries:
+                for row in conn.execute(query):
+                    image = _stored_image(job_id, row)
+                    if image.key in wanted:
+                        found[image.key] = image
+        return found
 
     def image_keys(self, job_id: str) -> list[str]:
         if (job := self._number(job_id)) is None:

@@ -112,8 +112,9 @@ def question_page(job: Job, state: StateStore, limit: int) -> QuestionsOut:
     found = for_job(job, state)
     asked = questions(job, state, limit, found)
     crops = {c.key: c for c in state.get_crops(job.id, [key for key, _ in asked])}
+    images = state.get_images(job.id, {c.image_key for c in crops.values()})
     items = [
-        _crop_out(job, crops[key], state.get_image(job.id, crops[key].image_key), distance, job.spec.threshold)
+        _crop_out(job, crops[key], images.get(crops[key].image_key), distance, job.spec.threshold)
         for key, distance in asked
         if key in crops
     ]
@@ -172,13 +173,14 @@ def crop_page(
             job.id, max_distance=upper, min_distance_exclusive=lower, after=after, limit=limit, descending=descending
         )
         crops = {c.key: c for c in state.get_crops(job.id, [key for key, _ in page.items])}
+        images = state.get_images(job.id, {c.image_key for c in crops.values()})
         full = False
         for key, distance in page.items:
             after = (distance, key)
             crop = crops.get(key)
             if crop is None or (class_name is not None and crop.class_name != class_name):
                 continue
-            image = state.get_image(job.id, crop.image_key)
+            image = images.get(crop.image_key)
             if source is not None and (image is None or image.provenance.source.value != source):
                 continue
             items.append(_crop_out(job, crop, image, distance, threshold))

@@ -31,7 +31,7 @@ import re
 import struct
 import time
 import zlib
-from bisect import bisect_right
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -74,7 +74,9 @@ from imgsift_common.state import (
 CHUNK = 500  # rows or keys per statement: well under SQLite's 32,766 bound parameters
 
 BINS = 10 * GRID
-# Bin b holds the distances in [EDGES[b - 1], EDGES[b]); the first and last bins are open-ended.
+# Bin b holds the distances in (EDGES[b - 1], EDGES[b]]; the first and last bins are open-ended.
+# Closed above, so the count at a threshold that is an edge (every calibration grid threshold)
+# is the bins' sum alone.
 EDGES = [MAX_DISTANCE * i / BINS for i in range(1, BINS)]
 
 # Above this per-band radius (near-duplicate distances of 20 bits or more) the band lookup
@@ -83,8 +85,8 @@ MAX_BAND_RADIUS = 4
 
 
 def distance_bin(distance: float) -> int:
-    """The histogram bin of a distance: how many bin edges lie at or below it."""
-    return bisect_right(EDGES, distance)
+    """The histogram bin of a distance: how many bin edges lie below it."""
+    return bisect_left(EDGES, distance)
 
 
 def _digest(text: str) -> bytes:
@@ -219,12 +221,12 @@ RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 co
 
 @functools.lru_cache(maxsize=RANGES_PER_QUERY)
 def _range_counts(n: int) -> sa.Select[Any]:
-    """One row of ``n`` counts of a job's distances in [low{i}, high{i}]; built once per ``n``."""
+    """One row of ``n`` counts of a job's distances in (low{i}, high{i}]; built once per ``n``."""
     c = t.crop_distances.c
     job: sa.BindParameter[int] = sa.bindparam("job")
     counts = (
         sa.select(sa.func.count())
-        .where(c.job == job, c.distance.between(sa.bindparam(f"low{i}"), sa.bindparam(f"high{i}")))
+        .where(c.job == job, c.distance > sa.bindparam(f"low{i}"), c.distance <= sa.bindparam(f"high{i}"))
         .scalar_subquery()
         .label(f"n{i}")
         for i in range(n)
@@ -845,7 +847,8 @@ class SqlStateStore:
         return self.count_below(job_id, [threshold])[0]
 
     def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
-        """Counts from the histogram's full bins plus one indexed range count per partly covered bin."""
+        """Counts from the histogram's bins, plus one indexed range count for a threshold inside a bin
+        that holds distances (none for an edge: every calibration grid threshold is one)."""
         b = t.distance_bins.c
         job = self._number(job_id) or 0
         with self._read() as conn:
@@ -854,21 +857,27 @@ class SqlStateStore:
             below = [0] * (BINS + 1)  # below[k]: distances in the bins under bin k
             for k in range(BINS):
                 below[k + 1] = below[k] + int(hist.get(k, 0))
-            partial: dict[float, int] = {}  # distances at or under the threshold in its own bin
-            ranges: list[tuple[float, float]] = []  # (the bin's lower edge, the threshold)
-            for threshold in set(thresholds):
-                k = distance_bin(threshold)
-                if not hist.get(k) or math.isinf(threshold):
-                    partial[threshold] = hist.get(k, 0) if threshold == math.inf else 0
+            counts: dict[float, int] = {}
+            ranges: list[tuple[float, float]] = []  # (the lower edge of the threshold's bin, the threshold)
+            for x in set(thresholds):
+                k = distance_bin(x)  # EDGES[k - 1] < x <= EDGES[k]
+                if math.isinf(x):
+                    counts[x] = below[BINS] if x > 0 else 0
+                elif k < len(EDGES) and EDGES[k] == x:  # an edge: the bins up to it hold the count
+                    counts[x] = below[k + 1]
+                elif not hist.get(k):  # nothing in its bin
+                    counts[x] = below[k]
                 else:  # bin 0 is open below, as the last bin is above
-                    ranges.append((EDGES[k - 1] if k else -math.inf, threshold))
+                    ranges.append((EDGES[k - 1] if k else -math.inf, x))
             for chunk in _chunks(ranges, RANGES_PER_QUERY):
                 params: dict[str, object] = {"job": job}
                 for i, (low, high) in enumerate(chunk):
                     params |= {f"low{i}": low, f"high{i}": high}
                 row = conn.execute(_range_counts(len(chunk)), params).one()
-                partial.update((high, int(n)) for (_, high), n in zip(chunk, row, strict=True))
-        return [below[distance_bin(x)] + partial[x] for x in thresholds]
+                counts.update(
+                    (high, below[distance_bin(high)] + int(n)) for (_, high), n in zip(chunk, row, strict=True)
+                )
+        return [counts[x] for x in thresholds]
 
     def distances_of(self, job_id: str, crop_keys: list[str]) -> dict[str, float]:
         if not crop_keys or (job := self._number(job_id)) is None:

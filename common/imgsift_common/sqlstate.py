@@ -1306,33 +1306,42 @@ class _Downloads:
         if not queries:
             return
         k = t.kept_images.c
-        kept: sa.Select[Any] = sa.select(k.sha, k.near, k.width, k.height, k.format, k.key, k.provenance).where(
-            k.job == tx.job, k.near.is_not(None)
-        )
+        # Candidates by band are many more than matches (a 16-bit band value is shared by one image
+        # in 65,536: at a million images, some fifteen per value), so they are read as hash and
+        # band values only, checked here, and the few within reach read in full.
+        kept: sa.Select[Any] = sa.select(k.sha, k.near).where(k.job == tx.job, k.near.is_not(None))
         lookups: list[sa.Select[Any]] = []
+        # band -> value -> the queries whose band is within their radius of it
+        reach: list[dict[int, list[NearDupQuery]]] = [{} for _ in range(t.PHASH_BANDS)]
         if any(q.max_distance // t.PHASH_BANDS > MAX_BAND_RADIUS for q in queries):
             lookups = [kept]  # the bands would return a third of the job or more: read it
         else:
             # One indexed lookup per band, united: an OR of the four would let a planner without
             # statistics (SQLite) read every row of the job by its job_id instead.
             for band in range(t.PHASH_BANDS):
-                values = sorted(
-                    {
-                        v
-                        for q in queries
-                        for v in within(_bands(q.hash)[band], t.PHASH_BAND_BITS, q.max_distance // t.PHASH_BANDS)
-                    }
-                )
+                for q in queries:
+                    for v in within(_bands(q.hash)[band], t.PHASH_BAND_BITS, q.max_distance // t.PHASH_BANDS):
+                        reach[band].setdefault(v, []).append(q)
+                values = sorted(reach[band])
                 lookups += [kept.where(one_of(tx.conn, k[f"band{band}"], chunk)) for chunk in _chunks(values)]
+        near: dict[bytes, int] = {}
         for start in range(0, len(lookups), t.PHASH_BANDS):
             group = lookups[start : start + t.PHASH_BANDS]
             united: sa.Select[Any] | sa.CompoundSelect[Any] = sa.union(*group) if len(group) > 1 else group[0]
-            for row in tx.conn.execute(united):
+            for sha, value in tx.conn.execute(united):
+                value &= (1 << 64) - 1
+                asking: Iterable[NearDupQuery] = queries
+                if reach[0]:
+                    bands = _bands(value)
+                    asking = {id(q): q for band, v in enumerate(bands) for q in reach[band].get(v, ())}.values()
+                if any(hamming(q.hash, value) <= q.max_distance for q in asking):
+                    near[bytes(sha)] = value
+        full = sa.select(k.sha, k.width, k.height, k.format, k.key, k.provenance)
+        for chunk in _chunks(sorted(near)):
+            for row in tx.conn.execute(full.where(one_of(tx.conn, k.sha, chunk), k.job == tx.job)):
                 sha = bytes(row.sha)
-                found = _Kept(
-                    sha, int(row.width) * int(row.height), _image_key(tx.job_id, row), kept_url(row.provenance)
-                )
-                self.kept[sha] = (int(row.near) & ((1 << 64) - 1), found)
+                pixels = int(row.width) * int(row.height)
+                self.kept[sha] = (near[sha], _Kept(sha, pixels, _image_key(tx.job_id, row), kept_url(row.provenance)))
 
     def _nearest(self, near: NearDupQuery, sha: bytes) -> tuple[int, _Kept] | None:
         """The kept image nearest to ``near`` within its max distance (ties: the first URL)."""

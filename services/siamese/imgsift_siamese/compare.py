@@ -391,7 +391,7 @@ def compute_features(
     batch_inputs: list[np.ndarray] = []
 
     def forward() -> None:
-        rows = as_stored(embedder.features_of_arrays(np.stack(batch_inputs)))
+        rows = as_stored(embedder.features_of_pixels(np.stack(batch_inputs)))
         out.update(zip(batch_keys, rows, strict=True))
         batch_keys.clear()
         batch_inputs.clear()

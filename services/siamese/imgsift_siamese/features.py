@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "imgsift-features-1"
 # Part of every trunk id: raise it when preprocessing changes what the trunk sees.
-PREPROCESSING_VERSION = "letterbox-imagenet-1"
+PREPROCESSING_VERSION = "letterbox-imagenet-2"  # 2: JPEGs decoded at a reduced scale (draft)
 
 T = TypeVar("T")
 R = TypeVar("R")

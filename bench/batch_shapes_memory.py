@@ -5,11 +5,11 @@
 
 A Siamese worker's batches have every size from 1 to a message's 64 crops. On the CPU each new
 batch size the MobileNetV2 trunk sees costs memory the process keeps. Two child processes, one
-after the other, run the same inputs (random 224x224 tensors, every size from 1 to ``--max``,
+after the other, run the same inputs (random 224x224 images, every size from 1 to ``--max``,
 ``--rounds`` times):
 
 - baseline: one forward pass per batch, as it comes (what imgsift did before);
-- imgsift: ``Embedder.features_of_arrays`` with ``batch_size`` 32, which cuts a batch into
+- imgsift: ``Embedder.features_of_pixels`` with ``batch_size`` 32, which cuts a batch into
   32s and powers of two below (``forward_sizes``), so the trunk sees at most 6 sizes.
 
 With ``--stage detector`` the same for YOLOv8n (``--weights``) on 640x480 images, sizes 1 to
@@ -54,16 +54,17 @@ def child(mode: str, stage: str, largest: int, rounds: int, weights: str) -> Non
         warm = 16
     else:
         from imgsift_siamese.embed import get_embedder
+        from imgsift_siamese.preprocess import normalise
         from imgsift_siamese.settings import SiameseSettings
 
         embedder = get_embedder(SiameseSettings(storage="local", batch_size=32))
 
         def run(n: int) -> None:
-            arrays = rng.random((n, 3, 224, 224), dtype=np.float32)
+            pixels = rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
             if mode == "baseline":
-                embedder.network.features(torch.from_numpy(arrays))
+                embedder.network.features(normalise(torch.from_numpy(pixels)))
             else:
-                embedder.features_of_arrays(arrays)
+                embedder.features_of_pixels(pixels)
 
         warm = 32
     with torch.inference_mode():

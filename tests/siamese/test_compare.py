@@ -9,7 +9,9 @@ from imgsift_common.state import StateStore
 from imgsift_common.storage import ObjectStore
 from imgsift_siamese import compare, features
 from imgsift_siamese.compare import ReferenceImagesError, compare_batch, reference_embeddings
+from imgsift_siamese.distance import judged_distances
 from imgsift_siamese.embed import Embedder
+from imgsift_siamese.preprocess import prepare
 from imgsift_siamese.settings import SiameseSettings
 from tests.siamese.conftest import CountingTrunk
 from tests.siamese.stored import JOB_ID, create_job, new_job, put_crops, put_references
@@ -180,3 +182,34 @@ def test_a_missing_reference_image_is_named(local_store: ObjectStore, embedder: 
 
     with pytest.raises(ReferenceImagesError, match=f"{reference} .* missing"):
         reference_embeddings(job, local_store, embedder)
+
+
+def test_a_batch_runs_the_trunk_in_two_halves_and_scores_as_one_pass(
+    state_store: StateStore,
+    local_store: ObjectStore,
+    embedder: Embedder,
+    trunk: CountingTrunk,
+    siamese_settings: SiameseSettings,
+    crops_by_class: dict[str, list[Image.Image]],
+) -> None:
+    """16 crops go through the trunk as 8 and 8 (the pool prepares the second half while the first
+    runs), and their distances are those of the trunk over all 16 at once."""
+    assert [compare.pipeline_step(n, 32) for n in (64, 33, 32, 20, 16, 15, 5)] == [32, 32, 16, 8, 8, 32, 32]
+    elephants = crops_by_class["elephant"]
+    job = create_job(state_store, put_references(local_store, elephants[:2]))
+    images = [crops_by_class[name][i] for name in ("elephant", "giraffe", "dog", "person") for i in range(2, 6)]
+    crop_keys = put_crops(local_store, state_store, images, "x")
+    compare.reference_embeddings(job, local_store, embedder)  # the references' pass, before counting
+    job = state_store.update_job(job.id, reference_distances=[0.5])  # no calibration views: only the crops' passes
+    trunk.calls = trunk.images = 0
+
+    recorded = compare_batch(job, crop_keys, local_store, state_store, embedder, siamese_settings)
+
+    assert (trunk.calls, trunk.images) == (2, 16)
+    one_pass = embedder.embed_features(features.as_stored(embedder.features_of_pixels(
+        np.stack([prepare(local_store.get(k), embedder.image_size) for k in crop_keys]))))  # fmt: skip
+    refs = compare.reference_embeddings(job, local_store, embedder)
+    expected = judged_distances(one_pass, refs, None, method=siamese_settings.distance, k=siamese_settings.k,
+                                margin=siamese_settings.negative_margin)  # fmt: skip
+    wanted = dict(zip(crop_keys, expected.tolist(), strict=True))
+    assert {d.crop_key: d.distance for d in recorded} == pytest.approx(wanted, abs=1e-5)

@@ -10,7 +10,7 @@ from imgsift_common.batching import forward_sizes
 from imgsift_siamese.distance import pairwise_distances, reference_distance
 from imgsift_siamese.embed import Embedder, get_embedder
 from imgsift_siamese.network import SiameseNetwork
-from imgsift_siamese.preprocess import preprocess
+from imgsift_siamese.preprocess import pixels, preprocess
 from imgsift_siamese.settings import SiameseSettings
 
 OTHER_CLASSES = ("giraffe", "dog", "person", "bowl")
@@ -75,8 +75,8 @@ def test_the_trunk_sees_few_batch_sizes_and_every_row_once(
 ) -> None:
     """Every row count from 1 to 70 is cut into batches of 8 and powers of two below it (each new
     batch size costs the CPU process memory it keeps), and the rows come out as one batch gives them."""
-    arrays = np.stack([preprocess(im, 64).numpy() for im in crops_by_class["person"]])  # small: fast
-    one_batch, k = embedder.features_of_arrays(arrays), len(arrays)
+    arrays = np.stack([pixels(im, 64) for im in crops_by_class["person"]])  # small: fast
+    one_batch, k = embedder.features_of_pixels(arrays), len(arrays)
     eights = Embedder(embedder.network, backbone=embedder.backbone, weights_id=embedder.weights_id, batch_size=8)
     seen: list[int] = []
     features = embedder.network.features
@@ -88,7 +88,7 @@ def test_the_trunk_sees_few_batch_sizes_and_every_row_once(
     embedder.network.features = counting  # type: ignore[method-assign]
     try:
         for n in range(1, 71):
-            rows = eights.features_of_arrays(np.resize(arrays, (n, *arrays.shape[1:])))
+            rows = eights.features_of_pixels(np.resize(arrays, (n, *arrays.shape[1:])))
             assert rows.shape == (n, 1280)
             assert np.allclose(rows[: min(n, k)], one_batch[: min(n, k)], atol=1e-4), n
     finally:

@@ -25,7 +25,7 @@ from imgsift_siamese.backbone import WeightsError, _untrained_trunk, build_backb
 from imgsift_siamese.embed import Embedder, get_embedder
 from imgsift_siamese.export import EXPORT_VERSION, TorchTrunk, export_name, trunk_runner
 from imgsift_siamese.network import SiameseNetwork
-from imgsift_siamese.preprocess import letterbox, to_array
+from imgsift_siamese.preprocess import pixels
 from imgsift_siamese.settings import BACKBONES, NATIVE_INPUT_SIZE, SiameseSettings
 
 EXPORT_BOUND = 1e-4  # largest |export row - torch row| / |torch row|: see the module docstring
@@ -46,7 +46,7 @@ def _require(fmt: ExportFormat) -> None:
 
 
 def _inputs(crops_by_class: dict[str, list[Image.Image]], size: int, per_class: int = 3) -> np.ndarray:
-    return np.stack([to_array(letterbox(im, size)) for crops in crops_by_class.values() for im in crops[:per_class]])
+    return np.stack([pixels(im, size) for crops in crops_by_class.values() for im in crops[:per_class]])
 
 
 def _worst_relative(reference: np.ndarray, other: np.ndarray) -> float:
@@ -96,7 +96,7 @@ def test_the_export_is_made_once_and_cached_by_backbone_weights_size_and_format(
     settings = SiameseSettings(storage="local", backbone="mobilenet_v2", export="onnx", export_dir=export_dir)
     first = get_embedder(settings)
     inputs = _inputs(crops_by_class, 224, per_class=1)
-    assert _worst_relative(embedder.features_of_arrays(inputs), first.features_of_arrays(inputs)) <= EXPORT_BOUND
+    assert _worst_relative(embedder.features_of_pixels(inputs), first.features_of_pixels(inputs)) <= EXPORT_BOUND
     name = export_name("mobilenet_v2", embedder.weights_id, 224, ExportFormat.ONNX)
     assert name.endswith(f"-224-onnx-v{EXPORT_VERSION}")
     assert first.trunk.path == export_dir / name / "trunk.onnx"  # type: ignore[attr-defined]
@@ -144,7 +144,7 @@ def test_a_broken_export_is_a_weights_error_and_leaves_nothing(tmp_path: Path, m
     monkeypatch.setattr(torch.onnx, "export", failing_export)
     settings = SiameseSettings(storage="local", backbone="mobilenet_v2", export="onnx", export_dir=tmp_path)
     with pytest.raises(
-        WeightsError, match=r"exporting mobilenet_v2-.*-onnx-v1 failed: RuntimeError: the exporter broke"
+        WeightsError, match=r"exporting mobilenet_v2-.*-onnx-v2 failed: RuntimeError: the exporter broke"
     ):
         get_embedder(settings)
     assert list(tmp_path.iterdir()) == []
@@ -177,7 +177,7 @@ def test_the_fp16_trunk_path_on_the_cpu(embedder: Embedder, crops_by_class: dict
     half = TorchTrunk(embedder.network, torch.device("cpu"), half=True)
     got = half(inputs)
     assert got.dtype == np.float32 and next(embedder.network.parameters()).dtype == torch.float32
-    expected = embedder.features_of_arrays(inputs)
+    expected = embedder.features_of_pixels(inputs)
     worst = _worst_relative(expected, got)
     moved = float(np.linalg.norm(embedder.embed_features(got) - embedder.embed_features(expected), axis=1).max())
     print(f"fp16 trunk on the CPU: worst row difference {worst:.1e} of its norm, embedding moved {moved:.1e}")
@@ -190,7 +190,7 @@ def test_half_on_cuda_agrees_with_fp32(crops_by_class: dict[str, list[Image.Imag
     fp16 = get_embedder(SiameseSettings(storage="local", device="cuda", half=True))
     assert fp16.trunk.name == "torch-fp16" and fp16.trunk_id == fp32.trunk_id
     inputs = _inputs(crops_by_class, fp32.image_size)
-    assert _worst_relative(fp32.features_of_arrays(inputs), fp16.features_of_arrays(inputs)) <= FP16_BOUND
+    assert _worst_relative(fp32.features_of_pixels(inputs), fp16.features_of_pixels(inputs)) <= FP16_BOUND
     assert fp16.device.type == "cuda" and next(fp16.network.parameters()).dtype == torch.float32
     images = [im for crops in crops_by_class.values() for im in crops[:2]]
     moved = np.linalg.norm(fp16.embed_images(images) - fp32.embed_images(images), axis=1)

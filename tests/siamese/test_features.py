@@ -94,8 +94,9 @@ def _train_a_head(store: ObjectStore, state: StateStore, job: Job, embedder: Emb
 
 def _distances_from_images(store: ObjectStore, job: Job, crop_keys: list[str], embedder: Embedder) -> dict[str, float]:
     """What the job's network says, computed from the stored JPEGs in float32, nothing stored involved."""
-    crops = embedder.embed_images([decode_image(store.get(k)) for k in crop_keys])
-    refs = embedder.embed_images([decode_image(store.get(k)) for k in job.reference_keys])
+    size = embedder.image_size  # decoded as the stage decodes them (JPEG draft where it covers the letterbox)
+    crops = embedder.embed_images([decode_image(store.get(k), size) for k in crop_keys])
+    refs = embedder.embed_images([decode_image(store.get(k), size) for k in job.reference_keys])
     return dict(zip(crop_keys, (float(d) for d in reference_distance(crops, refs)), strict=True))
 
 

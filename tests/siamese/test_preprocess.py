@@ -2,11 +2,25 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from imgsift_siamese.preprocess import DECODE_ERRORS, PAD_COLOUR, decode_image, letterbox, preprocess, to_tensor
+from imgsift_siamese.preprocess import (
+    DECODE_ERRORS,
+    PAD_COLOUR,
+    decode_image,
+    letterbox,
+    letterboxed_size,
+    normalise,
+    pixels,
+    prepare,
+    preprocess,
+    to_array,
+    to_tensor,
+)
+from tests.support.coco import Coco128
 
 RED = (200, 30, 40)
 
@@ -73,3 +87,57 @@ def test_decode_image_turns_by_exif_orientation() -> None:
 def test_decode_image_rejects_bytes_that_are_no_image() -> None:
     with pytest.raises(DECODE_ERRORS):
         decode_image(b"<html>not an image</html>")
+
+
+def _jpeg(image: Image.Image, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, **options)  # the detector's crop quality
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_letterbox(coco128: Coco128) -> None:
+    """A real 640 px photo for a 224 px letterbox: libjpeg's 1/2 scale (320 px), not 1/4 (160 px,
+    below the letterbox); the letterboxed pixels stay close to those of a full decode."""
+    with Image.open(coco128.images[0]) as opened:
+        photo = opened.convert("RGB")
+    data = _jpeg(photo)
+    width, height = photo.size
+    assert max(width, height) == 640
+
+    reduced = decode_image(data, 224)
+
+    assert reduced.size == ((width + 1) // 2, (height + 1) // 2)
+    assert all(r >= need for r, need in zip(reduced.size, letterboxed_size(width, height, 224), strict=True))
+    full = pixels(decode_image(data), 224).astype(np.int16)
+    drafted = prepare(data, 224)
+    assert drafted.dtype == np.uint8 and drafted.shape == (224, 224, 3)
+    difference = np.abs(drafted.astype(np.int16) - full)
+    print(f"reduced-scale decode: mean pixel difference {difference.mean():.2f}, 99th percentile "
+          f"{np.percentile(difference, 99):.0f}")  # fmt: skip
+    assert difference.mean() < 2.0 and np.percentile(difference, 99) < 20
+    # No reduction where it would not cover the letterbox: a 300 px image for 224 px, and any PNG.
+    small = photo.resize((300, 200))
+    assert decode_image(_jpeg(small), 224).size == (300, 200)
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    assert decode_image(png.getvalue(), 224).size == (width, height)
+
+
+def test_a_reduced_scale_decode_still_turns_by_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    image = decode_image(_jpeg(Image.new("RGB", (1000, 400), RED), exif=exif), 224)
+
+    assert image.size == (100, 250)  # 1/4 scale, then turned: covers 224 x 90
+    assert pixels(image, 224).shape == (224, 224, 3)
+
+
+def test_the_runners_normalisation_is_to_arrays(crops_by_class: dict[str, list[Image.Image]]) -> None:
+    """``normalise`` (torch, in the trunk runners and their exports) gives to_array's floats bit for bit."""
+    images = [crops_by_class["elephant"][0], crops_by_class["person"][1]]
+    batch = np.stack([pixels(im, 96) for im in images])
+
+    got = normalise(torch.from_numpy(batch)).numpy()
+
+    assert got.dtype == np.float32 and got.shape == (2, 3, 96, 96)
+    assert np.array_equal(got, np.stack([to_array(letterbox(im, 96)) for im in images]))

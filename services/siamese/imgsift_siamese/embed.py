@@ -23,7 +23,7 @@ from imgsift_siamese.backbone import WeightsError, build_backbone, weights_ident
 from imgsift_siamese.export import ExportError, ExportFormat, TrunkRunner, trunk_runner
 from imgsift_siamese.features import PREPROCESSING_VERSION
 from imgsift_siamese.network import SiameseNetwork
-from imgsift_siamese.preprocess import letterbox, to_array
+from imgsift_siamese.preprocess import pixels
 from imgsift_siamese.settings import BackboneName, SiameseSettings
 
 
@@ -84,11 +84,12 @@ class Embedder:
     @functools.cached_property
     def feature_dim(self) -> int:
         """Length of one row of pooled trunk features."""
-        probe = np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32)
+        probe = np.zeros((1, self.image_size, self.image_size, 3), dtype=np.uint8)
         return int(self.trunk(probe).shape[1])
 
-    def features_of_arrays(self, arrays: np.ndarray) -> np.ndarray:
-        """Pooled trunk features ``(n, f)`` float32 of preprocessed inputs ``(n, 3, size, size)``.
+    def features_of_pixels(self, arrays: np.ndarray) -> np.ndarray:
+        """Pooled trunk features ``(n, f)`` float32 of letterboxed pixels ``(n, size, size, 3)`` uint8
+        (:func:`imgsift_siamese.preprocess.pixels`; the trunk runner normalises them).
 
         The trunk sees few batch sizes (``imgsift_common.batching``): on the CPU each new one
         costs memory the process keeps, and a worker's batches come in every size.
@@ -101,7 +102,7 @@ class Embedder:
     def features_of_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Pooled trunk features ``(n, f)`` float32 of ``images``, in order."""
         rows = [
-            self.features_of_arrays(np.stack([to_array(letterbox(im, self.image_size)) for im in chunk]))
+            self.features_of_pixels(np.stack([pixels(im, self.image_size) for im in chunk]))
             for chunk in (images[start : start + self.batch_size] for start in range(0, len(images), self.batch_size))
         ]
         if not rows:

@@ -8,6 +8,10 @@ torch's ONNX exporter, run by ONNX Runtime), into a cache folder named by the ba
 weights, the input size and the format (:mod:`imgsift_common.model_exports`, the detector's
 cache too), dynamic in the batch size. Exports run on the CPU.
 
+Every runner takes letterboxed pixels, uint8 ``(n, size, size, 3)``, and normalises them itself
+(:func:`imgsift_siamese.preprocess.normalise`, traced into the exports' graphs): the host does
+no float pass over the pixels, the runtime's own threads do it.
+
 OpenVINO is told to compute in fp32 and its IR keeps fp32 weights: on CPUs with AMX or
 AVX512-BF16 its default is bf16, and ``save_model``'s default compresses weights to fp16;
 either moves pooled features by percents of a row's norm (bf16 the most), where the stored
@@ -31,6 +35,7 @@ from torch import nn
 from imgsift_common import model_exports
 from imgsift_common.model_exports import ExportError, ExportFormat, cached_export
 from imgsift_siamese.network import SiameseNetwork
+from imgsift_siamese.preprocess import normalise
 
 __all__ = [
     "EXPORT_VERSION",
@@ -47,13 +52,14 @@ __all__ = [
 ]
 
 # Part of every cache name: raise it when the export below changes, so old exports are not reused.
-EXPORT_VERSION = 1
+# 2: uint8 pixels in, the normalisation in the graph.
+EXPORT_VERSION = 2
 VARIABLE = "IMGSIFT_SIAMESE_EXPORT"
 INPUT, OUTPUT = "images", "features"
 
 
 class TrunkRunner(Protocol):
-    """Pooled trunk features ``(n, f)`` float32 of preprocessed inputs ``(n, 3, size, size)`` float32."""
+    """Pooled trunk features ``(n, f)`` float32 of letterboxed pixels ``(n, size, size, 3)`` uint8."""
 
     name: str
 
@@ -61,14 +67,23 @@ class TrunkRunner(Protocol):
 
 
 class PooledTrunk(nn.Module):
-    """The network's trunk and pooling as one module: what is exported."""
+    """Letterboxed uint8 pixels to pooled features: the normalisation, the network's trunk and
+    pooling as one module. What every runner runs, and what is exported."""
 
     def __init__(self, network: SiameseNetwork) -> None:
         super().__init__()
         self.network = network
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network.features(images)
+        x = normalise(images)  # in fp32; an fp16 trunk gets it rounded once, as it got float inputs before
+        return self.network.features(x.to(next(self.network.parameters()).dtype))
+
+
+def _pixels(inputs: np.ndarray) -> np.ndarray:
+    if inputs.dtype != np.uint8 or inputs.ndim != 4 or inputs.shape[3] != 3:
+        raise ValueError(f"the trunk takes letterboxed pixels (n, size, size, 3) uint8, not {inputs.dtype}"
+                         f"{inputs.shape}")  # fmt: skip
+    return np.ascontiguousarray(inputs)
 
 
 class TorchTrunk:
@@ -83,8 +98,7 @@ class TorchTrunk:
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32)).to(self.device)
-            out = self.module(batch.half() if self.half else batch)
+            out = self.module(torch.from_numpy(_pixels(inputs)).to(self.device))
             return out.float().cpu().numpy()
 
 
@@ -103,7 +117,7 @@ class OpenVinoTrunk:
         self.path = path
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        result = self.compiled(np.ascontiguousarray(inputs, dtype=np.float32))[0]
+        result = self.compiled(_pixels(inputs))[0]
         return np.asarray(result, dtype=np.float32)
 
 
@@ -125,7 +139,7 @@ class OnnxTrunk:
         self.path = path
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        (result,) = self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(inputs, dtype=np.float32)})
+        (result,) = self.session.run([OUTPUT], {INPUT: _pixels(inputs)})
         return np.asarray(result, dtype=np.float32)
 
 
@@ -152,7 +166,7 @@ def exported_trunk(
         raise ValueError("no export format given")
     model_exports.require_runtime(fmt, variable=VARIABLE, package="imgsift-siamese")
     module = PooledTrunk(network).eval()
-    example = torch.zeros(2, 3, image_size, image_size)
+    example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
 
     def make(work: Path) -> Path:
         target = work / _artifact(fmt)
@@ -161,7 +175,8 @@ def exported_trunk(
             if fmt is ExportFormat.OPENVINO:
                 import openvino as ov
 
-                model = ov.convert_model(module, example_input=example, input=[(-1, 3, image_size, image_size)])
+                shape = (-1, image_size, image_size, 3)
+                model = ov.convert_model(module, example_input=example, input=[(shape, ov.Type.u8)])
                 ov.save_model(model, str(target), compress_to_fp16=False)  # fp16 weights move the features
             else:
                 torch.onnx.export(

@@ -1,4 +1,11 @@
-"""Crop preprocessing: decode, letterbox into a square, normalise like ImageNet training."""
+"""Crop preprocessing: decode, letterbox into a square, normalise like ImageNet training.
+
+The stage feeds the trunk letterboxed pixels, uint8 ``(n, size, size, 3)`` (:func:`prepare`,
+:func:`pixels`); the trunk runner normalises them in the model (:func:`normalise`, part of the
+exported graph too), so the decode pool does no float pass over the pixels. A JPEG larger than
+twice the letterbox is decoded at a reduced scale (``Image.draft``: libjpeg's DCT scaling by 1/2,
+1/4 or 1/8, never below the letterboxed size), which spares most of the decode and the resize.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +24,16 @@ PAD_COLOUR = tuple(round(255 * m) for m in IMAGENET_MEAN)
 DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, EOFError, ValueError, SyntaxError)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """An upright RGB image from encoded bytes (EXIF orientation applied, transparency on the pad colour)."""
+def decode_image(data: bytes, size: int | None = None) -> Image.Image:
+    """An upright RGB image from encoded bytes (EXIF orientation applied, transparency on the pad colour).
+
+    With ``size``, a JPEG is decoded at the smallest of libjpeg's scales (1/8, 1/4, 1/2) that still
+    covers the image letterboxed into ``size`` (:func:`letterbox`), which then only shrinks it less.
+    """
     with Image.open(io.BytesIO(data)) as opened:
+        if size is not None:
+            width, height = opened.size
+            opened.draft(None, letterboxed_size(width, height, size))  # JPEG only; a no-op for other formats
         image = ImageOps.exif_transpose(opened)
         image.load()
     return to_rgb(image)
@@ -43,16 +57,26 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
     # run with 3 references) and from 0.80 to 0.94 for elephant vs other animals with one set
     # of references (averaged over 20 random triples of references both give 0.89).
     image = to_rgb(image)
-    width, height = image.size
-    scale = size / max(width, height)
-    resized_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized_size = letterboxed_size(*image.size, size)
     resized = image.resize(resized_size, Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (size, size), PAD_COLOUR)
     canvas.paste(resized, ((size - resized_size[0]) // 2, (size - resized_size[1]) // 2))
     return canvas
 
 
-# (x / 255 - mean) / std as one multiply-add per channel.
+def letterboxed_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) of an image of this size once :func:`letterbox` has scaled it into ``size``."""
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def pixels(image: Image.Image, size: int) -> np.ndarray:
+    """The trunk's input for one image: ``image`` letterboxed into ``size``, ``(size, size, 3)`` uint8."""
+    return np.asarray(letterbox(image, size))
+
+
+# (x / 255 - mean) / std as one multiply-add per channel: in to_array (numpy) and normalise (torch,
+# inside the trunk runners and their exports), the same float32 operations in the same order.
 _SCALE = (1.0 / (255.0 * np.array(IMAGENET_STD, dtype=np.float64))).astype(np.float32)
 _SHIFT = (-np.array(IMAGENET_MEAN, dtype=np.float64) / np.array(IMAGENET_STD, dtype=np.float64)).astype(np.float32)
 
@@ -74,14 +98,23 @@ def to_array(image: Image.Image) -> np.ndarray:
     return out
 
 
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """Letterboxed pixels ``(n, h, w, 3)`` uint8 as the trunk's input ``(n, 3, h, w)`` float32, normalised
+    as :func:`to_array` does (the same float32 multiply, then add). The trunk runners run it, so an
+    export has it in its graph and the host passes uint8."""
+    x = images.permute(0, 3, 1, 2).float()
+    return x * torch.from_numpy(_SCALE).view(1, 3, 1, 1) + torch.from_numpy(_SHIFT).view(1, 3, 1, 1)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """A ``(3, h, w)`` float tensor of an RGB image, normalised with the ImageNet mean and std."""
     return torch.from_numpy(to_array(image))
 
 
 def prepare(data: bytes, size: int) -> np.ndarray:
-    """The network input ``(3, size, size)`` float32 for one encoded crop: decode, letterbox, normalise."""
-    return to_array(letterbox(decode_image(data), size))
+    """The trunk runner's input ``(size, size, 3)`` uint8 for one encoded crop: decode (at a reduced
+    scale where that covers the letterbox), letterbox."""
+    return pixels(decode_image(data, size), size)
 
 
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:

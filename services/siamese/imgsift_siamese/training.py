@@ -159,7 +159,7 @@ def _bank_features(folder: Path, settings: SiameseSettings) -> np.ndarray:
         images = []
         for path in files:
             try:
-                images.append(decode_image(path.read_bytes()))
+                images.append(decode_image(path.read_bytes(), settings.image_size))  # as crops are
             except DECODE_ERRORS:
                 log.warning("negative bank image skipped", extra={"path": str(path)})
         network = get_embedder(settings).network

@@ -568,12 +568,6 @@ class SqlStateStore:
                     found[by_id[bytes(row.url_digest)]] = record
         return found
 
-    def sha_owner(self, job_id: str, sha256: str) -> str | None:
-        if (job := self._number(job_id)) is None:
-            return None
-        with self._read() as conn:
-            return _owners(conn, job, [bytes.fromhex(sha256)]).get(bytes.fromhex(sha256))
-
     def record_download(
         self,
         job_id: str,
@@ -648,7 +642,7 @@ class SqlStateStore:
             return
         tx.incr(Counter.DETECTED, -1)
         tx.incr(Counter.CROPS, -int(found.crops))
-        crops = [old.sha[:12] + index.to_bytes(2, "big") for index in unpack_crops(found.packed)]
+        crops = crop_ids(old.sha, found.packed)
         cd, failed = t.crop_distances.c, t.compare_failures.c
         for chunk in _chunks(crops):
             scored = sa.delete(t.crop_distances).where(cd.job == job, one_of(conn, cd.crop, chunk))
@@ -763,8 +757,9 @@ class SqlStateStore:
         if not keys or (job := self._number(job_id)) is None:
             return []
         det = t.detected_images.c
-        found: dict[bytes, Crop | None] = {}
-        images = sorted({ident[:12] for ident in map(functools.partial(crop_id, job_id), keys) if len(ident) == 14})
+        found: dict[bytes, Crop] = {}
+        ids = [crop_id(job_id, key) for key in keys]
+        images = sorted({ident[:12] for ident in ids if len(ident) == 14})
         with self._read() as conn:
             for chunk in _chunks(images):
                 query = sa.select(det.image, det.tail, det.packed).where(
@@ -772,9 +767,8 @@ class SqlStateStore:
                 )
                 for row in conn.execute(query):
                     image_key = image_key_of(job_id, row.image, row.tail)
-                    for index, crop in unpack_crops(row.packed, job_id, row.image, image_key).items():
-                        found[row.image + index.to_bytes(2, "big")] = crop
-        return [crop for key in keys if (crop := found.get(crop_id(job_id, key))) is not None]
+                    found.update(unpack_crops(row.packed, job_id, row.image, image_key))
+        return [crop for ident in ids if (crop := found.get(ident)) is not None]
 
     def crop_keys(self, job_id: str) -> list[str]:
         if (job := self._number(job_id)) is None:
@@ -782,11 +776,7 @@ class SqlStateStore:
         det = t.detected_images.c
         with self._read() as conn:
             rows = conn.execute(sa.select(det.image, det.packed).where(det.job == job, det.packed.is_not(None)))
-            return sorted(
-                crop_key_of(job_id, image + index.to_bytes(2, "big"))
-                for image, packed in rows
-                for index in unpack_crops(packed)
-            )
+            return sorted(crop_key_of(job_id, ident) for image, packed in rows for ident in crop_ids(image, packed))
 
     # ------------------------------------------------------------------ siamese
     def has_distance(self, job_id: str, crop_key: str) -> bool:
@@ -963,11 +953,11 @@ class SqlStateStore:
             snapshot(conn)
             done = set(conn.execute(sa.select(det.image).where(det.job == job)).scalars())
             for row in conn.execute(sa.select(k.sha, k.format, k.key).where(k.job == job)):
-                key = _image_key(job_id, row)
-                if image_id(job_id, key)[0] not in done:
-                    todo_images.append(key)
+                ident = bytes(row.sha)[:12] if row.key is None else image_id(job_id, row.key)[0]
+                if ident not in done:
+                    todo_images.append(_image_key(job_id, row))
             detected = conn.execute(sa.select(det.image, det.packed).where(det.job == job, det.packed.is_not(None)))
-            crops = [image + index.to_bytes(2, "big") for image, packed in detected for index in unpack_crops(packed)]
+            crops = [ident for image, packed in detected for ident in crop_ids(image, packed)]
             for chunk in _chunks(sorted(crops)):
                 ended: set[bytes] = set()
                 for table in (t.crop_distances, t.compare_failures):
@@ -1077,17 +1067,18 @@ def _unpacked(packed: bytes) -> Iterator[tuple[int, int, tuple[float, ...], str 
         yield index, flags, values, class_name, other
 
 
-def unpack_crops(
-    packed: bytes, job_id: str | None = None, image: bytes = b"", image_key: str = ""
-) -> dict[int, Crop | None]:
-    """Per crop index, the crop (None unless ``job_id`` is given: the indexes only)."""
-    crops: dict[int, Crop | None] = {}
+def crop_ids(image: bytes, packed: bytes | None) -> list[bytes]:
+    """The ids of the crops packed into ``image``'s detection row (none where it has none)."""
+    return [image[:12] + index.to_bytes(2, "big") for index, *_ in _unpacked(packed or b"")]
+
+
+def unpack_crops(packed: bytes, job_id: str, image: bytes, image_key: str) -> dict[bytes, Crop]:
+    """Per crop id, the crops packed into the detection row of ``image`` (key ``image_key``)."""
+    crops: dict[bytes, Crop] = {}
     for index, flags, values, class_name, other in _unpacked(packed):
-        if job_id is None:
-            crops[index] = None
-            continue
-        key = crop_key_of(job_id, image[:12] + index.to_bytes(2, "big"))
-        crops[index] = Crop(
+        ident = image[:12] + index.to_bytes(2, "big")
+        key = crop_key_of(job_id, ident)
+        crops[ident] = Crop(
             job_id=job_id,
             key=key,
             crop_id=key.rsplit("/", 1)[-1].removesuffix(".jpg"),
@@ -1251,9 +1242,10 @@ class _Downloads:
 
     def record(self, items: Sequence[DownloadItem]) -> list[DownloadRecord]:
         tx, c = self.tx, t.url_outcomes.c
-        ids = [_url_id(item.record.url) for item in items]
+        digests = [_digest(item.record.url) for item in items]
+        ids = [digest[:16] for digest in digests]  # _url_id
         f = t.crawl_frontier.c
-        for chunk in _chunks(sorted({_digest(item.record.url) for item in items})):
+        for chunk in _chunks(sorted(set(digests))):
             tx.conn.execute(
                 sa.delete(t.crawl_frontier).where(f.job_id == tx.job_id, one_of(tx.conn, f.url_digest, chunk))
             )

@@ -157,7 +157,6 @@ class StateStore(Protocol):
         """``url_record`` for many URLs in one read: the record of each URL that has one."""
         ...
 
-    def sha_owner(self, job_id: str, sha256: str) -> str | None: ...
     def record_download(
         self,
         job_id: str,
@@ -247,15 +246,3 @@ def finalised_job(job: Job, state: JobState, error: str | None) -> Job:
     if job.state.is_final and state is not job.state:
         return job
     return job.model_copy(update={"state": state, "error": error or job.error, "updated_at": utcnow()})
-
-
-def sha24_of(key: str) -> str:
-    """The image hash prefix an image or crop key starts its file name with (see keys.py)."""
-    return key.rsplit("/", 1)[-1][:24]
-
-
-def page_of(items: list[tuple[str, float]], limit: int, descending: bool = False) -> DistancePage:
-    items.sort(key=lambda kv: (kv[1], kv[0]), reverse=descending)
-    page = items[:limit]
-    more = len(items) > limit
-    return DistancePage(page, (page[-1][1], page[-1][0]) if more and page else None)

@@ -376,7 +376,15 @@ def test_packed_crops_and_provenance_give_back_exactly_what_was_recorded() -> No
 
     from imgsift_common import keys
     from imgsift_common.messages import Candidate, Crop, SourceKind
-    from imgsift_common.sqlstate import _provenance, image_id, kept_url, pack_crops, pack_provenance, unpack_crops
+    from imgsift_common.sqlstate import (
+        _provenance,
+        crop_ids,
+        image_id,
+        kept_url,
+        pack_crops,
+        pack_provenance,
+        unpack_crops,
+    )
 
     rng = random.Random(3)
     sha = _sha(7)
@@ -400,9 +408,16 @@ def test_packed_crops_and_provenance_give_back_exactly_what_was_recorded() -> No
             ))  # fmt: skip
         packed = pack_crops(JOB, image_key, ident, crops)
         assert list(unpack_crops(packed, JOB, ident, image_key).values()) == crops
-        assert list(unpack_crops(packed)) == [int(c.crop_id.rsplit("-", 1)[1]) for c in crops]
-    narrow = pack_crops(JOB, image_key, ident, crops[:1] if crops else [])
+        assert [int.from_bytes(i[12:], "big") for i in crop_ids(ident, packed)] == [
+            int(c.crop_id.rsplit("-", 1)[1]) for c in crops
+        ]
+    cid = keys.crop_id(sha, 0)
+    detector_crop = Crop(job_id=JOB, key=keys.crop_key(JOB, cid), crop_id=cid, image_key=image_key,
+                         box=(f32(10.3), f32(20.7), f32(300.1), f32(400.9)), padded_box=(0.0, 5.0, 320.0, 430.0),
+                         score=f32(0.87), class_name="dog")  # fmt: skip
+    narrow = pack_crops(JOB, image_key, ident, [detector_crop])
     assert len(narrow) < 60  # one detector crop (float32 values): a few dozen bytes
+    assert list(unpack_crops(narrow, JOB, ident, image_key).values()) == [detector_crop]
     cid = keys.crop_id(_sha(8), 0)
     other = Crop(job_id=JOB, key=keys.crop_key(JOB, cid), crop_id=cid, image_key=image_key, box=(0, 0, 1, 1),
                  padded_box=(0, 0, 1, 1), score=0.5, class_name="dog")  # fmt: skip

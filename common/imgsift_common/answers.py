@@ -41,6 +41,7 @@ import random
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from imgsift_common.calibration import MAX_DISTANCE, Distribution, quantile
 
@@ -247,7 +248,8 @@ def _expected_curve(
     """Expected counts at each of ``thresholds`` (ascending): ``p`` per cell, the answers as they were given."""
     answered = sorted(answers, key=lambda a: a.distance)
     # The answered crops are among the cells: their p is replaced by what the user said.
-    correction = [(a.distance, (1.0 if a.right else 0.0) - _p_at(p, cells, a.distance)) for a in answered]
+    at = [c for c, _ in cells] if answered else []
+    correction = [(a.distance, (1.0 if a.right else 0.0) - _p_at(p, at, a.distance)) for a in answered]
     out: list[Expected] = []
     i = j = 0
     accepted, tp, fix = 0, 0.0, 0.0
@@ -264,10 +266,17 @@ def _expected_curve(
     return out
 
 
-def _p_at(p: list[float], cells: list[tuple[float, int]], d: float) -> float:
-    """The p of the cell an answered crop at distance ``d`` was counted in."""
-    i = bisect_left([c for c, _ in cells], d)
+def _p_at(p: list[float], at: list[float], d: float) -> float:
+    """The p of the cell (at the distances ``at``) an answered crop at distance ``d`` was counted in."""
+    i = bisect_left(at, d)
     return p[min(i, len(p) - 1)] if p else 0.0
+
+
+@lru_cache(maxsize=4)
+def _drawn(fit_: Fit, cells: tuple[tuple[float, int], ...], n: int = DRAWS, seed: int = 0) -> list[list[float]]:
+    """Each posterior draw's ``p`` per cell (the suggestion's and the threshold's intervals share them)."""
+    zs = [fit_.scale.z(d) for d, _ in cells]
+    return [[_sigmoid(a + b * z) for z in zs] for a, b in fit_.draws(n, seed)]
 
 
 @dataclass(frozen=True)
@@ -293,8 +302,7 @@ def suggest(fit_: Fit, crops: Distribution, answers: Sequence[Answer] = ()) -> S
     score = [e.f1 for e in curve]
     if fit_.answers:
         score = [0.0] * len(candidates)
-        for a, b in fit_.draws(SUGGEST_DRAWS, seed=2):
-            drawn = [_sigmoid(a + b * fit_.scale.z(d)) for d, _ in cells]
+        for drawn in _drawn(fit_, tuple(cells), SUGGEST_DRAWS, 2):
             score = [s + e.f1 for s, e in zip(score, _expected_curve(drawn, cells, answers, candidates), strict=True)]
     best = max(range(len(candidates)), key=lambda i: (round(score[i], 9), candidates[i]))  # ties: accept more
     return Suggestion(candidates[best], curve[best], *intervals(fit_, cells, answers, candidates[best]))
@@ -313,8 +321,7 @@ def intervals(
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     """80% intervals of the precision and recall at ``threshold`` over draws of the fit's posterior."""
     precisions, recalls = [], []
-    for a, b in fit_.draws():
-        p = [_sigmoid(a + b * fit_.scale.z(d)) for d, _ in cells]
+    for p in _drawn(fit_, tuple(cells)):
         e = _expected_curve(p, cells, answers, [threshold])[0]
         precisions.append(e.precision)
         recalls.append(e.recall)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -109,6 +110,33 @@ class BarProgress(Progress):
         self.bars.clear()
 
 
+@contextmanager
+def _run(quiet: bool) -> Iterator[BarProgress]:
+    """A command's run: warnings logged, progress bars unless ``quiet``, an EmbeddedError as
+    ``error: ...`` on stderr and exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress = BarProgress(enabled=not quiet)
+    try:
+        yield progress
+    except EmbeddedError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        progress.close()
+
+
+# Options several commands share.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")]
+Suggested = Annotated[
+    bool, typer.Option("--suggested", help="decide at the suggestion from now on, though a threshold was given")
+]
+ReDecideAt = Annotated[
+    float | None,
+    typer.Option(help="re-decide at this threshold (default: one given before, else the updated suggestion)"),
+]
+
+
 @app.command()
 def collect(
     out: Annotated[Path, typer.Option(help="output folder: accepted/, rejected/, manifest.jsonl")],
@@ -134,7 +162,7 @@ def collect(
         Path | None, typer.Option(help="local backbone weights file (default: built in)")
     ] = None,
     siamese_export: Annotated[str, typer.Option(help=SIAMESE_EXPORT_HELP)] = "none",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
+    device: Device = "cpu",
     max_images: Annotated[int, typer.Option(help="images to store at most")] = 500,
     per_source: Annotated[int, typer.Option(help="candidate URLs per source at most")] = 200,
     max_depth: Annotated[int, typer.Option(help="link depth of a site crawl")] = 2,
@@ -159,7 +187,7 @@ def collect(
         int | None,
         typer.Option(help="perceptual-hash bits within which images are near-duplicates (-1: off; default 6)"),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Crawl, detect, crop and verify in one process; rerun with another --threshold to re-decide instantly."""
     from imgsift_crawler.settings import CrawlerSettings
@@ -206,16 +234,12 @@ def collect(
         raise typer.BadParameter(f"{refs} does not exist", param_hint="--refs")
     _check_backbone(backbone)
 
-    progress = BarProgress(enabled=not quiet)
-    runner = EmbeddedRunner(config, progress)
-    try:
-        summary = runner.run()
-    except EmbeddedError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    finally:
-        progress.close()
-        runner.close()
+    with _run(quiet) as progress:
+        runner = EmbeddedRunner(config, progress)
+        try:
+            summary = runner.run()
+        finally:
+            runner.close()
     typer.echo(
         f"{summary.downloaded} images stored ({summary.duplicates} duplicates, {summary.failed} failed), "
         f"{summary.crops} crops, {summary.compared} compared; at threshold {summary.threshold}: "
@@ -247,30 +271,23 @@ def verify(
     ] = None,
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = DEFAULT_BACKBONE,
     siamese_weights: Annotated[Path | None, typer.Option(help="local backbone weights file")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
+    device: Device = "cpu",
     siamese_export: Annotated[str, typer.Option(help=SIAMESE_EXPORT_HELP)] = "none",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Run the Siamese stage alone over images you already have (cleaning an existing dataset)."""
     from imgsift.verify import verify as run_verify
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     given = {"--refs": refs, "--images": images, "--negatives": negatives, "--negative-bank": negative_bank}
     for name, path in given.items():
         if path is not None and not path.exists():
             raise typer.BadParameter(f"{path} does not exist", param_hint=name)
     _check_backbone(backbone)
-    progress = BarProgress(enabled=not quiet)
-    try:
+    with _run(quiet) as progress:
         result = run_verify(
             refs, images, out, threshold=threshold, train=train, negatives=negatives, negative_bank=negative_bank,
             backbone=backbone, weights=siamese_weights, device=device, export=siamese_export, progress=progress,
         )  # fmt: skip
-    except EmbeddedError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    finally:
-        progress.close()
     summary = result.summary
     typer.echo(
         f"{result.images} images; at threshold {summary.threshold}: {summary.accepted} accepted, "
@@ -294,12 +311,9 @@ def questions(
     """
     from imgsift.embedded import folder_questions
 
-    try:
+    with _run(quiet=True):
         for name in folder_questions(out, n):
             typer.echo(name)
-    except EmbeddedError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -310,17 +324,12 @@ def answer(
     ] = None,
     wrong: Annotated[list[str] | None, typer.Option(help="a crop that does not (repeat)")] = None,
     answers: Annotated[Path | None, typer.Option(help="a file of `crop,right` and `crop,wrong` lines")] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(help="re-decide at this threshold (default: one given before, else the updated suggestion)"),
-    ] = None,
+    threshold: ReDecideAt = None,
     train: Annotated[
         bool, typer.Option("--train", help="then fine-tune the Siamese head on them and re-score every crop")
     ] = False,
-    suggested: Annotated[
-        bool, typer.Option("--suggested", help="decide at the suggestion from now on, though a threshold was given")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    suggested: Suggested = False,
+    quiet: Quiet = False,
 ) -> None:
     """Record right/wrong answers for crops; re-decide the job at its updated suggestion and rewrite the outputs.
 
@@ -328,10 +337,8 @@ def answer(
     """
     from imgsift.embedded import answer_folder, read_answers_file
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     given = [(c, True) for c in right or []] + [(c, False) for c in wrong or []]
-    progress = BarProgress(enabled=not quiet)
-    try:
+    with _run(quiet) as progress:
         if answers is not None:
             given += read_answers_file(answers)
         if not given:
@@ -340,11 +347,6 @@ def answer(
         summary, model = answer_folder(
             out, given, threshold=threshold, train=train, follow=suggested, source=source, progress=progress
         )
-    except EmbeddedError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    finally:
-        progress.close()
     if model is not None:
         typer.echo(f"Siamese head v{model.version} trained on the answers; {summary.compared} crops scored again")
     typer.echo(
@@ -361,35 +363,23 @@ def train(
         Path | None, typer.Option(help="folder of 'not this' images, added to the job's hard negatives")
     ] = None,
     negative_bank: Annotated[Path | None, typer.Option(help="folder of generic images of other things")] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(help="re-decide at this threshold (default: one given before, else the new suggestion)"),
-    ] = None,
-    suggested: Annotated[
-        bool, typer.Option("--suggested", help="decide at the suggestion from now on, though a threshold was given")
-    ] = False,
+    threshold: ReDecideAt = None,
+    suggested: Suggested = False,
     epochs: Annotated[int, typer.Option(help="training passes over the references' views")] = 60,
     siamese_weights: Annotated[
         Path | None, typer.Option(help="local backbone weights file (default: the one collect used)")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")] = "cpu",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    device: Device = "cpu",
+    quiet: Quiet = False,
 ) -> None:
     """Fine-tune the Siamese head of a collect job on its references, then re-score every crop with it."""
     from imgsift.embedded import train_collected
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    progress = BarProgress(enabled=not quiet)
-    try:
+    with _run(quiet) as progress:
         summary, model = train_collected(
             out, negatives=negatives, negative_bank=negative_bank, threshold=threshold, epochs=epochs,
             device=device, progress=progress, weights=siamese_weights, follow=suggested,
         )  # fmt: skip
-    except EmbeddedError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    finally:
-        progress.close()
     typer.echo(
         f"Siamese head v{model.version} trained ({int(model.stats.get('negatives', 0))} negatives); "
         f"{summary.compared} crops scored again; at threshold {summary.threshold}: {summary.accepted} accepted, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import zipfile
@@ -13,71 +12,27 @@ import pytest
 import yaml
 from PIL import Image
 
-from imgsift_common import keys
 from imgsift_common.exports import ExportFormat, export
-from imgsift_common.messages import (
-    Candidate,
-    Crop,
-    Job,
-    JobSpec,
-    SourceKind,
-    SourceSpec,
-)
 from imgsift_common.storage import LocalStore
 from tests.support.coco import Coco128
-from tests.support.records import record_stored
+from tests.support.records import EXPORT_THRESHOLD, fill_job
 
 JOB = "job-export"
-THRESHOLD = 0.5
+THRESHOLD = EXPORT_THRESHOLD
 
 
 @pytest.fixture
 def filled(state_store, tmp_path: Path, coco128: Coco128):  # type: ignore[no-untyped-def]
-    """Three real photos with their labelled boxes as crops; every other crop is accepted."""
+    """Real photos with their labelled boxes as crops (``fill_job``); every other crop is accepted."""
     store = LocalStore(tmp_path / "objects")
-    state_store.create_job(
-        Job(id=JOB, spec=JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["x"])], target="any"))
-    )
-    expected: list[tuple[str, str, tuple[float, float, float, float], bool]] = []
-    n = 0
-    for photo in coco128.images[:3]:
-        data = photo.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        with Image.open(photo) as im:
-            width, height = im.size
-            rgb = im.convert("RGB")
-        image_key = keys.image_key(JOB, sha, "JPEG")
-        store.put(image_key, data)
-        candidate = Candidate(
-            image_url=f"http://127.0.0.1/{photo.name}",
-            page_url="http://127.0.0.1/",
-            source=SourceKind.SITE,
-            license="cc-by",
-            license_url="https://cc/by",
-            author="A",
-        )
-        record_stored(state_store, JOB, sha, size=(width, height), nbytes=len(data), candidate=candidate)
-        crops = []
-        for i, label in enumerate(coco128.labels(photo)):
-            cid = keys.crop_id(sha, i)
-            name = label.class_name.replace("_", " ")
-            crop = Crop(job_id=JOB, key=keys.crop_key(JOB, cid), crop_id=cid, image_key=image_key,
-                        box=label.box, padded_box=label.box, score=0.8, class_name=name)  # fmt: skip
-            buffer = io.BytesIO()
-            rgb.crop(tuple(round(v) for v in label.box)).save(buffer, "JPEG")
-            store.put(crop.key, buffer.getvalue())
-            crops.append(crop)
-        state_store.record_detection(JOB, image_key, crops)
-        for crop in crops:
-            accepted = n % 2 == 0
-            state_store.record_distance(JOB, crop.key, 0.3 if accepted else 0.7)
-            expected.append((crop.crop_id, crop.class_name or "", crop.box, accepted))
-            n += 1
-    return state_store.get_job(JOB), state_store, store, expected
+    crops = fill_job(state_store, store, coco128, JOB)
+    expected = [(cid, e["class"] or "", e["box"], e["accepted"]) for cid, e in crops.items()]
+    authors = {e["author"] for e in crops.values()}
+    return state_store.get_job(JOB), state_store, store, expected, authors
 
 
 def test_imagefolder_zip_holds_the_accepted_crops_by_class(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    job, state, store, expected = filled
+    job, state, store, expected, _ = filled
     result = export(ExportFormat.IMAGEFOLDER, job, state, store, THRESHOLD, tmp_path / "crops.zip")
     accepted = [e for e in expected if e[3]]
     assert result.crops == len(accepted) and result.missing == 0
@@ -88,7 +43,7 @@ def test_imagefolder_zip_holds_the_accepted_crops_by_class(filled, tmp_path: Pat
 
 
 def test_yolo_dataset_labels_are_exactly_the_accepted_boxes(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    job, state, store, expected = filled
+    job, state, store, expected, _ = filled
     result = export(ExportFormat.YOLO, job, state, store, THRESHOLD, tmp_path / "yolo.zip")
     out = tmp_path / "yolo"
     with zipfile.ZipFile(tmp_path / "yolo.zip") as archive:
@@ -115,7 +70,7 @@ def test_yolo_dataset_labels_are_exactly_the_accepted_boxes(filled, tmp_path: Pa
 def test_coco_json_loads_with_pycocotools_and_holds_the_accepted_boxes(filled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from pycocotools.coco import COCO
 
-    job, state, store, expected = filled
+    job, state, store, expected, _ = filled
     export(ExportFormat.COCO, job, state, store, THRESHOLD, tmp_path / "coco.json")
     coco = COCO(str(tmp_path / "coco.json"))
     accepted = [e for e in expected if e[3]]
@@ -131,7 +86,7 @@ def test_coco_json_loads_with_pycocotools_and_holds_the_accepted_boxes(filled, t
 
 @pytest.mark.parametrize("fmt", [ExportFormat.JSONL, ExportFormat.CSV])
 def test_manifests_list_every_compared_crop_with_provenance(filled, tmp_path: Path, fmt: ExportFormat) -> None:  # type: ignore[no-untyped-def]
-    job, state, store, expected = filled
+    job, state, store, expected, authors = filled
     dest = tmp_path / f"manifest{fmt.suffix}"
     result = export(fmt, job, state, store, THRESHOLD, dest)
     if fmt is ExportFormat.JSONL:
@@ -142,5 +97,5 @@ def test_manifests_list_every_compared_crop_with_provenance(filled, tmp_path: Pa
             row["accepted"] = row["accepted"] == "True"
     assert result.crops == len(rows) == len(expected)
     assert sorted((r["crop_id"], r["accepted"]) for r in rows) == sorted((e[0], e[3]) for e in expected)
-    assert {r["license"] for r in rows} == {"cc-by"} and {r["author"] for r in rows} == {"A"}
+    assert {r["license"] for r in rows} == {"cc-by"} and {r["author"] for r in rows} == authors
     assert not (tmp_path / f"manifest{fmt.suffix}.part").exists()

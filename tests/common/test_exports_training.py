@@ -10,9 +10,7 @@ checks skip and the layout tests below check the formats as their documentation 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -24,77 +22,22 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from imgsift_common import keys
 from imgsift_common.exports import ExportFormat, ExportStatus, export, parse_format, run_export, save_status
 from imgsift_common.exports_training import label_studio_config
 from imgsift_common.messages import (
-    Candidate,
-    Crop,
     ExportMessage,
     ExportOptions,
     Job,
-    JobSpec,
-    SourceKind,
-    SourceSpec,
     utcnow,
 )
 from imgsift_common.sqlstate import SqlStateStore
 from imgsift_common.storage import LocalStore
 from tests.support.coco import Coco128
-from tests.support.records import record_stored
+from tests.support.records import EXPORT_THRESHOLD, fill_job
 
 JOB = "job-train-export"
-THRESHOLD = 0.5
+THRESHOLD = EXPORT_THRESHOLD
 HERE = Path(__file__).parent
-
-
-def fill_job(state: SqlStateStore, store: LocalStore, coco128: Coco128, job_id: str) -> dict[str, dict[str, Any]]:
-    """Four real photos with their labelled boxes as crops; every other crop accepted; titles on two.
-
-    Returns what each crop should be in an export, by crop id.
-    """
-    spec = JobSpec(sources=[SourceSpec(kind=SourceKind.URLS, urls=["x"])], target="any", threshold=THRESHOLD)
-    state.create_job(Job(id=job_id, spec=spec))
-    expected: dict[str, dict[str, Any]] = {}
-    n = 0
-    for i, photo in enumerate(coco128.images[:4]):
-        data = photo.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        with Image.open(photo) as im:
-            width, height = im.size
-            rgb = im.convert("RGB")
-        image_key = keys.image_key(job_id, sha, "JPEG")
-        store.put(image_key, data)
-        candidate = Candidate(
-            image_url=f"http://127.0.0.1/{photo.name}", page_url="http://127.0.0.1/", source=SourceKind.SITE,
-            title=f"photo {photo.stem}" if i % 2 == 0 else None, license="cc-by", license_url="https://cc/by",
-            author=f"Author {i % 2}",
-        )  # fmt: skip
-        record_stored(state, job_id, sha, size=(width, height), nbytes=len(data), candidate=candidate)
-        crops = []
-        for j, label in enumerate(coco128.labels(photo)):
-            cid = keys.crop_id(sha, j)
-            name = label.class_name.replace("_", " ")
-            crop = Crop(job_id=job_id, key=keys.crop_key(job_id, cid), crop_id=cid, image_key=image_key,
-                        box=label.box, padded_box=label.box, score=0.8, class_name=name)  # fmt: skip
-            buffer = io.BytesIO()
-            rgb.crop(tuple(round(v) for v in label.box)).save(buffer, "JPEG")
-            store.put(crop.key, buffer.getvalue())
-            crops.append(crop)
-        state.record_detection(job_id, image_key, crops)
-        for crop in crops:
-            distance = 0.1 + 0.01 * n if n % 2 == 0 else 0.7 + 0.01 * n
-            state.record_distance(job_id, crop.key, distance)
-            expected[crop.crop_id] = {
-                "class": crop.class_name, "box": crop.box, "distance": distance, "accepted": distance <= THRESHOLD,
-                "title": candidate.title, "image_size": (width, height), "crop_size": rgb.crop(
-                    tuple(round(v) for v in crop.box)).size, "image_url": candidate.image_url, "sha": sha,
-                "author": candidate.author,
-            }  # fmt: skip
-            n += 1
-    first = next(iter(expected))
-    state.set_feedback(job_id, keys.crop_key(job_id, first), True)
-    return expected
 
 
 @pytest.fixture

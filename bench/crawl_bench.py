@@ -352,7 +352,10 @@ def ingest(args: argparse.Namespace) -> None:
     # tasks' in the worker's parent: each process pays its imports once in a worker's life, not per run.
     from imgsift_crawler import pipeline
 
-    pipeline.freeze_imported()  # as the crawler worker does before its pool forks (worker_init)
+    # As the crawler worker does before its pool forks (worker_init); a --baseline tree may predate it.
+    freeze = getattr(pipeline, "freeze_imported", None)
+    if freeze is not None:
+        freeze()
 
     parts = [urls[i :: args.processes] for i in range(args.processes)]
     children = []

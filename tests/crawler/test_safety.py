@@ -404,3 +404,22 @@ def test_the_guard_stops_connections_and_lookups_beyond_loopback(netguard: NetGu
         socket.getaddrinfo("imgsift.invalid", 80)
     assert netguard.take_violations() == ["connect to 192.0.2.1:80", "DNS lookup of 'imgsift.invalid'"]
     assert netguard.attempts_to("192.0.2.1") == [("192.0.2.1", 80)]
+
+
+def test_an_address_is_checked_once_a_name_on_every_request(
+    web: TestWeb, crawler_settings: CrawlerSettings, make_fetcher, netguard: NetGuard
+) -> None:
+    """A host written as an address has one answer, kept; a name is resolved (and checked) each time."""
+    web.add("/cat.jpg", b"meow", "image/jpeg")
+    port = web.server.server_address[1]
+    dns = FakeDNS({"images.example.test": [["127.0.0.1"], ["127.0.0.2"]]})
+    fetcher = make_fetcher(crawler_settings, resolver=dns)
+    for _ in range(3):
+        assert fetcher.get(web.url("/cat.jpg"), purpose=Purpose.IMAGE).content == b"meow"
+        assert refused(fetcher, f"http://127.0.0.2:{port}/cat.jpg").reason is FailureReason.BLOCKED_ADDRESS
+        assert refused(fetcher, f"http://0x7f.0.0.2:{port}/cat.jpg").reason is FailureReason.BLOCKED_ADDRESS
+    named = f"http://images.example.test:{port}/cat.jpg"  # an API request: no robots.txt lookup of its own
+    assert fetcher.get(named, purpose=Purpose.API).content == b"meow"
+    assert refused(fetcher, named, Purpose.API).reason is FailureReason.BLOCKED_ADDRESS  # the name moved
+    assert dns.calls == ["images.example.test", "images.example.test"]
+    assert {host for host, _ in netguard.attempts} <= {"127.0.0.1"}

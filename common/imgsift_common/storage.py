@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -69,7 +70,7 @@ _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 def _temp_file(folder: str) -> tuple[str, int]:
     """A new, empty temp file in ``folder`` (mode 0600, as ``tempfile.mkstemp`` makes): its path and fd."""
     for _ in range(100):
-        tmp = os.path.join(folder, ".tmp-" + os.urandom(8).hex())
+        tmp = os.path.join(folder, f".tmp-{random.getrandbits(64):016x}")  # reseeded in a forked child
         try:
             return tmp, os.open(tmp, _TEMP_FLAGS, 0o600)
         except FileExistsError:

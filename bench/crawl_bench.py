@@ -350,7 +350,12 @@ def ingest(args: argparse.Namespace) -> None:
     _create_job(job_id, len(urls), args)  # before the fork: no connection is shared with a child
     # The stage's modules are imported before the fork, as Celery's prefork pool imports the
     # tasks' in the worker's parent: each process pays its imports once in a worker's life, not per run.
-    from imgsift_crawler import pipeline  # noqa: F401
+    from imgsift_crawler import pipeline
+
+    # As the crawler worker does before its pool forks (worker_init); a --baseline tree may predate it.
+    freeze = getattr(pipeline, "freeze_imported", None)
+    if freeze is not None:
+        freeze()
 
     parts = [urls[i :: args.processes] for i in range(args.processes)]
     children = []

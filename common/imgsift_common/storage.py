@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -63,12 +64,33 @@ def get_json(store: ObjectStore, key: str) -> Any:
     return json.loads(store.get(key))
 
 
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _temp_file(folder: str) -> tuple[str, int]:
+    """A new, empty temp file in ``folder`` (mode 0600, as ``tempfile.mkstemp`` makes): its path and fd."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".tmp-{random.getrandbits(64):016x}")  # reseeded in a forked child
+        try:
+            return tmp, os.open(tmp, _TEMP_FLAGS, 0o600)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name in {folder}")
+
+
 class LocalStore:
-    """Objects as files under ``root``; writes are atomic (temp file, then rename)."""
+    """Objects as files under ``root``; writes are atomic (temp file, then rename).
+
+    A key's folder is checked to resolve inside ``root`` (no link in the store leads out of it)
+    and created the first time this store writes to it; later writes to the same folder reuse
+    that check, so a write costs one file creation, its write and the rename, not a walk of
+    every path component (the crawler writes two objects per image).
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._folders: dict[str, str] = {}  # a key's folder part -> its checked, existing folder
 
     def path(self, key: str) -> Path:
         path = (self.root / validate_key(key)).resolve()
@@ -76,14 +98,32 @@ class LocalStore:
             raise InvalidKey(f"key {key!r} escapes the store")
         return path
 
+    def _folder(self, key: str) -> tuple[str, str]:
+        """The checked folder a key's object goes in (created if need be), and its file name."""
+        folder_key, _, name = validate_key(key).rpartition("/")
+        folder = self._folders.get(folder_key)
+        if folder is None:
+            path = self.path(key).parent  # resolved: refused if a link leads out of the store
+            path.mkdir(parents=True, exist_ok=True)
+            folder = self._folders[folder_key] = str(path)
+        return folder, name
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        folder, name = self._folder(key)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
+            tmp, fd = _temp_file(folder)
+        except FileNotFoundError:  # the folder was removed since it was checked: check and create it again
+            self._folders.pop(key.rpartition("/")[0], None)
+            folder, name = self._folder(key)
+            tmp, fd = _temp_file(folder)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, os.path.join(folder, name))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

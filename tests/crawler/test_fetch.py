@@ -79,3 +79,13 @@ def test_user_agent_with_contact_is_sent_on_every_request_robots_txt_included(
     assert set(agents.values()) == {
         "imgsift/0.1 (+https://github.com/imgsift/imgsift) contact: crawler-ops@example.org"
     }
+
+
+def test_a_cookie_an_answer_sets_is_sent_on_the_next_hop(web: TestWeb, fetcher: Fetcher) -> None:
+    """The cookie jar reads only answers that set a cookie, and still reads those."""
+    web.add("/img.jpg", b"x", "image/jpeg")
+    web.add("/gate", b"", status=302, headers={"Location": "/img.jpg", "Set-Cookie": "seen=1; Path=/"})
+    fetcher.get(web.url("/img.jpg"), purpose=Purpose.IMAGE)  # no cookie yet, none set
+    fetcher.get(web.url("/gate"), purpose=Purpose.IMAGE)
+    cookies = [(hit.path, hit.headers.get("Cookie")) for hit in web.hits if hit.path != "/robots.txt"]
+    assert cookies == [("/img.jpg", None), ("/gate", None), ("/img.jpg", "seen=1")]

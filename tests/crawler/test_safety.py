@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -404,3 +406,50 @@ def test_the_guard_stops_connections_and_lookups_beyond_loopback(netguard: NetGu
         socket.getaddrinfo("imgsift.invalid", 80)
     assert netguard.take_violations() == ["connect to 192.0.2.1:80", "DNS lookup of 'imgsift.invalid'"]
     assert netguard.attempts_to("192.0.2.1") == [("192.0.2.1", 80)]
+
+
+def test_an_address_is_checked_once_a_name_on_every_request(
+    web: TestWeb, crawler_settings: CrawlerSettings, make_fetcher, netguard: NetGuard
+) -> None:
+    """A host written as an address has one answer, kept; a name is resolved (and checked) each time."""
+    web.add("/cat.jpg", b"meow", "image/jpeg")
+    port = web.server.server_address[1]
+    dns = FakeDNS({"images.example.test": [["127.0.0.1"], ["127.0.0.2"]]})
+    fetcher = make_fetcher(crawler_settings, resolver=dns)
+    for _ in range(3):
+        assert fetcher.get(web.url("/cat.jpg"), purpose=Purpose.IMAGE).content == b"meow"
+        assert refused(fetcher, f"http://127.0.0.2:{port}/cat.jpg").reason is FailureReason.BLOCKED_ADDRESS
+        assert refused(fetcher, f"http://0x7f.0.0.2:{port}/cat.jpg").reason is FailureReason.BLOCKED_ADDRESS
+    named = f"http://images.example.test:{port}/cat.jpg"  # an API request: no robots.txt lookup of its own
+    assert fetcher.get(named, purpose=Purpose.API).content == b"meow"
+    assert refused(fetcher, named, Purpose.API).reason is FailureReason.BLOCKED_ADDRESS  # the name moved
+    assert dns.calls == ["images.example.test", "images.example.test"]
+    assert {host for host, _ in netguard.attempts} <= {"127.0.0.1"}
+
+
+def test_a_kept_alive_connection_the_server_closed_is_not_reused(
+    crawler_settings: CrawlerSettings, make_fetcher
+) -> None:
+    """The pool checks an idle connection before it reuses it: no request goes out on a closed one."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    accepted: list[int] = []
+
+    def serve() -> None:  # answers one request per connection, keep-alive as far as the client knows, then hangs up
+        for _ in range(3):
+            conn, _ = server.accept()
+            accepted.append(1)
+            with conn:
+                while b"\r\n\r\n" not in (data := conn.recv(4096)) and data:
+                    pass
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 4\r\n\r\nmeow")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    fetcher = make_fetcher(crawler_settings.model_copy(update={"max_retries": 0}))
+    for _ in range(3):  # within the pool's sweep interval: the check on reuse is what finds the hang-up
+        assert fetcher.get(f"http://127.0.0.1:{port}/cat.jpg", purpose=Purpose.API).content == b"meow"
+        time.sleep(0.05)  # the server's close reaches the idle socket
+    thread.join(5)
+    server.close()
+    assert len(accepted) == 3

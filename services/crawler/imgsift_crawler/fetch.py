@@ -41,6 +41,7 @@ from imgsift_crawler.net.safety import (
     BlockedAddress,
     Resolver,
     Unresolvable,
+    literal_address,
     numeric_addresses,
     system_resolver,
     vet,
@@ -129,10 +130,23 @@ def _take_location(response: httpx.Response) -> None:
         response.headers[_LOCATION] = response.headers.pop("Location")
 
 
+class _Cookies(httpx.Cookies):
+    """httpx's cookie jar, which reads an answer's cookies only when it sets one.
+
+    The standard library's jar that httpx wraps takes cookies from ``Set-Cookie`` only (its
+    default policy ignores the obsolete ``Set-Cookie2``); httpx builds a urllib request and
+    response for it on every answer, most of which (images) set none.
+    """
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        if "set-cookie" in response.headers:
+            super().extract_cookies(response)
+
+
 def _make_client(settings: CrawlerSettings) -> httpx.Client:
     """One client per Fetcher: connection pooling over the pinned transport, our User-Agent."""
     limits = httpx.Limits(max_connections=max(settings.download_concurrency * 2, 10))
-    return httpx.Client(
+    client = httpx.Client(
         transport=PinnedTransport(limits),
         headers={"User-Agent": settings.full_user_agent, "Accept": "image/*, text/html;q=0.9, */*;q=0.5"},
         timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
@@ -140,6 +154,8 @@ def _make_client(settings: CrawlerSettings) -> httpx.Client:
         event_hooks={"response": [_take_location]},
         trust_env=False,  # a worker's proxy variables must not silently reroute crawls
     )
+    client._cookies = _Cookies()  # the setter would wrap it in a plain httpx.Cookies
+    return client
 
 
 class Fetcher:
@@ -162,6 +178,9 @@ class Fetcher:
         self.resolver = resolver or system_resolver
         self.limiter = limiter or LocalHostLimiter(settings.per_host_concurrency)
         self.client = _make_client(settings)
+        # host, port -> the checked addresses of a host written as an address (``127.0.0.1``,
+        # ``0x7f.1``): the same answer every time, resolver or not; a name is resolved per request.
+        self._numeric: dict[tuple[str, int], tuple[str, ...]] = {}
         self.robots = RobotsCache(
             settings.robots_token, self._fetch_robots, ttl=settings.robots_ttl, error_ttl=settings.robots_error_ttl
         )
@@ -353,13 +372,20 @@ class Fetcher:
         if not host:
             raise FetchError(FailureReason.INVALID_URL, f"{url}: no host")
         port = url.port or DEFAULT_PORTS[url.scheme]
+        if (known := self._numeric.get((host, port))) is not None:
+            return Pin(host, port, known)
         try:
-            return Pin(host, port, vet(host, port, self.policy, self.resolver))
+            addresses = vet(host, port, self.policy, self.resolver)
         except BlockedAddress as exc:
             log.info("address refused", extra={"url": str(url), "why": str(exc)})
             raise FetchError(FailureReason.BLOCKED_ADDRESS, str(exc)) from None
         except Unresolvable as exc:
             raise FetchError(FailureReason.CONNECTION_ERROR, str(exc)) from None
+        if literal_address(host) is not None or numeric_addresses(host) is not None:
+            if len(self._numeric) >= 4096:
+                self._numeric.clear()
+            self._numeric[(host, port)] = addresses
+        return Pin(host, port, addresses)
 
     def _fetch_robots(self, robots_url: str) -> RobotsAnswer:
         """robots.txt, under the same safety, limits and retries as any request (but not robots itself)."""

@@ -30,7 +30,7 @@ import uuid
 from functools import cache
 from typing import Any
 
-from celery import Task, bootsteps
+from celery import Task, bootsteps, signals
 
 from imgsift_common import webhooks
 from imgsift_common.celery_app import DISCOVER_CHAIN_MARKER, TaskName, create_celery_app, retry_policy, send
@@ -131,6 +131,15 @@ class _ResumeDiscoveryOnConnect(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 app.steps["consumer"].add(_ResumeDiscoveryOnConnect)
+
+
+def _freeze_before_fork(sender: Any = None, **_: Any) -> None:
+    """In the worker's parent, once its tasks' modules are imported and before the pool forks."""
+    if getattr(sender, "app", None) is app:
+        pipeline.freeze_imported()
+
+
+signals.worker_init.connect(_freeze_before_fork, weak=False)
 
 
 @app.task(name=TaskName.DISCOVER, shared=False, bind=True, **retry_policy(settings.task_max_retries))

@@ -14,8 +14,10 @@ the model; embeddings become distances by one matrix product with the references
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
@@ -30,10 +32,10 @@ from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_siamese import features as stored
 from imgsift_siamese.distance import judged_distances
 from imgsift_siamese.embed import Embedder, short_hash
-from imgsift_siamese.features import FeatureRows, as_stored, prefetch
-from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image, prepare
+from imgsift_siamese.features import FeatureRows, as_stored, prefetch, read_pool
+from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image, pixels, prepare
 from imgsift_siamese.settings import SiameseSettings
-from imgsift_siamese.train import held_out_views, reference_views, views_per_reference
+from imgsift_siamese.train import TrainConfig, ViewSteps, apply_view, held_out_views, view_steps, views_per_reference
 
 log = logging.getLogger(__name__)
 
@@ -203,28 +205,93 @@ def job_scorer(
     job: Job, store: ObjectStore, state: StateStore, embedder: Embedder, settings: SiameseSettings
 ) -> tuple[Job, Scorer]:
     """The job (its calibration positives recorded) and the scorer of its crops under ``embedder``."""
-    refs = reference_embeddings(job, store, embedder)
-    # Answers join the sets: a crop answered right is a reference of its own (from the job's own
-    # crops, as the others are not), one answered wrong a "not this" image.
-    marks = state.feedback(job.id)
-    right = [k for k, ok in marks.items() if ok]
-    right_keys, right_rows = answered_embeddings(job, store, state, embedder, right)
-    negatives, negative_keys = negative_embeddings(job, store, state, embedder, [k for k in marks if k not in right])
-    if job.model is None and not job.reference_distances and len(refs) >= 2:
+    if _calibrates(job):
         job = state.get_job(job.id) or job  # another batch may have recorded them since this job was read
-    if job.model is None and not job.reference_distances and len(refs) >= 2:
-        # The calibration's positives under the pretrained embedding (a trained head brings its
-        # own): detector-like views of each reference against the other references, computed
-        # once per job.
-        # ``refs`` are the pretrained embeddings of the same images (every one was read above).
-        images = [read_image_or_none(store, k) for k in job.reference_keys]
-        if all(im is not None for im in images) and len(images) == len(refs):
-            views, group = reference_views(images, views_per_reference(len(images)))  # type: ignore[arg-type]
-            held_out = held_out_views(None, refs, embedder.features_of_images(views), group)
-            job = state.update_job(job.id, reference_distances=held_out)
+    # The calibration's positives under the pretrained embedding (a trained head brings its own):
+    # detector-like views of each reference against the other references, computed once per job.
+    # Their images are made in threads (:class:`_ReferenceViews`) while the references
+    # themselves go through the trunk.
+    views = _ReferenceViews(store, job.reference_keys, embedder.image_size) if _calibrates(job) else None
+    try:
+        refs = reference_embeddings(job, store, embedder)
+        # Answers join the sets: a crop answered right is a reference of its own (from the job's own
+        # crops, as the others are not), one answered wrong a "not this" image.
+        marks = state.feedback(job.id)
+        right = [k for k, ok in marks.items() if ok]
+        right_keys, right_rows = answered_embeddings(job, store, state, embedder, right)
+        negatives, negative_keys = negative_embeddings(
+            job, store, state, embedder, [k for k in marks if k not in right]
+        )
+        if views is not None:
+            # ``refs`` are the pretrained embeddings of the same images (every one was read above).
+            made = views.pixels()
+            if made is not None and len(refs) == len(job.reference_keys):
+                view_pixels, group = made
+                held_out = held_out_views(None, refs, embedder.features_of_pixels(view_pixels), group)
+                job = state.update_job(job.id, reference_distances=held_out)
+    finally:
+        if views is not None:
+            views.cancel()
     references = np.concatenate([refs, right_rows]) if len(right_rows) else refs
     reference_keys = (*([None] * len(refs)), *right_keys)
     return job, Scorer(job.id, embedder, references, negatives, settings, reference_keys, tuple(negative_keys))
+
+
+def _calibrates(job: Job) -> bool:
+    """Whether the job still needs its calibration's views: pretrained, at least two references, none recorded."""
+    return job.model is None and not job.reference_distances and len(job.reference_keys) >= 2
+
+
+class _ReferenceViews:
+    """The calibration's augmented views of a job's references, as the trunk's input, made in a thread
+    pool of their own: per reference, a thread reads and decodes it and draws its views' parameters
+    (:func:`imgsift_siamese.train.view_steps`, from the reference's seed as before), then each view
+    is cropped, recoloured and letterboxed in a thread of its own. The same pixels as
+    ``reference_views`` and ``pixels`` one after the other, in the same order."""
+
+    def __init__(self, store: ObjectStore, reference_keys: Sequence[str], size: int) -> None:
+        self.per_reference = views_per_reference(len(reference_keys))
+        self.size = size
+        self.pool = read_pool(SET_READ_THREADS, "views")
+        self.lock = threading.Lock()
+        self.futures: list[Future[np.ndarray]] = []  # the views' pixels, once drawn
+        self.cancelled = False
+        self.references = [
+            self.pool.submit(self._draw, store, key, TrainConfig.seed + i) for i, key in enumerate(reference_keys)
+        ]
+
+    def _draw(self, store: ObjectStore, key: str, seed: int) -> list[Future[np.ndarray]] | None:
+        image = read_image_or_none(store, key)
+        if image is None:
+            return None
+        steps = view_steps(image, self.per_reference, seed)
+        with self.lock:  # not queued once the scorer is done with them
+            if self.cancelled:
+                return []
+            made = [self.pool.submit(self._view, image, s) for s in steps]
+            self.futures += made
+        return made
+
+    def _view(self, image: Image.Image, steps: ViewSteps) -> np.ndarray:
+        return pixels(apply_view(image, steps), self.size)
+
+    def pixels(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every view's pixels ``(r * v, size, size, 3)`` uint8, reference by reference, and the
+        reference each comes from; None when a reference is missing or does not decode."""
+        per_reference = [future.result() for future in self.references]
+        if any(views is None for views in per_reference):
+            return None
+        arrays = [view.result() for views in per_reference for view in views or ()]
+        return np.stack(arrays), np.repeat(np.arange(len(per_reference)), self.per_reference)
+
+    def cancel(self) -> None:
+        """Drop what has not started (the scorer failed, or is done with them)."""
+        with self.lock:
+            self.cancelled = True
+            for reference in self.references:
+                reference.cancel()
+            for view in self.futures:
+                view.cancel()
 
 
 def compare_batch(

@@ -141,17 +141,18 @@ def object_name(key: str) -> str:
 # The process's read pools, by thread count: started once, not per batch (starting four threads
 # took a compare batch milliseconds on a loaded 2-core machine). Keyed by process id too, so a
 # forked worker child starts its own rather than using threads it did not inherit.
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int, str], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
-def read_pool(threads: int) -> ThreadPoolExecutor:
-    """The process's pool of ``threads`` read threads."""
-    key = (os.getpid(), max(1, threads))
+def read_pool(threads: int, purpose: str = "read") -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` threads for ``purpose`` (work of another purpose, queued
+    in its own pool, does not wait behind this one's)."""
+    key = (os.getpid(), max(1, threads), purpose)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
-            pool = _pools[key] = ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="imgsift-siamese-read")
+            pool = _pools[key] = ThreadPoolExecutor(max_workers=key[1], thread_name_prefix=f"imgsift-siamese-{purpose}")
         return pool
 
 

@@ -32,7 +32,7 @@ from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_siamese import features as stored
 from imgsift_siamese.distance import judged_distances
 from imgsift_siamese.embed import Embedder, short_hash
-from imgsift_siamese.features import FeatureRows, as_stored, prefetch, read_pool
+from imgsift_siamese.features import FeatureRows, Prefetched, as_stored, prefetch, read_pool
 from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image, pixels, prepare
 from imgsift_siamese.settings import SiameseSettings
 from imgsift_siamese.train import TrainConfig, ViewSteps, apply_view, held_out_views, view_steps, views_per_reference
@@ -308,20 +308,32 @@ def compare_batch(
     pending = [key for key in batch if key not in scored]
     if not pending:
         return []
-    job, scorer = job_scorer(job, store, state, embedder, settings)
     # Named by the whole batch, so a redelivery of it, however many of its distances were
     # recorded before, finds the rows with one read.
     object_key = keys.crop_features_key(job.id, embedder.trunk_id, stored.digest(batch))
-    rows = trunk_features(
-        job.id,
-        object_key,
-        pending,
-        crop_sources(job.id, batch, state),
-        store,
-        embedder,
-        settings.decode_threads,
-        lambda key, problem: _note_skipped_crop(job.id, key, problem.detail, state),
-    )
+    found = _read_features(store, embedder, job.id, object_key)
+    # The crops without stored rows are read and decoded from now on, while the job's scorer and
+    # the crops' sources are read from the job state (a few round trips, and on a job's first
+    # batch its references and calibration views through the trunk).
+    absent = [key for key in pending if found is None or key not in found.keys]
+    inputs = Prefetched(partial(_prepared, store, embedder.image_size), absent, settings.decode_threads,
+                        ahead=2 * embedder.batch_size)  # fmt: skip
+    try:
+        job, scorer = job_scorer(job, store, state, embedder, settings)
+        rows = stored_and_computed_features(
+            job.id,
+            object_key,
+            found,
+            pending,
+            crop_sources(job.id, batch, state),
+            store,
+            embedder,
+            settings.decode_threads,
+            lambda key, problem: _note_skipped_crop(job.id, key, problem.detail, state),
+            (absent, inputs),
+        )
+    finally:
+        inputs.close()
     loaded = [key for key in pending if key in rows]
     recorded = scorer.record(state, loaded, np.stack([rows[k] for k in loaded])) if loaded else []
     log.info(
@@ -422,7 +434,27 @@ def trunk_features(
 ) -> dict[str, np.ndarray]:
     """Trunk feature rows of the ``wanted`` images: read from ``object_key`` where stored from the
     same source, the rest computed and stored there with them. Unreadable images get no row."""
-    rows = _read_features(store, embedder, job_id, object_key)
+    found = _read_features(store, embedder, job_id, object_key)
+    return stored_and_computed_features(
+        job_id, object_key, found, wanted, sources, store, embedder, threads, on_unreadable
+    )
+
+
+def stored_and_computed_features(
+    job_id: str,
+    object_key: str,
+    rows: FeatureRows | None,
+    wanted: Sequence[str],
+    sources: Mapping[str, str],
+    store: ObjectStore,
+    embedder: Embedder,
+    threads: int,
+    on_unreadable: OnUnreadable,
+    started: tuple[Sequence[str], Prefetched[np.ndarray | Unreadable]] | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`trunk_features` with the rows stored at ``object_key`` already read (``rows``), and
+    ``started``: the trunk inputs of some images already being prepared (their keys, in order). They
+    are used when they are the images to compute, as they are unless a stored row's source moved."""
     kept: dict[str, tuple[str, np.ndarray]] = {}
     if rows is not None:
         for key, source, row in zip(rows.keys, rows.sources, rows.rows, strict=True):
@@ -432,7 +464,8 @@ def trunk_features(
     missing = [key for key in wanted if key not in found]
     if not missing:
         return found
-    computed = compute_features(missing, store, embedder, threads, on_unreadable)
+    inputs = started[1] if started is not None and list(started[0]) == missing else None
+    computed = compute_features(missing, store, embedder, threads, on_unreadable, inputs)
     found.update(computed)
     new = {key: (sources[key], row) for key, row in computed.items() if key in sources}
     if new:
@@ -448,13 +481,19 @@ def trunk_features(
 
 
 def compute_features(
-    image_keys: Sequence[str], store: ObjectStore, embedder: Embedder, threads: int, on_unreadable: OnUnreadable
+    image_keys: Sequence[str],
+    store: ObjectStore,
+    embedder: Embedder,
+    threads: int,
+    on_unreadable: OnUnreadable,
+    inputs: Prefetched[np.ndarray | Unreadable] | None = None,
 ) -> dict[str, np.ndarray]:
     """Trunk features of stored images, rounded as stored. A thread pool reads, decodes and
     letterboxes the images a batch ahead of the model (Pillow releases the GIL, and so does the
     trunk's runner), so the next batch is ready when a forward pass ends. Up to a batch of
     images go through the trunk in two passes (:func:`pipeline_step`), so the pool prepares the
-    second while the first runs instead of the trunk waiting for the whole batch."""
+    second while the first runs instead of the trunk waiting for the whole batch. ``inputs``: the
+    images' inputs, in order, when their preparation was started already (:class:`Prefetched`)."""
     out: dict[str, np.ndarray] = {}
     batch_keys: list[str] = []
     batch_inputs: list[np.ndarray] = []
@@ -466,8 +505,10 @@ def compute_features(
         batch_keys.clear()
         batch_inputs.clear()
 
-    read = partial(_prepared, store, embedder.image_size)
-    with closing(prefetch(read, image_keys, threads, ahead=2 * embedder.batch_size)) as inputs:
+    if inputs is None:
+        read = partial(_prepared, store, embedder.image_size)
+        inputs = Prefetched(read, image_keys, threads, ahead=2 * embedder.batch_size)
+    with closing(inputs):
         for key, prepared in zip(image_keys, inputs, strict=True):
             if isinstance(prepared, Unreadable):
                 on_unreadable(key, prepared)

@@ -213,3 +213,23 @@ def test_a_batch_runs_the_trunk_in_two_halves_and_scores_as_one_pass(
                                 margin=siamese_settings.negative_margin)  # fmt: skip
     wanted = dict(zip(crop_keys, expected.tolist(), strict=True))
     assert {d.crop_key: d.distance for d in recorded} == pytest.approx(wanted, abs=1e-5)
+
+
+def test_calibration_views_made_in_threads_are_the_serial_ones(
+    object_store: ObjectStore, crops_by_class: dict[str, list[Image.Image]]
+) -> None:
+    # The job's first batch makes its calibration's views in a thread pool while its references go
+    # through the trunk: the same pixels, in the same order, as the views made one after the other.
+    from imgsift_siamese.preprocess import pixels
+    from imgsift_siamese.train import reference_views, views_per_reference
+
+    reference_keys = put_references(object_store, crops_by_class["elephant"][:3])
+    images = [compare.read_image_or_none(object_store, k) for k in reference_keys]
+    views, group = reference_views(images, views_per_reference(3))  # type: ignore[arg-type]
+    made = compare._ReferenceViews(object_store, reference_keys, 224).pixels()
+    assert made is not None
+    assert np.array_equal(made[0], np.stack([pixels(v, 224) for v in views])) and np.array_equal(made[1], group)
+
+    # a reference that is gone: no views, so no calibration is recorded (as before)
+    object_store.delete(reference_keys[1])
+    assert compare._ReferenceViews(object_store, reference_keys, 224).pixels() is None

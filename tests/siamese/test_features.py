@@ -259,3 +259,29 @@ def test_rows_are_stored_as_float16_unless_they_do_not_fit() -> None:
     rows = FeatureRows(["k"], ["s"], large)
     assert np.array_equal(features.decode(features.encode("abc12345", "d" * 32, rows), trunk_id="abc12345",
                                           name="d" * 32, dim=3).rows, large)  # fmt: skip
+
+
+def test_prefetched_starts_at_once_keeps_order_and_drops_the_rest_on_close() -> None:
+    # compare_batch starts its crops' reads and decodes before it reads the job's scorer and the
+    # crops' sources from the job state: the pool must be at work before anything is asked of it.
+    import threading
+
+    started = threading.Event()
+    gate = threading.Event()
+    ran: list[int] = []
+
+    def work(item: int) -> int:
+        if item == 0:
+            started.set()
+            assert gate.wait(10)
+        ran.append(item)
+        return item * 10
+
+    fetched = features.Prefetched(work, range(100), threads=2, ahead=3)
+    assert started.wait(10)  # running before the first item is asked for
+    gate.set()
+    assert [next(fetched), next(fetched)] == [0, 10]
+    fetched.close()  # what was not started is dropped; what was started is waited for
+    done = len(ran)
+    assert done < 100 and list(fetched) == [] and len(ran) == done
+    assert list(features.prefetch(work, range(20), threads=3, ahead=2)) == [10 * i for i in range(20)]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imgsift_common import keys
@@ -238,3 +239,23 @@ def test_judged_distances_leave_a_crop_out_of_the_sets_it_is_in() -> None:
     assert with_answers[2:] == pytest.approx(positive + np.maximum(0.0, positive + 0.05 - d_b))
     without_keys = judged_distances(crops, np.concatenate([refs, crops[:1]]), None, method="nearest", k=3, margin=0.05)
     assert without_keys[0] == pytest.approx(0.0, abs=1e-6)  # what leaving out avoids
+
+
+def test_views_drawn_then_applied_are_augments_own_bit_for_bit(crops_by_class: dict[str, list[Image.Image]]) -> None:
+    # The calibration's views are drawn first (view_steps) and made in threads (apply_view): the
+    # same images as the composed transform makes, and torch's generator left where it leaves it.
+    from imgsift_siamese.train import _AUGMENT, apply_view, view_steps
+
+    steps_per_view: set[int] = set()
+    for seed, image in enumerate([crops_by_class["elephant"][0], crops_by_class["dog"][1], crops_by_class["bowl"][2]]):
+        torch.manual_seed(seed)
+        expected = [_AUGMENT(image) for _ in range(8)]
+        after_expected = torch.get_rng_state()
+        steps = view_steps(image, 8, seed)
+        assert torch.equal(torch.get_rng_state(), after_expected)
+        steps_per_view.update(len(s) for s in steps)
+        views = [apply_view(image, s) for s in reversed(steps)][::-1]  # in any order: applying draws nothing
+        assert torch.equal(torch.get_rng_state(), after_expected)
+        assert [(v.mode, v.size, v.tobytes()) for v in views] == [(e.mode, e.size, e.tobytes()) for e in expected]
+        assert [v.tobytes() for v in augmented_views(image, 8, seed)] == [e.tobytes() for e in expected]
+    assert len(steps_per_view) > 1  # the random-apply transforms' coins fell both ways

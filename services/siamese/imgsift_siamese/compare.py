@@ -14,8 +14,10 @@ the model; embeddings become distances by one matrix product with the references
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
@@ -30,10 +32,10 @@ from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_siamese import features as stored
 from imgsift_siamese.distance import judged_distances
 from imgsift_siamese.embed import Embedder, short_hash
-from imgsift_siamese.features import FeatureRows, as_stored, prefetch
-from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image, prepare
+from imgsift_siamese.features import FeatureRows, Prefetched, as_stored, prefetch, read_pool
+from imgsift_siamese.preprocess import DECODE_ERRORS, decode_image, pixels, prepare
 from imgsift_siamese.settings import SiameseSettings
-from imgsift_siamese.train import held_out_views, reference_views, views_per_reference
+from imgsift_siamese.train import TrainConfig, ViewSteps, apply_view, held_out_views, view_steps, views_per_reference
 
 log = logging.getLogger(__name__)
 
@@ -203,28 +205,93 @@ def job_scorer(
     job: Job, store: ObjectStore, state: StateStore, embedder: Embedder, settings: SiameseSettings
 ) -> tuple[Job, Scorer]:
     """The job (its calibration positives recorded) and the scorer of its crops under ``embedder``."""
-    refs = reference_embeddings(job, store, embedder)
-    # Answers join the sets: a crop answered right is a reference of its own (from the job's own
-    # crops, as the others are not), one answered wrong a "not this" image.
-    marks = state.feedback(job.id)
-    right = [k for k, ok in marks.items() if ok]
-    right_keys, right_rows = answered_embeddings(job, store, state, embedder, right)
-    negatives, negative_keys = negative_embeddings(job, store, state, embedder, [k for k in marks if k not in right])
-    if job.model is None and not job.reference_distances and len(refs) >= 2:
+    if _calibrates(job):
         job = state.get_job(job.id) or job  # another batch may have recorded them since this job was read
-    if job.model is None and not job.reference_distances and len(refs) >= 2:
-        # The calibration's positives under the pretrained embedding (a trained head brings its
-        # own): detector-like views of each reference against the other references, computed
-        # once per job.
-        # ``refs`` are the pretrained embeddings of the same images (every one was read above).
-        images = [read_image_or_none(store, k) for k in job.reference_keys]
-        if all(im is not None for im in images) and len(images) == len(refs):
-            views, group = reference_views(images, views_per_reference(len(images)))  # type: ignore[arg-type]
-            held_out = held_out_views(None, refs, embedder.features_of_images(views), group)
-            job = state.update_job(job.id, reference_distances=held_out)
+    # The calibration's positives under the pretrained embedding (a trained head brings its own):
+    # detector-like views of each reference against the other references, computed once per job.
+    # Their images are made in threads (:class:`_ReferenceViews`) while the references
+    # themselves go through the trunk.
+    views = _ReferenceViews(store, job.reference_keys, embedder.image_size) if _calibrates(job) else None
+    try:
+        refs = reference_embeddings(job, store, embedder)
+        # Answers join the sets: a crop answered right is a reference of its own (from the job's own
+        # crops, as the others are not), one answered wrong a "not this" image.
+        marks = state.feedback(job.id)
+        right = [k for k, ok in marks.items() if ok]
+        right_keys, right_rows = answered_embeddings(job, store, state, embedder, right)
+        negatives, negative_keys = negative_embeddings(
+            job, store, state, embedder, [k for k in marks if k not in right]
+        )
+        if views is not None:
+            # ``refs`` are the pretrained embeddings of the same images (every one was read above).
+            made = views.pixels()
+            if made is not None and len(refs) == len(job.reference_keys):
+                view_pixels, group = made
+                held_out = held_out_views(None, refs, embedder.features_of_pixels(view_pixels), group)
+                job = state.update_job(job.id, reference_distances=held_out)
+    finally:
+        if views is not None:
+            views.cancel()
     references = np.concatenate([refs, right_rows]) if len(right_rows) else refs
     reference_keys = (*([None] * len(refs)), *right_keys)
     return job, Scorer(job.id, embedder, references, negatives, settings, reference_keys, tuple(negative_keys))
+
+
+def _calibrates(job: Job) -> bool:
+    """Whether the job still needs its calibration's views: pretrained, at least two references, none recorded."""
+    return job.model is None and not job.reference_distances and len(job.reference_keys) >= 2
+
+
+class _ReferenceViews:
+    """The calibration's augmented views of a job's references, as the trunk's input, made in a thread
+    pool of their own: per reference, a thread reads and decodes it and draws its views' parameters
+    (:func:`imgsift_siamese.train.view_steps`, from the reference's seed as before), then each view
+    is cropped, recoloured and letterboxed in a thread of its own. The same pixels as
+    ``reference_views`` and ``pixels`` one after the other, in the same order."""
+
+    def __init__(self, store: ObjectStore, reference_keys: Sequence[str], size: int) -> None:
+        self.per_reference = views_per_reference(len(reference_keys))
+        self.size = size
+        self.pool = read_pool(SET_READ_THREADS, "views")
+        self.lock = threading.Lock()
+        self.futures: list[Future[np.ndarray]] = []  # the views' pixels, once drawn
+        self.cancelled = False
+        self.references = [
+            self.pool.submit(self._draw, store, key, TrainConfig.seed + i) for i, key in enumerate(reference_keys)
+        ]
+
+    def _draw(self, store: ObjectStore, key: str, seed: int) -> list[Future[np.ndarray]] | None:
+        image = read_image_or_none(store, key)
+        if image is None:
+            return None
+        steps = view_steps(image, self.per_reference, seed)
+        with self.lock:  # not queued once the scorer is done with them
+            if self.cancelled:
+                return []
+            made = [self.pool.submit(self._view, image, s) for s in steps]
+            self.futures += made
+        return made
+
+    def _view(self, image: Image.Image, steps: ViewSteps) -> np.ndarray:
+        return pixels(apply_view(image, steps), self.size)
+
+    def pixels(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every view's pixels ``(r * v, size, size, 3)`` uint8, reference by reference, and the
+        reference each comes from; None when a reference is missing or does not decode."""
+        per_reference = [future.result() for future in self.references]
+        if any(views is None for views in per_reference):
+            return None
+        arrays = [view.result() for views in per_reference for view in views or ()]
+        return np.stack(arrays), np.repeat(np.arange(len(per_reference)), self.per_reference)
+
+    def cancel(self) -> None:
+        """Drop what has not started (the scorer failed, or is done with them)."""
+        with self.lock:
+            self.cancelled = True
+            for reference in self.references:
+                reference.cancel()
+            for view in self.futures:
+                view.cancel()
 
 
 def compare_batch(
@@ -241,20 +308,32 @@ def compare_batch(
     pending = [key for key in batch if key not in scored]
     if not pending:
         return []
-    job, scorer = job_scorer(job, store, state, embedder, settings)
     # Named by the whole batch, so a redelivery of it, however many of its distances were
     # recorded before, finds the rows with one read.
     object_key = keys.crop_features_key(job.id, embedder.trunk_id, stored.digest(batch))
-    rows = trunk_features(
-        job.id,
-        object_key,
-        pending,
-        crop_sources(job.id, batch, state),
-        store,
-        embedder,
-        settings.decode_threads,
-        lambda key, problem: _note_skipped_crop(job.id, key, problem.detail, state),
-    )
+    found = _read_features(store, embedder, job.id, object_key)
+    # The crops without stored rows are read and decoded from now on, while the job's scorer and
+    # the crops' sources are read from the job state (a few round trips, and on a job's first
+    # batch its references and calibration views through the trunk).
+    absent = [key for key in pending if found is None or key not in found.keys]
+    inputs = Prefetched(partial(_prepared, store, embedder.image_size), absent, settings.decode_threads,
+                        ahead=2 * embedder.batch_size)  # fmt: skip
+    try:
+        job, scorer = job_scorer(job, store, state, embedder, settings)
+        rows = stored_and_computed_features(
+            job.id,
+            object_key,
+            found,
+            pending,
+            crop_sources(job.id, batch, state),
+            store,
+            embedder,
+            settings.decode_threads,
+            lambda key, problem: _note_skipped_crop(job.id, key, problem.detail, state),
+            (absent, inputs),
+        )
+    finally:
+        inputs.close()
     loaded = [key for key in pending if key in rows]
     recorded = scorer.record(state, loaded, np.stack([rows[k] for k in loaded])) if loaded else []
     log.info(
@@ -355,7 +434,27 @@ def trunk_features(
 ) -> dict[str, np.ndarray]:
     """Trunk feature rows of the ``wanted`` images: read from ``object_key`` where stored from the
     same source, the rest computed and stored there with them. Unreadable images get no row."""
-    rows = _read_features(store, embedder, job_id, object_key)
+    found = _read_features(store, embedder, job_id, object_key)
+    return stored_and_computed_features(
+        job_id, object_key, found, wanted, sources, store, embedder, threads, on_unreadable
+    )
+
+
+def stored_and_computed_features(
+    job_id: str,
+    object_key: str,
+    rows: FeatureRows | None,
+    wanted: Sequence[str],
+    sources: Mapping[str, str],
+    store: ObjectStore,
+    embedder: Embedder,
+    threads: int,
+    on_unreadable: OnUnreadable,
+    started: tuple[Sequence[str], Prefetched[np.ndarray | Unreadable]] | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`trunk_features` with the rows stored at ``object_key`` already read (``rows``), and
+    ``started``: the trunk inputs of some images already being prepared (their keys, in order). They
+    are used when they are the images to compute, as they are unless a stored row's source moved."""
     kept: dict[str, tuple[str, np.ndarray]] = {}
     if rows is not None:
         for key, source, row in zip(rows.keys, rows.sources, rows.rows, strict=True):
@@ -365,7 +464,8 @@ def trunk_features(
     missing = [key for key in wanted if key not in found]
     if not missing:
         return found
-    computed = compute_features(missing, store, embedder, threads, on_unreadable)
+    inputs = started[1] if started is not None and list(started[0]) == missing else None
+    computed = compute_features(missing, store, embedder, threads, on_unreadable, inputs)
     found.update(computed)
     new = {key: (sources[key], row) for key, row in computed.items() if key in sources}
     if new:
@@ -381,13 +481,19 @@ def trunk_features(
 
 
 def compute_features(
-    image_keys: Sequence[str], store: ObjectStore, embedder: Embedder, threads: int, on_unreadable: OnUnreadable
+    image_keys: Sequence[str],
+    store: ObjectStore,
+    embedder: Embedder,
+    threads: int,
+    on_unreadable: OnUnreadable,
+    inputs: Prefetched[np.ndarray | Unreadable] | None = None,
 ) -> dict[str, np.ndarray]:
     """Trunk features of stored images, rounded as stored. A thread pool reads, decodes and
     letterboxes the images a batch ahead of the model (Pillow releases the GIL, and so does the
     trunk's runner), so the next batch is ready when a forward pass ends. Up to a batch of
     images go through the trunk in two passes (:func:`pipeline_step`), so the pool prepares the
-    second while the first runs instead of the trunk waiting for the whole batch."""
+    second while the first runs instead of the trunk waiting for the whole batch. ``inputs``: the
+    images' inputs, in order, when their preparation was started already (:class:`Prefetched`)."""
     out: dict[str, np.ndarray] = {}
     batch_keys: list[str] = []
     batch_inputs: list[np.ndarray] = []
@@ -399,8 +505,10 @@ def compute_features(
         batch_keys.clear()
         batch_inputs.clear()
 
-    read = partial(_prepared, store, embedder.image_size)
-    with closing(prefetch(read, image_keys, threads, ahead=2 * embedder.batch_size)) as inputs:
+    if inputs is None:
+        read = partial(_prepared, store, embedder.image_size)
+        inputs = Prefetched(read, image_keys, threads, ahead=2 * embedder.batch_size)
+    with closing(inputs):
         for key, prepared in zip(image_keys, inputs, strict=True):
             if isinstance(prepared, Unreadable):
                 on_unreadable(key, prepared)

@@ -29,10 +29,11 @@ import logging
 import os
 import threading
 import zipfile
-from collections.abc import Callable, Generator, Iterable
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -141,17 +142,18 @@ def object_name(key: str) -> str:
 # The process's read pools, by thread count: started once, not per batch (starting four threads
 # took a compare batch milliseconds on a loaded 2-core machine). Keyed by process id too, so a
 # forked worker child starts its own rather than using threads it did not inherit.
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int, str], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
-def read_pool(threads: int) -> ThreadPoolExecutor:
-    """The process's pool of ``threads`` read threads."""
-    key = (os.getpid(), max(1, threads))
+def read_pool(threads: int, purpose: str = "read") -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` threads for ``purpose`` (work of another purpose, queued
+    in its own pool, does not wait behind this one's)."""
+    key = (os.getpid(), max(1, threads), purpose)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
-            pool = _pools[key] = ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="imgsift-siamese-read")
+            pool = _pools[key] = ThreadPoolExecutor(max_workers=key[1], thread_name_prefix=f"imgsift-siamese-{purpose}")
         return pool
 
 
@@ -163,17 +165,46 @@ def prefetch(
     An exception of ``function`` is raised where its item comes; work not yet started is dropped,
     and work started is waited for, so nothing of it runs on once the generator is closed.
     """
-    ahead = max(1, ahead if ahead is not None else 2 * threads)
-    pool = read_pool(threads)
-    pending: list[Future[R]] = []
+    fetched = Prefetched(function, items, threads, ahead)
     try:
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) > ahead:
-                yield pending.pop(0).result()
-        while pending:
-            yield pending.pop(0).result()
+        yield from fetched
     finally:
-        for future in pending:
+        fetched.close()
+
+
+class Prefetched(Iterator[R]):
+    """:func:`prefetch` started at once: the first ``ahead`` items are submitted when it is made, so
+    the pool works on them while its maker does something else. ``close`` it when done."""
+
+    def __init__(self, function: Callable[[T], R], items: Iterable[T], threads: int, ahead: int | None = None) -> None:
+        self.ahead = max(1, ahead if ahead is not None else 2 * threads)
+        self.pool = read_pool(threads)
+        self.function: Callable[[Any], R] = function
+        self.items: Iterator[Any] = iter(items)
+        self.pending: deque[Future[R]] = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.pending) <= self.ahead:
+            item = next(self.items, _END)
+            if item is _END:
+                return
+            self.pending.append(self.pool.submit(self.function, item))
+
+    def __next__(self) -> R:
+        if not self.pending:
+            raise StopIteration
+        result = self.pending.popleft().result()
+        self._fill()
+        return result
+
+    def close(self) -> None:
+        """Drop the work not yet started, and wait for the work started."""
+        for future in self.pending:
             future.cancel()
-        wait(pending)
+        wait(self.pending)
+        self.pending.clear()
+        self.items = iter(())
+
+
+_END = object()

@@ -32,8 +32,10 @@ from __future__ import annotations
 import io
 import json
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2._transform import _RandomApplyTransform
 
 from imgsift_common.batching import in_batches
 from imgsift_siamese.distance import judged_distances, reference_distance
@@ -143,11 +146,49 @@ _AUGMENT = v2.Compose(
 )
 
 
+# A view's steps: each transform of _AUGMENT that applies to it, with the parameters it drew.
+ViewSteps = list[tuple[v2.Transform, dict[str, Any]]]
+# Drawing views' parameters seeds torch's global generator: one drawer at a time, so views drawn in
+# threads (the calibration's, in compare) are the same as drawn one after the other.
+_DRAW_LOCK = threading.Lock()
+
+
 def augmented_views(image: Image.Image, n: int, seed: int) -> list[Image.Image]:
     """``n`` random views of ``image`` (crops, flips, colour), reproducible from ``seed``."""
-    torch.manual_seed(seed)
     image = to_rgb(image)
-    return [_AUGMENT(image) for _ in range(n)]
+    return [apply_view(image, steps) for steps in view_steps(image, n, seed)]
+
+
+def view_steps(image: Image.Image, n: int, seed: int) -> list[ViewSteps]:
+    """The random draws of ``n`` views of ``image`` (RGB) from ``seed``, not applied yet: the draws
+    ``_AUGMENT(image)`` makes, in its order (``Transform.forward``: a random-apply transform's coin,
+    then ``make_params``). Drawing is cheap and holds torch's generator; applying them
+    (:func:`apply_view`) is the costly part and draws nothing, so views can be made in threads."""
+    with _DRAW_LOCK:
+        torch.manual_seed(seed)
+        views: list[ViewSteps] = []
+        for _ in range(n):
+            steps: ViewSteps = []
+            for transform in _AUGMENT.transforms:
+                forward = type(transform).forward
+                if forward is _RandomApplyTransform.forward:
+                    if torch.rand(1) >= transform.p:
+                        continue
+                elif forward is not v2.Transform.forward:
+                    raise TypeError(f"view_steps cannot draw for {type(transform).__name__} (its own forward)")
+                # Given the image itself, where _AUGMENT gives each transform the previous one's
+                # output: the crop comes first, and the later ones read nothing of it but its
+                # channels (RGB throughout); the test compares the two bit for bit.
+                steps.append((transform, transform.make_params([image])))
+            views.append(steps)
+    return views
+
+
+def apply_view(image: Image.Image, steps: ViewSteps) -> Image.Image:
+    """``image`` through the steps :func:`view_steps` drew for one view."""
+    for transform, params in steps:
+        image = transform.transform(image, params)
+    return image
 
 
 def pooled_features(

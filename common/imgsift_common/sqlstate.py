@@ -1355,34 +1355,46 @@ class _Downloads:
 
         # Candidates by band are many more than matches (a 16-bit band value is shared by one image
         # in 65,536: at a million images, some fifteen per value), so they are read as hash and
-        # near value only, checked here, and the few within reach read in full.
+        # near value only, with the band that found them, checked here against the queries that
+        # band reaches (at 100,000 images some sixty candidates per image), and the few within
+        # reach read in full.
         def kept(band: int | None, i: int = 0) -> sa.Select[Any]:
-            query = sa.select(k.sha, k.near).where(k.job == _JOB, k.near.is_not(None))
+            query = sa.select(k.sha, k.near, sa.literal(band, sa.Integer)).where(k.job == _JOB, k.near.is_not(None))
             return query if band is None else query.where(one_of(tx.conn, k[f"band{band}"], f"v{i}"))
 
         def united(bands: tuple[int | None, ...]) -> Any:
-            return sa.union(*(kept(band, i) for i, band in enumerate(bands))) if len(bands) > 1 else kept(bands[0])
+            return sa.union_all(*(kept(band, i) for i, band in enumerate(bands))) if len(bands) > 1 else kept(bands[0])
 
         lookups: list[tuple[int | None, Sequence[int]]] = [(None, [])]  # every hash of the job
+        # band -> value -> (hash, max distance) of each query whose band is within its radius of it
+        reach: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(t.PHASH_BANDS)]
         if all(q.max_distance // t.PHASH_BANDS <= MAX_BAND_RADIUS for q in queries):
             # Else the bands would return a third of the job or more. One indexed lookup per band,
             # united: an OR of the four would let a planner without statistics (SQLite) read every
             # row of the job by its job_id instead.
             lookups = []
-            asked = [(_bands(q.hash), _flips(q.max_distance // t.PHASH_BANDS)) for q in queries]
             for band in range(t.PHASH_BANDS):
-                values = sorted({bands[band] ^ flip for bands, flips in asked for flip in flips})
-                lookups += [(band, chunk) for chunk in _chunks(values)]
-        reach = [(q.hash, q.max_distance) for q in queries]
+                for q in queries:
+                    value = _bands(q.hash)[band]
+                    for flip in _flips(q.max_distance // t.PHASH_BANDS):
+                        reach[band].setdefault(value ^ flip, []).append((q.hash, q.max_distance))
+                lookups += [(band, chunk) for chunk in _chunks(sorted(reach[band]))]
+        everyone = [(q.hash, q.max_distance) for q in queries]
+        mask = (1 << t.PHASH_BAND_BITS) - 1
         near: dict[bytes, int] = {}
         for start in range(0, len(lookups), t.PHASH_BANDS):
             group = lookups[start : start + t.PHASH_BANDS]
             bands = tuple(band for band, _ in group)
             query = _cached(tx.conn, ("near", bands), functools.partial(united, bands))
             params = {f"v{i}": values for i, (band, values) in enumerate(group) if band is not None}
-            for sha, value in tx.conn.execute(query, {"job": tx.job, **params}):
+            for sha, value, band in tx.conn.execute(query, {"job": tx.job, **params}).all():
                 value &= (1 << 64) - 1
-                if any((h ^ value).bit_count() <= d for h, d in reach):
+                asking = (
+                    everyone
+                    if band is None
+                    else reach[band].get((value >> (t.PHASH_BAND_BITS * band)) & mask, everyone)
+                )
+                if any((h ^ value).bit_count() <= d for h, d in asking):
                     near[bytes(sha)] = value
         full = sa.select(k.sha, k.width, k.height, k.format, k.key, k.provenance)
         for chunk in _chunks(sorted(near)):

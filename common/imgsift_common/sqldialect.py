@@ -35,27 +35,32 @@ def insert(conn: Connection, table: sa.Table) -> postgresql.Insert | sqlite.Inse
 
 
 def insert_rows(dialect: str, table: sa.Table, names: Sequence[str]) -> postgresql.Insert | sqlite.Insert:
-    """``INSERT`` of rows with the columns ``names`` on the database ``dialect`` names; add ``ON
-    CONFLICT`` and ``RETURNING``, then execute it with :func:`rows_params` of the rows.
+    """``INSERT`` of rows with the columns ``names`` on the database ``dialect`` names, the first
+    the same in every row (the job's); add ``ON CONFLICT`` and ``RETURNING``, then execute it with
+    :func:`rows_params` of the rows.
 
-    PostgreSQL: one statement for any number of rows, ``INSERT ... SELECT * FROM unnest(:rows_col1,
-    :rows_col2, ...)``, a parameter per column (an array of the rows' values), so its text is the same
-    for every batch and psycopg parses and prepares it once (a multi-row ``VALUES`` list is a new
-    statement for each row count, and psycopg parses one of more than 50 parameters anew on every
-    execution). SQLite: the rows as an executemany (SQLAlchemy's multi-row VALUES pages).
+    PostgreSQL: one statement for any number of rows, ``INSERT ... SELECT :rows_col1, * FROM
+    unnest(:rows_col2, ...)``, a parameter per column (the first column's value, an array of the
+    rows' values of each other), so its text is the same for every batch and psycopg parses and
+    prepares it once (a multi-row ``VALUES`` list is a new statement for each row count, and psycopg
+    parses one of more than 50 parameters anew on every execution). SQLite: the rows as an
+    executemany (SQLAlchemy's multi-row VALUES pages).
     """
     if dialect != "postgresql":
         return sqlite.insert(table)
-    arrays = [sa.cast(sa.bindparam(f"rows_{name}"), postgresql.ARRAY(_element(table.c[name].type))) for name in names]
-    source = sa.func.unnest(*arrays).table_valued(*names).render_derived()
-    return postgresql.insert(table).from_select(list(names), sa.select(*(source.c[name] for name in names)))
+    first, rest = names[0], names[1:]
+    arrays = [sa.cast(sa.bindparam(f"rows_{name}"), postgresql.ARRAY(_element(table.c[name].type))) for name in rest]
+    source = sa.func.unnest(*arrays).table_valued(*rest).render_derived()
+    columns = [sa.bindparam(f"rows_{first}", type_=table.c[first].type), *(source.c[name] for name in rest)]
+    return postgresql.insert(table).from_select(list(names), sa.select(*columns))
 
 
 def rows_params(dialect: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | dict[str, Any]:
     """The parameters of :func:`insert_rows` for ``rows`` (each with the same columns)."""
     if dialect != "postgresql":
         return list(rows)
-    return {f"rows_{name}": [row[name] for row in rows] for name in rows[0]}
+    first, *rest = rows[0]
+    return {f"rows_{first}": rows[0][first]} | {f"rows_{name}": [row[name] for row in rows] for name in rest}
 
 
 def _element(column_type: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:

@@ -202,7 +202,8 @@ def _insert(
     add: str = "",
     returning: sa.ColumnElement[Any] | None = None,
 ) -> list[Any]:
-    """Insert ``rows`` (in the order given: callers sort them by key, a fixed lock order), leaving
+    """Insert ``rows`` (in the order given: callers sort them by key, a fixed lock order; the first
+    column the job's, the same in every row), leaving
     a row whose key is taken as it is, or setting its ``update`` columns to the new row's, or
     adding the new row's ``add`` column to its own; the ``returning`` column of the rows inserted
     or updated.

@@ -177,10 +177,7 @@ def _bands(phash: int) -> list[int]:
     return [(phash >> (t.PHASH_BAND_BITS * i)) & mask for i in range(t.PHASH_BANDS)]
 
 
-@functools.cache
-def _flips(radius: int) -> list[int]:
-    """The masks that flip ``radius`` bits or fewer of a band value."""
-    return within(0, t.PHASH_BAND_BITS, radius)
+_flips = functools.cache(functools.partial(within, 0, t.PHASH_BAND_BITS))  # radius -> masks that flip that many bits
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
@@ -203,13 +200,10 @@ def _insert(
     returning: sa.ColumnElement[Any] | None = None,
 ) -> list[Any]:
     """Insert ``rows`` (in the order given: callers sort them by key, a fixed lock order; the first
-    column the job's, the same in every row), leaving
-    a row whose key is taken as it is, or setting its ``update`` columns to the new row's, or
-    adding the new row's ``add`` column to its own; the ``returning`` column of the rows inserted
-    or updated.
-
-    One statement for any number of rows (:func:`sqldialect.insert_rows`), built once.
-    """
+    column the job's, the same in every row), leaving a row whose key is taken as it is, or setting
+    its ``update`` columns to the new row's, or adding its ``add`` column to its own; the
+    ``returning`` column of the rows inserted or updated. One statement for any number of rows
+    (:func:`sqldialect.insert_rows`), built once."""
     if not rows:
         return []
     dialect = conn.dialect.name
@@ -1259,15 +1253,12 @@ def _owners(conn: Connection, job: int, shas: Sequence[bytes]) -> dict[bytes, st
             sa.select(s.sha, sa.null(), s.url).where(s.job == _JOB, one_of(conn, s.sha, "ids")),
         ),
     )
-    kept: dict[bytes, str] = {}
-    replaced: dict[bytes, str] = {}  # over a kept copy of the same hash
+    found: dict[bytes, str] = {}
     for chunk in _chunks(sorted(set(shas))):
-        for sha, packed, url in conn.execute(query, {"job": job, "ids": chunk}):
-            if url is None:
-                kept[bytes(sha)] = kept_url(packed)
-            else:
-                replaced[bytes(sha)] = url
-    return kept | replaced
+        rows = conn.execute(query, {"job": job, "ids": chunk}).all()
+        found.update((bytes(sha), kept_url(packed)) for sha, packed, url in rows if url is None)
+        found.update((bytes(sha), url) for sha, _, url in rows if url is not None)  # over a kept copy
+    return found
 
 
 class _Downloads:
@@ -1355,10 +1346,9 @@ class _Downloads:
         k = t.kept_images.c
 
         # Candidates by band are many more than matches (a 16-bit band value is shared by one image
-        # in 65,536: at a million images, some fifteen per value), so they are read as hash and
-        # near value only, with the band that found them, checked here against the queries that
-        # band reaches (at 100,000 images some sixty candidates per image), and the few within
-        # reach read in full.
+        # in 65,536: at 100,000 images some sixty candidates per image), so they are read as hash,
+        # near value and the band that found them, checked here against the queries that band
+        # reaches, and the few within reach read in full.
         def kept(band: int | None, i: int = 0) -> sa.Select[Any]:
             query = sa.select(k.sha, k.near, sa.literal(band, sa.Integer)).where(k.job == _JOB, k.near.is_not(None))
             return query if band is None else query.where(one_of(tx.conn, k[f"band{band}"], f"v{i}"))

@@ -34,25 +34,33 @@ def insert(conn: Connection, table: sa.Table) -> postgresql.Insert | sqlite.Inse
     return sqlite.insert(table)
 
 
-def insert_rows(
-    conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]
-) -> tuple[postgresql.Insert | sqlite.Insert, list[dict[str, Any]] | dict[str, Any]]:
-    """``INSERT`` of ``rows`` (each with the same columns) and its parameters, for the database ``conn``
-    speaks to; add ``ON CONFLICT`` and ``RETURNING`` to the statement, then execute it with them.
+def insert_rows(dialect: str, table: sa.Table, names: Sequence[str]) -> postgresql.Insert | sqlite.Insert:
+    """``INSERT`` of rows with the columns ``names`` on the database ``dialect`` names, the first
+    the same in every row (the job's); add ``ON CONFLICT`` and ``RETURNING``, then execute it with
+    :func:`rows_params` of the rows.
 
-    PostgreSQL: one statement for any number of rows, ``INSERT ... SELECT * FROM unnest(:col1,
-    :col2, ...)``, a parameter per column (an array of the rows' values), so its text is the same
-    for every batch and psycopg parses and prepares it once (a multi-row ``VALUES`` list is a new
-    statement for each row count, and psycopg parses one of more than 50 parameters anew on every
-    execution). SQLite: the rows as an executemany (SQLAlchemy's multi-row VALUES pages).
+    PostgreSQL: one statement for any number of rows, ``INSERT ... SELECT :rows_col1, * FROM
+    unnest(:rows_col2, ...)``, a parameter per column (the first column's value, an array of the
+    rows' values of each other), so its text is the same for every batch and psycopg parses and
+    prepares it once (a multi-row ``VALUES`` list is a new statement for each row count, and psycopg
+    parses one of more than 50 parameters anew on every execution). SQLite: the rows as an
+    executemany (SQLAlchemy's multi-row VALUES pages).
     """
-    if conn.dialect.name != "postgresql":
-        return sqlite.insert(table), list(rows)
-    names = list(rows[0])
-    arrays = [sa.cast(sa.bindparam(f"rows_{name}"), postgresql.ARRAY(_element(table.c[name].type))) for name in names]
-    source = sa.func.unnest(*arrays).table_valued(*names).render_derived()
-    stmt = postgresql.insert(table).from_select(names, sa.select(*(source.c[name] for name in names)))
-    return stmt, {f"rows_{name}": [row[name] for row in rows] for name in names}
+    if dialect != "postgresql":
+        return sqlite.insert(table)
+    first, rest = names[0], names[1:]
+    arrays = [sa.cast(sa.bindparam(f"rows_{name}"), postgresql.ARRAY(_element(table.c[name].type))) for name in rest]
+    source = sa.func.unnest(*arrays).table_valued(*rest).render_derived()
+    columns = [sa.bindparam(f"rows_{first}", type_=table.c[first].type), *(source.c[name] for name in rest)]
+    return postgresql.insert(table).from_select(list(names), sa.select(*columns))
+
+
+def rows_params(dialect: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | dict[str, Any]:
+    """The parameters of :func:`insert_rows` for ``rows`` (each with the same columns)."""
+    if dialect != "postgresql":
+        return list(rows)
+    first, *rest = rows[0]
+    return {f"rows_{first}": rows[0][first]} | {f"rows_{name}": [row[name] for row in rows] for name in rest}
 
 
 def _element(column_type: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
@@ -60,13 +68,14 @@ def _element(column_type: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
     return sa.Text() if isinstance(column_type, sa.String) else column_type
 
 
-def one_of(conn: Connection, column: sa.ColumnElement[Any], values: Sequence[Any]) -> sa.ColumnElement[bool]:
-    """``column IN values``; on PostgreSQL ``column = ANY(:array)``, one parameter, so the statement
-    reads the same for any number of values and psycopg's prepared statements are reused
-    (an ``IN`` list is a new statement for each length). Both use the column's index."""
+def one_of(conn: Connection, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
+    """``column IN :name`` (a list given with the statement's parameters); on PostgreSQL ``column =
+    ANY(:name)``, one array parameter, so the statement reads the same for any number of values and
+    psycopg's prepared statements are reused (an ``IN`` list is a new statement for each length).
+    Both use the column's index."""
     if conn.dialect.name == "postgresql":
-        return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
-    return column.in_(list(values))
+        return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
+    return column.in_(sa.bindparam(name, expanding=True))
 
 
 def snapshot(conn: Connection) -> None:

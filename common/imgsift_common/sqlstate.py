@@ -33,12 +33,12 @@ import time
 import zlib
 from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -58,7 +58,7 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.neardup import NearDupQuery, hamming, within
-from imgsift_common.sqldialect import WRITE, insert, insert_rows, make_engine, one_of, snapshot
+from imgsift_common.sqldialect import WRITE, insert, insert_rows, make_engine, one_of, rows_params, snapshot
 from imgsift_common.state import (
     OUTCOME_COUNTER,
     Counter,
@@ -177,6 +177,9 @@ def _bands(phash: int) -> list[int]:
     return [(phash >> (t.PHASH_BAND_BITS * i)) & mask for i in range(t.PHASH_BANDS)]
 
 
+_flips = functools.cache(functools.partial(within, 0, t.PHASH_BAND_BITS))  # radius -> masks that flip that many bits
+
+
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -193,27 +196,53 @@ def _insert(
     rows: Sequence[dict[str, Any]],
     *,
     update: Sequence[str] = (),
+    add: str = "",
     returning: sa.ColumnElement[Any] | None = None,
 ) -> list[Any]:
-    """Insert ``rows`` (in the order given: callers sort them by key, a fixed lock order), leaving
-    a row whose key is taken as it is, or setting its ``update`` columns to the new row's; the
-    ``returning`` column of the rows inserted or updated.
-
-    One cached statement for any number of rows (:func:`sqldialect.insert_rows`).
-    """
+    """Insert ``rows`` (in the order given: callers sort them by key, a fixed lock order; the first
+    column the job's, the same in every row), leaving a row whose key is taken as it is, or setting
+    its ``update`` columns to the new row's, or adding its ``add`` column to its own; the
+    ``returning`` column of the rows inserted or updated. One statement for any number of rows
+    (:func:`sqldialect.insert_rows`), built once."""
     if not rows:
         return []
-    stmt, params = insert_rows(conn, table, rows)
+    dialect = conn.dialect.name
+    name = returning.name if returning is not None else ""
+    stmt = _insert_statement(dialect, table, tuple(rows[0]), tuple(update), add, name)
+    found = list(conn.execute(stmt, rows_params(dialect, rows)).scalars())
+    return found if returning is not None else []
+
+
+@functools.cache
+def _insert_statement(
+    dialect: str, table: sa.Table, names: tuple[str, ...], update: tuple[str, ...], add: str, returning: str
+) -> Any:
+    stmt = insert_rows(dialect, table, names)
     keys = [col.name for col in table.primary_key.columns]
-    if update:
+    if add:
+        stmt = stmt.on_conflict_do_update(index_elements=keys, set_={add: table.c[add] + stmt.excluded[add]})
+    elif update:
         stmt = stmt.on_conflict_do_update(index_elements=keys, set_={name: stmt.excluded[name] for name in update})
     else:
         stmt = stmt.on_conflict_do_nothing()
     # RETURNING even where the caller needs nothing back: without it SQLAlchemy hands SQLite's
     # driver an executemany, one statement per row, instead of its multi-row pages.
-    column = returning if returning is not None else table.primary_key.columns[keys[0]]
-    found = list(conn.execute(stmt.returning(column), params).scalars())
-    return found if returning is not None else []
+    return stmt.returning(table.c[returning or keys[0]])
+
+
+_S = TypeVar("_S")
+_JOB: sa.BindParameter[int] = sa.bindparam("job")  # the job's number, in the statements built once
+_STATEMENTS: dict[tuple[str, Any], Any] = {}
+
+
+def _cached(conn: Connection, key: Any, build: Callable[[], _S]) -> _S:
+    """The statement ``build`` makes, built once per database kind and ``key`` (its values are all
+    named bind parameters, given when it runs): SQLAlchemy then neither builds it nor its cache key
+    again, most of its client CPU per statement."""
+    found = _STATEMENTS.get((conn.dialect.name, key))
+    if found is None:
+        found = _STATEMENTS[conn.dialect.name, key] = build()
+    return found
 
 
 RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 columns)
@@ -258,12 +287,7 @@ class _Tx:
     def _add(self, table: sa.Table, key: str, column: str, deltas: Tally[Any]) -> None:
         """Add ``deltas`` (key -> change) to ``table``'s ``column``, inserting the rows that are missing."""
         rows = [{"job_id": self.job_id, key: k, column: v} for k, v in sorted(deltas.items()) if v]
-        if rows:
-            stmt, params = insert_rows(self.conn, table, rows)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["job_id", key], set_={column: table.c[column] + stmt.excluded[column]}
-            )
-            self.conn.execute(stmt.returning(table.c[key]), params)  # RETURNING: see _insert
+        _insert(self.conn, table, rows, add=column)
 
 
 @dataclass(frozen=True)
@@ -345,15 +369,21 @@ class SqlStateStore:
         shared holders and makes new ones wait). A batch that supersedes goes from ``decide`` to
         ``exclusive`` in its transaction."""
         c = t.job_counters.c
-        tx.conn.execute(
-            insert(tx.conn, t.job_counters)
-            .values(job_id=tx.job_id, name=Counter.DOWNLOADED.value, value=0)
-            .on_conflict_do_nothing()
-        )
-        query = sa.select(c.value).where(c.job_id == tx.job_id, c.name == Counter.DOWNLOADED.value)
         read, key_share = {"share": (True, True), "decide": (False, True), "exclusive": (False, False)}[mode]
-        query = query.with_for_update(read=read, key_share=key_share)
-        return int(tx.conn.execute(query).scalar_one())
+        query = _cached(
+            tx.conn,
+            ("gate", mode),
+            lambda: (
+                sa.select(c.value)
+                .where(c.job_id == sa.bindparam("job_id"), c.name == Counter.DOWNLOADED.value)
+                .with_for_update(read=read, key_share=key_share)
+            ),
+        )
+        if (value := tx.conn.execute(query, {"job_id": tx.job_id}).scalar()) is None:  # the job's first write
+            row = {"job_id": tx.job_id, "name": Counter.DOWNLOADED.value, "value": 0}
+            tx.conn.execute(insert(tx.conn, t.job_counters).values(row).on_conflict_do_nothing())
+            value = tx.conn.execute(query, {"job_id": tx.job_id}).scalar_one()
+        return int(value)
 
     # ------------------------------------------------------------------ jobs
     def create_job(self, job: Job) -> bool:
@@ -562,8 +592,8 @@ class SqlStateStore:
         found: dict[str, DownloadRecord] = {}
         with self._read() as conn:
             for chunk in _chunks(sorted(by_id)):
-                query = sa.select(c.url_digest, c.sha, c.body).where(c.job == job, one_of(conn, c.url_digest, chunk))
-                rows = conn.execute(query).all()
+                query = sa.select(c.url_digest, c.sha, c.body).where(c.job == job, one_of(conn, c.url_digest, "ids"))
+                rows = conn.execute(query, {"ids": chunk}).all()
                 for row, record in zip(rows, _records(conn, job, job_id, rows), strict=True):
                     found[by_id[bytes(row.url_digest)]] = record
         return found
@@ -645,14 +675,15 @@ class SqlStateStore:
         crops = crop_ids(old.sha, found.packed)
         cd, failed = t.crop_distances.c, t.compare_failures.c
         for chunk in _chunks(crops):
-            scored = sa.delete(t.crop_distances).where(cd.job == job, one_of(conn, cd.crop, chunk))
-            for value in conn.execute(scored.returning(cd.distance)).scalars():
+            scored = sa.delete(t.crop_distances).where(cd.job == job, one_of(conn, cd.crop, "ids"))
+            for value in conn.execute(scored.returning(cd.distance), {"ids": chunk}).scalars():
                 tx.incr(Counter.COMPARED, -1)
                 tx.add_distance(value, -1)
             lost = conn.execute(
                 sa.delete(t.compare_failures)
-                .where(failed.job == job, one_of(conn, failed.crop, chunk))
-                .returning(failed.crop)
+                .where(failed.job == job, one_of(conn, failed.crop, "ids"))
+                .returning(failed.crop),
+                {"ids": chunk},
             ).all()
             tx.incr(Counter.COMPARE_FAILED, -len(lost))
 
@@ -675,15 +706,12 @@ class SqlStateStore:
                 shas.append(ident + tail[:20])
         found: dict[str, StoredImage] = {}
         with self._read() as conn:
-            queries = [
-                sa.select(t.kept_images).where(one_of(conn, k.sha, chunk), k.job == job)
-                for chunk in _chunks(sorted(shas))
-            ]
-            queries += [
-                sa.select(t.kept_images).where(k.job == job, k.key.in_(chunk)) for chunk in _chunks(sorted(foreign))
-            ]
-            for query in queries:
-                for row in conn.execute(query):
+            by_sha = sa.select(t.kept_images).where(one_of(conn, k.sha, "ids"), k.job == job)
+            by_key = sa.select(t.kept_images).where(k.job == job, one_of(conn, k.key, "ids"))
+            queries = [(by_sha, chunk) for chunk in _chunks(sorted(shas))]
+            queries += [(by_key, chunk) for chunk in _chunks(sorted(foreign))]
+            for query, chunk in queries:
+                for row in conn.execute(query, {"ids": chunk}):
                     image = _stored_image(job_id, row)
                     if image.key in wanted:
                         found[image.key] = image
@@ -714,9 +742,11 @@ class SqlStateStore:
         c = t.superseded.c
         prefixes = {k: _prefix(tx.job_id, k) for k in keys}
         found: set[bytes] = set()
+        query = _cached(
+            tx.conn, "superseded", lambda: sa.select(c.prefix).where(c.job == _JOB, one_of(tx.conn, c.prefix, "ids"))
+        )
         for chunk in _chunks(sorted({p for p in prefixes.values() if p is not None})):
-            query = sa.select(c.prefix).where(c.job == tx.job, one_of(tx.conn, c.prefix, chunk))
-            found.update(tx.conn.execute(query).scalars())
+            found.update(tx.conn.execute(query, {"job": tx.job, "ids": chunk}).scalars())
         return {k for k, p in prefixes.items() if p in found}
 
     def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
@@ -763,9 +793,9 @@ class SqlStateStore:
         with self._read() as conn:
             for chunk in _chunks(images):
                 query = sa.select(det.image, det.tail, det.packed).where(
-                    det.job == job, one_of(conn, det.image, chunk), det.packed.is_not(None)
+                    det.job == job, one_of(conn, det.image, "ids"), det.packed.is_not(None)
                 )
-                for row in conn.execute(query):
+                for row in conn.execute(query, {"ids": chunk}):
                     image_key = image_key_of(job_id, row.image, row.tail)
                     found.update(unpack_crops(row.packed, job_id, row.image, image_key))
         return [crop for ident in ids if (crop := found.get(ident)) is not None]
@@ -808,8 +838,8 @@ class SqlStateStore:
             again = sorted(i for i, k in ids.items() if not recorded[k])  # scored before: the new value replaces it
             changed: list[dict[str, Any]] = []
             for chunk in _chunks(again):
-                query = sa.select(c.crop, c.distance).where(c.job == tx.job, one_of(tx.conn, c.crop, chunk))
-                for ident, old in tx.conn.execute(query.order_by(c.crop).with_for_update()):
+                query = sa.select(c.crop, c.distance).where(c.job == tx.job, one_of(tx.conn, c.crop, "ids"))
+                for ident, old in tx.conn.execute(query.order_by(c.crop).with_for_update(), {"ids": chunk}):
                     new = values[ids[ident]]
                     if old != new:
                         tx.add_distance(old, -1)
@@ -877,8 +907,8 @@ class SqlStateStore:
         found: dict[str, float] = {}
         with self._read() as conn:
             for chunk in _chunks(sorted(ids)):
-                query = sa.select(c.crop, c.distance).where(c.job == job, one_of(conn, c.crop, chunk))
-                found.update((ids[ident], float(d)) for ident, d in conn.execute(query))
+                query = sa.select(c.crop, c.distance).where(c.job == job, one_of(conn, c.crop, "ids"))
+                found.update((ids[ident], float(d)) for ident, d in conn.execute(query, {"ids": chunk}))
         return {key: found[key] for key in crop_keys if key in found}
 
     def distances(self, job_id: str) -> list[tuple[str, float]]:
@@ -963,7 +993,9 @@ class SqlStateStore:
                 for table in (t.crop_distances, t.compare_failures):
                     c = table.c
                     ended.update(
-                        conn.execute(sa.select(c.crop).where(c.job == job, one_of(conn, c.crop, chunk))).scalars()
+                        conn.execute(
+                            sa.select(c.crop).where(c.job == job, one_of(conn, c.crop, "ids")), {"ids": chunk}
+                        ).scalars()
                     )
                 todo_crops += [crop_key_of(job_id, crop) for crop in chunk if crop not in ended]
         return sorted(todo_images), sorted(todo_crops)
@@ -1190,8 +1222,8 @@ def _records(conn: Connection, job: int, job_id: str, rows: Sequence[Any]) -> li
     shas = sorted({bytes(row.sha) for row in rows if row.body is None})
     kept: dict[bytes, Any] = {}
     for chunk in _chunks(shas):
-        query = sa.select(k.sha, k.provenance, k.format, k.key).where(one_of(conn, k.sha, chunk), k.job == job)
-        kept.update((bytes(row.sha), row) for row in conn.execute(query))
+        query = sa.select(k.sha, k.provenance, k.format, k.key).where(one_of(conn, k.sha, "ids"), k.job == job)
+        kept.update((bytes(row.sha), row) for row in conn.execute(query, {"ids": chunk}))
     records = []
     for row in rows:
         if row.body is not None:
@@ -1213,12 +1245,19 @@ def _records(conn: Connection, job: int, job_id: str, rows: Sequence[Any]) -> li
 def _owners(conn: Connection, job: int, shas: Sequence[bytes]) -> dict[bytes, str]:
     """Per hash, the URL the job's exact copies of it are filed under (a kept or a replaced image's)."""
     k, s = t.kept_images.c, t.superseded.c
+    query = _cached(
+        conn,
+        "owners",
+        lambda: sa.union_all(
+            sa.select(k.sha, k.provenance, sa.null().label("url")).where(one_of(conn, k.sha, "ids"), k.job == _JOB),
+            sa.select(s.sha, sa.null(), s.url).where(s.job == _JOB, one_of(conn, s.sha, "ids")),
+        ),
+    )
     found: dict[bytes, str] = {}
     for chunk in _chunks(sorted(set(shas))):
-        kept = sa.select(k.sha, k.provenance).where(one_of(conn, k.sha, chunk), k.job == job)
-        found.update((bytes(sha), kept_url(packed)) for sha, packed in conn.execute(kept))
-        replaced = sa.select(s.sha, s.url).where(s.job == job, one_of(conn, s.sha, chunk))
-        found.update((bytes(sha), url) for sha, url in conn.execute(replaced))
+        rows = conn.execute(query, {"job": job, "ids": chunk}).all()
+        found.update((bytes(sha), kept_url(packed)) for sha, packed, url in rows if url is None)
+        found.update((bytes(sha), url) for sha, _, url in rows if url is not None)  # over a kept copy
     return found
 
 
@@ -1245,18 +1284,23 @@ class _Downloads:
         digests = [_digest(item.record.url) for item in items]
         ids = [digest[:16] for digest in digests]  # _url_id
         f = t.crawl_frontier.c
+        leave = _cached(
+            tx.conn,
+            "leave frontier",
+            lambda: sa.delete(t.crawl_frontier).where(
+                f.job_id == sa.bindparam("job_id"), one_of(tx.conn, f.url_digest, "ids")
+            ),
+        )
         for chunk in _chunks(sorted(set(digests))):
-            tx.conn.execute(
-                sa.delete(t.crawl_frontier).where(f.job_id == tx.job_id, one_of(tx.conn, f.url_digest, chunk))
-            )
+            tx.conn.execute(leave, {"job_id": tx.job_id, "ids": chunk})
         unique = sorted(set(ids))  # one order, so two batches that overlap wait, never deadlock
         first = {d: item for d, item in reversed(list(zip(ids, items, strict=True)))}
         rows = [_outcome_row(tx.job, d, first[d].record, first[d].image) for d in unique]
         fresh = set(_insert(tx.conn, t.url_outcomes, rows, returning=c.url_digest))
         answers: dict[bytes, DownloadRecord] = {}  # recorded before: that answer, nothing moves
         for chunk in _chunks(sorted(set(unique) - fresh)):
-            query = sa.select(c.url_digest, c.sha, c.body).where(c.job == tx.job, one_of(tx.conn, c.url_digest, chunk))
-            found = tx.conn.execute(query).all()
+            query = sa.select(c.url_digest, c.sha, c.body).where(c.job == tx.job, one_of(tx.conn, c.url_digest, "ids"))
+            found = tx.conn.execute(query, {"ids": chunk}).all()
             answers.update(
                 zip((row.url_digest for row in found), _records(tx.conn, tx.job, tx.job_id, found), strict=True)
             )
@@ -1285,52 +1329,68 @@ class _Downloads:
         self.owners.update(_owners(tx.conn, tx.job, shas))
         if self.across_jobs:
             k, s, n = t.kept_images.c, t.superseded.c, t.job_numbers.c
+            held = sa.select(k.sha, n.job_id, k.provenance).join(t.job_numbers, n.num == k.job)
+            held = held.where(one_of(tx.conn, k.sha, "ids"), k.job != tx.job)
+            replaced = sa.select(s.sha, n.job_id, s.url).join(t.job_numbers, n.num == s.job)
+            replaced = replaced.where(one_of(tx.conn, s.sha, "ids"), s.job != tx.job)
             for chunk in _chunks(shas):
-                held = sa.select(k.sha, n.job_id, k.provenance).join(t.job_numbers, n.num == k.job)
-                held = held.where(one_of(tx.conn, k.sha, chunk), k.job != tx.job)
-                replaced = sa.select(s.sha, n.job_id, s.url).join(t.job_numbers, n.num == s.job)
-                replaced = replaced.where(one_of(tx.conn, s.sha, chunk), s.job != tx.job)
-                copies = [(sha, job_id, kept_url(packed)) for sha, job_id, packed in tx.conn.execute(held)]
-                copies += [(sha, job_id, url) for sha, job_id, url in tx.conn.execute(replaced)]
+                copies = [
+                    (sha, job_id, kept_url(packed)) for sha, job_id, packed in tx.conn.execute(held, {"ids": chunk})
+                ]
+                copies += [(sha, job_id, url) for sha, job_id, url in tx.conn.execute(replaced, {"ids": chunk})]
                 for sha, job_id, url in sorted(copies, key=lambda c: (bytes(c[0]), c[1])):
                     self.elsewhere.setdefault(bytes(sha), f"job {job_id} {url}")
         queries = [item.near for item in items if item.near is not None]
         if not queries:
             return
         k = t.kept_images.c
+
         # Candidates by band are many more than matches (a 16-bit band value is shared by one image
-        # in 65,536: at a million images, some fifteen per value), so they are read as hash and
-        # band values only, checked here, and the few within reach read in full.
-        kept: sa.Select[Any] = sa.select(k.sha, k.near).where(k.job == tx.job, k.near.is_not(None))
-        lookups: list[sa.Select[Any]] = []
-        # band -> value -> the queries whose band is within their radius of it
-        reach: list[dict[int, list[NearDupQuery]]] = [{} for _ in range(t.PHASH_BANDS)]
-        if any(q.max_distance // t.PHASH_BANDS > MAX_BAND_RADIUS for q in queries):
-            lookups = [kept]  # the bands would return a third of the job or more: read it
-        else:
-            # One indexed lookup per band, united: an OR of the four would let a planner without
-            # statistics (SQLite) read every row of the job by its job_id instead.
+        # in 65,536: at 100,000 images some sixty candidates per image), so they are read as hash,
+        # near value and the band that found them, checked here against the queries that band
+        # reaches, and the few within reach read in full.
+        def kept(band: int | None, i: int = 0) -> sa.Select[Any]:
+            query = sa.select(k.sha, k.near, sa.literal(band, sa.Integer)).where(k.job == _JOB, k.near.is_not(None))
+            return query if band is None else query.where(one_of(tx.conn, k[f"band{band}"], f"v{i}"))
+
+        def united(bands: tuple[int | None, ...]) -> Any:
+            return sa.union_all(*(kept(band, i) for i, band in enumerate(bands))) if len(bands) > 1 else kept(bands[0])
+
+        lookups: list[tuple[int | None, Sequence[int]]] = [(None, [])]  # every hash of the job
+        # band -> value -> (hash, max distance) of each query whose band is within its radius of it
+        reach: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(t.PHASH_BANDS)]
+        if all(q.max_distance // t.PHASH_BANDS <= MAX_BAND_RADIUS for q in queries):
+            # Else the bands would return a third of the job or more. One indexed lookup per band,
+            # united: an OR of the four would let a planner without statistics (SQLite) read every
+            # row of the job by its job_id instead.
+            lookups = []
             for band in range(t.PHASH_BANDS):
                 for q in queries:
-                    for v in within(_bands(q.hash)[band], t.PHASH_BAND_BITS, q.max_distance // t.PHASH_BANDS):
-                        reach[band].setdefault(v, []).append(q)
-                values = sorted(reach[band])
-                lookups += [kept.where(one_of(tx.conn, k[f"band{band}"], chunk)) for chunk in _chunks(values)]
+                    value = _bands(q.hash)[band]
+                    for flip in _flips(q.max_distance // t.PHASH_BANDS):
+                        reach[band].setdefault(value ^ flip, []).append((q.hash, q.max_distance))
+                lookups += [(band, chunk) for chunk in _chunks(sorted(reach[band]))]
+        everyone = [(q.hash, q.max_distance) for q in queries]
+        mask = (1 << t.PHASH_BAND_BITS) - 1
         near: dict[bytes, int] = {}
         for start in range(0, len(lookups), t.PHASH_BANDS):
             group = lookups[start : start + t.PHASH_BANDS]
-            united: sa.Select[Any] | sa.CompoundSelect[Any] = sa.union(*group) if len(group) > 1 else group[0]
-            for sha, value in tx.conn.execute(united):
+            bands = tuple(band for band, _ in group)
+            query = _cached(tx.conn, ("near", bands), functools.partial(united, bands))
+            params = {f"v{i}": values for i, (band, values) in enumerate(group) if band is not None}
+            for sha, value, band in tx.conn.execute(query, {"job": tx.job, **params}).all():
                 value &= (1 << 64) - 1
-                asking: Iterable[NearDupQuery] = queries
-                if reach[0]:
-                    bands = _bands(value)
-                    asking = {id(q): q for band, v in enumerate(bands) for q in reach[band].get(v, ())}.values()
-                if any(hamming(q.hash, value) <= q.max_distance for q in asking):
+                asking = (
+                    everyone
+                    if band is None
+                    else reach[band].get((value >> (t.PHASH_BAND_BITS * band)) & mask, everyone)
+                )
+                if any((h ^ value).bit_count() <= d for h, d in asking):
                     near[bytes(sha)] = value
         full = sa.select(k.sha, k.width, k.height, k.format, k.key, k.provenance)
         for chunk in _chunks(sorted(near)):
-            for row in tx.conn.execute(full.where(one_of(tx.conn, k.sha, chunk), k.job == tx.job)):
+            rows = tx.conn.execute(full.where(one_of(tx.conn, k.sha, "ids"), k.job == tx.job), {"ids": chunk})
+            for row in rows:
                 sha = bytes(row.sha)
                 pixels = int(row.width) * int(row.height)
                 self.kept[sha] = (near[sha], _Kept(sha, pixels, _image_key(tx.job_id, row), kept_url(row.provenance)))

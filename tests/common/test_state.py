@@ -280,6 +280,22 @@ def test_near_duplicate_smaller_copy_is_recorded_as_duplicate(state_store) -> No
     assert state_store.counters(JOB) == {"downloaded": 2, "duplicates": 1}
 
 
+def test_near_duplicate_beyond_the_band_radius_reads_the_jobs_hashes(state_store) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_common.neardup import near_dup_query
+
+    # 24 bits: more than MAX_BAND_RADIUS per band, so the lookup reads every hash of the job.
+    _job(state_store)
+    h = 0x0123456789ABCDEF
+    big = _sized("a" * 64, "http://x/big", 800, 600, h)
+    small = _sized("b" * 64, "http://x/small", 400, 300, h ^ 0xFFFFF0)  # 20 bits away
+    other = _sized("c" * 64, "http://x/other", 400, 300, h ^ ((1 << 64) - 1))  # 64 bits away
+    for record, image in (big, small, other):
+        state_store.record_download(JOB, record, image, 10, near=near_dup_query(int(image.phash, 16), 24, 4))
+    kept = state_store.url_record(JOB, "http://x/small")
+    assert kept.outcome is DownloadOutcome.DUPLICATE and kept.duplicate_of == "http://x/big" and kept.hamming == 20
+    assert state_store.url_record(JOB, "http://x/other").outcome is DownloadOutcome.STORED
+
+
 def test_near_duplicate_larger_copy_replaces_the_kept_one_downstream_too(state_store) -> None:  # type: ignore[no-untyped-def]
     from imgsift_common.neardup import near_dup_query
 

@@ -240,11 +240,38 @@ def record_range(args: argparse.Namespace, urls: tuple[str, str], first: int, la
         p.start()
     start.wait()
     began = time.perf_counter()
+    sample = (began, sampled(urls[0]))
     for p in procs:
-        p.join()
+        while p.is_alive():
+            p.join(args.progress or None)
+            if args.progress and p.is_alive() and time.perf_counter() - sample[0] >= args.progress:
+                sample = progress(urls[0], began, sample)
         if p.exitcode != 0:
             raise SystemExit(f"a writer failed (exit {p.exitcode})")
     return (last - first) / (time.perf_counter() - began)
+
+
+def sampled(database_url: str) -> tuple[int, int]:
+    """Images stored so far and the database's size now (unvacuumed), read from the side; (0, 0) without SQL."""
+    if not database_url:
+        return 0, 0
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT (SELECT count(*) FROM kept_images), pg_database_size(current_database())").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def progress(database_url: str, began: float, last: tuple[float, tuple[int, int]]) -> tuple[float, tuple[int, int]]:
+    """Print a progress line (``--progress`` seconds apart): images, their rate since the last line, disk per image."""
+    now, (images, size) = time.perf_counter(), sampled(database_url)
+    rate = (images - last[1][0]) / (now - last[0])
+    per_image = f"{size / images:,.0f} B" if images else "-"
+    stamp = time.strftime("%H:%M:%S")
+    print(f"  {stamp} +{now - began:,.0f} s: {images:,} images, {rate:,.0f}/s since the last line, "
+          f"database {per_image} an image (unvacuumed), load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    return now, (images, size)
 
 
 def median_ms(call: Callable[[], object], repeat: int) -> float:
@@ -456,6 +483,9 @@ def main() -> None:
     parser.add_argument("--per-crop", action="store_true", help="one by one, and each crop's distance in its own write")
     parser.add_argument(
         "--one-by-one", action="store_true", help="one write per image's download, detection and distances"
+    )
+    parser.add_argument(
+        "--progress", type=float, default=0.0, help="print images, rate and disk per image every this many seconds"
     )
     parser.add_argument("--export-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", default="", help=argparse.SUPPRESS)

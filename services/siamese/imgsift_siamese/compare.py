@@ -134,7 +134,10 @@ def _set_embeddings(
         return _reference_cache[cache_key]
     # Stored as trunk features, not embeddings: a trained head re-embeds them without the trunk.
     object_key = keys.feature_set_key(job.id, embedder.trunk_id, stored.digest(image_keys))
-    rows = trunk_features(job.id, object_key, image_keys, sources, store, embedder, SET_READ_THREADS, on_unreadable)
+    found = _read_features(store, embedder, job.id, object_key)
+    rows = trunk_features(
+        job.id, object_key, found, image_keys, sources, store, embedder, SET_READ_THREADS, on_unreadable
+    )
     present = [k for k in image_keys if k in rows]
     if present:
         embeddings = embedder.embed_features(np.stack([rows[k] for k in present]))
@@ -316,11 +319,10 @@ def compare_batch(
     # the crops' sources are read from the job state (a few round trips, and on a job's first
     # batch its references and calibration views through the trunk).
     absent = [key for key in pending if found is None or key not in found.keys]
-    inputs = Prefetched(partial(_prepared, store, embedder.image_size), absent, settings.decode_threads,
-                        ahead=2 * embedder.batch_size)  # fmt: skip
+    inputs = _prepare_ahead(absent, store, embedder, settings.decode_threads)
     try:
         job, scorer = job_scorer(job, store, state, embedder, settings)
-        rows = stored_and_computed_features(
+        rows = trunk_features(
             job.id,
             object_key,
             found,
@@ -425,24 +427,6 @@ def crop_sources(job_id: str, crop_keys: Sequence[str], state: StateStore) -> di
 def trunk_features(
     job_id: str,
     object_key: str,
-    wanted: Sequence[str],
-    sources: Mapping[str, str],
-    store: ObjectStore,
-    embedder: Embedder,
-    threads: int,
-    on_unreadable: OnUnreadable,
-) -> dict[str, np.ndarray]:
-    """Trunk feature rows of the ``wanted`` images: read from ``object_key`` where stored from the
-    same source, the rest computed and stored there with them. Unreadable images get no row."""
-    found = _read_features(store, embedder, job_id, object_key)
-    return stored_and_computed_features(
-        job_id, object_key, found, wanted, sources, store, embedder, threads, on_unreadable
-    )
-
-
-def stored_and_computed_features(
-    job_id: str,
-    object_key: str,
     rows: FeatureRows | None,
     wanted: Sequence[str],
     sources: Mapping[str, str],
@@ -452,9 +436,11 @@ def stored_and_computed_features(
     on_unreadable: OnUnreadable,
     started: tuple[Sequence[str], Prefetched[np.ndarray | Unreadable]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """:func:`trunk_features` with the rows stored at ``object_key`` already read (``rows``), and
-    ``started``: the trunk inputs of some images already being prepared (their keys, in order). They
-    are used when they are the images to compute, as they are unless a stored row's source moved."""
+    """Trunk feature rows of the ``wanted`` images: the ``rows`` stored at ``object_key`` (read by
+    the caller) where stored from the same source, the rest computed and stored there with them.
+    Unreadable images get no row. ``started``: the trunk inputs of some images already being
+    prepared (their keys, in order), used when they are the images to compute (as they are unless a
+    stored row's source moved)."""
     kept: dict[str, tuple[str, np.ndarray]] = {}
     if rows is not None:
         for key, source, row in zip(rows.keys, rows.sources, rows.rows, strict=True):
@@ -478,6 +464,15 @@ def stored_and_computed_features(
             extra={"job_id": job_id, "stage": Stage.SIAMESE.value, "key": object_key, "rows": len(features)},
         )
     return found
+
+
+def _prepare_ahead(
+    image_keys: Sequence[str], store: ObjectStore, embedder: Embedder, threads: int
+) -> Prefetched[np.ndarray | Unreadable]:
+    """The trunk inputs of ``image_keys``, read, decoded and letterboxed in ``threads`` threads, two
+    batches ahead of the model, starting now."""
+    read = partial(_prepared, store, embedder.image_size)
+    return Prefetched(read, image_keys, threads, ahead=2 * embedder.batch_size)
 
 
 def compute_features(
@@ -506,8 +501,7 @@ def compute_features(
         batch_inputs.clear()
 
     if inputs is None:
-        read = partial(_prepared, store, embedder.image_size)
-        inputs = Prefetched(read, image_keys, threads, ahead=2 * embedder.batch_size)
+        inputs = _prepare_ahead(image_keys, store, embedder, threads)
     with closing(inputs):
         for key, prepared in zip(image_keys, inputs, strict=True):
             if isinstance(prepared, Unreadable):

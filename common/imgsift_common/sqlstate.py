@@ -1346,12 +1346,15 @@ class _Downloads:
         k = t.kept_images.c
 
         # Candidates by band are many more than matches (a 16-bit band value is shared by one image
-        # in 65,536: at 100,000 images some sixty candidates per image), so they are read as hash,
-        # near value and the band that found them, checked here against the queries that band
-        # reaches, and the few within reach read in full.
+        # in 65,536: at a million images some thousand candidates per image), so they are read as
+        # near value and the band that found them, from the band's index alone ((job, bandN, near):
+        # no heap read per candidate), checked here against the queries that band reaches, and the
+        # few within reach read in full, by the same index: (job, band0, near).
         def kept(band: int | None, i: int = 0) -> sa.Select[Any]:
-            query = sa.select(k.sha, k.near, sa.literal(band, sa.Integer)).where(k.job == _JOB, k.near.is_not(None))
-            return query if band is None else query.where(one_of(tx.conn, k[f"band{band}"], f"v{i}"))
+            query = sa.select(k.near, sa.literal(band, sa.Integer)).where(k.job == _JOB)
+            if band is None:
+                return query.where(k.near.is_not(None))
+            return query.where(one_of(tx.conn, k[f"band{band}"], f"v{i}"))
 
         def united(bands: tuple[int | None, ...]) -> Any:
             return sa.union_all(*(kept(band, i) for i, band in enumerate(bands))) if len(bands) > 1 else kept(bands[0])
@@ -1372,28 +1375,34 @@ class _Downloads:
                 lookups += [(band, chunk) for chunk in _chunks(sorted(reach[band]))]
         everyone = [(q.hash, q.max_distance) for q in queries]
         mask = (1 << t.PHASH_BAND_BITS) - 1
-        near: dict[bytes, int] = {}
+        near: set[int] = set()  # the near values within a query's reach, as stored (signed)
         for start in range(0, len(lookups), t.PHASH_BANDS):
             group = lookups[start : start + t.PHASH_BANDS]
             bands = tuple(band for band, _ in group)
             query = _cached(tx.conn, ("near", bands), functools.partial(united, bands))
             params = {f"v{i}": values for i, (band, values) in enumerate(group) if band is not None}
-            for sha, value, band in tx.conn.execute(query, {"job": tx.job, **params}).all():
-                value &= (1 << 64) - 1
+            for stored, band in tx.conn.execute(query, {"job": tx.job, **params}).all():
+                value = stored & (1 << 64) - 1
                 asking = (
                     everyone
                     if band is None
                     else reach[band].get((value >> (t.PHASH_BAND_BITS * band)) & mask, everyone)
                 )
                 if any((h ^ value).bit_count() <= d for h, d in asking):
-                    near[bytes(sha)] = value
-        full = sa.select(k.sha, k.width, k.height, k.format, k.key, k.provenance)
+                    near.add(stored)
+        full = _cached(
+            tx.conn,
+            "near rows",
+            lambda: sa.select(k.sha, k.near, k.width, k.height, k.format, k.key, k.provenance).where(
+                k.job == _JOB, one_of(tx.conn, k.band0, "b0"), one_of(tx.conn, k.near, "near")
+            ),
+        )
         for chunk in _chunks(sorted(near)):
-            rows = tx.conn.execute(full.where(one_of(tx.conn, k.sha, "ids"), k.job == tx.job), {"ids": chunk})
-            for row in rows:
-                sha = bytes(row.sha)
-                pixels = int(row.width) * int(row.height)
-                self.kept[sha] = (near[sha], _Kept(sha, pixels, _image_key(tx.job_id, row), kept_url(row.provenance)))
+            b0 = sorted({value & mask for value in chunk})
+            for row in tx.conn.execute(full, {"job": tx.job, "b0": b0, "near": chunk}):
+                sha, pixels = bytes(row.sha), int(row.width) * int(row.height)
+                value = row.near & (1 << 64) - 1
+                self.kept[sha] = (value, _Kept(sha, pixels, _image_key(tx.job_id, row), kept_url(row.provenance)))
 
     def _nearest(self, near: NearDupQuery, sha: bytes) -> tuple[int, _Kept] | None:
         """The kept image nearest to ``near`` within its max distance (ties: the first URL)."""

@@ -337,19 +337,21 @@ def test_a_state_file_of_an_older_imgsift_is_refused_with_how_to_go_on(tmp_path:
         SqlStateStore.sqlite(path)
 
 
-def test_revision_0002_upgrades_an_empty_0001_database_and_refuses_one_with_job_records(empty_url: str) -> None:
-    """0002 replaces the per-image tables without carrying their rows over: it says so rather than drop them."""
+def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(empty_url: str) -> None:
+    """0002 replaces the per-image tables without carrying their rows over: it says so rather than
+    drop them. 0003 changes only kept_images' band indexes: a job recorded at 0002 finds its near
+    duplicates at 0003, and 0003 goes back and forth."""
     from alembic import command
 
     from imgsift_common.schema import alembic_config
 
     engine = make_engine(empty_url)
 
-    def upgrade(target: str) -> None:
+    def upgrade(target: str, how: Callable[..., None] = command.upgrade) -> None:
         with engine.begin() as conn:
             config = alembic_config()
             config.attributes["connection"] = conn
-            command.upgrade(config, target)
+            how(config, target)
 
     upgrade("0001")
     with engine.begin() as conn:  # a job of the old layout, with one URL outcome
@@ -358,14 +360,27 @@ def test_revision_0002_upgrades_an_empty_0001_database_and_refuses_one_with_job_
         upgrade("head")
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM downloads"))
+    upgrade("0002")
+    phash = 0x8123456789ABCDEF  # negative as a signed 64-bit value, as half the hashes are
+    big_record, big = stored_image(JOB, _sha(1), url="http://x/big", size=(400, 300))
+    big = big.model_copy(update={"phash": f"{phash:016x}"})
+    old = SqlStateStore(engine)  # the code at 0002 wrote the same rows: only the indexes differ
+    _job(old)
+    assert old.record_download(JOB, big_record, big, 10, near=near_dup_query(phash, 6, 4)) == big_record
+    upgrade("head")
+    upgrade("0002", command.downgrade)
     upgrade("head")
     check_schema(engine)
+    with engine.connect() as conn:
+        bands = [ix["column_names"] for ix in sa.inspect(conn).get_indexes("kept_images")]
+    assert sorted(bands) == [["job", f"band{i}", "near"] for i in range(4)]
     engine.dispose()
     store = SqlStateStore.open(empty_url)
-    _job(store)
-    record, image = stored_image(JOB, _sha(1), url="http://x/1")
-    assert store.record_download(JOB, record, image, 10) == record
-    assert store.url_record(JOB, "http://x/1") == record and store.get_image(JOB, image.key) == image
+    small_record, small = stored_image(JOB, _sha(2), url="http://x/small", size=(40, 30))
+    small = small.model_copy(update={"phash": f"{phash ^ 0b101:016x}"})
+    copy = store.record_download(JOB, small_record, small, 10, near=near_dup_query(phash ^ 0b101, 6, 4))
+    assert (copy.outcome, copy.duplicate_of, copy.hamming) == (DownloadOutcome.DUPLICATE, "http://x/big", 2)
+    assert store.url_record(JOB, "http://x/big") == big_record and store.get_image(JOB, big.key) == big
     store.close()
 
 

@@ -373,6 +373,9 @@ def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(e
     check_schema(engine)
     with engine.connect() as conn:
         bands = [ix["column_names"] for ix in sa.inspect(conn).get_indexes("kept_images")]
+        if conn.dialect.name == "postgresql":
+            options = conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE relname = 'kept_images'")).scalar()
+            assert options == ["autovacuum_vacuum_insert_scale_factor=0.02"]
     assert sorted(bands) == [["job", f"band{i}", "near"] for i in range(4)]
     engine.dispose()
     store = SqlStateStore.open(empty_url)

@@ -37,8 +37,12 @@ stage's task run times, from each worker's Prometheus histogram
 ``imgsift_task_duration_seconds``, scraped on its ``IMGSIFT_METRICS_PORT``), CPU seconds, and
 the peak memory of each worker's process tree (the main process and its pool children;
 resident set summed every 0.5 s, proportional set every 5 s: PSS counts pages the prefork
-children share with their parent once). Results go to ``--out`` (``bench-out/scale/``) as
-JSON and a printed table.
+children share with their parent once). ``--e2e`` also reports the CPU seconds the bench's
+servers spent during the job (PostgreSQL, Redis, moto: the job's work that no imgsift process
+counts) and those of the whole machine (anything running on it, so whether the job left cores
+idle). ``--env NAME=VALUE`` gives the services a setting as compose's ``.env`` would (e.g.
+``IMGSIFT_DETECTOR_PIPELINE_STEP``), to compare settings on the same bench. Results go to
+``--out`` (``bench-out/scale/``) as JSON and a printed table.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,25 +87,49 @@ UNIT = {"crawl": "images", "detect": "images", "siamese": "crops"}
 # ============================================================================ sampling
 
 
-class Sampler(threading.Thread):
-    """Peak memory and CPU time of each process tree of the stack, and the API's queue depths."""
+def server_processes(ports: dict[str, int]) -> dict[str, psutil.Process]:
+    """The root process of each server the bench started (PostgreSQL's postmaster, Redis, moto), found
+    by the port on its command line: their CPU is the job's too, though no imgsift process spends it."""
+    found: dict[str, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        for name, port in ports.items():
+            if name not in found and re.search(rf"(-p |--port |:){port}\b", command):
+                found[name] = proc
+    return found
 
-    def __init__(self, stack: Stack, api: str) -> None:
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent on anything (other engineers' work included)."""
+    times = psutil.cpu_times()._asdict()
+    # Linux counts guest time in user time already; idle, waiting on I/O and stolen by the host are not work.
+    return sum(times.values()) - sum(times.get(k, 0.0) for k in ("idle", "iowait", "steal", "guest", "guest_nice"))
+
+
+class Sampler(threading.Thread):
+    """Peak memory and CPU time of each process tree of the stack and of the bench's servers, and the
+    API's queue depths."""
+
+    def __init__(self, stack: Stack, api: str, servers: dict[str, psutil.Process] | None = None) -> None:
         super().__init__(daemon=True)
         self.stack, self.api = stack, api
+        self.servers = servers or {}
         self.done = threading.Event()
         self.peak_rss: dict[str, int] = {}
         self.peak_pss: dict[str, int] = {}
         self.cpu: dict[str, dict[int, float]] = {}  # name -> pid -> user+system seconds, last seen
+        self.cpu_first: dict[str, dict[int, float]] = {}  # name -> pid -> user+system seconds, first seen
         self.peak_queue: dict[str, float] = {}
 
     def run(self) -> None:
         tick = 0
         while not self.done.is_set():
             full = tick % 10 == 0
-            for name, proc in list(self.stack.procs.items()):
+            roots = [(name, proc.pid) for name, proc in list(self.stack.procs.items())]
+            roots += [(name, proc.pid) for name, proc in self.servers.items()]
+            for name, pid in roots:
                 try:
-                    root = psutil.Process(proc.pid)
+                    root = psutil.Process(pid)
                     tree = [root, *root.children(recursive=True)]
                 except psutil.Error:
                     continue
@@ -112,6 +141,7 @@ class Sampler(threading.Thread):
                             pss += p.memory_full_info().pss
                         times = p.cpu_times()
                         self.cpu.setdefault(name, {})[p.pid] = times.user + times.system
+                        self.cpu_first.setdefault(name, {}).setdefault(p.pid, times.user + times.system)
                     except psutil.Error:
                         pass
                 self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
@@ -135,6 +165,11 @@ class Sampler(threading.Thread):
 
     def cpu_seconds(self, name: str) -> float:
         return sum(self.cpu.get(name, {}).values())
+
+    def cpu_seconds_seen(self, name: str) -> float:
+        """CPU seconds of a tree while sampled (a server's, which ran before this job)."""
+        first = self.cpu_first.get(name, {})
+        return sum(t - first.get(pid, t) for pid, t in self.cpu.get(name, {}).items())
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -282,6 +317,7 @@ def stack_env(database: str, redis: str, s3: str, tmp: Path, args: argparse.Name
         env.update(IMGSIFT_STORAGE="local", IMGSIFT_LOCAL_STORAGE_DIR=str(tmp / "objects"))
     if staged:  # later stages wait on purpose: no re-sending of their "stalled" work meanwhile
         env["IMGSIFT_CRAWLER_STALL_SECONDS"] = "86400"
+    env.update(args.env)
     return env
 
 
@@ -358,14 +394,20 @@ def make_export(env: dict[str, str], module: str, expression: str, imports: str)
 
 
 def run_e2e(
-    urls: list[str], base_env: dict[str, str], tmp: Path, args: argparse.Namespace, logs: str = "logs-e2e"
+    urls: list[str],
+    base_env: dict[str, str],
+    tmp: Path,
+    args: argparse.Namespace,
+    logs: str = "logs-e2e",
+    server_ports: dict[str, int] | None = None,
 ) -> dict:  # type: ignore[type-arg]
     logdir = tmp / logs
     logdir.mkdir()
     stack = Stack(env=base_env, logdir=logdir)
     api = f"http://127.0.0.1:{stack.env['UVICORN_PORT']}"
     state = ServiceStateStore.connect(base_env["IMGSIFT_DATABASE_URL"], base_env["IMGSIFT_REDIS_URL"])
-    sampler = Sampler(stack, api)
+    servers = server_processes(server_ports or {})
+    sampler = Sampler(stack, api, servers)
     try:
         stack.migrate()  # compose's one-shot step, before any service starts
         stack.start("api")
@@ -373,7 +415,7 @@ def run_e2e(
             start(stack, service, args.replicas)
         stack.wait_ready(api, timeout=300)
         sampler.start()
-        t0 = time.monotonic()
+        t0, machine0 = time.monotonic(), machine_busy_seconds()
         job_id = create_job(api, urls, args)
         print(f"  job {job_id}: every stage at once ...", flush=True)
         done: dict[str, float] = {}
@@ -393,7 +435,7 @@ def run_e2e(
                 raise SystemExit(f"job not done after {args.timeout:.0f} s: {c}")
             stack.check_alive()
             time.sleep(0.2)
-        wall = time.monotonic() - t0
+        wall, machine = time.monotonic() - t0, machine_busy_seconds() - machine0
         busy = worker_stage_metrics(stack)
         names = list(stack.procs)
     finally:
@@ -422,6 +464,8 @@ def run_e2e(
         "stages": stages,
         "processes": memory_report(names, sampler),
         "peak_queue_depth": sampler.peak_queue,
+        "server_cpu_seconds": {name: sampler.cpu_seconds_seen(name) for name in servers},
+        "machine_cpu_seconds": machine,
     }
 
 
@@ -446,6 +490,13 @@ def main() -> None:
     )
     parser.add_argument("--weights", type=Path, default=ROOT.parent / "shared" / "models" / "yolov8n.pt")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "scale")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the services, as compose's .env gives it (IMGSIFT_DETECTOR_BATCH_SIZE=4); repeatable",
+    )
     parser.add_argument("--report", type=Path, help="print the tables of a JSON file this bench wrote, and stop")
     parser.add_argument(
         "--detector-export", default="none", help="IMGSIFT_DETECTOR_EXPORT of every run (made once beforehand)"
@@ -454,6 +505,7 @@ def main() -> None:
         "--siamese-export", default="", help="--e2e: one job per IMGSIFT_SIAMESE_EXPORT, e.g. none,openvino"
     )
     args = parser.parse_args()
+    args.env = dict(item.split("=", 1) for item in args.env)
     if args.report:
         print_report(json.loads(args.report.read_text()))
         return
@@ -474,6 +526,7 @@ def main() -> None:
         "target": args.target,
         "store": args.store,
         "detector_export": args.detector_export,
+        "env": args.env,
         "cpus": os.cpu_count(),
         "load_average_at_start": load,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -508,7 +561,10 @@ def main() -> None:
                     if export != "none":
                         make_export(env, "imgsift_siamese.embed", "get_embedder(SiameseSettings()).trunk.name",
                                     "from imgsift_siamese.settings import SiameseSettings")  # fmt: skip
-                report["run"] = run_e2e(urls, env, tmp, args, logs=f"logs-e2e-{export or 'default'}")
+                ports = {"postgres": postgres.port, "redis": int(redis.rsplit(":", 1)[1].split("/")[0])}
+                if args.store == "s3":
+                    ports["s3 (moto)"] = int(s3.rsplit(":", 1)[1])
+                report["run"] = run_e2e(urls, env, tmp, args, f"logs-e2e-{export or 'default'}", ports)
                 report["runs_by_siamese_export"][export or "default"] = report["run"]
         else:
             report["runs"] = {}
@@ -574,6 +630,14 @@ def print_e2e(run: dict[str, Any]) -> None:
             f"{100 * s['busy_fraction']:6.0f}% {s['cpu_seconds']:8.1f} {s['cpu_seconds'] / max(s['items'], 1):11.3f}"
         )
     print_processes(run)
+    if "machine_cpu_seconds" in run:  # reports written before these were measured lack them
+        servers = ", ".join(f"{name} {cpu:.1f}" for name, cpu in run["server_cpu_seconds"].items())
+        cores = run["machine_cpu_seconds"] / run["wall_seconds"]
+        print(f"servers' CPU s during the job: {servers or 'none found'}")
+        print(
+            f"the machine's CPU s during the job: {run['machine_cpu_seconds']:.1f} ({cores:.2f} cores busy, "
+            "anything running on it included)"
+        )
 
 
 def print_processes(run: dict[str, Any]) -> None:

@@ -736,6 +736,20 @@ class SqlStateStore:
         n = self._scalar(sa.select(c.crops).where(c.job == job, c.image == image_id(job_id, image_key)[0]))
         return int(n) if n is not None else None
 
+    def detected_counts(self, job_id: str, image_keys: Iterable[str]) -> dict[str, int]:
+        """The crop count of each of ``image_keys`` recorded as detected, in one read (a statement per CHUNK)."""
+        wanted = {image_id(job_id, key)[0]: key for key in image_keys}
+        if not wanted or (job := self._number(job_id)) is None:
+            return {}
+        c = t.detected_images.c
+        found: dict[str, int] = {}
+        with self._read() as conn:
+            query = sa.select(c.image, c.crops).where(c.job == job, one_of(conn, c.image, "ids"))
+            for chunk in _chunks(sorted(wanted)):
+                for image, crops in conn.execute(query, {"ids": chunk}):
+                    found[wanted[bytes(image)]] = int(crops)
+        return found
+
     @staticmethod
     def _superseded(tx: _Tx, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` (image or crop keys) belong to an image replaced by a larger near-duplicate."""

@@ -39,7 +39,8 @@ COMPOSE_ENV = {
     "IMGSIFT_POSTGRES_PASSWORD": "p" * 8,
 }
 # Compose and Kubernetes name these differently (service host names), on purpose.
-PER_PLATFORM = {"IMGSIFT_REDIS_URL", "IMGSIFT_S3_ENDPOINT"}
+# Kubernetes sets the detector's threads from the pod's CPU request; compose to one (a detector per core).
+PER_PLATFORM = {"IMGSIFT_REDIS_URL", "IMGSIFT_S3_ENDPOINT", "IMGSIFT_DETECTOR_TORCH_THREADS"}
 # Secrets in Kubernetes (imgsift-secrets); compose has them from .env.
 SECRETS = {*COMPOSE_ENV, "IMGSIFT_CRAWLER_FLICKR_API_KEY", "IMGSIFT_DATABASE_URL"}
 # The parameters of KEDA's `redis` (lists) scaler; its CRD accepts any string key in `metadata`.

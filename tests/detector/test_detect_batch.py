@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -11,7 +12,7 @@ from imgsift_common import keys
 from imgsift_common.messages import Crop, Detection, DetectMode, JobState
 from imgsift_common.state import Counter
 from imgsift_detector.coco import COCO_SUPERCATEGORIES
-from imgsift_detector.detect import detect_batch
+from imgsift_detector.detect import detect_batch, step_size
 from imgsift_detector.model import Detector
 from tests.detector.conftest import JOB_ID, add_image, add_photos, make_job
 from tests.support.coco import Coco128
@@ -148,6 +149,8 @@ def test_a_redelivered_batch_returns_its_crops_and_counts_nothing_twice(  # type
 
     first = detect_batch(job, first_keys, local_store, state_store, counting, detector_settings)
     counters = state_store.counters(JOB_ID)
+    counts = state_store.detected_counts(JOB_ID, [*first_keys, keys.image_key(JOB_ID, "ab" * 32, "JPEG")])
+    assert set(counts) == set(first_keys) and sum(counts.values()) == len(first)  # the undetected key: absent
     objects = {c.key: local_store.get(c.key) for c in first}
 
     again = detect_batch(job, first_keys, local_store, state_store, counting, detector_settings)
@@ -252,6 +255,52 @@ def test_a_failed_crop_write_fails_the_batch_and_records_nothing_unstored(  # ty
     # The redelivered batch detects the rest.
     crops = detect_batch(job, [i.key for i in images], local_store, sqlite_state, fixed, settings)
     assert len(crops) == 4 and all(sqlite_state.is_detected(JOB_ID, i.key) for i in images)
+
+
+class StepWatchingDetector(FixedDetector):
+    """Answers as FixedDetector, noting each call's image count; from the second call on it first
+    waits (10 s at most) until the previous call's images are recorded, as they are when a step's
+    crops are stored while the model runs on the next step, and never when they wait for the last."""
+
+    def __init__(self, detections: list[Detection], keys_in_order: list[str], state) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(detections)
+        self.keys, self.state = keys_in_order, state
+        self.calls: list[int] = []
+        self.recorded_before: list[bool] = []
+
+    def predict(self, images: list[Image.Image], **options: float) -> list[list[Detection]]:
+        if self.calls:
+            done = sum(self.calls)
+            previous = self.keys[done - self.calls[-1] : done]
+            deadline = time.monotonic() + 10
+            while not all(self.state.is_detected(JOB_ID, k) for k in previous) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.recorded_before.append(all(self.state.is_detected(JOB_ID, k) for k in previous))
+        self.calls.append(len(images))
+        return super().predict(images, **options)
+
+
+# Steps of pipeline_step images, never more than a forward pass (batch_size); 0: whole batches.
+@pytest.mark.parametrize(("step", "batch_size", "calls"), [(2, 16, [2, 2, 1]), (4, 3, [3, 2]), (0, 4, [4, 1])])
+def test_a_batch_runs_in_pipeline_steps_whose_crops_are_stored_while_the_model_runs_on(  # type: ignore[no-untyped-def]
+    step: int, batch_size: int, calls: list[int], detector_settings, coco128: Coco128, sqlite_state, local_store
+) -> None:
+    job = make_job(sqlite_state, "person")
+    stems = [*PERSON_STEMS, DOG_STEM, "000000000009"]
+    images = add_photos(sqlite_state, local_store, [coco128.image(s) for s in stems])
+    batch = [i.key for i in images]
+    box = Detection(box=(10, 10, 110, 110), score=0.9, class_id=0, class_name="person")
+    settings = detector_settings.model_copy(update={"pipeline_step": step, "batch_size": batch_size})
+    watching = StepWatchingDetector([box], batch, sqlite_state)
+
+    crops = detect_batch(job, batch, local_store, sqlite_state, watching, settings)
+
+    assert step_size(settings) == calls[0]
+    assert watching.calls == calls
+    # Each step's crops were stored and recorded before the model was done with the next step.
+    assert watching.recorded_before == [True] * (len(calls) - 1)
+    assert [c.image_key for c in crops] == batch
+    assert sqlite_state.counters(JOB_ID)[Counter.DETECTED] == len(batch)
 
 
 def test_a_job_sets_its_own_detector_confidence(  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ a format whose runtime is not installed is skipped, saying which extra installs 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,38 @@ def test_onnx_runtime_threads_do_not_spin_between_runs(exported: Detector) -> No
     assert exported.export is ExportFormat.ONNX
     options = exported._model.predictor.model.backend.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_the_export_runs_on_the_threads_the_setting_allows(  # type: ignore[no-untyped-def]
+    exported: Detector, yolo_weights: Path, export_dir: Path, coco128: Coco128
+) -> None:
+    """IMGSIFT_DETECTOR_TORCH_THREADS limits an export's runtime as it limits torch (deploy/k8s sets it to the
+    pod's CPU request); 0 leaves the runtime its default, every core."""
+    settings = DetectorSettings(
+        storage="local", weights=str(yolo_weights), export=exported.export, export_dir=export_dir, torch_threads=1
+    )
+    one = detector_from_settings(settings)
+    backend = one._model.predictor.model.backend
+    default_backend = exported._model.predictor.model.backend
+    if exported.export is ExportFormat.OPENVINO:
+        assert backend.ov_compiled_model.get_property("INFERENCE_NUM_THREADS") == 1
+        cores = default_backend.ov_compiled_model.get_property("INFERENCE_NUM_THREADS")
+        assert cores > 1 or os.cpu_count() == 1  # by default one thread per core
+        assert backend.compile_model.keywords["config"]["INFERENCE_NUM_THREADS"] == 1  # also if it recompiles
+    else:
+        options = backend.session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert default_backend.session.get_session_options().intra_op_num_threads == 0
+    # The same model, so the same confident boxes (bf16 sums split across other threads may move a score a little).
+    images = [load_image(coco128.image(stem).read_bytes()) for stem in STEMS[:4]]
+    compared = 0
+    for ours, theirs in zip(one.predict(images), exported.predict(images), strict=True):
+        for d in (d for d in ours if d.score >= COMPARED_ABOVE):
+            best = max((o for o in theirs if o.class_id == d.class_id), key=lambda o: iou(o.box, d.box), default=None)
+            assert best is not None and iou(best.box, d.box) >= 0.95 and abs(best.score - d.score) <= 0.05, (d, best)
+            compared += 1
+    assert compared >= 10
 
 
 def test_the_export_is_made_once_and_cached_by_weights_imgsz_and_format(

@@ -103,20 +103,27 @@ def detect_batch(
 
     crops: list[Crop] = []
     pending: list[StoredImage] = []
-    for key in dict.fromkeys(image_keys):  # a key listed twice is handled once
-        image = state.get_image(job.id, key)
+    wanted = list(dict.fromkeys(image_keys))  # a key listed twice is handled once
+    # Two reads for the batch, not two per image (16 round trips to the database before any image loaded).
+    images = state.get_images(job.id, wanted)
+    detected = state.detected_counts(job.id, [key for key in wanted if key in images])
+    for key in wanted:
+        image = images.get(key)
         if image is None:
             # Recording it would count an image the crawler never counted and could end the job early.
             log.warning("image is not one of the job's; skipped", extra=_log_fields(job.id, key))
-        elif state.is_detected(job.id, key):
-            crops += _recorded_crops(job.id, image, state)
+        elif key in detected:
+            crops += _recorded_crops(job.id, image, state, detected[key])
         else:
             pending.append(image)
 
-    # Images are read and decoded in a thread pool, ahead of the model: while one forward pass
-    # runs, the next batch's JPEGs decode (Pillow releases the GIL). A writer thread cuts, encodes,
-    # stores and records each batch's crops while the model runs on the next batch.
-    size = max(1, settings.batch_size)
+    # Images are read and decoded in a thread pool, ahead of the model: while it runs on one step's
+    # images, the next steps' are fetched and decoded (Pillow releases the GIL). A writer thread cuts,
+    # encodes, stores and records each step's crops while the model runs on the next step. A task
+    # (a crawler's download batch, 16 images) is cut into steps smaller than a forward pass
+    # (pipeline_step), so the model waits only for the first step's reads and the last step's writes:
+    # in one step per task it waited for all of the task's reads and all of its crop writes.
+    size = step_size(settings)
     with (
         ThreadPoolExecutor(max_workers=max(1, settings.decode_threads)) as pool,
         ThreadPoolExecutor(max_workers=1) as writer,
@@ -142,6 +149,12 @@ def detect_batch(
         for done in written:
             crops += done.result()
     return crops
+
+
+def step_size(settings: DetectorSettings) -> int:
+    """Images per pipeline step: ``pipeline_step``, at most ``batch_size``; 0 means ``batch_size``."""
+    batch = max(1, settings.batch_size)
+    return min(settings.pipeline_step, batch) if settings.pipeline_step > 0 else batch
 
 
 def _find_cuts(
@@ -213,9 +226,9 @@ def _record_detect_mode(job: Job, targets: frozenset[int] | None, weights_id: st
     state.update_job(job.id, detect_mode=mode)
 
 
-def _recorded_crops(job_id: str, image: StoredImage, state: StateStore) -> list[Crop]:
-    """The crops recorded for an image earlier (their indices count up from 0)."""
-    count = state.detected_count(job_id, image.key) or 0
+def _recorded_crops(job_id: str, image: StoredImage, state: StateStore, count: int | None = None) -> list[Crop]:
+    """The crops recorded for an image earlier (their indices count up from 0); ``count``: how many, if known."""
+    count = (state.detected_count(job_id, image.key) or 0) if count is None else count
     return state.get_crops(job_id, [keys.crop_key(job_id, keys.crop_id(image.sha256, i)) for i in range(count)])
 
 

@@ -153,6 +153,7 @@ class Detector:
         export: ExportFormat = ExportFormat.NONE,
         export_dir: str | Path | None = None,
         imgsz: int = 640,
+        threads: int = 0,
     ) -> None:
         export = ExportFormat(export)
         if export is not ExportFormat.NONE and device != "cpu":
@@ -195,7 +196,10 @@ class Detector:
             self.export = export
             self._warm_up(imgsz)
             if export is ExportFormat.ONNX:
-                self._onnx_threads_wait_quietly()
+                self._onnx_threads_wait_quietly(threads)
+            elif export is ExportFormat.OPENVINO and threads:
+                self._openvino_threads(threads)
+        self.threads = threads
         self.names: dict[int, str] = dict(model.names)
         self.weights_id = Path(weights).name
 
@@ -206,8 +210,30 @@ class Detector:
         except ImportError as exc:  # a runtime missing, and ultralytics not let to install it
             raise WeightsError(f"the {self.export.value} model cannot run here: {exc}") from exc
 
-    def _onnx_threads_wait_quietly(self) -> None:
-        """Reopen the ONNX Runtime session with its threads told not to spin between runs.
+    def _openvino_threads(self, threads: int) -> None:
+        """Recompile the OpenVINO model to run on ``threads`` threads instead of one per core.
+
+        ultralytics compiles it for latency on every core. On a host shared with other workers (the
+        Siamese stage, the object store) the threads of one forward pass wait for each other whenever
+        one of them is descheduled, and OpenVINO's idle threads yield in a loop meanwhile (about a tenth
+        of the detector's CPU in the 2-core end-to-end job); a worker given N cores runs N threads.
+        """
+        import openvino as ov
+
+        predictor: Any = self._model.predictor  # exists once predict() has run (the warm-up)
+        backend = getattr(predictor.model, "backend", None)
+        compile_model = getattr(backend, "compile_model", None)
+        if backend is None or not isinstance(compile_model, functools.partial):
+            return
+        config = {**compile_model.keywords.get("config", {}), "INFERENCE_NUM_THREADS": threads}
+        backend.compile_model = functools.partial(compile_model.func, **{**compile_model.keywords, "config": config})
+        xml = Path(self.model_path)
+        xml = xml if xml.is_file() else next(xml.glob("*.xml"))
+        backend.ov_compiled_model = backend.compile_model(ov.Core().read_model(str(xml)))
+
+    def _onnx_threads_wait_quietly(self, threads: int = 0) -> None:
+        """Reopen the ONNX Runtime session with its threads told not to spin between runs (and ``threads``
+        of them, if not 0).
 
         By default ONNX Runtime's threads busy-wait for the next run, taking the cores the decode
         pool and the pre- and post-processing need: on 2 cores this halved the stage's throughput.
@@ -227,6 +253,8 @@ class Detector:
         options = onnxruntime.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
         backend.session = onnxruntime.InferenceSession(self.model_path, options, providers=["CPUExecutionProvider"])
 
     def predict(
@@ -266,11 +294,13 @@ def get_detector(
     export: ExportFormat = ExportFormat.NONE,
     export_dir: Path | None = None,
     imgsz: int = 640,
+    threads: int = 0,
 ) -> Detector:
-    """This process's detector for ``weights`` on ``device``, loaded on first use."""
+    """This process's detector for ``weights`` on ``device``, loaded on first use; ``threads``: those of an
+    exported model's runtime (0: one per core; torch's are set apart, by :func:`limit_torch_threads`)."""
     if ExportFormat(export) is ExportFormat.NONE:
-        imgsz, export_dir = 640, None  # they choose an export only: one torch model whatever they are
-    return _cached_detector(weights, device, half, ExportFormat(export), export_dir, imgsz)
+        imgsz, export_dir, threads = 640, None, 0  # they choose an export only: one torch model whatever they are
+    return _cached_detector(weights, device, half, ExportFormat(export), export_dir, imgsz, threads)
 
 
 def detector_from_settings(settings: DetectorSettings) -> Detector:
@@ -282,6 +312,7 @@ def detector_from_settings(settings: DetectorSettings) -> Detector:
         export=settings.export,
         export_dir=settings.export_dir,
         imgsz=settings.imgsz,
+        threads=settings.torch_threads,
     )
     # After loading: ultralytics sets torch's threads itself (to cores - 1, at most 8) when it
     # sets the model up, which the detector does once, at its warm-up.
@@ -293,6 +324,6 @@ def detector_from_settings(settings: DetectorSettings) -> Detector:
 # fixes them on the first predict), so they key the cache; thresholds and image size are per call.
 @functools.cache
 def _cached_detector(
-    weights: str, device: str, half: bool, export: ExportFormat, export_dir: Path | None, imgsz: int
+    weights: str, device: str, half: bool, export: ExportFormat, export_dir: Path | None, imgsz: int, threads: int
 ) -> Detector:
-    return Detector(weights, device, half=half, export=export, export_dir=export_dir, imgsz=imgsz)
+    return Detector(weights, device, half=half, export=export, export_dir=export_dir, imgsz=imgsz, threads=threads)

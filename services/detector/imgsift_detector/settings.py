@@ -20,11 +20,23 @@ class DetectorSettings(ImgsiftSettings):
     )
     device: str = Field("cpu", description="torch device the model runs on: 'cpu', 'cuda', 'cuda:1', 'mps'")
     batch_size: int = Field(16, ge=1, description="images per forward pass; lower it if the GPU runs out of memory")
+    pipeline_step: int = Field(
+        4,
+        ge=0,
+        description=(
+            "images per step of a task's pipeline (at most batch_size): while the model runs on one step, the next "
+            "steps' images are read and decoded and the last step's crops are stored; small steps leave the model "
+            "idle only for the first step's reads and the last step's writes; 0: batch_size (a GPU's whole batches)"
+        ),
+    )
     decode_threads: int = Field(4, ge=1, description="threads reading and decoding images ahead of the model")
     torch_threads: int = Field(
         0,
         ge=0,
-        description="threads torch's math may use in this process; 0: ultralytics' choice (cores - 1, at most 8)",
+        description=(
+            "threads the model may use: torch's math in this process, or an export's runtime (OpenVINO, ONNX "
+            "Runtime); 0: the libraries' choice (torch: ultralytics' cores - 1, at most 8; an export: every core)"
+        ),
     )
     conf: float = Field(0.25, ge=0.0, le=1.0, description="boxes scoring below this confidence are dropped")
     iou: float = Field(0.7, ge=0.0, le=1.0, description="IoU above which non-maximum suppression merges two boxes")

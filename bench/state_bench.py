@@ -66,7 +66,7 @@ from imgsift_common.messages import (
     SourceSpec,
     StoredImage,
 )
-from imgsift_common.neardup import near_dup_query
+from imgsift_common.neardup import NearDupQuery
 
 CROPS = 3
 # --per-crop: one write per crop's distance, as before the batch write (read by the spawned writers too)
@@ -76,7 +76,7 @@ ONE_BY_ONE = os.environ.get("IMGSIFT_STATE_BENCH_ONE_BY_ONE") == "1"
 # The services' default batch sizes: CrawlerSettings.download_batch_size, DetectorSettings.batch_size,
 # SiameseSettings.batch_size (crops per forward pass, recorded in one write).
 DOWNLOAD_BATCH, DETECT_BATCH, COMPARE_BATCH = 16, 16, 32
-NEAR_DISTANCE, NEAR_SEGMENTS = 6, 4  # the crawler's defaults (imgsift_crawler.settings)
+NEAR_DISTANCE = 6  # the crawler's default (imgsift_crawler.settings)
 THRESHOLD = 0.9  # JobSpec's default
 JOB_ID = "state-bench"
 
@@ -150,7 +150,7 @@ def image_records(job_id: str, i: int) -> tuple[DownloadRecord, StoredImage, lis
 
 def near_query(image: StoredImage) -> Any:
     """The crawler's near-duplicate query for the image's perceptual hash, at its default settings."""
-    return near_dup_query(int(image.phash or "0", 16), NEAR_DISTANCE, NEAR_SEGMENTS)
+    return NearDupQuery(int(image.phash or "0", 16), NEAR_DISTANCE)
 
 
 def record_image(store: Any, job_id: str, i: int, max_images: int) -> None:

@@ -1,10 +1,15 @@
 """Near-duplicate lookup by perceptual hash without pairwise comparison: multi-index hashing.
 
-A 64-bit perceptual hash is cut into ``m`` segments. If two hashes differ in at most ``r``
-bits, at least one segment differs in at most ``r // m`` bits (pigeonhole). So each stored
-hash is filed under its ``m`` segment values, and a lookup visits, per segment, the buckets
-of every value within ``r // m`` bits of its own: a few dozen buckets, not every image.
-The candidates found are then checked with the full Hamming distance.
+A 64-bit perceptual hash is cut into bands (the job-state store keeps four of 16 bits, each
+indexed). Give band ``i`` a radius ``r_i`` such that the ``r_i + 1`` add up to more than the
+largest distance ``d`` looked for: then two hashes within ``d`` bits agree within ``r_i`` bits on
+at least one band ``i`` (pigeonhole: were every band off by ``r_i + 1`` bits or more, the hashes
+would differ by more than ``d``). So a lookup visits, per band, only the values within its radius
+of its own: a few dozen index entries, never every image of the job; the candidates found are
+then checked with the full Hamming distance. The radii are as even as that sum allows
+(:func:`band_radii`): for the default ``d`` = 6, three bands at radius 1 and one at 0 (52 band
+values probed, not the 68 of radius 1 everywhere); for ``d`` = 2, three bands at 0 and none probed
+on the fourth.
 """
 
 from __future__ import annotations
@@ -13,17 +18,6 @@ from dataclasses import dataclass
 from itertools import combinations
 
 HASH_BITS = 64
-
-
-def segment_bounds(segments: int) -> list[tuple[int, int]]:
-    """(shift, width) of each segment, covering the 64 bits as evenly as possible."""
-    base, extra = divmod(HASH_BITS, segments)
-    bounds, shift = [], 0
-    for i in range(segments):
-        width = base + (1 if i < extra else 0)
-        bounds.append((shift, width))
-        shift += width
-    return bounds
 
 
 def within(value: int, width: int, radius: int) -> list[int]:
@@ -38,38 +32,21 @@ def within(value: int, width: int, radius: int) -> list[int]:
     return out
 
 
+def band_radii(max_distance: int, bands: int) -> tuple[int, ...]:
+    """Per band, the radius a lookup for hashes within ``max_distance`` bits probes (-1: the band is not probed).
+
+    The smallest radii whose ``r + 1`` add up to ``max_distance + 1``, as even as possible, the
+    larger ones first: what the pigeonhole argument above needs, and no more."""
+    even, extra = divmod(max_distance + 1, bands)
+    return tuple(even - 1 + (1 if i < extra else 0) for i in range(bands))
+
+
 @dataclass(frozen=True)
 class NearDupQuery:
-    """What a store needs to file one hash and find its near-duplicates."""
+    """A kept image's perceptual hash, and the distance at or under which another is its near-duplicate."""
 
     hash: int  # the 64-bit perceptual hash
     max_distance: int  # Hamming distance at or under which two images are near-duplicates
-    own_buckets: tuple[str, ...]  # where this hash is filed: "segment:value"
-    probe_buckets: tuple[str, ...]  # where its near-duplicates can be
-
-    @property
-    def hi(self) -> int:
-        """The upper 32 bits as a signed int (Redis Lua's bit library works on signed 32-bit)."""
-        return _signed32(self.hash >> 32)
-
-    @property
-    def lo(self) -> int:
-        return _signed32(self.hash & 0xFFFFFFFF)
-
-
-def _signed32(value: int) -> int:
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def near_dup_query(phash: int, max_distance: int, segments: int) -> NearDupQuery:
-    """The buckets to file ``phash`` under and to probe for hashes within ``max_distance`` bits."""
-    radius = max_distance // segments
-    own, probe = [], []
-    for index, (shift, width) in enumerate(segment_bounds(segments)):
-        value = (phash >> shift) & ((1 << width) - 1)
-        own.append(f"{index}:{value}")
-        probe += [f"{index}:{v}" for v in within(value, width, radius)]
-    return NearDupQuery(phash, max_distance, tuple(own), tuple(probe))
 
 
 def hamming(a: int, b: int) -> int:

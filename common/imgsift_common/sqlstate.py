@@ -57,7 +57,7 @@ from imgsift_common.messages import (
     StoredImage,
     utcnow,
 )
-from imgsift_common.neardup import NearDupQuery, hamming, within
+from imgsift_common.neardup import NearDupQuery, band_radii, hamming, within
 from imgsift_common.sqldialect import WRITE, insert, insert_rows, make_engine, one_of, rows_params, snapshot
 from imgsift_common.state import (
     OUTCOME_COUNTER,
@@ -177,7 +177,10 @@ def _bands(phash: int) -> list[int]:
     return [(phash >> (t.PHASH_BAND_BITS * i)) & mask for i in range(t.PHASH_BANDS)]
 
 
-_flips = functools.cache(functools.partial(within, 0, t.PHASH_BAND_BITS))  # radius -> masks that flip that many bits
+@functools.cache
+def _flips(radius: int) -> list[int]:
+    """The masks that flip at most ``radius`` of a band's bits (none for -1: the band is not probed)."""
+    return within(0, t.PHASH_BAND_BITS, radius) if radius >= 0 else []
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
@@ -1376,7 +1379,8 @@ class _Downloads:
         lookups: list[tuple[int | None, Sequence[int]]] = [(None, [])]  # every hash of the job
         # band -> value -> (hash, max distance) of each query whose band is within its radius of it
         reach: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(t.PHASH_BANDS)]
-        if all(q.max_distance // t.PHASH_BANDS <= MAX_BAND_RADIUS for q in queries):
+        radii = {q.max_distance: band_radii(q.max_distance, t.PHASH_BANDS) for q in queries}
+        if all(max(r) <= MAX_BAND_RADIUS for r in radii.values()):
             # Else the bands would return a third of the job or more. One indexed lookup per band,
             # united: an OR of the four would let a planner without statistics (SQLite) read every
             # row of the job by its job_id instead.
@@ -1384,7 +1388,7 @@ class _Downloads:
             for band in range(t.PHASH_BANDS):
                 for q in queries:
                     value = _bands(q.hash)[band]
-                    for flip in _flips(q.max_distance // t.PHASH_BANDS):
+                    for flip in _flips(radii[q.max_distance][band]):  # none where the band's radius is -1
                         reach[band].setdefault(value ^ flip, []).append((q.hash, q.max_distance))
                 lookups += [(band, chunk) for chunk in _chunks(sorted(reach[band]))]
         everyone = [(q.hash, q.max_distance) for q in queries]

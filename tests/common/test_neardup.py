@@ -1,20 +1,14 @@
-"""Multi-index hashing finds every hash within the distance, and looks at a few buckets only."""
+"""Multi-index hashing: the band radii find every hash within the distance, and probe no more than that needs."""
 
 from __future__ import annotations
 
 import itertools
-import random
 
 import pytest
 
-from imgsift_common.neardup import hamming, near_dup_query, segment_bounds, within
+from imgsift_common.neardup import band_radii, within
 
-
-def test_segments_cover_the_64_bits() -> None:
-    for m in (1, 2, 3, 4, 5, 7, 8):
-        bounds = segment_bounds(m)
-        assert sum(w for _, w in bounds) == 64 and bounds[0][0] == 0
-        assert all(s2 == s1 + w1 for (s1, w1), (s2, _) in itertools.pairwise(bounds))
+BANDS, BAND_BITS = 4, 16  # the job-state store's (imgsift_common.schema.PHASH_BANDS / PHASH_BAND_BITS)
 
 
 def test_within_enumerates_the_hamming_ball() -> None:
@@ -23,31 +17,34 @@ def test_within_enumerates_the_hamming_ball() -> None:
     assert len(within(0, 16, 2)) == 1 + 16 + 16 * 15 // 2
 
 
-@pytest.mark.parametrize(("max_distance", "segments"), [(6, 4), (8, 4), (3, 4), (10, 6), (0, 2)])
-def test_lookup_finds_exactly_what_brute_force_finds(max_distance: int, segments: int) -> None:
-    rng = random.Random(max_distance * 100 + segments)
-    stored = [rng.getrandbits(64) for _ in range(300)]
-    # Plant near copies: flip up to max_distance bits of some stored hashes.
-    for base in stored[:50]:
-        flipped = base
-        for bit in rng.sample(range(64), rng.randint(0, max_distance)):
-            flipped ^= 1 << bit
-        stored.append(flipped)
-    index: dict[str, set[int]] = {}
-    for i, h in enumerate(stored):
-        for bucket in near_dup_query(h, max_distance, segments).own_buckets:
-            index.setdefault(bucket, set()).add(i)
-    for h in stored:
-        query = near_dup_query(h, max_distance, segments)
-        candidates = set().union(*(index.get(b, set()) for b in query.probe_buckets))
-        found = {j for j in candidates if hamming(h, stored[j]) <= max_distance}
-        expected = {j for j, other in enumerate(stored) if hamming(h, other) <= max_distance}
-        assert found == expected
-        assert len(candidates) < len(stored) or max_distance // segments > 2  # no scan of everything
+def _found(radii: tuple[int, ...], split: tuple[int, ...]) -> bool:
+    """Whether a hash whose bands differ by ``split`` bits from the query's is in some probed band's ball."""
+    return any(bits <= radius for bits, radius in zip(split, radii, strict=True))
 
 
-def test_signed_halves_round_trip() -> None:
-    h = 0xFEDCBA9876543210
-    q = near_dup_query(h, 6, 4)
-    assert ((q.hi & 0xFFFFFFFF) << 32) | (q.lo & 0xFFFFFFFF) == h
-    assert -(2**31) <= q.hi < 2**31 and -(2**31) <= q.lo < 2**31
+@pytest.mark.parametrize("max_distance", range(0, 20))
+def test_every_split_of_the_distance_over_the_bands_is_found(max_distance: int) -> None:
+    # Every way two hashes within max_distance bits can differ, band by band: the pigeonhole
+    # argument checked exhaustively, for the radii the store probes.
+    radii = band_radii(max_distance, BANDS)
+    splits = [s for s in itertools.product(range(max_distance + 1), repeat=BANDS) if sum(s) <= max_distance]
+    assert all(_found(radii, split) for split in splits)
+
+
+@pytest.mark.parametrize("max_distance", range(0, 20))
+def test_no_band_probes_more_than_the_distance_needs(max_distance: int) -> None:
+    # Lowering any band's radius by one leaves a split of the distance unfound, so the probes are
+    # the fewest such radii allow; and they are no more than the old radius d // 4 on every band.
+    radii = band_radii(max_distance, BANDS)
+    assert sum(r + 1 for r in radii) == max_distance + 1
+    assert all(r <= max_distance // BANDS for r in radii)
+    for band in (b for b, r in enumerate(radii) if r >= 0):
+        lower = tuple(r - (i == band) for i, r in enumerate(radii))
+        missed = tuple(r + 1 for r in lower)  # each band off by one more bit than it probes (0: not probed)
+        assert sum(missed) <= max_distance and not _found(lower, missed)
+
+
+def test_the_default_distance_probes_52_band_values_not_68() -> None:
+    probed = sum(len(within(0, BAND_BITS, r)) for r in band_radii(6, BANDS) if r >= 0)
+    assert band_radii(6, BANDS) == (1, 1, 1, 0) and probed == 3 * 17 + 1
+    assert band_radii(2, BANDS) == (0, 0, 0, -1)  # the fourth band is not probed at all

@@ -27,7 +27,7 @@ from imgsift_common.messages import (
     SourceKind,
     SourceSpec,
 )
-from imgsift_common.neardup import near_dup_query
+from imgsift_common.neardup import NearDupQuery
 from imgsift_common.schema import SchemaMismatch, check_schema, head_revision, metadata, migrate
 from imgsift_common.sqldialect import make_engine
 from imgsift_common.sqlstate import BINS, SqlStateStore
@@ -183,7 +183,7 @@ def test_concurrent_near_duplicates_keep_the_largest_and_take_back_the_rest(sql_
             phash = bases[g] ^ (1 << writer)  # within 2 bits of the other copies
             record, image = stored_image(JOB, sha, url=f"http://n{writer}/{g}", size=(side, side))
             image = image.model_copy(update={"phash": f"{phash:016x}"})
-            outcome = state.record_download(JOB, record, image, 1000, near=near_dup_query(phash, 6, 4))
+            outcome = state.record_download(JOB, record, image, 1000, near=NearDupQuery(phash, 6))
             if outcome.outcome is DownloadOutcome.STORED:
                 (crop,) = crops(JOB, sha, 1)
                 state.record_detection(JOB, image.key, [crop])
@@ -220,7 +220,7 @@ def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: st
     phash = 0x0F0F0F0F0F0F0F0F
     small_record, small = stored_image(JOB, _sha(1), url="http://x/small", size=(100, 100))
     small = small.model_copy(update={"phash": f"{phash:016x}"})
-    worker.record_download(JOB, small_record, small, 10, near=near_dup_query(phash, 6, 4))
+    worker.record_download(JOB, small_record, small, 10, near=NearDupQuery(phash, 6))
     (crop,) = crops(JOB, _sha(1), 1)
     if table == "crop_distances":
         worker.record_detection(JOB, small.key, [crop])
@@ -243,7 +243,7 @@ def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: st
     supersede = threading.Thread(
         target=crawler.record_download,
         args=(JOB, big_record, big, 10),
-        kwargs={"near": near_dup_query(phash ^ 1, 6, 4)},
+        kwargs={"near": NearDupQuery(phash ^ 1, 6)},
     )
     supersede.start()
     supersede.join(0.5)
@@ -366,7 +366,7 @@ def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(e
     big = big.model_copy(update={"phash": f"{phash:016x}"})
     old = SqlStateStore(engine)  # the code at 0002 wrote the same rows: only the indexes differ
     _job(old)
-    assert old.record_download(JOB, big_record, big, 10, near=near_dup_query(phash, 6, 4)) == big_record
+    assert old.record_download(JOB, big_record, big, 10, near=NearDupQuery(phash, 6)) == big_record
     upgrade("head")
     upgrade("0002", command.downgrade)
     upgrade("head")
@@ -381,7 +381,7 @@ def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(e
     store = SqlStateStore.open(empty_url)
     small_record, small = stored_image(JOB, _sha(2), url="http://x/small", size=(40, 30))
     small = small.model_copy(update={"phash": f"{phash ^ 0b101:016x}"})
-    copy = store.record_download(JOB, small_record, small, 10, near=near_dup_query(phash ^ 0b101, 6, 4))
+    copy = store.record_download(JOB, small_record, small, 10, near=NearDupQuery(phash ^ 0b101, 6))
     assert (copy.outcome, copy.duplicate_of, copy.hamming) == (DownloadOutcome.DUPLICATE, "http://x/big", 2)
     assert store.url_record(JOB, "http://x/big") == big_record and store.get_image(JOB, big.key) == big
     store.close()

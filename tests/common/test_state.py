@@ -264,24 +264,33 @@ def _sized(sha: str, url: str, width: int, height: int, phash: int) -> tuple[Dow
     return record, image.model_copy(update={"width": width, "height": height, "phash": f"{phash:016x}"})
 
 
-def test_near_duplicate_smaller_copy_is_recorded_as_duplicate(state_store) -> None:  # type: ignore[no-untyped-def]
-    from imgsift_common.neardup import near_dup_query
+@pytest.mark.parametrize(
+    ("distance", "flip"),
+    [
+        (6, 0b101),  # 2 bits in band 0: found by bands 1-3
+        (6, 0b11 | 0b11 << 16 | 0b11 << 32),  # 6 bits, 2 in each of bands 0-2: only band 3 (radius 0) agrees
+        (2, 1 | 1 << 16),  # 2 bits at distance 2: bands 0-2 at radius 0, band 3 not probed; band 2 agrees
+    ],
+)
+def test_near_duplicate_smaller_copy_is_recorded_as_duplicate(state_store, distance: int, flip: int) -> None:  # type: ignore[no-untyped-def]
+    from imgsift_common.neardup import NearDupQuery
 
     _job(state_store)
     h = 0x0123456789ABCDEF
     big = _sized("a" * 64, "http://x/big", 800, 600, h)
-    small = _sized("b" * 64, "http://x/small", 400, 300, h ^ 0b101)  # 2 bits away
+    small = _sized("b" * 64, "http://x/small", 400, 300, h ^ flip)
     other = _sized("c" * 64, "http://x/other", 400, 300, h ^ 0xFFFF0000)  # 16 bits away
     for record, image in (big, small, other):
-        state_store.record_download(JOB, record, image, 10, near=near_dup_query(int(image.phash, 16), 6, 4))
+        state_store.record_download(JOB, record, image, 10, near=NearDupQuery(int(image.phash, 16), distance))
     kept = state_store.url_record(JOB, "http://x/small")
-    assert kept.outcome is DownloadOutcome.DUPLICATE and kept.duplicate_of == "http://x/big" and kept.hamming == 2
+    assert kept.outcome is DownloadOutcome.DUPLICATE and kept.duplicate_of == "http://x/big"
+    assert kept.hamming == flip.bit_count()
     assert state_store.url_record(JOB, "http://x/other").outcome is DownloadOutcome.STORED
     assert state_store.counters(JOB) == {"downloaded": 2, "duplicates": 1}
 
 
 def test_near_duplicate_beyond_the_band_radius_reads_the_jobs_hashes(state_store) -> None:  # type: ignore[no-untyped-def]
-    from imgsift_common.neardup import near_dup_query
+    from imgsift_common.neardup import NearDupQuery
 
     # 24 bits: more than MAX_BAND_RADIUS per band, so the lookup reads every hash of the job.
     _job(state_store)
@@ -290,19 +299,19 @@ def test_near_duplicate_beyond_the_band_radius_reads_the_jobs_hashes(state_store
     small = _sized("b" * 64, "http://x/small", 400, 300, h ^ 0xFFFFF0)  # 20 bits away
     other = _sized("c" * 64, "http://x/other", 400, 300, h ^ ((1 << 64) - 1))  # 64 bits away
     for record, image in (big, small, other):
-        state_store.record_download(JOB, record, image, 10, near=near_dup_query(int(image.phash, 16), 24, 4))
+        state_store.record_download(JOB, record, image, 10, near=NearDupQuery(int(image.phash, 16), 24))
     kept = state_store.url_record(JOB, "http://x/small")
     assert kept.outcome is DownloadOutcome.DUPLICATE and kept.duplicate_of == "http://x/big" and kept.hamming == 20
     assert state_store.url_record(JOB, "http://x/other").outcome is DownloadOutcome.STORED
 
 
 def test_near_duplicate_larger_copy_replaces_the_kept_one_downstream_too(state_store) -> None:  # type: ignore[no-untyped-def]
-    from imgsift_common.neardup import near_dup_query
+    from imgsift_common.neardup import NearDupQuery
 
     _job(state_store)
     h = 0x0F0F0F0F0F0F0F0F
     small_record, small = _sized("a" * 64, "http://x/small", 400, 300, h)
-    state_store.record_download(JOB, small_record, small, 10, near=near_dup_query(h, 6, 4))
+    state_store.record_download(JOB, small_record, small, 10, near=NearDupQuery(h, 6))
     # The small copy went downstream: two crops, one compared.
     crops = [
         Crop(job_id=JOB, key=keys.crop_key(JOB, keys.crop_id("a" * 64, i)), crop_id=keys.crop_id("a" * 64, i),
@@ -314,7 +323,7 @@ def test_near_duplicate_larger_copy_replaces_the_kept_one_downstream_too(state_s
     assert state_store.counters(JOB) == {"downloaded": 1, "detected": 1, "crops": 2, "compared": 1}
 
     big_record, big = _sized("b" * 64, "http://x/big", 1600, 1200, h ^ 1)
-    final = state_store.record_download(JOB, big_record, big, 10, near=near_dup_query(h ^ 1, 6, 4))
+    final = state_store.record_download(JOB, big_record, big, 10, near=NearDupQuery(h ^ 1, 6))
 
     assert final.outcome is DownloadOutcome.STORED
     demoted = state_store.url_record(JOB, "http://x/small")
@@ -333,14 +342,14 @@ def test_near_duplicate_larger_copy_replaces_the_kept_one_downstream_too(state_s
 
 
 def test_superseded_image_detected_later_records_nothing(state_store) -> None:  # type: ignore[no-untyped-def]
-    from imgsift_common.neardup import near_dup_query
+    from imgsift_common.neardup import NearDupQuery
 
     _job(state_store)
     h = 0x1111222233334444
     small_record, small = _sized("a" * 64, "http://x/small", 100, 100, h)
     big_record, big = _sized("b" * 64, "http://x/big", 200, 200, h)
-    state_store.record_download(JOB, small_record, small, 10, near=near_dup_query(h, 6, 4))
-    state_store.record_download(JOB, big_record, big, 10, near=near_dup_query(h, 6, 4))
+    state_store.record_download(JOB, small_record, small, 10, near=NearDupQuery(h, 6))
+    state_store.record_download(JOB, big_record, big, 10, near=NearDupQuery(h, 6))
     crop_id = keys.crop_id("a" * 64, 0)
     crop = Crop(
         job_id=JOB,
@@ -412,7 +421,7 @@ def test_jobs_are_listed_per_owner(state_store) -> None:  # type: ignore[no-unty
 def _download_items(job_id: str, seed: int) -> list:  # type: ignore[type-arg]
     """A crawl's worth of outcomes that exercise every rule: exact copies, near copies smaller and
     larger (superseding, within a batch too), a URL delivered twice, failures, the image limit."""
-    from imgsift_common.neardup import near_dup_query
+    from imgsift_common.neardup import NearDupQuery
     from imgsift_common.state import DownloadItem
 
     rng = random.Random(seed)
@@ -430,7 +439,7 @@ def _download_items(job_id: str, seed: int) -> list:  # type: ignore[type-arg]
         side = rng.randrange(100, 1000)
         record, image = stored_image(job_id, sha, url=url, size=(side, side))
         image = image.model_copy(update={"phash": f"{phash:016x}"})
-        items.append(DownloadItem(record, image, near_dup_query(phash, 6, 4)))
+        items.append(DownloadItem(record, image, NearDupQuery(phash, 6)))
     return items
 
 

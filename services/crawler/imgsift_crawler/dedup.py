@@ -8,7 +8,7 @@ import imagehash
 import scipy.fftpack  # noqa: F401  imagehash.phash imports it at its first hash: here, a prefork worker's parent does, once
 from PIL import Image, ImageOps
 
-from imgsift_common.neardup import NearDupQuery, near_dup_query
+from imgsift_common.neardup import NearDupQuery
 
 
 def perceptual_hash(image: Image.Image) -> int:
@@ -31,6 +31,6 @@ def perceptual_hash_of(data: bytes) -> int:
         return perceptual_hash(image)
 
 
-def query_for(phash: int, max_distance: int, segments: int) -> NearDupQuery | None:
+def query_for(phash: int, max_distance: int) -> NearDupQuery | None:
     """The near-duplicate query, or None when near-duplicate detection is off (distance < 0)."""
-    return near_dup_query(phash, max_distance, segments) if max_distance >= 0 else None
+    return NearDupQuery(phash, max_distance) if max_distance >= 0 else None

@@ -545,11 +545,7 @@ def download_batch(
 
         fetched: list[DownloadItem] = []
         for record, image in pool.map(work, new):
-            near = (
-                query_for(int(image.phash, 16), near_distance, settings.near_dup_segments)
-                if image and image.phash
-                else None
-            )
+            near = query_for(int(image.phash, 16), near_distance) if image and image.phash else None
             fetched.append(DownloadItem(record, image, near))
         # The batch's outcomes in one write, in the batch's order (as one call per URL would decide them).
         finals = state.record_downloads(

@@ -35,7 +35,6 @@ class CrawlerSettings(ImgsiftSettings):
     near_dup_distance: int = Field(
         6, description="perceptual-hash bits within which two images are near-duplicates; -1 turns it off"
     )
-    near_dup_segments: int = Field(4, description="segments of the 64-bit hash in the multi-index lookup")
     related_terms: str | None = Field(
         None, description="JSON file of related terms and translations to widen queries (default: built in)"
     )

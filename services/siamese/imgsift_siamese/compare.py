@@ -17,7 +17,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
@@ -315,34 +315,27 @@ def compare_batch(
     # recorded before, finds the rows with one read.
     object_key = keys.crop_features_key(job.id, embedder.trunk_id, stored.digest(batch))
     found = _read_features(store, embedder, job.id, object_key)
-    # The crops without stored rows are read and decoded from now on. The job's scorer and the
-    # crops' sources are read in a thread of their own (a few round trips to the job state; on a
-    # job's first batch, its references and calibration views through the trunk too) while the
-    # crops go through the trunk, which so starts once its first inputs are decoded rather than
-    # after those reads. The sources are needed before the trunk only to check stored rows.
+    # The crops without stored rows are read and decoded from now on, while the job's scorer and
+    # the crops' sources are read from the job state (a few round trips, and on a job's first
+    # batch its references and calibration views through the trunk).
     absent = [key for key in pending if found is None or key not in found.keys]
     inputs = _prepare_ahead(absent, store, embedder, settings.decode_threads)
-    scoring = read_pool(1, "scorer").submit(_scorer_and_sources, job, batch, store, state, embedder, settings)
-    skipped: list[tuple[str, Unreadable]] = []  # noted once the scorer is known (a job without references fails)
     try:
+        job, scorer = job_scorer(job, store, state, embedder, settings)
         rows = trunk_features(
             job.id,
             object_key,
             found,
             pending,
-            lambda: scoring.result()[2],
+            crop_sources(job.id, batch, state),
             store,
             embedder,
             settings.decode_threads,
-            lambda key, problem: skipped.append((key, problem)),
+            lambda key, problem: _note_skipped_crop(job.id, key, problem.detail, state),
             (absent, inputs),
         )
     finally:
         inputs.close()
-        wait([scoring])  # nothing of the batch runs on once it returns or raises
-    job, scorer, _ = scoring.result()
-    for key, problem in skipped:
-        _note_skipped_crop(job.id, key, problem.detail, state)
     loaded = [key for key in pending if key in rows]
     recorded = scorer.record(state, loaded, np.stack([rows[k] for k in loaded])) if loaded else []
     log.info(
@@ -356,13 +349,6 @@ def compare_batch(
         },
     )
     return recorded
-
-
-def _scorer_and_sources(
-    job: Job, batch: Sequence[str], store: ObjectStore, state: StateStore, embedder: Embedder, settings: SiameseSettings
-) -> tuple[Job, Scorer, dict[str, str]]:
-    job, scorer = job_scorer(job, store, state, embedder, settings)
-    return job, scorer, crop_sources(job.id, batch, state)
 
 
 def score_stored_features(
@@ -443,7 +429,7 @@ def trunk_features(
     object_key: str,
     rows: FeatureRows | None,
     wanted: Sequence[str],
-    sources_of: Mapping[str, str] | Callable[[], Mapping[str, str]],
+    sources: Mapping[str, str],
     store: ObjectStore,
     embedder: Embedder,
     threads: int,
@@ -452,14 +438,11 @@ def trunk_features(
 ) -> dict[str, np.ndarray]:
     """Trunk feature rows of the ``wanted`` images: the ``rows`` stored at ``object_key`` (read by
     the caller) where stored from the same source, the rest computed and stored there with them.
-    Unreadable images get no row. ``sources_of``: each image's source, or what returns them (asked
-    only when needed: to check stored rows, or to store new ones). ``started``: the trunk inputs of
-    some images already being prepared (their keys, in order), used when they are the images to
-    compute (as they are unless a stored row's source moved)."""
+    Unreadable images get no row. ``started``: the trunk inputs of some images already being
+    prepared (their keys, in order), used when they are the images to compute (as they are unless a
+    stored row's source moved)."""
     kept: dict[str, tuple[str, np.ndarray]] = {}
-    sources: Mapping[str, str] = {}
     if rows is not None:
-        sources = sources_of() if callable(sources_of) else sources_of
         for key, source, row in zip(rows.keys, rows.sources, rows.rows, strict=True):
             if sources.get(key) == source:  # still cut from the same place; other keys are not ours
                 kept[key] = (source, row)
@@ -470,8 +453,6 @@ def trunk_features(
     inputs = started[1] if started is not None and list(started[0]) == missing else None
     computed = compute_features(missing, store, embedder, threads, on_unreadable, inputs)
     found.update(computed)
-    if computed:
-        sources = sources_of() if callable(sources_of) else sources_of
     new = {key: (sources[key], row) for key, row in computed.items() if key in sources}
     if new:
         # Rewritten whole with the rows it held: a reader sees the old object or the new one.

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import warnings
 from copy import deepcopy
 from pathlib import Path
@@ -154,14 +153,9 @@ class OpenVinoTrunk:
         # What OpenVINO compiled, not what was asked: the rows' ids follow it (Embedder.trunk_id).
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.name = "openvino" if self.precision == "f32" else f"openvino-{self.precision}"
-        # A compiled model's call reuses one infer request: one call at a time (a compare batch's
-        # crops and its job's references may come from two threads).
-        self.lock = threading.Lock()
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        pixels = _pixels(inputs)
-        with self.lock:
-            result = self.compiled(pixels)[0]  # a copy of the output (OpenVINO's default)
+        result = self.compiled(_pixels(inputs))[0]
         return np.asarray(result, dtype=np.float32)
 
 

@@ -38,9 +38,16 @@ normalises them in its own graph, the bare forward's runner too). Goals (issue 1
 stage at least 2.5x the torch stage, and at least 0.85x its own bare exported forward (all
 batches; also printed without each run's first batch, where a fresh job embeds its references
 and their augmented views). Then the stage's parts are timed one after the other on a fresh job
-of the same crops with the first export (issue 18 item 5): object-store read, JPEG decode,
+of the same crops with each export and torch (issue 18 item 5): object-store read, JPEG decode,
 letterbox (uint8), the trunk (normalisation included), head and distances, writing the trunk
 features, recording the distances; wall and CPU time per crop.
+
+    .venv/bin/python bench/embed_bench.py --exports openvino,openvino-bf16
+
+``openvino-bf16`` is the OpenVINO export compiled in bf16 (``IMGSIFT_SIAMESE_EXPORT_PRECISION=bf16``;
+f32 where the CPU has no native bf16: the report's ``trunk_precision`` says which ran), measured
+beside the f32 one on the same crops, against the torch stage and against its own bare forward
+(compiled the same way).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from torch import nn  # noqa: E402
 
 from imgsift_common import keys  # noqa: E402
 from imgsift_common.messages import Crop, Job, JobSpec, JobState, SiameseModel, SourceKind, SourceSpec, utcnow  # noqa: E402
+from imgsift_common.model_exports import ExportFormat, missing_modules  # noqa: E402
 from imgsift_common.servicestate import ServiceStateStore  # noqa: E402
 from imgsift_common.storage import LocalStore  # noqa: E402
 from imgsift_detector.detect import padded_box  # noqa: E402
@@ -222,19 +230,21 @@ def compare_backbones(args: argparse.Namespace) -> None:
 
 def compare_exports(args: argparse.Namespace) -> None:
     """The stage and the bare forward with the torch trunk and with each export, in one run; then the export's parts."""
-    from imgsift_common.model_exports import ExportFormat, missing_modules
-
     load_before = os.getloadavg()
-    formats = [ExportFormat(name) for name in args.exports]
-    for fmt in formats:
+    exports = [export_run(name) for name in args.exports]  # (name, format, precision)
+    for name, fmt, _ in exports:
         if missing := missing_modules(fmt):
-            raise SystemExit(f"--exports {fmt.value}: not installed ({', '.join(missing)})")
+            raise SystemExit(f"--exports {name}: not installed ({', '.join(missing)})")
+    formats = [name for name, _, _ in exports]
     crops, references = cut_crops(Coco128(args.coco), args.crops)
     base = SiameseSettings(storage="local", device=args.device, batch_size=args.batch, backbone=args.backbone)
     export_dir = args.out.parent / "siamese-exports"
     runs = {
         "torch": base,
-        **{f.value: base.model_copy(update={"export": f, "export_dir": export_dir}) for f in formats},
+        **{
+            name: base.model_copy(update={"export": fmt, "export_dir": export_dir, "export_precision": precision})
+            for name, fmt, precision in exports
+        },
     }
     embedders = {}
     for name, settings in runs.items():
@@ -293,8 +303,10 @@ def compare_exports(args: argparse.Namespace) -> None:
                 first_batch.append(first)
                 print(f"round {r + 1}: " + ", ".join(f"{n} {len(crops) / s:6.1f}" for n, s in took.items())
                       + " crops/s", flush=True)  # fmt: skip
-            parts = stage_parts(crops, references, store, state, embedders[formats[0].value], runs[formats[0].value])
-            torch_parts = stage_parts(crops, references, store, state, embedders["torch"], base)
+            parts = {
+                name: stage_parts(name, crops, references, store, state, embedders[name], runs[name])
+                for name in [*formats, "torch"]
+            }
         finally:
             state.close()
 
@@ -325,14 +337,15 @@ def compare_exports(args: argparse.Namespace) -> None:
             for s, c in zip(seconds, cpu, strict=True)
         ],
         "crops_per_second": {name: rate(name) for name in names},
-        "export_stage_vs_torch_stage": {f.value: ratio(f"stage {f.value}", "stage torch") for f in formats},
-        "export_stage_vs_its_bare_forward": {f.value: ratio(f"stage {f.value}", f"bare {f.value}") for f in formats},
+        "trunk_precision": {name: embedders[name].trunk.precision for name in runs},
+        "export_stage_vs_torch_stage": {f: ratio(f"stage {f}", "stage torch") for f in formats},
+        "export_stage_vs_its_bare_forward": {f: ratio(f"stage {f}", f"bare {f}") for f in formats},
         "export_stage_vs_its_bare_forward_after_first_batch": {
-            f.value: ratio_after_first(f"stage {f.value}", f"bare {f.value}") for f in formats
+            f: ratio_after_first(f"stage {f}", f"bare {f}") for f in formats
         },
         "first_batch_seconds": first_batch,
         "torch_stage_vs_its_bare_forward": ratio("stage torch", "bare torch"),
-        "parts_ms_per_crop": {formats[0].value: parts, "torch": torch_parts},
+        "parts_ms_per_crop": parts,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
@@ -341,24 +354,36 @@ def compare_exports(args: argparse.Namespace) -> None:
     for name in names:
         print(f"{name:16} {rate(name):7.1f} crops/s")
     for f in formats:
-        speed, own = ratio(f"stage {f.value}", "stage torch"), ratio(f"stage {f.value}", f"bare {f.value}")
+        speed, own = ratio(f"stage {f}", "stage torch"), ratio(f"stage {f}", f"bare {f}")
         fast, close = "met" if speed >= 2.5 else "NOT met", "met" if own >= 0.85 else "NOT met"
-        steady = ratio_after_first(f"stage {f.value}", f"bare {f.value}")
-        print(f"{f.value}: stage / torch stage {speed:.2f}x (goal >= 2.5x: {fast}); "
+        steady = ratio_after_first(f"stage {f}", f"bare {f}")
+        print(f"{f} ({embedders[f].trunk.precision}): stage / torch stage {speed:.2f}x (goal >= 2.5x: {fast}); "
               f"stage / its bare forward {own:.2f}x (goal >= 0.85x: {close}); "
               f"without each job's first batch (its references) {steady:.2f}x")  # fmt: skip
     for r, (s, f) in enumerate(zip(seconds, first_batch, strict=True)):
         print(f"round {r + 1}: " + ", ".join(f"{name} {1000 * s[name] / n:.2f} ms/crop (first batch "
                                              f"{1000 * f[name]:.0f} ms)" for name in names))  # fmt: skip
     print(f"torch: stage / its bare forward {ratio('stage torch', 'bare torch'):.2f}x")
-    for label, measured in ((formats[0].value, parts), ("torch", torch_parts)):
+    for label, measured in parts.items():
         total = sum(v["wall_ms"] for v in measured.values())
         print(f"\nthe stage's parts, one after the other, {label} trunk (ms per crop; share of their sum):")
         for part, v in measured.items():
             print(f"  {part:26} wall {v['wall_ms']:6.2f}  cpu {v['cpu_ms']:6.2f}  {v['wall_ms'] / total:5.0%}")
 
 
+def export_run(name: str) -> tuple[str, ExportFormat, str]:
+    """An ``--exports`` name: a format (``openvino``, ``onnx``), and for OpenVINO a precision after a dash
+    (``openvino-bf16``: IMGSIFT_SIAMESE_EXPORT_PRECISION=bf16; f32 without one)."""
+    fmt, _, precision = name.partition("-")
+    try:
+        settings = SiameseSettings(storage="local", export=fmt, export_precision=precision or "f32")
+    except ValueError as exc:
+        raise SystemExit(f"--exports {name}: {exc}") from None
+    return name, ExportFormat(settings.export), settings.export_precision
+
+
 def stage_parts(
+    label: str,
     crops: list[tuple[str, Crop, bytes]],
     references: list[bytes],
     store: LocalStore,
@@ -368,7 +393,7 @@ def stage_parts(
 ) -> dict[str, dict[str, float]]:
     """Each part of ``compare_batch``'s work on a fresh job of the crops, run one after the other, batch by
     batch: wall and CPU milliseconds per crop. The parts are the stage's own functions, unthreaded."""
-    job, crop_keys = new_job(f"bench-parts-{embedder.trunk.name}", crops, references, store, state)
+    job, crop_keys = new_job(f"bench-parts-{label}", crops, references, store, state)
     compare._reference_cache.clear()
     job, scorer = job_scorer(job, store, state, embedder, settings)  # the references, as a batch's first call
     sources = compare.crop_sources(job.id, crop_keys, state)

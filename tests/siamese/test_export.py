@@ -6,6 +6,10 @@ so an export inside the bound changes a stored row less than storing it does; fp
 and ONNX Runtime measure about 1e-5 here (``pytest -s`` prints it). OpenVINO's default on
 CPUs with bf16 (this one) moves rows by percents: the export runs it in fp32
 (``imgsift_siamese/export.py``). fp16 torch has its own, looser bound (FP16_BOUND).
+
+``IMGSIFT_SIAMESE_EXPORT_PRECISION=bf16`` has its own bounds (BF16_COSINE, BF16_DISTANCE), on
+what a decision sees: the distance between two crops' embeddings, both computed in bf16 (a bf16
+trunk embeds the job's references too: its rows have their own trunk id).
 """
 
 from __future__ import annotations
@@ -37,6 +41,25 @@ FP16_BOUND = 5e-2
 FP16_DISTANCE = 0.03
 FP16_CUDA_DISTANCE = 0.01
 FORMATS = [ExportFormat.OPENVINO, ExportFormat.ONNX]
+# bf16 on this CPU (AMD EPYC, AVX512_BF16), efficientnet_lite0, 308 COCO128 box crops of 32 px or more: rows
+# moved by 4.8% of their norm (median; 9.8% at most), lowest cosine to torch's row 0.9952; yet the distance
+# between two crops' embeddings moved by 0.011 (99th percentile of 47,000 pairs) and 0.026 at most: the
+# rows share most of their shift. Distances run from 0 to 2 and a job's crops spread over tenths of it,
+# so a decision can change only for a crop within BF16_DISTANCE of the threshold
+# (tests/cli/test_verify_export.py checks that on a real job). MobileNetV2 moves about 3x as far.
+BF16_COSINE = 0.99
+BF16_DISTANCE = 0.04
+
+
+def require_native_bf16() -> None:
+    """Skip where the CPU has no native bf16: the bf16 setting runs f32 there (the fallback test covers it)."""
+    _require(ExportFormat.OPENVINO)
+    if not export_module.native_bf16():
+        import openvino as ov
+
+        capabilities = ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        pytest.skip(f"this CPU has no native bf16 (OpenVINO's capabilities: {capabilities}): a bf16 trunk "
+                    "runs f32 here, so there is no bf16 to bound")  # fmt: skip
 
 
 def _require(fmt: ExportFormat) -> None:
@@ -120,6 +143,51 @@ def test_the_export_is_made_once_and_cached_by_backbone_weights_size_and_format(
     assert len(names) == 5
 
 
+def _pairwise(embeddings: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(embeddings[:, None] - embeddings[None], axis=2)
+
+
+def test_a_bf16_trunk_agrees_with_torch_within_its_bound_and_keeps_its_rows_apart(
+    crops_by_class: dict[str, list[Image.Image]], export_dir: Path
+) -> None:
+    require_native_bf16()
+    settings = SiameseSettings(storage="local", backbone="efficientnet_lite0")  # the default backbone
+    torch_embedder = get_embedder(settings)
+    f32 = get_embedder(settings.model_copy(update={"export": "openvino", "export_dir": export_dir}))
+    bf16 = get_embedder(settings.model_copy(update={"export": "openvino", "export_dir": export_dir,
+                                                    "export_precision": "bf16"}))  # fmt: skip
+    assert (bf16.trunk.name, bf16.trunk.precision, f32.trunk.precision) == ("openvino-bf16", "bf16", "f32")
+    # The same export (one IR, compiled twice), rows stored and cached apart from f32 ones.
+    assert bf16.trunk.path == f32.trunk.path  # type: ignore[attr-defined]
+    assert f32.trunk_id == torch_embedder.trunk_id and bf16.trunk_id != f32.trunk_id
+    assert bf16.embedding_id != f32.embedding_id
+    inputs = _inputs(crops_by_class, settings.image_size, per_class=8)
+    expected, got = torch_embedder.features_of_pixels(inputs), bf16.features_of_pixels(inputs)
+    cosine = (expected * got).sum(1) / np.linalg.norm(expected, axis=1) / np.linalg.norm(got, axis=1)
+    moved = np.abs(_pairwise(bf16.embed_features(got)) - _pairwise(torch_embedder.embed_features(expected)))
+    print(f"bf16: worst row difference {_worst_relative(expected, got):.1e} of its norm, lowest cosine "
+          f"{cosine.min():.5f}; distances between {len(inputs)} crops moved by {moved.max():.4f} at most")  # fmt: skip
+    assert float(cosine.min()) >= BF16_COSINE
+    assert float(moved.max()) <= BF16_DISTANCE
+    assert _worst_relative(expected, got) > EXPORT_BOUND  # it is bf16: f32's bound does not hold
+
+
+def test_bf16_on_a_cpu_without_it_runs_f32_under_the_f32_ids(
+    embedder: Embedder, export_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the CPU lacks native bf16 (faked here: the capability check answers no), the trunk is compiled
+    in f32, not emulated, says so, and its rows are f32 rows."""
+    _require(ExportFormat.OPENVINO)
+    monkeypatch.setattr(export_module, "native_bf16", lambda: False)
+    runner = trunk_runner(embedder.network, backbone="mobilenet_v2", weights_id=embedder.weights_id, image_size=224,
+                          device=torch.device("cpu"), export=ExportFormat.OPENVINO, export_dir=export_dir,
+                          precision="bf16")  # fmt: skip
+    assert (runner.name, runner.precision) == ("openvino", "f32")
+    assert "no native bf16" in caplog.text
+    fallback = Embedder(embedder.network, backbone="mobilenet_v2", weights_id=embedder.weights_id, trunk=runner)
+    assert fallback.trunk_id == embedder.trunk_id and fallback.embedding_id == embedder.embedding_id
+
+
 def test_a_missing_runtime_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
 
@@ -165,6 +233,16 @@ def test_export_and_half_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError, match="fp16 on CUDA"):
         SiameseSettings(storage="local", half=True)
     assert SiameseSettings(storage="local", half=True, device="cuda:0").half is True
+    assert default.export_precision == "f32"
+    assert SiameseSettings(storage="local", export="openvino", export_precision="bf16").export_precision == "bf16"
+    for export in ("onnx", "none"):
+        with pytest.raises(ValidationError, match="EXPORT_PRECISION=bf16 is the OpenVINO trunk's precision"):
+            SiameseSettings(storage="local", export=export, export_precision="bf16")
+    with pytest.raises(ValidationError, match="'f32' or 'bf16'"):
+        SiameseSettings(storage="local", export="openvino", export_precision="fp16")
+    with pytest.raises(export_module.ExportError, match="PRECISION=bf16 is the OpenVINO trunk's"):
+        trunk_runner(SiameseNetwork(torch.nn.Identity()), backbone="mobilenet_v2", weights_id="x", image_size=224,
+                     device=torch.device("cpu"), export=ExportFormat.ONNX, precision="bf16")  # fmt: skip
     with pytest.raises(export_module.ExportError, match="runs on the CPU"):
         trunk_runner(SiameseNetwork(torch.nn.Identity()), backbone="mobilenet_v2", weights_id="x", image_size=224,
                      device=torch.device("cuda"), export=ExportFormat.ONNX)  # fmt: skip

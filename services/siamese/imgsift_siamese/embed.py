@@ -34,8 +34,9 @@ class Embedder:
     whose rows are stored per crop; ``trunk_id`` names them) and the head with L2
     normalisation (features to embeddings, cheap; ``embedding_id`` names the whole branch).
     ``trunk`` runs the trunk (:mod:`imgsift_siamese.export`: torch in fp32 or fp16, or an
-    OpenVINO / ONNX export); by default the network's own, in torch. Every runner computes the
-    same features within the bounds its tests check, so they share one ``trunk_id``.
+    OpenVINO / ONNX export); by default the network's own, in torch. Every f32 runner computes
+    the same features within the bounds its tests check, so they share one ``trunk_id``; a bf16
+    trunk's rows move by percents, so its ids are its own (:attr:`precision_parts`).
     """
 
     def __init__(
@@ -65,16 +66,27 @@ class Embedder:
         self.image_size = image_size
         self.batch_size = batch_size
 
+    @property
+    def precision_parts(self) -> tuple[str, ...]:
+        """What the ids add for the trunk's precision: nothing for f32 (the ids stored rows have always
+        had), ``("bf16",)`` for a bf16 trunk, whose rows differ from f32 ones by percents
+        (:mod:`imgsift_siamese.export`) and must not be mixed with them. torch's fp16 on CUDA keeps the
+        f32 ids (issue 18 item 2: its stored features and distances stay as they are)."""
+        return ("bf16",) if self.trunk.precision == "bf16" else ()
+
     @functools.cached_property
     def embedding_id(self) -> str:
-        """Short hash of what determines an embedding: backbone, weights (trunk and head) and input size."""
+        """Short hash of what determines an embedding: backbone, weights (trunk and head), input size, precision."""
         weights = self.weights_id if self.head_id is None else f"{self.weights_id}+{self.head_id}"
-        return short_hash(self.backbone, weights, self.image_size)
+        return short_hash(self.backbone, weights, self.image_size, *self.precision_parts)
 
     @functools.cached_property
     def trunk_id(self) -> str:
-        """Short hash of what determines the trunk's pooled features: backbone, weights, input size, preprocessing."""
-        return short_hash("trunk", PREPROCESSING_VERSION, self.backbone, self.weights_id, self.image_size)
+        """Short hash of what determines the trunk's pooled features: backbone, weights, input size, preprocessing,
+        precision."""
+        return short_hash(
+            "trunk", PREPROCESSING_VERSION, self.backbone, self.weights_id, self.image_size, *self.precision_parts
+        )
 
     @functools.cached_property
     def dim(self) -> int:
@@ -135,6 +147,7 @@ def get_embedder(settings: SiameseSettings) -> Embedder:
         ExportFormat(settings.export),
         settings.export_dir,
         settings.torch_threads,
+        settings.export_precision,
     )
 
 
@@ -149,12 +162,13 @@ def _embedder(
     export: ExportFormat = ExportFormat.NONE,
     export_dir: Path | None = None,
     threads: int = 0,
+    precision: str = "f32",
 ) -> Embedder:
     network, weights_id = _network(backbone, weights, device)
     try:
         trunk = trunk_runner(
             network, backbone=backbone, weights_id=weights_id, image_size=image_size, device=torch.device(device),
-            half=half, export=export, export_dir=export_dir, threads=threads,
+            half=half, export=export, export_dir=export_dir, threads=threads, precision=precision,
         )  # fmt: skip
     except ExportError as exc:  # reported as a weights problem is: at load, with what to change
         raise WeightsError(str(exc)) from exc

@@ -18,11 +18,24 @@ either moves pooled features by percents of a row's norm (bf16 the most), where 
 features of a trunk are one thing whichever worker computed them (one ``trunk_id``). In fp32,
 OpenVINO and ONNX Runtime agree with torch to about 1e-5 of a row's norm, below what storing the
 rows as float16 rounds away (``tests/siamese/test_export.py``).
+
+``IMGSIFT_SIAMESE_EXPORT_PRECISION=bf16`` compiles the OpenVINO trunk in bf16 instead, on CPUs
+that compute it natively (OpenVINO's ``OPTIMIZATION_CAPABILITIES`` has ``BF16``: AVX512_BF16 or
+AMX): about twice the crops per second, rows moved by up to about 10% of their norm
+(efficientnet_lite0; MobileNetV2 30%), but by a shift most rows share, so a distance between two
+bf16 rows moves by a few hundredths at most. Such rows are not f32 rows: the runner says
+``precision = "bf16"``, and the embedder gives them a ``trunk_id`` (and ``embedding_id``) of their
+own, so they are stored, read back and cached apart and a job's references are embedded in the
+same precision as its crops. Where the CPU has no native bf16, OpenVINO would emulate it (slower
+than f32, on AVX-512 without BF16) or silently keep f32 (AVX2): the runner compiles f32 instead,
+logs why, and its rows go under the f32 id like any f32 worker's. What the compiled model reports
+is what ``precision`` says. ONNX Runtime has no bf16 mode on x86 CPUs: the setting refuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from copy import deepcopy
 from pathlib import Path
@@ -48,8 +61,11 @@ __all__ = [
     "default_export_dir",
     "export_name",
     "exported_trunk",
+    "native_bf16",
     "trunk_runner",
 ]
+
+log = logging.getLogger(__name__)
 
 # Part of every cache name: raise it when the export below changes, so old exports are not reused.
 # 2: uint8 pixels in, the normalisation in the graph.
@@ -59,9 +75,12 @@ INPUT, OUTPUT = "images", "features"
 
 
 class TrunkRunner(Protocol):
-    """Pooled trunk features ``(n, f)`` float32 of letterboxed pixels ``(n, size, size, 3)`` uint8."""
+    """Pooled trunk features ``(n, f)`` float32 of letterboxed pixels ``(n, size, size, 3)`` uint8.
+
+    ``precision``: what the trunk computes in ("f32", "bf16", or "f16" for torch's fp16 on CUDA)."""
 
     name: str
+    precision: str
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray: ...
 
@@ -95,6 +114,7 @@ class TorchTrunk:
         # A copy: the fp32 network stays as it is for the head, training and the reference sets.
         self.module = deepcopy(PooledTrunk(network)).half() if half else PooledTrunk(network)
         self.name = "torch-fp16" if half else "torch"
+        self.precision = "f16" if half else "f32"
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -102,19 +122,37 @@ class TorchTrunk:
             return out.float().cpu().numpy()
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, as OpenVINO sees it (AVX512_BF16 or AMX)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVinoTrunk:
-    """An OpenVINO IR of the trunk, compiled for the CPU in fp32."""
+    """An OpenVINO IR of the trunk, compiled for the CPU in fp32, or in bf16 where the CPU has it natively."""
 
-    name = "openvino"
-
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path, threads: int = 0, precision: str = "f32") -> None:
         import openvino as ov
 
-        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"the OpenVINO trunk runs in f32 or bf16, not {precision!r}")
+        if precision == "bf16" and not native_bf16():
+            capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            log.warning(
+                "IMGSIFT_SIAMESE_EXPORT_PRECISION=bf16, but this CPU has no native bf16 (OpenVINO's capabilities: "
+                "%s); the trunk runs in f32 and its features are stored as f32 ones",
+                ", ".join(capabilities),
+            )
+            precision = "f32"
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.path = path
+        # What OpenVINO compiled, not what was asked: the rows' ids follow it (Embedder.trunk_id).
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.name = "openvino" if self.precision == "f32" else f"openvino-{self.precision}"
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         result = self.compiled(_pixels(inputs))[0]
@@ -126,6 +164,7 @@ class OnnxTrunk:
     (spinning takes the cores the decode pool needs; see the detector's ``_onnx_threads_wait_quietly``)."""
 
     name = "onnx"
+    precision = "f32"
 
     def __init__(self, path: Path, threads: int = 0) -> None:
         import onnxruntime
@@ -201,18 +240,23 @@ def trunk_runner(
     export: ExportFormat = ExportFormat.NONE,
     export_dir: Path | None = None,
     threads: int = 0,
+    precision: str = "f32",
 ) -> TrunkRunner:
-    """What runs the trunk as configured: torch (fp16 with ``half``), or the export made once and cached."""
+    """What runs the trunk as configured: torch (fp16 with ``half``), or the export made once and cached
+    (OpenVINO's compiled in ``precision``: f32, or bf16 where the CPU has it natively)."""
     export = ExportFormat(export)
+    if precision != "f32" and export is not ExportFormat.OPENVINO:
+        raise ExportError(f"{VARIABLE}_PRECISION={precision} is the OpenVINO trunk's; {VARIABLE}={export.value} "
+                          "runs in f32")  # fmt: skip
     if export is ExportFormat.NONE:
         return TorchTrunk(network, device, half=half)
     if device.type != "cpu" or half:
-        raise ExportError(f"{VARIABLE}={export.value} runs on the CPU in fp32, not on {device} (half={half})")
+        raise ExportError(f"{VARIABLE}={export.value} runs on the CPU, not on {device} (half={half})")
     path = exported_trunk(
         network, backbone=backbone, weights_id=weights_id, image_size=image_size, fmt=export,
         cache_dir=export_dir or default_export_dir(),
     )  # fmt: skip
     try:
-        return OpenVinoTrunk(path, threads) if export is ExportFormat.OPENVINO else OnnxTrunk(path, threads)
+        return OpenVinoTrunk(path, threads, precision) if export is ExportFormat.OPENVINO else OnnxTrunk(path, threads)
     except Exception as exc:  # the runtimes raise their own types for a model they cannot load
         raise ExportError(f"the {export.value} trunk {path} cannot run here: {type(exc).__name__}: {exc}") from exc

@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/scale_bench.py                        # scaling: 600 images, 1 then 2 workers per stage
     .venv/bin/python bench/scale_bench.py --e2e --images 2000    # end to end: one 2,000-image job, compose topology
-    .venv/bin/python bench/scale_bench.py --e2e --images 2000 --siamese-export none,openvino   # issue 18
+    # issue 18: the same job with the Siamese trunk in torch, then exported (OpenVINO, bf16)
+    .venv/bin/python bench/scale_bench.py --e2e --images 2000 --siamese-export none,openvino-bf16 \
+        --detector-export openvino
 
 Both modes start what ``tests/support/stack.py`` starts for the system tests (the API under
 uvicorn and Celery workers with docker-compose.yml's commands and environment, each its own
@@ -27,7 +29,8 @@ switched off (``IMGSIFT_CRAWLER_STALL_SECONDS``) while later stages wait on purp
 End to end (``--e2e``): every service starts at once (``--replicas`` per worker stage, 1 by
 default: the compose file's topology), then one job runs with all stages overlapping; the
 figure is stored images per second from job creation to completion. ``--siamese-export
-none,openvino`` runs the same job once per value of ``IMGSIFT_SIAMESE_EXPORT`` (each on a
+none,openvino`` runs the same job once per value of ``IMGSIFT_SIAMESE_EXPORT`` (``openvino-bf16``: with
+``IMGSIFT_SIAMESE_EXPORT_PRECISION=bf16``; each on a
 database of its own, the same code, corpus and servers), one after the other, and prints the
 images per second of each against the first; the export is made once beforehand (in
 ``--out``/siamese-exports), so no job waits for it.
@@ -502,7 +505,9 @@ def main() -> None:
         "--detector-export", default="none", help="IMGSIFT_DETECTOR_EXPORT of every run (made once beforehand)"
     )
     parser.add_argument(
-        "--siamese-export", default="", help="--e2e: one job per IMGSIFT_SIAMESE_EXPORT, e.g. none,openvino"
+        "--siamese-export",
+        default="",
+        help="--e2e: one job per IMGSIFT_SIAMESE_EXPORT, e.g. none,openvino,openvino-bf16",
     )
     args = parser.parse_args()
     args.env = dict(item.split("=", 1) for item in args.env)
@@ -555,9 +560,10 @@ def main() -> None:
                     make_export(env, "imgsift_detector.model", "detector_from_settings(DetectorSettings()).model_path",
                                 "from imgsift_detector.settings import DetectorSettings")  # fmt: skip
                 if export:
-                    env.update(
-                        IMGSIFT_SIAMESE_EXPORT=export, IMGSIFT_SIAMESE_EXPORT_DIR=str(args.out / "siamese-exports")
-                    )
+                    fmt, _, precision = export.partition("-")  # openvino-bf16: the OpenVINO trunk in bf16
+                    env.update(IMGSIFT_SIAMESE_EXPORT=fmt, IMGSIFT_SIAMESE_EXPORT_DIR=str(args.out / "siamese-exports"))
+                    if precision:
+                        env["IMGSIFT_SIAMESE_EXPORT_PRECISION"] = precision
                     if export != "none":
                         make_export(env, "imgsift_siamese.embed", "get_embedder(SiameseSettings()).trunk.name",
                                     "from imgsift_siamese.settings import SiameseSettings")  # fmt: skip

@@ -80,6 +80,10 @@ def test_bad_requests_get_422_with_a_reason(api: TestClient, spec: dict, refs: l
 def test_spec_that_is_not_json_and_missing_references(api: TestClient) -> None:
     assert api.post("/v1/jobs", data={"spec": "{nope"}, files=[("references", ("r.jpg", _jpeg()))]).status_code == 422
     assert api.post("/v1/jobs", data={"spec": json.dumps(SPEC)}).status_code == 422
+    # JSON's non-standard literals, which pydantic's parser reads as floats: the error echoes them as text.
+    for spec in ("Infinity", '{"threshold": NaN}'):
+        response = api.post("/v1/jobs", data={"spec": spec}, files=[("references", ("r.jpg", _jpeg()))])
+        assert response.status_code == 422 and response.json()["detail"]["field"] == "spec"
 
 
 def test_unknown_and_malformed_job_ids(api: TestClient) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from celery import Celery
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile, status
@@ -59,11 +60,23 @@ SPEC_HELP = (
 )
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings: pydantic's JSON parser reads ``Infinity`` and ``NaN``,
+    which an error's echoed input then holds and a JSON response cannot."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _parse_spec(raw: str) -> JobSpec:
     try:
         spec = JobSpec.model_validate_json(raw)
     except ValidationError as exc:
-        detail = jsonable_encoder(exc.errors(include_url=False, include_context=False))
+        detail = _json_safe(jsonable_encoder(exc.errors(include_url=False, include_context=False)))
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"field": "spec", "errors": detail}) from None
     for source in spec.sources:
         if source.kind is SourceKind.FILES:

@@ -23,7 +23,8 @@ import sqlalchemy as sa
 
 from imgsift_common import schema as t
 from imgsift_common.neardup import band_radii, within
-from imgsift_common.sqldialect import make_engine, one_of
+from imgsift_common.sqldialect import make_engine
+from imgsift_common.sqlstate import band_candidates
 
 ACTIVITY = sa.text(
     "SELECT coalesce(wait_event_type, '-') || ':' || coalesce(wait_event, '-') || ' ' || state || ' ' || "
@@ -55,15 +56,7 @@ def main() -> None:
         job = conn.execute(sa.select(t.job_numbers.c.num).limit(1)).scalar_one()
         kept = conn.execute(sa.select(sa.func.count()).where(t.kept_images.c.job == job)).scalar_one()
         print(f"\nband lookups against job {job}'s {kept:,} kept images, 16 random hashes each:")
-        k = t.kept_images.c
-        lookup = sa.union_all(
-            *(
-                sa.select(k.near, sa.literal(band, sa.Integer)).where(
-                    k.job == sa.bindparam("job"), one_of(conn, k[f"band{band}"], f"v{band}")
-                )
-                for band in range(t.PHASH_BANDS)
-            )
-        )
+        lookup = band_candidates(conn, tuple(range(t.PHASH_BANDS)))  # the store's own statement
         radii = band_radii(args.distance, t.PHASH_BANDS)
         mask = (1 << t.PHASH_BAND_BITS) - 1
         rng = random.Random(0)

@@ -132,6 +132,8 @@ def _run(quiet: bool) -> Iterator[BarProgress]:
 # Options several commands share.
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:0, mps")]
+SiameseExport = Annotated[str, typer.Option(help=SIAMESE_EXPORT_HELP)]
+SiameseExportPrecision = Annotated[str, typer.Option(help=SIAMESE_PRECISION_HELP)]
 Suggested = Annotated[
     bool, typer.Option("--suggested", help="decide at the suggestion from now on, though a threshold was given")
 ]
@@ -165,8 +167,8 @@ def collect(
     siamese_weights: Annotated[
         Path | None, typer.Option(help="local backbone weights file (default: built in)")
     ] = None,
-    siamese_export: Annotated[str, typer.Option(help=SIAMESE_EXPORT_HELP)] = "none",
-    siamese_export_precision: Annotated[str, typer.Option(help=SIAMESE_PRECISION_HELP)] = "f32",
+    siamese_export: SiameseExport = "none",
+    siamese_export_precision: SiameseExportPrecision = "f32",
     device: Device = "cpu",
     max_images: Annotated[int, typer.Option(help="images to store at most")] = 500,
     per_source: Annotated[int, typer.Option(help="candidate URLs per source at most")] = 200,
@@ -282,8 +284,8 @@ def verify(
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = DEFAULT_BACKBONE,
     siamese_weights: Annotated[Path | None, typer.Option(help="local backbone weights file")] = None,
     device: Device = "cpu",
-    siamese_export: Annotated[str, typer.Option(help=SIAMESE_EXPORT_HELP)] = "none",
-    siamese_export_precision: Annotated[str, typer.Option(help=SIAMESE_PRECISION_HELP)] = "f32",
+    siamese_export: SiameseExport = "none",
+    siamese_export_precision: SiameseExportPrecision = "f32",
     quiet: Quiet = False,
 ) -> None:
     """Run the Siamese stage alone over images you already have (cleaning an existing dataset)."""

@@ -243,7 +243,9 @@ class EmbeddedRunner:
         return summary
 
     def _detect(self, job: Job) -> int:
-        todo = [k for k in self.state.image_keys(JOB_ID) if not self.state.is_detected(JOB_ID, k)]
+        keys = self.state.image_keys(JOB_ID)
+        detected = self.state.detected_counts(JOB_ID, keys)  # one read, not one per image
+        todo = [k for k in keys if k not in detected]
         if not todo:
             return 0  # no model is loaded when there is nothing to detect
         from imgsift_detector.detect import detect_batch

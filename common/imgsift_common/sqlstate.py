@@ -733,11 +733,7 @@ class SqlStateStore:
         return self.detected_count(job_id, image_key) is not None
 
     def detected_count(self, job_id: str, image_key: str) -> int | None:
-        if (job := self._number(job_id)) is None:
-            return None
-        c = t.detected_images.c
-        n = self._scalar(sa.select(c.crops).where(c.job == job, c.image == image_id(job_id, image_key)[0]))
-        return int(n) if n is not None else None
+        return self.detected_counts(job_id, [image_key]).get(image_key)
 
     def detected_counts(self, job_id: str, image_keys: Iterable[str]) -> dict[str, int]:
         """The crop count of each of ``image_keys`` recorded as detected, in one read (a statement per CHUNK)."""
@@ -1278,6 +1274,24 @@ def _owners(conn: Connection, job: int, shas: Sequence[bytes]) -> dict[bytes, st
     return found
 
 
+def band_candidates(conn: Connection, bands: tuple[int | None, ...]) -> Any:
+    """The near-duplicate lookup's statement: the near value of each kept image of job ``:job`` whose
+    band ``bands[i]`` is one of the values ``:v{i}`` (None: every hashed image of the job), labelled
+    with the band that found it; one indexed lookup per band, united (an OR of the bands would let a
+    planner without statistics, SQLite, read every row of the job instead). The band indexes end
+    with the near value, so the candidates come from the indexes alone."""
+    k = t.kept_images.c
+
+    def kept(band: int | None, i: int) -> sa.Select[Any]:
+        query = sa.select(k.near, sa.literal(band, sa.Integer)).where(k.job == _JOB)
+        if band is None:
+            return query.where(k.near.is_not(None))
+        return query.where(one_of(conn, k[f"band{band}"], f"v{i}"))
+
+    arms = [kept(band, i) for i, band in enumerate(bands)]
+    return sa.union_all(*arms) if len(arms) > 1 else arms[0]
+
+
 class _Downloads:
     """One batch of :meth:`SqlStateStore.record_downloads`, in its transaction.
 
@@ -1367,23 +1381,12 @@ class _Downloads:
         # near value and the band that found them, from the band's index alone ((job, bandN, near):
         # no heap read per candidate), checked here against the queries that band reaches, and the
         # few within reach read in full, by the same index: (job, band0, near).
-        def kept(band: int | None, i: int = 0) -> sa.Select[Any]:
-            query = sa.select(k.near, sa.literal(band, sa.Integer)).where(k.job == _JOB)
-            if band is None:
-                return query.where(k.near.is_not(None))
-            return query.where(one_of(tx.conn, k[f"band{band}"], f"v{i}"))
-
-        def united(bands: tuple[int | None, ...]) -> Any:
-            return sa.union_all(*(kept(band, i) for i, band in enumerate(bands))) if len(bands) > 1 else kept(bands[0])
-
         lookups: list[tuple[int | None, Sequence[int]]] = [(None, [])]  # every hash of the job
         # band -> value -> (hash, max distance) of each query whose band is within its radius of it
         reach: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(t.PHASH_BANDS)]
         radii = {q.max_distance: band_radii(q.max_distance, t.PHASH_BANDS) for q in queries}
         if all(max(r) <= MAX_BAND_RADIUS for r in radii.values()):
-            # Else the bands would return a third of the job or more. One indexed lookup per band,
-            # united: an OR of the four would let a planner without statistics (SQLite) read every
-            # row of the job by its job_id instead.
+            # Else the bands would return a third of the job or more (band_candidates: one lookup per band).
             lookups = []
             for band in range(t.PHASH_BANDS):
                 for q in queries:
@@ -1397,7 +1400,7 @@ class _Downloads:
         for start in range(0, len(lookups), t.PHASH_BANDS):
             group = lookups[start : start + t.PHASH_BANDS]
             bands = tuple(band for band, _ in group)
-            query = _cached(tx.conn, ("near", bands), functools.partial(united, bands))
+            query = _cached(tx.conn, ("near", bands), functools.partial(band_candidates, tx.conn, bands))
             params = {f"v{i}": values for i, (band, values) in enumerate(group) if band is not None}
             for stored, band in tx.conn.execute(query, {"job": tx.job, **params}).all():
                 value = stored & (1 << 64) - 1

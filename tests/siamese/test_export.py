@@ -41,12 +41,11 @@ FP16_BOUND = 5e-2
 FP16_DISTANCE = 0.03
 FP16_CUDA_DISTANCE = 0.01
 FORMATS = [ExportFormat.OPENVINO, ExportFormat.ONNX]
-# bf16 on this CPU (AMD EPYC, AVX512_BF16), efficientnet_lite0, 308 COCO128 box crops of 32 px or more: rows
-# moved by 4.8% of their norm (median; 9.8% at most), lowest cosine to torch's row 0.9952; yet the distance
-# between two crops' embeddings moved by 0.011 (99th percentile of 47,000 pairs) and 0.026 at most: the
-# rows share most of their shift. Distances run from 0 to 2 and a job's crops spread over tenths of it,
-# so a decision can change only for a crop within BF16_DISTANCE of the threshold
-# (tests/cli/test_verify_export.py checks that on a real job). MobileNetV2 moves about 3x as far.
+# bf16 (efficientnet_lite0, the test's crops; `pytest -s -k bf16` prints the figures): rows move by percents
+# of their norm, yet the distance between two crops' embeddings by a hundredth or two: the rows share most
+# of their shift. Distances run from 0 to 2 and a job's crops spread over tenths of it, so a decision can
+# change only for a crop within BF16_DISTANCE of the threshold (tests/cli/test_verify_export.py checks that
+# on a real job).
 BF16_COSINE = 0.99
 BF16_DISTANCE = 0.04
 

@@ -21,9 +21,10 @@ rows as float16 rounds away (``tests/siamese/test_export.py``).
 
 ``IMGSIFT_SIAMESE_EXPORT_PRECISION=bf16`` compiles the OpenVINO trunk in bf16 instead, on CPUs
 that compute it natively (OpenVINO's ``OPTIMIZATION_CAPABILITIES`` has ``BF16``: AVX512_BF16 or
-AMX): about twice the crops per second, rows moved by up to about 10% of their norm
-(efficientnet_lite0; MobileNetV2 30%), but by a shift most rows share, so a distance between two
-bf16 rows moves by a few hundredths at most. Such rows are not f32 rows: the runner says
+AMX): about twice the crops per second (``bench/embed_bench.py --exports openvino,openvino-bf16``),
+rows moved by percents of their norm, but by a shift most rows share, so a distance between two
+bf16 rows moves by a few hundredths at most (``pytest -s tests/siamese/test_export.py -k bf16``
+prints both). Such rows are not f32 rows: the runner says
 ``precision = "bf16"``, and the embedder gives them a ``trunk_id`` (and ``embedding_id``) of their
 own, so they are stored, read back and cached apart and a job's references are embedded in the
 same precision as its crops. Where the CPU has no native bf16, OpenVINO would emulate it (slower

@@ -45,7 +45,7 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.progress import finish_if_complete
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 
 log = logging.getLogger(__name__)
 

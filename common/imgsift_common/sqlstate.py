@@ -59,17 +59,7 @@ from imgsift_common.messages import (
 )
 from imgsift_common.neardup import NearDupQuery, band_radii, hamming, within
 from imgsift_common.sqldialect import WRITE, insert, insert_rows, make_engine, one_of, rows_params, snapshot
-from imgsift_common.state import (
-    OUTCOME_COUNTER,
-    Counter,
-    DistancePage,
-    DownloadItem,
-    JobNotFound,
-    StreamState,
-    finalised_job,
-    reason_counter,
-    updated_job,
-)
+from imgsift_common.state import Counter, DownloadItem, StreamState
 
 CHUNK = 500  # rows or keys per statement: well under SQLite's 32,766 bound parameters
 
@@ -82,6 +72,16 @@ EDGES = [MAX_DISTANCE * i / BINS for i in range(1, BINS)]
 # Above this per-band radius (near-duplicate distances of 20 bits or more) the band lookup
 # would return a third of the job or more, so the job's hashes are read instead.
 MAX_BAND_RADIUS = 4
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class DistancePage:
+    items: list[tuple[str, float]]
+    next_after: tuple[float, str] | None
 
 
 def distance_bin(distance: float) -> int:
@@ -248,6 +248,12 @@ def _cached(conn: Connection, key: Any, build: Callable[[], _S]) -> _S:
     return found
 
 
+OUTCOME_COUNTER = {
+    DownloadOutcome.STORED: Counter.DOWNLOADED,
+    DownloadOutcome.DUPLICATE: Counter.DUPLICATES,
+    DownloadOutcome.FAILED: Counter.FAILED,
+    DownloadOutcome.SKIPPED: Counter.SKIPPED,
+}
 RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 columns)
 
 
@@ -412,14 +418,18 @@ class SqlStateStore:
         return Job.model_validate_json(body)
 
     def update_job(self, job_id: str, **changes: object) -> Job:
+        # The state has its own rules (set_job_state); an update never rewrites it.
+        if "state" in changes or "id" in changes:
+            raise ValueError("update_job changes neither the state nor the id; use set_job_state")
         with self._write() as tx:
-            new = updated_job(self._locked_job(tx, job_id), changes)
+            new = self._locked_job(tx, job_id).model_copy(update={**changes, "updated_at": utcnow()})
             tx.conn.execute(
                 sa.update(t.jobs).where(t.jobs.c.id == job_id).values(body=new.model_dump_json(), owner=new.owner)
             )
             return new
 
     def list_jobs(self, limit: int = 100, owner: str | None = None) -> list[Job]:
+        """The newest jobs first; with ``owner``, only the jobs that API key created."""
         query = sa.select(t.jobs.c.body).order_by(t.jobs.c.created_at.desc(), t.jobs.c.id.desc()).limit(limit)
         if owner is not None:
             query = query.where(t.jobs.c.owner == owner)
@@ -429,9 +439,11 @@ class SqlStateStore:
     def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> Job:
         with self._write() as tx:
             job = self._locked_job(tx, job_id)
-            new = finalised_job(job, state, error)
-            if new is not job:
-                tx.conn.execute(sa.update(t.jobs).where(t.jobs.c.id == job_id).values(body=new.model_dump_json()))
+            # A final state is final: a late task cannot turn "cancelled" back into "completed".
+            if job.state.is_final and state is not job.state:
+                return job
+            new = job.model_copy(update={"state": state, "error": error or job.error, "updated_at": utcnow()})
+            tx.conn.execute(sa.update(t.jobs).where(t.jobs.c.id == job_id).values(body=new.model_dump_json()))
             return new
 
     def add_note(self, job_id: str, note: str) -> None:
@@ -490,6 +502,7 @@ class SqlStateStore:
         return str(value) if value is not None else None
 
     def markers(self, job_id: str, prefix: str) -> dict[str, str]:
+        """Every marker of the job whose name starts with ``prefix``."""
         c = t.job_markers.c
         # substr, not LIKE: LIKE would read % and _ in the prefix, and SQLite's ignores case.
         query = sa.select(c.name, c.value).where(c.job_id == job_id, sa.func.substr(c.name, 1, len(prefix)) == prefix)
@@ -497,6 +510,7 @@ class SqlStateStore:
             return {name: value for name, value in conn.execute(query)}
 
     def claim_idempotency_key(self, key: str, job_id: str, ttl: float) -> str:
+        """Bind ``key`` to ``job_id`` unless it is bound already; the job id it is bound to."""
         digest = hashlib.sha256(key.encode()).hexdigest()
         now = time.time()
         c = t.idempotency_keys.c
@@ -880,8 +894,9 @@ class SqlStateStore:
         return self.count_below(job_id, [threshold])[0]
 
     def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
-        """Counts from the histogram's bins, plus one indexed range count for a threshold inside a bin
-        that holds distances (none for an edge: every calibration grid threshold is one)."""
+        """For each threshold, how many crops have a distance <= it: the histogram's bins, plus one indexed
+        range count for a threshold inside a bin that holds distances (none for an edge: every calibration
+        grid threshold is one)."""
         b = t.distance_bins.c
         job = self._number(job_id) or 0
         with self._read() as conn:
@@ -969,6 +984,7 @@ class SqlStateStore:
 
     # ------------------------------------------------------------------ feedback and resets
     def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
+        """A user's mark on a crop: right (True), wrong (False), or no mark (None)."""
         c = t.feedback.c
         with self._write(job_id) as tx:
             if correct is None:
@@ -987,6 +1003,7 @@ class SqlStateStore:
             return {key: bool(v) for key, v in conn.execute(sa.select(c.crop_key, c.correct).where(c.job_id == job_id))}
 
     def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
+        """Stored images not yet detected, and crops with neither a distance nor a failure."""
         if (job := self._number(job_id)) is None:
             return [], []
         k, det = t.kept_images.c, t.detected_images.c
@@ -1439,8 +1456,8 @@ class _Downloads:
     def _decide(self, item: DownloadItem) -> DownloadRecord:
         tx, record, image, near = self.tx, item.record, item.image, item.near
         if image is None or not record.sha256:
-            if (reason := reason_counter(record)) is not None:
-                tx.incr(reason)
+            if record.reason is not None and record.outcome in (DownloadOutcome.FAILED, DownloadOutcome.SKIPPED):
+                tx.incr(f"{record.outcome.value}:{record.reason.value}")
             tx.incr(OUTCOME_COUNTER[record.outcome])
             return record
         sha = bytes.fromhex(record.sha256)
@@ -1503,3 +1520,6 @@ class _Downloads:
             changed = [{"ident": d, "new_body": r.model_dump_json()} for d, r in sorted(self.changed.items())]
             conn.execute(update, changed)
             self.changed.clear()
+
+
+StateStore = SqlStateStore  # the store's type, as its callers name it: the one implementation

@@ -16,7 +16,7 @@ from imgsift_common.messages import (
     Crop,
     DiscoverMessage,
 )
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from tests.support.records import record_stored
 
 SPEC = {"target": "person", "threshold": 0.5, "sources": [{"kind": "urls", "urls": ["http://127.0.0.1:9/a.jpg"]}]}

@@ -19,7 +19,8 @@ from imgsift_common.messages import (
     SourceSpec,
     utcnow,
 )
-from imgsift_common.state import Flag, StateStore
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import Flag
 from tests.support.records import crops, record_stored
 
 JOB = "job-failed-tasks"

@@ -17,7 +17,7 @@ from imgsift_common.messages import (
     SourceSpec,
     StoredImage,
 )
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectStore
 from imgsift_detector.model import Detector, get_detector
 from imgsift_detector.settings import DetectorSettings

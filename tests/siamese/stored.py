@@ -10,7 +10,7 @@ from PIL import Image
 
 from imgsift_common import keys
 from imgsift_common.messages import Crop, Job, JobSpec, JobState, SourceKind, SourceSpec
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectStore
 
 JOB_ID = "elephants-0001"

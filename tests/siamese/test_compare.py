@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from imgsift_common import keys
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectStore
 from imgsift_siamese import compare, features
 from imgsift_siamese.compare import ReferenceImagesError, compare_batch, reference_embeddings

@@ -11,8 +11,7 @@ from PIL import Image
 
 from imgsift_common import keys
 from imgsift_common.messages import Crop, Job, SiameseModel, utcnow
-from imgsift_common.sqlstate import SqlStateStore
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import SqlStateStore, StateStore
 from imgsift_common.storage import LocalStore, ObjectStore
 from imgsift_siamese import compare, features
 from imgsift_siamese.compare import compare_batch

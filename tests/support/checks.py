@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 
 
 def assert_each_image_and_crop_handled_once(

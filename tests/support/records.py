@@ -25,7 +25,7 @@ from imgsift_common.messages import (
     StoredImage,
     utcnow,
 )
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectStore
 from tests.support.coco import Coco128
 

@@ -25,7 +25,7 @@ import pytest
 
 from imgsift_common.celery_app import DeadLetter, TaskName
 from imgsift_common.messages import DownloadOutcome, FailureReason
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from tests.conftest import free_port
 from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from imgsift_common.messages import DownloadOutcome
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb

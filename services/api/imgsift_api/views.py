@@ -20,7 +20,8 @@ from imgsift_api.schemas import (
 from imgsift_common.celery_app import TRAIN_REQUEST_MARKER
 from imgsift_common.messages import Crop, Job, StoredImage
 from imgsift_common.progress import compute_progress, reported_progress
-from imgsift_common.state import Counter, Flag, StateStore, discovery_reason
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import Counter, Flag, discovery_reason
 from imgsift_common.threshold import Estimates, JobThreshold, for_job, questions
 
 

@@ -41,7 +41,8 @@ from imgsift_common.messages import (
     StoredImage,
     utcnow,
 )
-from imgsift_common.state import BatchLocks, Counter, DownloadItem, Flag, StateStore, StreamState, discovery_reason
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import BatchLocks, Counter, DownloadItem, Flag, StreamState, discovery_reason
 from imgsift_common.storage import ObjectStore, put_json
 from imgsift_crawler.dedup import query_for
 from imgsift_crawler.fetch import Fetcher, FetchError, Purpose

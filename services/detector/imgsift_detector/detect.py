@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from imgsift_common import keys
 from imgsift_common.messages import Box, Crop, Detection, DetectMode, Job, Stage, StoredImage
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_detector.coco import resolve_target
 from imgsift_detector.model import Detector

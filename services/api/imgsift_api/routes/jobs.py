@@ -47,7 +47,7 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.source_checks import unmet_requirements
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_common.webhooks import Delivery
 

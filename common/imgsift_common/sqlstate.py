@@ -188,6 +188,11 @@ def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _by_ids(conn: Connection, query: Any, ids: Iterable[Any], **params: Any) -> list[Any]:
+    """The rows of ``query`` for ``ids`` (its ``:ids`` parameter): a statement per CHUNK of them, in id order."""
+    return [row for chunk in _chunks(sorted(set(ids))) for row in conn.execute(query, {"ids": chunk, **params})]
+
+
 def _utc(moment: datetime) -> datetime:
     # SQLite keeps no offset: every time is written in UTC so that they sort.
     return moment.astimezone(UTC) if moment.tzinfo else moment
@@ -203,17 +208,16 @@ def _insert(
     returning: sa.ColumnElement[Any] | None = None,
 ) -> list[Any]:
     """Insert ``rows`` (in the order given: callers sort them by key, a fixed lock order; the first
-    column the job's, the same in every row), leaving a row whose key is taken as it is, or setting
-    its ``update`` columns to the new row's, or adding its ``add`` column to its own; the
-    ``returning`` column of the rows inserted or updated. One statement for any number of rows
-    (:func:`sqldialect.insert_rows`), built once."""
+    column the same in every row), leaving a row whose key is taken as it is, or setting its
+    ``update`` columns to the new row's, or adding its ``add`` column to its own; the ``returning``
+    column (by default the key's first) of the rows inserted or updated. One statement for any
+    number of rows (:func:`sqldialect.insert_rows`), built once."""
     if not rows:
         return []
     dialect = conn.dialect.name
     name = returning.name if returning is not None else ""
     stmt = _insert_statement(dialect, table, tuple(rows[0]), tuple(update), add, name)
-    found = list(conn.execute(stmt, rows_params(dialect, rows)).scalars())
-    return found if returning is not None else []
+    return list(conn.execute(stmt, rows_params(dialect, rows)).scalars())
 
 
 @functools.cache
@@ -396,11 +400,9 @@ class SqlStateStore:
 
     # ------------------------------------------------------------------ jobs
     def create_job(self, job: Job) -> bool:
+        row = {"id": job.id, "owner": job.owner, "created_at": _utc(job.created_at), "body": job.model_dump_json()}
         with self._write() as tx:
-            stmt = insert(tx.conn, t.jobs).values(
-                id=job.id, owner=job.owner, created_at=_utc(job.created_at), body=job.model_dump_json()
-            )
-            return tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.jobs.c.id)).first() is not None
+            return bool(_insert(tx.conn, t.jobs, [row], returning=t.jobs.c.id))
 
     def get_job(self, job_id: str) -> Job | None:
         body = self._scalar(sa.select(t.jobs.c.body).where(t.jobs.c.id == job_id))
@@ -447,9 +449,9 @@ class SqlStateStore:
             return new
 
     def add_note(self, job_id: str, note: str) -> None:
+        row = {"job_id": job_id, "digest": _digest(note), "note": note, "noted_at": utcnow()}
         with self._write(job_id) as tx:
-            row = {"job_id": job_id, "digest": _digest(note), "note": note, "noted_at": utcnow()}
-            tx.conn.execute(insert(tx.conn, t.job_notes).values(row).on_conflict_do_nothing())
+            _insert(tx.conn, t.job_notes, [row])
 
     def notes(self, job_id: str) -> list[str]:
         c = t.job_notes.c
@@ -465,7 +467,7 @@ class SqlStateStore:
 
     def set_flag(self, job_id: str, flag: str) -> None:
         with self._write(job_id) as tx:
-            tx.conn.execute(insert(tx.conn, t.job_flags).values(job_id=job_id, name=flag).on_conflict_do_nothing())
+            _insert(tx.conn, t.job_flags, [{"job_id": job_id, "name": flag}])
 
     def flags(self, job_id: str) -> set[str]:
         with self._read() as conn:
@@ -491,10 +493,7 @@ class SqlStateStore:
 
     def set_marker(self, job_id: str, name: str, value: str) -> None:
         with self._write(job_id) as tx:
-            stmt = insert(tx.conn, t.job_markers).values(job_id=job_id, name=name, value=value)
-            tx.conn.execute(
-                stmt.on_conflict_do_update(index_elements=["job_id", "name"], set_={"value": stmt.excluded.value})
-            )
+            _insert(tx.conn, t.job_markers, [{"job_id": job_id, "name": name, "value": value}], update=["value"])
 
     def get_marker(self, job_id: str, name: str) -> str | None:
         c = t.job_markers.c
@@ -516,11 +515,7 @@ class SqlStateStore:
         c = t.idempotency_keys.c
         with self._write() as tx:
             tx.conn.execute(sa.delete(t.idempotency_keys).where(c.expires_at < now))
-            tx.conn.execute(
-                insert(tx.conn, t.idempotency_keys)
-                .values(key=digest, job_id=job_id, expires_at=now + ttl)
-                .on_conflict_do_nothing()
-            )
+            _insert(tx.conn, t.idempotency_keys, [{"key": digest, "job_id": job_id, "expires_at": now + ttl}])
             return str(tx.conn.execute(sa.select(c.job_id).where(c.key == digest)).scalar_one())
 
     def raise_progress(self, job_id: str, fraction: float) -> float:
@@ -537,26 +532,16 @@ class SqlStateStore:
         if not by_url:
             return []
         digests = {url: _digest(url) for url in by_url}
-        new: set[bytes] = set()
         with self._write(job_id) as tx:
             # In one order, so two writers of overlapping batches wait rather than deadlock.
-            for chunk in _chunks(sorted(digests.values())):
-                stmt = insert(tx.conn, t.crawl_seen).values([{"job_id": job_id, "url_digest": d} for d in chunk])
-                new.update(
-                    tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.crawl_seen.c.url_digest)).scalars()
-                )
+            seen = [{"job_id": job_id, "url_digest": d} for d in sorted(digests.values())]
+            new = set(_insert(tx.conn, t.crawl_seen, seen, returning=t.crawl_seen.c.url_digest))
             fresh = [c for url, c in by_url.items() if digests[url] in new]
-            for batch in _chunks(fresh):
-                rows = [
-                    {
-                        "job_id": job_id,
-                        "url_digest": digests[c.image_url],
-                        "body": c.model_dump_json(),
-                        "lease_until": 0.0,
-                    }
-                    for c in batch
-                ]
-                tx.conn.execute(sa.insert(t.crawl_frontier).values(rows))
+            rows = [
+                {"job_id": job_id, "url_digest": digests[c.image_url], "body": c.model_dump_json(), "lease_until": 0.0}
+                for c in fresh
+            ]
+            _insert(tx.conn, t.crawl_frontier, rows)  # in discovery order: the ids lease oldest first
             tx.incr(Counter.DISCOVERED, len(fresh))
         return fresh
 
@@ -589,13 +574,9 @@ class SqlStateStore:
         return StreamState.model_validate_json(body) if body is not None else None
 
     def save_stream_state(self, job_id: str, stream_id: str, stream: StreamState) -> None:
+        row = {"job_id": job_id, "stream_id": stream_id, "body": stream.model_dump_json()}
         with self._write(job_id) as tx:
-            stmt = insert(tx.conn, t.crawl_streams).values(
-                job_id=job_id, stream_id=stream_id, body=stream.model_dump_json()
-            )
-            tx.conn.execute(
-                stmt.on_conflict_do_update(index_elements=["job_id", "stream_id"], set_={"body": stmt.excluded.body})
-            )
+            _insert(tx.conn, t.crawl_streams, [row], update=["body"])
 
     def url_record(self, job_id: str, url: str) -> DownloadRecord | None:
         return self.url_records(job_id, [url]).get(url)
@@ -604,16 +585,9 @@ class SqlStateStore:
         """The records of those of ``urls`` that have one, in one read (a statement per CHUNK URLs)."""
         if not urls or (job := self._number(job_id)) is None:
             return {}
-        c = t.url_outcomes.c
         by_id = {_url_id(url): url for url in urls}
-        found: dict[str, DownloadRecord] = {}
         with self._read() as conn:
-            for chunk in _chunks(sorted(by_id)):
-                query = sa.select(c.url_digest, c.sha, c.body).where(c.job == job, one_of(conn, c.url_digest, "ids"))
-                rows = conn.execute(query, {"ids": chunk}).all()
-                for row, record in zip(rows, _records(conn, job, job_id, rows), strict=True):
-                    found[by_id[bytes(row.url_digest)]] = record
-        return found
+            return {by_id[ident]: record for ident, record in _outcomes(conn, job, job_id, by_id).items()}
 
     def record_download(
         self,
@@ -654,29 +628,19 @@ class SqlStateStore:
         """The kept copy ``old`` becomes a duplicate of the larger one at ``url``, downstream included."""
         SqlStateStore._gate(tx, "exclusive")  # work downstream in flight on the old copy ends first
         conn, job_id, job = tx.conn, tx.job_id, tx.job
-        d, dup = t.url_outcomes.c, t.duplicates.c
+        dup = t.duplicates.c
         old_digest, new_digest = _url_id(old.url), _url_id(url)
         # It and every copy filed under it now point at the new copy: one keeper per group.
-        members = sa.select(dup.url_digest).where(dup.job == job, dup.kept_digest == old_digest)
-        group = conn.execute(
-            sa.select(d.url_digest, d.sha, d.body).where(
-                d.job == job, (d.url_digest == old_digest) | d.url_digest.in_(members)
-            )
-        ).all()
-        records = _records(conn, job, job_id, group)
-        for row, record in zip(group, records, strict=True):
-            update: dict[str, object] = {"duplicate_of": url}
-            if row.url_digest == old_digest:
-                update |= {"outcome": DownloadOutcome.DUPLICATE, "hamming": distance}
-            conn.execute(
-                sa.update(t.url_outcomes)
-                .where(d.job == job, d.url_digest == row.url_digest)
-                .values(sha=None, body=record.model_copy(update=update).model_dump_json())
-            )
+        members = conn.execute(sa.select(dup.url_digest).where(dup.job == job, dup.kept_digest == old_digest))
+        group = _outcomes(conn, job, job_id, [old_digest, *members.scalars()])
+        moved = {"outcome": DownloadOutcome.DUPLICATE, "hamming": distance}  # the old copy's own record
+        for digest, record in group.items():
+            group[digest] = record.model_copy(update={"duplicate_of": url} | (moved if digest == old_digest else {}))
+        _rewrite(conn, job, group)
         conn.execute(
             sa.update(t.duplicates).where(dup.job == job, dup.kept_digest == old_digest).values(kept_digest=new_digest)
         )
-        conn.execute(insert(conn, t.duplicates).values(_duplicate_row(job, url, old.url)).on_conflict_do_nothing())
+        _insert(conn, t.duplicates, [_duplicate_row(job, url, old.url)])
         k = t.kept_images.c
         conn.execute(sa.delete(t.kept_images).where(k.sha == old.sha, k.job == job))
         replaced = {"job": job, "prefix": old.sha[:12], "sha": old.sha, "url": url}
@@ -691,18 +655,12 @@ class SqlStateStore:
         tx.incr(Counter.CROPS, -int(found.crops))
         crops = crop_ids(old.sha, found.packed)
         cd, failed = t.crop_distances.c, t.compare_failures.c
-        for chunk in _chunks(crops):
-            scored = sa.delete(t.crop_distances).where(cd.job == job, one_of(conn, cd.crop, "ids"))
-            for value in conn.execute(scored.returning(cd.distance), {"ids": chunk}).scalars():
-                tx.incr(Counter.COMPARED, -1)
-                tx.add_distance(value, -1)
-            lost = conn.execute(
-                sa.delete(t.compare_failures)
-                .where(failed.job == job, one_of(conn, failed.crop, "ids"))
-                .returning(failed.crop),
-                {"ids": chunk},
-            ).all()
-            tx.incr(Counter.COMPARE_FAILED, -len(lost))
+        scored = sa.delete(t.crop_distances).where(cd.job == job, one_of(conn, cd.crop, "ids"))
+        for (value,) in _by_ids(conn, scored.returning(cd.distance), crops):
+            tx.incr(Counter.COMPARED, -1)
+            tx.add_distance(value, -1)
+        lost = sa.delete(t.compare_failures).where(failed.job == job, one_of(conn, failed.crop, "ids"))
+        tx.incr(Counter.COMPARE_FAILED, -len(_by_ids(conn, lost.returning(failed.crop), crops)))
 
     def get_image(self, job_id: str, key: str) -> StoredImage | None:
         return self.get_images(job_id, [key]).get(key)
@@ -721,18 +679,12 @@ class SqlStateStore:
                 foreign.append(key)
             else:
                 shas.append(ident + tail[:20])
-        found: dict[str, StoredImage] = {}
         with self._read() as conn:
             by_sha = sa.select(t.kept_images).where(one_of(conn, k.sha, "ids"), k.job == job)
             by_key = sa.select(t.kept_images).where(k.job == job, one_of(conn, k.key, "ids"))
-            queries = [(by_sha, chunk) for chunk in _chunks(sorted(shas))]
-            queries += [(by_key, chunk) for chunk in _chunks(sorted(foreign))]
-            for query, chunk in queries:
-                for row in conn.execute(query, {"ids": chunk}):
-                    image = _stored_image(job_id, row)
-                    if image.key in wanted:
-                        found[image.key] = image
-        return found
+            rows = _by_ids(conn, by_sha, shas) + _by_ids(conn, by_key, foreign)
+        images = (_stored_image(job_id, row) for row in rows)
+        return {image.key: image for image in images if image.key in wanted}
 
     def image_keys(self, job_id: str) -> list[str]:
         if (job := self._number(job_id)) is None:
@@ -755,25 +707,19 @@ class SqlStateStore:
         if not wanted or (job := self._number(job_id)) is None:
             return {}
         c = t.detected_images.c
-        found: dict[str, int] = {}
         with self._read() as conn:
             query = sa.select(c.image, c.crops).where(c.job == job, one_of(conn, c.image, "ids"))
-            for chunk in _chunks(sorted(wanted)):
-                for image, crops in conn.execute(query, {"ids": chunk}):
-                    found[wanted[bytes(image)]] = int(crops)
-        return found
+            return {wanted[bytes(image)]: int(crops) for image, crops in _by_ids(conn, query, wanted)}
 
     @staticmethod
     def _superseded(tx: _Tx, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` (image or crop keys) belong to an image replaced by a larger near-duplicate."""
         c = t.superseded.c
         prefixes = {k: _prefix(tx.job_id, k) for k in keys}
-        found: set[bytes] = set()
         query = _cached(
             tx.conn, "superseded", lambda: sa.select(c.prefix).where(c.job == _JOB, one_of(tx.conn, c.prefix, "ids"))
         )
-        for chunk in _chunks(sorted({p for p in prefixes.values() if p is not None})):
-            found.update(tx.conn.execute(query, {"job": tx.job, "ids": chunk}).scalars())
+        found = {p for (p,) in _by_ids(tx.conn, query, {p for p in prefixes.values() if p is not None}, job=tx.job)}
         return {k for k, p in prefixes.items() if p in found}
 
     def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
@@ -816,15 +762,13 @@ class SqlStateStore:
         det = t.detected_images.c
         found: dict[bytes, Crop] = {}
         ids = [crop_id(job_id, key) for key in keys]
-        images = sorted({ident[:12] for ident in ids if len(ident) == 14})
+        images = {ident[:12] for ident in ids if len(ident) == 14}
         with self._read() as conn:
-            for chunk in _chunks(images):
-                query = sa.select(det.image, det.tail, det.packed).where(
-                    det.job == job, one_of(conn, det.image, "ids"), det.packed.is_not(None)
-                )
-                for row in conn.execute(query, {"ids": chunk}):
-                    image_key = image_key_of(job_id, row.image, row.tail)
-                    found.update(unpack_crops(row.packed, job_id, row.image, image_key))
+            query = sa.select(det.image, det.tail, det.packed).where(
+                det.job == job, one_of(conn, det.image, "ids"), det.packed.is_not(None)
+            )
+            for row in _by_ids(conn, query, images):
+                found.update(unpack_crops(row.packed, job_id, row.image, image_key_of(job_id, row.image, row.tail)))
         return [crop for ident in ids if (crop := found.get(ident)) is not None]
 
     def crop_keys(self, job_id: str) -> list[str]:
@@ -862,16 +806,15 @@ class SqlStateStore:
                 recorded[key] = True
                 tx.incr(Counter.COMPARED)
                 tx.add_distance(values[key])
-            again = sorted(i for i, k in ids.items() if not recorded[k])  # scored before: the new value replaces it
+            again = [i for i, k in ids.items() if not recorded[k]]  # scored before: the new value replaces it
             changed: list[dict[str, Any]] = []
-            for chunk in _chunks(again):
-                query = sa.select(c.crop, c.distance).where(c.job == tx.job, one_of(tx.conn, c.crop, "ids"))
-                for ident, old in tx.conn.execute(query.order_by(c.crop).with_for_update(), {"ids": chunk}):
-                    new = values[ids[ident]]
-                    if old != new:
-                        tx.add_distance(old, -1)
-                        tx.add_distance(new)
-                        changed.append({"ident": ident, "value": new})
+            query = sa.select(c.crop, c.distance).where(c.job == tx.job, one_of(tx.conn, c.crop, "ids"))
+            for ident, old in _by_ids(tx.conn, query.order_by(c.crop).with_for_update(), again):
+                new = values[ids[ident]]
+                if old != new:
+                    tx.add_distance(old, -1)
+                    tx.add_distance(new)
+                    changed.append({"ident": ident, "value": new})
             if changed:
                 update = (
                     sa.update(t.crop_distances)
@@ -884,8 +827,7 @@ class SqlStateStore:
     def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
         with self._write(job_id, numbered=True) as tx:
             self._gate(tx, "share")
-            stmt = insert(tx.conn, t.compare_failures).values(job=tx.job, crop=crop_id(job_id, crop_key))
-            if tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.compare_failures.c.crop)).first() is None:
+            if not _insert(tx.conn, t.compare_failures, [{"job": tx.job, "crop": crop_id(job_id, crop_key)}]):
                 return False
             tx.incr(Counter.COMPARE_FAILED)
             return True
@@ -932,11 +874,9 @@ class SqlStateStore:
             return {}
         c = t.crop_distances.c
         ids = {crop_id(job_id, k): k for k in crop_keys}
-        found: dict[str, float] = {}
         with self._read() as conn:
-            for chunk in _chunks(sorted(ids)):
-                query = sa.select(c.crop, c.distance).where(c.job == job, one_of(conn, c.crop, "ids"))
-                found.update((ids[ident], float(d)) for ident, d in conn.execute(query, {"ids": chunk}))
+            query = sa.select(c.crop, c.distance).where(c.job == job, one_of(conn, c.crop, "ids"))
+            found = {ids[ident]: float(d) for ident, d in _by_ids(conn, query, ids)}
         return {key: found[key] for key in crop_keys if key in found}
 
     def distances(self, job_id: str) -> list[tuple[str, float]]:
@@ -985,17 +925,12 @@ class SqlStateStore:
     # ------------------------------------------------------------------ feedback and resets
     def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
         """A user's mark on a crop: right (True), wrong (False), or no mark (None)."""
-        c = t.feedback.c
+        c, row = t.feedback.c, {"job_id": job_id, "crop_key": crop_key, "correct": correct}
         with self._write(job_id) as tx:
             if correct is None:
                 tx.conn.execute(sa.delete(t.feedback).where(c.job_id == job_id, c.crop_key == crop_key))
-                return
-            stmt = insert(tx.conn, t.feedback).values(job_id=job_id, crop_key=crop_key, correct=correct)
-            tx.conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["job_id", "crop_key"], set_={"correct": stmt.excluded.correct}
-                )
-            )
+            else:
+                _insert(tx.conn, t.feedback, [row], update=["correct"])
 
     def feedback(self, job_id: str) -> dict[str, bool]:
         c = t.feedback.c
@@ -1008,7 +943,7 @@ class SqlStateStore:
             return [], []
         k, det = t.kept_images.c, t.detected_images.c
         todo_images: list[str] = []
-        todo_crops: list[str] = []
+        ended: set[bytes] = set()  # crops with a distance or a failure
         with self._read() as conn:
             snapshot(conn)
             done = set(conn.execute(sa.select(det.image).where(det.job == job)).scalars())
@@ -1018,17 +953,10 @@ class SqlStateStore:
                     todo_images.append(_image_key(job_id, row))
             detected = conn.execute(sa.select(det.image, det.packed).where(det.job == job, det.packed.is_not(None)))
             crops = [ident for image, packed in detected for ident in crop_ids(image, packed)]
-            for chunk in _chunks(sorted(crops)):
-                ended: set[bytes] = set()
-                for table in (t.crop_distances, t.compare_failures):
-                    c = table.c
-                    ended.update(
-                        conn.execute(
-                            sa.select(c.crop).where(c.job == job, one_of(conn, c.crop, "ids")), {"ids": chunk}
-                        ).scalars()
-                    )
-                todo_crops += [crop_key_of(job_id, crop) for crop in chunk if crop not in ended]
-        return sorted(todo_images), sorted(todo_crops)
+            for c in (t.crop_distances.c, t.compare_failures.c):
+                query = sa.select(c.crop).where(c.job == job, one_of(conn, c.crop, "ids"))
+                ended.update(crop for (crop,) in _by_ids(conn, query, crops))
+        return sorted(todo_images), sorted(crop_key_of(job_id, crop) for crop in crops if crop not in ended)
 
     def reset_detections(self, job_id: str) -> None:
         with self._write(job_id, numbered=True) as tx:
@@ -1246,30 +1174,34 @@ def _outcome_row(job: int, digest: bytes, record: DownloadRecord, image: StoredI
     return {"job": job, "url_digest": digest, "sha": None, "body": record.model_dump_json()}
 
 
-def _records(conn: Connection, job: int, job_id: str, rows: Sequence[Any]) -> list[DownloadRecord]:
-    """The records of ``url_outcomes`` rows (``sha``, ``body``): a kept image's from its row."""
-    k = t.kept_images.c
-    shas = sorted({bytes(row.sha) for row in rows if row.body is None})
-    kept: dict[bytes, Any] = {}
-    for chunk in _chunks(shas):
-        query = sa.select(k.sha, k.provenance, k.format, k.key).where(one_of(conn, k.sha, "ids"), k.job == job)
-        kept.update((bytes(row.sha), row) for row in conn.execute(query, {"ids": chunk}))
-    records = []
+def _outcomes(conn: Connection, job: int, job_id: str, ids: Iterable[bytes]) -> dict[bytes, DownloadRecord]:
+    """The records of those URLs (by :func:`_url_id`) that have one: a kept image's rebuilt from its row."""
+    c, k = t.url_outcomes.c, t.kept_images.c
+    query = sa.select(c.url_digest, c.sha, c.body).where(c.job == job, one_of(conn, c.url_digest, "ids"))
+    rows = _by_ids(conn, query, ids)
+    query = sa.select(k.sha, k.provenance, k.format, k.key).where(one_of(conn, k.sha, "ids"), k.job == job)
+    kept = {bytes(row.sha): row for row in _by_ids(conn, query, [bytes(row.sha) for row in rows if row.body is None])}
+    found: dict[bytes, DownloadRecord] = {}
     for row in rows:
         if row.body is not None:
-            records.append(DownloadRecord.model_validate_json(row.body))
-            continue
-        image = kept[bytes(row.sha)]
-        key = _image_key(job_id, image)
-        records.append(
-            DownloadRecord(
-                url=kept_url(image.provenance),
-                outcome=DownloadOutcome.STORED,
-                sha256=bytes(row.sha).hex(),
-                image_key=key,
+            found[bytes(row.url_digest)] = DownloadRecord.model_validate_json(row.body)
+        else:
+            image, sha = kept[bytes(row.sha)], bytes(row.sha).hex()
+            key = _image_key(job_id, image)
+            found[bytes(row.url_digest)] = DownloadRecord(
+                url=kept_url(image.provenance), outcome=DownloadOutcome.STORED, sha256=sha, image_key=key
             )
-        )
-    return records
+    return found
+
+
+def _rewrite(conn: Connection, job: int, records: dict[bytes, DownloadRecord]) -> None:
+    """Write ``records`` (by URL id) over those URLs' records, in id order."""
+    if not records:
+        return
+    c = t.url_outcomes.c
+    update = sa.update(t.url_outcomes).where(c.job == job, c.url_digest == sa.bindparam("ident"))
+    bodies = [{"ident": d, "new_body": r.model_dump_json()} for d, r in sorted(records.items())]
+    conn.execute(update.values(sha=None, body=sa.bindparam("new_body")), bodies)
 
 
 def _owners(conn: Connection, job: int, shas: Sequence[bytes]) -> dict[bytes, str]:
@@ -1283,11 +1215,9 @@ def _owners(conn: Connection, job: int, shas: Sequence[bytes]) -> dict[bytes, st
             sa.select(s.sha, sa.null(), s.url).where(s.job == _JOB, one_of(conn, s.sha, "ids")),
         ),
     )
-    found: dict[bytes, str] = {}
-    for chunk in _chunks(sorted(set(shas))):
-        rows = conn.execute(query, {"job": job, "ids": chunk}).all()
-        found.update((bytes(sha), kept_url(packed)) for sha, packed, url in rows if url is None)
-        found.update((bytes(sha), url) for sha, _, url in rows if url is not None)  # over a kept copy
+    rows = _by_ids(conn, query, shas, job=job)
+    found = {bytes(sha): kept_url(packed) for sha, packed, url in rows if url is None}
+    found.update((bytes(sha), url) for sha, _, url in rows if url is not None)  # over a kept copy
     return found
 
 
@@ -1345,13 +1275,7 @@ class _Downloads:
         first = {d: item for d, item in reversed(list(zip(ids, items, strict=True)))}
         rows = [_outcome_row(tx.job, d, first[d].record, first[d].image) for d in unique]
         fresh = set(_insert(tx.conn, t.url_outcomes, rows, returning=c.url_digest))
-        answers: dict[bytes, DownloadRecord] = {}  # recorded before: that answer, nothing moves
-        for chunk in _chunks(sorted(set(unique) - fresh)):
-            query = sa.select(c.url_digest, c.sha, c.body).where(c.job == tx.job, one_of(tx.conn, c.url_digest, "ids"))
-            found = tx.conn.execute(query, {"ids": chunk}).all()
-            answers.update(
-                zip((row.url_digest for row in found), _records(tx.conn, tx.job, tx.job_id, found), strict=True)
-            )
+        answers = _outcomes(tx.conn, tx.job, tx.job_id, set(unique) - fresh)  # recorded before: that, nothing moves
         images = [first[d] for d in unique if d in fresh and first[d].image is not None and first[d].record.sha256]
         if images:
             self._look_up(images)
@@ -1363,8 +1287,7 @@ class _Downloads:
                     self.changed[ident] = answers[ident]
             elif self.superseded:  # a supersede may have changed the record since: as it is now
                 self._flush()
-                query = sa.select(c.url_digest, c.sha, c.body).where(c.job == tx.job, c.url_digest == ident)
-                answers[ident] = _records(tx.conn, tx.job, tx.job_id, tx.conn.execute(query).all())[0]
+                answers[ident] = _outcomes(tx.conn, tx.job, tx.job_id, [ident])[ident]
             finals.append(answers[ident])
         self._flush()
         return finals
@@ -1510,16 +1433,8 @@ class _Downloads:
             rest = [] if table is t.duplicates else [name for name in ordered[0] if name not in keys_]
             _insert(conn, table, ordered, update=rest)
         self.pending.clear()
-        if self.changed:
-            c = t.url_outcomes.c
-            update = (
-                sa.update(t.url_outcomes)
-                .where(c.job == self.tx.job, c.url_digest == sa.bindparam("ident"))
-                .values(sha=None, body=sa.bindparam("new_body"))
-            )
-            changed = [{"ident": d, "new_body": r.model_dump_json()} for d, r in sorted(self.changed.items())]
-            conn.execute(update, changed)
-            self.changed.clear()
+        _rewrite(conn, self.tx.job, self.changed)
+        self.changed.clear()
 
 
 StateStore = SqlStateStore  # the store's type, as its callers name it: the one implementation

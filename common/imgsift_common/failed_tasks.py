@@ -105,13 +105,13 @@ def _settle(state: StateStore, job: Job, task: str, payload: Any, why: str) -> s
     if task == TaskName.DETECT and (images := _parse(ImageBatch, payload)):
         lost = 0
         for key in images.image_keys:
-            if state.get_image(job.id, key) is not None and state.record_detection(job.id, key, []):
+            if state.get_images(job.id, [key]).get(key) is not None and state.record_detection(job.id, key, []):
                 lost += 1
         return f"{lost} images recorded with no crops" if lost else ""
     if task == TaskName.COMPARE and (crops := _parse(CropBatch, payload)):
         lost = 0
         for crop in state.get_crops(job.id, crops.crop_keys):
-            if not state.has_distance(job.id, crop.key) and state.record_compare_failure(job.id, crop.key):
+            if not state.distances_of(job.id, [crop.key]) and state.record_compare_failure(job.id, crop.key):
                 lost += 1
         return f"{lost} crops counted in compare_failed" if lost else ""
     if task == TaskName.TRAIN and (training := _parse(TrainMessage, payload)):

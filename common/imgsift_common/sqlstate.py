@@ -662,9 +662,6 @@ class SqlStateStore:
         lost = sa.delete(t.compare_failures).where(failed.job == job, one_of(conn, failed.crop, "ids"))
         tx.incr(Counter.COMPARE_FAILED, -len(_by_ids(conn, lost.returning(failed.crop), crops)))
 
-    def get_image(self, job_id: str, key: str) -> StoredImage | None:
-        return self.get_images(job_id, [key]).get(key)
-
     def get_images(self, job_id: str, keys_: Iterable[str]) -> dict[str, StoredImage]:
         """The kept images of those keys that have one, in one read (a statement per CHUNK keys)."""
         wanted = set(keys_)
@@ -695,12 +692,6 @@ class SqlStateStore:
             return sorted(_image_key(job_id, row) for row in rows)
 
     # ------------------------------------------------------------------ detect
-    def is_detected(self, job_id: str, image_key: str) -> bool:
-        return self.detected_count(job_id, image_key) is not None
-
-    def detected_count(self, job_id: str, image_key: str) -> int | None:
-        return self.detected_counts(job_id, [image_key]).get(image_key)
-
     def detected_counts(self, job_id: str, image_keys: Iterable[str]) -> dict[str, int]:
         """The crop count of each of ``image_keys`` recorded as detected, in one read (a statement per CHUNK)."""
         wanted = {image_id(job_id, key)[0]: key for key in image_keys}
@@ -780,9 +771,6 @@ class SqlStateStore:
             return sorted(crop_key_of(job_id, ident) for image, packed in rows for ident in crop_ids(image, packed))
 
     # ------------------------------------------------------------------ siamese
-    def has_distance(self, job_id: str, crop_key: str) -> bool:
-        return bool(self.distances_of(job_id, [crop_key]))
-
     def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
         """Record a crop's distance once (counted once); a second one replaces the value, as ZADD does."""
         return self.record_distances(job_id, [(crop_key, distance)])[crop_key]
@@ -831,9 +819,6 @@ class SqlStateStore:
                 return False
             tx.incr(Counter.COMPARE_FAILED)
             return True
-
-    def count_accepted(self, job_id: str, threshold: float) -> int:
-        return self.count_below(job_id, [threshold])[0]
 
     def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
         """For each threshold, how many crops have a distance <= it: the histogram's bins, plus one indexed

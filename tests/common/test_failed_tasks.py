@@ -76,7 +76,7 @@ def test_lost_downloads_detections_and_comparisons_are_recorded_and_the_job_comp
 
     # The detection of b, and of a (detected already): b is recorded with no crops, a is unchanged.
     _settle(state_store, TaskName.DETECT, {"job_id": JOB, "image_keys": [key_a, key_b]})
-    assert state_store.detected_count(JOB, key_b) == 0 and state_store.detected_count(JOB, key_a) == 2
+    assert state_store.detected_counts(JOB, [key_a, key_b]) == {key_a: 2, key_b: 0}
 
     # The comparison of both crops of a: the one scored keeps its distance, the other is counted lost.
     job = _settle(state_store, TaskName.COMPARE, {"job_id": JOB, "crop_keys": [c.key for c in crops]})

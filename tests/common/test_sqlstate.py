@@ -274,7 +274,7 @@ def test_histogram_counts_equal_exact_counts(sql_url: str) -> None:
     thresholds += [-1.0, -0.01, 0.0, 1.995, 2.0, 2.4, 9.0, float("inf"), float("-inf")]
     exact = [sum(d <= t for d in recorded) for t in thresholds]
     assert store.count_below(JOB, thresholds) == exact
-    assert [store.count_accepted(JOB, t) for t in thresholds[:20]] == exact[:20]
+    assert [store.count_below(JOB, [t])[0] for t in thresholds[:20]] == exact[:20]
     store.reset_distances(JOB)
     assert store.count_below(JOB, [0.5, float("inf")]) == [0, 0]
     store.close()
@@ -383,7 +383,7 @@ def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(e
     small = small.model_copy(update={"phash": f"{phash ^ 0b101:016x}"})
     copy = store.record_download(JOB, small_record, small, 10, near=NearDupQuery(phash ^ 0b101, 6))
     assert (copy.outcome, copy.duplicate_of, copy.hamming) == (DownloadOutcome.DUPLICATE, "http://x/big", 2)
-    assert store.url_record(JOB, "http://x/big") == big_record and store.get_image(JOB, big.key) == big
+    assert store.url_record(JOB, "http://x/big") == big_record and store.get_images(JOB, [big.key]).get(big.key) == big
     store.close()
 
 

@@ -73,7 +73,7 @@ def test_download_records_are_once_per_url_and_dedupe_by_content(state_store) ->
     state_store.record_download(JOB, failed, None, 10)
     state_store.record_download(JOB, failed, None, 10)
     assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1, "failed": 1, "failed:not_an_image": 1}
-    assert state_store.get_image(JOB, image.key) == image
+    assert state_store.get_images(JOB, [image.key]).get(image.key) == image
     assert state_store.image_keys(JOB) == [image.key]
 
 
@@ -95,9 +95,9 @@ def test_detections_and_distances_are_recorded_once(state_store) -> None:  # typ
     ]  # fmt: skip
     assert state_store.record_detection(JOB, image_key, crops)
     assert not state_store.record_detection(JOB, image_key, crops)
-    assert state_store.is_detected(JOB, image_key)
-    assert state_store.detected_count(JOB, image_key) == 3
-    assert state_store.detected_count(JOB, "jobs/job-state/images/none.jpg") is None
+    assert image_key in state_store.detected_counts(JOB, [image_key])
+    assert state_store.detected_counts(JOB, [image_key]).get(image_key) == 3
+    assert state_store.detected_counts(JOB, ["jobs/job-state/images/none.jpg"]) == {}
     for crop, d in zip(crops, [0.2, 0.4, 0.9], strict=True):
         assert state_store.record_distance(JOB, crop.key, d)
         assert not state_store.record_distance(JOB, crop.key, d)
@@ -105,14 +105,14 @@ def test_detections_and_distances_are_recorded_once(state_store) -> None:  # typ
     assert state_store.record_compare_failure(JOB, "lost-crop")
     assert not state_store.record_compare_failure(JOB, "lost-crop")
     assert state_store.counters(JOB)["compare_failed"] == 1
-    assert state_store.count_accepted(JOB, 0.4) == 2
+    assert state_store.count_below(JOB, [0.4])[0] == 2
     assert state_store.get_crops(JOB, [crops[1].key]) == [crops[1]]
     state_store.reset_distances(JOB)
     assert state_store.counters(JOB) == {"detected": 1, "crops": 3}
     assert state_store.record_compare_failure(JOB, "lost-crop")  # forgotten with the distances
     state_store.reset_detections(JOB)
     assert state_store.counters(JOB) == {}
-    assert not state_store.is_detected(JOB, image_key)
+    assert image_key not in state_store.detected_counts(JOB, [image_key])
 
 
 def test_a_batch_of_distances_is_recorded_as_one_by_one(state_store) -> None:  # type: ignore[no-untyped-def]
@@ -331,10 +331,10 @@ def test_near_duplicate_larger_copy_replaces_the_kept_one_downstream_too(state_s
     # As if the small copy never went downstream: no detection, no crop, no distance counted.
     assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
     assert state_store.image_keys(JOB) == [big.key]
-    assert state_store.count_accepted(JOB, 2.0) == 0
+    assert state_store.count_below(JOB, [2.0])[0] == 0
     # Work on the small copy still in flight is dropped when it lands.
     assert not state_store.record_distance(JOB, crops[1].key, 0.2)
-    assert state_store.count_accepted(JOB, 2.0) == 0
+    assert state_store.count_below(JOB, [2.0])[0] == 0
     assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
     # Exact copies of the small bytes now point at the copy kept.
     copy = DownloadRecord(url="http://x/copy", outcome=DownloadOutcome.STORED, sha256="a" * 64, image_key=small.key)
@@ -362,7 +362,7 @@ def test_superseded_image_detected_later_records_nothing(state_store) -> None:  
         class_name="dog",
     )
     assert not state_store.record_detection(JOB, small.key, [crop])
-    assert state_store.is_detected(JOB, small.key)  # a redelivery stops early
+    assert small.key in state_store.detected_counts(JOB, [small.key])  # a redelivery stops early
     assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
 
 

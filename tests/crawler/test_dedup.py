@@ -46,7 +46,7 @@ def test_the_largest_copy_is_kept_and_the_others_point_to_it(  # type: ignore[no
     assert state_store.url_record(job.id, different).outcome is DownloadOutcome.STORED
     assert state_store.counters(job.id)["downloaded"] == 2
     assert state_store.counters(job.id)["duplicates"] == 2
-    kept = [state_store.get_image(job.id, k) for k in state_store.image_keys(job.id)]
+    kept = state_store.get_images(job.id, state_store.image_keys(job.id)).values()
     assert sorted(i.width for i in kept) == sorted([round(rgb.width * 1.5), Image.open(coco128.images[4]).width])
 
 

@@ -48,9 +48,9 @@ def test_compare_batch_records_distances_once(
 
     # The threshold is applied when read: moving it changes the count, nothing is recomputed.
     between = (max(distances[k] for k in elephant_keys) + min(distances[k] for k in other_keys)) / 2
-    assert state_store.count_accepted(job.id, 0.0) == 0
-    assert state_store.count_accepted(job.id, between) == 3
-    assert state_store.count_accepted(job.id, 2.0) == 6
+    assert state_store.count_below(job.id, [0.0])[0] == 0
+    assert state_store.count_below(job.id, [between])[0] == 3
+    assert state_store.count_below(job.id, [2.0])[0] == 6
     assert state_store.counters(job.id)["compared"] == 6
 
     # Redelivery of the same batch: nothing embedded, nothing recorded, counters unchanged.

@@ -28,7 +28,7 @@ from imgsift_common.threshold import Estimates, JobThreshold, for_job, questions
 def job_status(job: Job, state: StateStore) -> JobStatus:
     counters = state.counters(job.id)
     c = {name: counters.get(name, 0) for name in Counter}
-    accepted = state.count_accepted(job.id, job.spec.threshold)
+    accepted = state.count_below(job.id, [job.spec.threshold])[0]
     flags = state.flags(job.id)
     progress = compute_progress(counters, flags)
     return JobStatus(

@@ -228,7 +228,7 @@ def _record_detect_mode(job: Job, targets: frozenset[int] | None, weights_id: st
 
 def _recorded_crops(job_id: str, image: StoredImage, state: StateStore, count: int | None = None) -> list[Crop]:
     """The crops recorded for an image earlier (their indices count up from 0); ``count``: how many, if known."""
-    count = (state.detected_count(job_id, image.key) or 0) if count is None else count
+    count = (state.detected_counts(job_id, [image.key]).get(image.key) or 0) if count is None else count
     return state.get_crops(job_id, [keys.crop_key(job_id, keys.crop_id(image.sha256, i)) for i in range(count)])
 
 

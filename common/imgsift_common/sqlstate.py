@@ -193,6 +193,11 @@ def _by_ids(conn: Connection, query: Any, ids: Iterable[Any], **params: Any) -> 
     return [row for chunk in _chunks(sorted(set(ids))) for row in conn.execute(query, {"ids": chunk, **params})]
 
 
+def _put_job(conn: Connection, job: Job) -> Job:
+    conn.execute(sa.update(t.jobs).where(t.jobs.c.id == job.id).values(body=job.model_dump_json(), owner=job.owner))
+    return job
+
+
 def _utc(moment: datetime) -> datetime:
     # SQLite keeps no offset: every time is written in UTC so that they sort.
     return moment.astimezone(UTC) if moment.tzinfo else moment
@@ -265,10 +270,9 @@ RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 co
 def _range_counts(n: int) -> sa.Select[Any]:
     """One row of ``n`` counts of a job's distances in (low{i}, high{i}]; built once per ``n``."""
     c = t.crop_distances.c
-    job: sa.BindParameter[int] = sa.bindparam("job")
     counts = (
         sa.select(sa.func.count())
-        .where(c.job == job, c.distance > sa.bindparam(f"low{i}"), c.distance <= sa.bindparam(f"high{i}"))
+        .where(c.job == _JOB, c.distance > sa.bindparam(f"low{i}"), c.distance <= sa.bindparam(f"high{i}"))
         .scalar_subquery()
         .label(f"n{i}")
         for i in range(n)
@@ -293,14 +297,14 @@ class _Tx:
         self.bins[distance_bin(distance)] += by
 
     def flush(self) -> None:
-        """Write the deltas: counters, then bins, each in key order (a fixed lock order)."""
-        self._add(t.job_counters, "name", "value", self.counts)
-        self._add(t.distance_bins, "bin", "crops", self.bins)
-
-    def _add(self, table: sa.Table, key: str, column: str, deltas: Tally[Any]) -> None:
-        """Add ``deltas`` (key -> change) to ``table``'s ``column``, inserting the rows that are missing."""
-        rows = [{"job_id": self.job_id, key: k, column: v} for k, v in sorted(deltas.items()) if v]
-        _insert(self.conn, table, rows, add=column)
+        """Add the deltas to the rows (inserting those missing): counters, then bins, each in key order (a
+        fixed lock order)."""
+        for table, key, column, deltas in (
+            (t.job_counters, "name", "value", self.counts),
+            (t.distance_bins, "bin", "crops", self.bins),
+        ):
+            rows = [{"job_id": self.job_id, key: k, column: v} for k, v in sorted(deltas.items()) if v]
+            _insert(self.conn, table, rows, add=column)
 
 
 @dataclass(frozen=True)
@@ -409,9 +413,8 @@ class SqlStateStore:
         return Job.model_validate_json(body) if body is not None else None
 
     def save_job(self, job: Job) -> None:
-        body = job.model_copy(update={"updated_at": utcnow()}).model_dump_json()
         with self._write() as tx:
-            tx.conn.execute(sa.update(t.jobs).where(t.jobs.c.id == job.id).values(body=body, owner=job.owner))
+            _put_job(tx.conn, job.model_copy(update={"updated_at": utcnow()}))
 
     def _locked_job(self, tx: _Tx, job_id: str) -> Job:
         body = tx.conn.execute(sa.select(t.jobs.c.body).where(t.jobs.c.id == job_id).with_for_update()).scalar()
@@ -425,10 +428,7 @@ class SqlStateStore:
             raise ValueError("update_job changes neither the state nor the id; use set_job_state")
         with self._write() as tx:
             new = self._locked_job(tx, job_id).model_copy(update={**changes, "updated_at": utcnow()})
-            tx.conn.execute(
-                sa.update(t.jobs).where(t.jobs.c.id == job_id).values(body=new.model_dump_json(), owner=new.owner)
-            )
-            return new
+            return _put_job(tx.conn, new)
 
     def list_jobs(self, limit: int = 100, owner: str | None = None) -> list[Job]:
         """The newest jobs first; with ``owner``, only the jobs that API key created."""
@@ -444,9 +444,9 @@ class SqlStateStore:
             # A final state is final: a late task cannot turn "cancelled" back into "completed".
             if job.state.is_final and state is not job.state:
                 return job
-            new = job.model_copy(update={"state": state, "error": error or job.error, "updated_at": utcnow()})
-            tx.conn.execute(sa.update(t.jobs).where(t.jobs.c.id == job_id).values(body=new.model_dump_json()))
-            return new
+            return _put_job(
+                tx.conn, job.model_copy(update={"state": state, "error": error or job.error, "updated_at": utcnow()})
+            )
 
     def add_note(self, job_id: str, note: str) -> None:
         row = {"job_id": job_id, "digest": _digest(note), "note": note, "noted_at": utcnow()}
@@ -944,25 +944,21 @@ class SqlStateStore:
         return sorted(todo_images), sorted(crop_key_of(job_id, crop) for crop in crops if crop not in ended)
 
     def reset_detections(self, job_id: str) -> None:
+        self.reset_distances(job_id, detections=True)
+
+    def reset_distances(self, job_id: str, *, detections: bool = False) -> None:
+        """Forget the job's distances and compare failures (and with ``detections``, its detections)."""
         with self._write(job_id, numbered=True) as tx:
             self._gate(tx, "exclusive")
-            tx.conn.execute(sa.delete(t.detected_images).where(t.detected_images.c.job == tx.job))
-            self._forget_distances(tx, Counter.DETECTED, Counter.CROPS)
-
-    def reset_distances(self, job_id: str) -> None:
-        with self._write(job_id, numbered=True) as tx:
-            self._gate(tx, "exclusive")
-            self._forget_distances(tx)
-
-    @staticmethod
-    def _forget_distances(tx: _Tx, *counters: Counter) -> None:
-        job_id = tx.job_id
-        tx.conn.execute(sa.delete(t.distance_bins).where(t.distance_bins.c.job_id == job_id))
-        for table in (t.crop_distances, t.compare_failures):
-            tx.conn.execute(sa.delete(table).where(table.c.job == tx.job))
-        names = [n.value for n in (*counters, Counter.COMPARED, Counter.COMPARE_FAILED)]
-        c = t.job_counters.c
-        tx.conn.execute(sa.delete(t.job_counters).where(c.job_id == job_id, c.name.in_(names)))
+            per_image = (t.crop_distances, t.compare_failures) + ((t.detected_images,) if detections else ())
+            for table in per_image:
+                tx.conn.execute(sa.delete(table).where(table.c.job == tx.job))
+            tx.conn.execute(sa.delete(t.distance_bins).where(t.distance_bins.c.job_id == job_id))
+            names = [Counter.COMPARED, Counter.COMPARE_FAILED] + (
+                [Counter.DETECTED, Counter.CROPS] if detections else []
+            )
+            c = t.job_counters.c
+            tx.conn.execute(sa.delete(t.job_counters).where(c.job_id == job_id, c.name.in_(names)))
 
 
 # ---------------------------------------------------------------------------- rows and records
@@ -1142,20 +1138,12 @@ def _stored_image(job_id: str, row: Any) -> StoredImage:
     )
 
 
-def _compact(record: DownloadRecord, image: StoredImage | None) -> bool:
-    """Whether ``record`` is rebuilt from its kept image's row alone (a URL whose image the job keeps)."""
-    return (
-        image is not None
-        and record.sha256 is not None
-        and record
-        == DownloadRecord(url=record.url, outcome=DownloadOutcome.STORED, sha256=record.sha256, image_key=image.key)
-    )
-
-
 def _outcome_row(job: int, digest: bytes, record: DownloadRecord, image: StoredImage | None) -> dict[str, Any]:
-    if _compact(record, image):
-        assert record.sha256 is not None
-        return {"job": job, "url_digest": digest, "sha": bytes.fromhex(record.sha256), "body": None}
+    # A URL whose image the job keeps: its image's hash, no body (the record is rebuilt from that row).
+    if image is not None and record.sha256:
+        kept = DownloadRecord(url=record.url, outcome=DownloadOutcome.STORED, sha256=record.sha256, image_key=image.key)
+        if record == kept:
+            return {"job": job, "url_digest": digest, "sha": bytes.fromhex(record.sha256), "body": None}
     return {"job": job, "url_digest": digest, "sha": None, "body": record.model_dump_json()}
 
 

@@ -578,9 +578,6 @@ class SqlStateStore:
         with self._write(job_id) as tx:
             _insert(tx.conn, t.crawl_streams, [row], update=["body"])
 
-    def url_record(self, job_id: str, url: str) -> DownloadRecord | None:
-        return self.url_records(job_id, [url]).get(url)
-
     def url_records(self, job_id: str, urls: Sequence[str]) -> dict[str, DownloadRecord]:
         """The records of those of ``urls`` that have one, in one read (a statement per CHUNK URLs)."""
         if not urls or (job := self._number(job_id)) is None:
@@ -588,20 +585,6 @@ class SqlStateStore:
         by_id = {_url_id(url): url for url in urls}
         with self._read() as conn:
             return {by_id[ident]: record for ident, record in _outcomes(conn, job, job_id, by_id).items()}
-
-    def record_download(
-        self,
-        job_id: str,
-        record: DownloadRecord,
-        image: StoredImage | None,
-        max_images: int,
-        *,
-        near: NearDupQuery | None = None,
-        across_jobs: bool = False,
-    ) -> DownloadRecord:
-        """Record a URL's outcome once; dedupe a stored image exactly, across jobs if asked, and by near hash."""
-        item = DownloadItem(record, image, near)
-        return self.record_downloads(job_id, [item], max_images, across_jobs=across_jobs)[0]
 
     def record_downloads(
         self,
@@ -611,7 +594,8 @@ class SqlStateStore:
         *,
         across_jobs: bool = False,
     ) -> list[DownloadRecord]:
-        """:meth:`record_download` for a batch (a download task's URLs) in one transaction.
+        """Record each URL's outcome once, a batch (a download task's URLs) in one transaction; dedupe a
+        stored image exactly, across jobs if asked, and by near hash (the item's ``near``).
 
         The outcome is what recording the items one after another would give, each seeing the
         ones before it; the reads and writes are made per batch, not per item: one claim of
@@ -713,9 +697,6 @@ class SqlStateStore:
         found = {p for (p,) in _by_ids(tx.conn, query, {p for p in prefixes.values() if p is not None}, job=tx.job)}
         return {k for k, p in prefixes.items() if p in found}
 
-    def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
-        return self.record_detections(job_id, [(image_key, crops)])[image_key]
-
     def record_detections(self, job_id: str, detections: Sequence[tuple[str, list[Crop]]]) -> dict[str, bool]:
         """Record each image's crops once, a batch (a detect batch's images) in one transaction; per
         image key, whether this call recorded it (an image listed twice: its first crops count)."""
@@ -771,15 +752,10 @@ class SqlStateStore:
             return sorted(crop_key_of(job_id, ident) for image, packed in rows for ident in crop_ids(image, packed))
 
     # ------------------------------------------------------------------ siamese
-    def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
-        """Record a crop's distance once (counted once); a second one replaces the value, as ZADD does."""
-        return self.record_distances(job_id, [(crop_key, distance)])[crop_key]
-
     def record_distances(self, job_id: str, distances: Iterable[tuple[str, float]]) -> dict[str, bool]:
-        """:meth:`record_distance` for a batch of crops in one transaction (a scored batch: one commit,
-        one gate, one insert, one counter and histogram write instead of one each per crop); per
-        crop key, whether this call recorded it first. Written in id order, so two deliveries of
-        overlapping batches take their row locks in the same order."""
+        """Record each crop's distance once (counted once; a second one replaces the value), a batch (a
+        scored batch) in one transaction; per crop key, whether this call recorded it first. Written in
+        id order, so two deliveries of overlapping batches take their row locks in the same order."""
         values = {k: float(d) for k, d in distances}
         if not values:
             return {}

@@ -62,17 +62,17 @@ def test_lost_downloads_detections_and_comparisons_are_recorded_and_the_job_comp
     a, b = "a" * 64, "b" * 64
     key_a = _store(state_store, a, "http://a/0")
     key_b = _store(state_store, b, "http://a/1")
-    state_store.record_detection(JOB, key_a, crops := _crops(a, 2))
-    state_store.record_distance(JOB, crops[0].key, 0.5)
+    state_store.record_detections(JOB, [(key_a, crops := _crops(a, 2))])
+    state_store.record_distances(JOB, [(crops[0].key, 0.5)])
 
     # The download of a/1 (stored) and a/2 (not yet) failed for good: a/2 is failed, a/1 stays stored.
     candidates = [{"image_url": f"http://a/{i}", "source": "urls"} for i in (1, 2)]
     job = _settle(state_store, TaskName.DOWNLOAD, {"job_id": JOB, "candidates": candidates})
     assert job is not None and job.state is JobState.RUNNING
-    record = state_store.url_record(JOB, "http://a/2")
+    record = state_store.url_records(JOB, ["http://a/2"]).get("http://a/2")
     assert record is not None and record.outcome is DownloadOutcome.FAILED
     assert record.reason is FailureReason.TASK_FAILED and ERROR in (record.detail or "")
-    assert state_store.url_record(JOB, "http://a/1").outcome is DownloadOutcome.STORED  # type: ignore[union-attr]
+    assert state_store.url_records(JOB, ["http://a/1"])["http://a/1"].outcome is DownloadOutcome.STORED  # type: ignore[union-attr]
 
     # The detection of b, and of a (detected already): b is recorded with no crops, a is unchanged.
     _settle(state_store, TaskName.DETECT, {"job_id": JOB, "image_keys": [key_a, key_b]})

@@ -55,7 +55,7 @@ def put_crops(
             score=0.9,
             class_name=class_name,
         )
-        state.record_detection(job_id, image_key, [crop])
+        state.record_detections(job_id, [(image_key, [crop])])
         crop_keys.append(crop_key)
     return crop_keys
 

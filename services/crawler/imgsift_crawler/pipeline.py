@@ -275,7 +275,7 @@ def _finish_discovery(job: Job, state: StateStore, reason: DiscoveryReason) -> N
         while left := state.lease_candidates(job.id, 1000, 0.0):
             for candidate in left:
                 record = DownloadRecord(url=candidate.image_url, outcome=DownloadOutcome.SKIPPED, reason=why)
-                state.record_download(job.id, record, None, job.spec.limits.max_images)
+                state.record_downloads(job.id, [DownloadItem(record)], job.spec.limits.max_images)
     state.set_flag(job.id, Flag.DISCOVERY_REASON + reason.value)
     state.set_flag(job.id, Flag.DISCOVERY_DONE)
     log.info("discovery done", extra={"job_id": job.id, "stage": "crawl", "reason": reason.value})

@@ -246,7 +246,7 @@ def _record_unreadable(job_id: str, image: StoredImage, problem: str, state: Sta
     """A missing or broken image is recorded with no crops and a note, so the job can finish."""
     log.warning("image unreadable; recorded with no crops", extra=_log_fields(job_id, image.key))
     state.add_note(job_id, f"image {image.key} has no crops: {problem}")
-    state.record_detection(job_id, image.key, [])
+    state.record_detections(job_id, [(image.key, [])])
 
 
 def _whole_image(pixels: Image.Image) -> tuple[Detection, Box]:

@@ -652,14 +652,9 @@ class SqlStateStore:
         if not wanted or (job := self._number(job_id)) is None:
             return {}
         k = t.kept_images.c
-        shas: list[bytes] = []
-        foreign: list[str] = []
-        for key in wanted:
-            ident, tail = image_id(job_id, key)
-            if tail is None:
-                foreign.append(key)
-            else:
-                shas.append(ident + tail[:20])
+        ids = {key: image_id(job_id, key) for key in wanted}
+        shas = [ident + tail[:20] for ident, tail in ids.values() if tail is not None]  # keys.py's layout
+        foreign = [key for key, (_, tail) in ids.items() if tail is None]
         with self._read() as conn:
             by_sha = sa.select(t.kept_images).where(one_of(conn, k.sha, "ids"), k.job == job)
             by_key = sa.select(t.kept_images).where(k.job == job, one_of(conn, k.key, "ids"))
@@ -1069,11 +1064,13 @@ def _image_row(job_id: str, url: str, image: StoredImage, near: NearDupQuery | N
     }
 
 
+PROVENANCE_TEXTS = ("page_url", "title", "license", "license_url", "author")  # packed after the two URLs
+
+
 def pack_provenance(url: str, p: Candidate) -> bytes:
     """The URL kept and the provenance's texts as compact JSON, deflated where that is shorter (first byte: 1)."""
-    image_url = None if p.image_url == url else p.image_url
-    plain = json.dumps([url, image_url, p.page_url, p.title, p.license, p.license_url, p.author], separators=(",", ":"))
-    raw = plain.encode()
+    texts = [url, None if p.image_url == url else p.image_url, *(getattr(p, name) for name in PROVENANCE_TEXTS)]
+    raw = json.dumps(texts, separators=(",", ":")).encode()
     squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: no header or checksum per row
     packed = squeeze.compress(raw) + squeeze.flush()
     return b"\x01" + packed if len(packed) < len(raw) else b"\x00" + raw
@@ -1091,7 +1088,7 @@ def kept_url(packed: bytes) -> str:
 
 def _stored_image(job_id: str, row: Any) -> StoredImage:
     fetched = row.fetched_at
-    url, image_url, page_url, title, license_, license_url, author = _provenance(row.provenance)
+    url, image_url, *texts = _provenance(row.provenance)
     return StoredImage(
         job_id=job_id,
         key=_image_key(job_id, row),
@@ -1102,13 +1099,7 @@ def _stored_image(job_id: str, row: Any) -> StoredImage:
         bytes=row.bytes,
         fetched_at=fetched.replace(tzinfo=UTC) if fetched.tzinfo is None else fetched.astimezone(UTC),
         provenance=Candidate(
-            image_url=image_url or url,
-            page_url=page_url,
-            source=row.source,
-            title=title,
-            license=license_,
-            license_url=license_url,
-            author=author,
+            image_url=image_url or url, source=row.source, **dict(zip(PROVENANCE_TEXTS, texts, strict=True))
         ),
         phash=f"{row.phash & ((1 << 64) - 1):016x}" if row.phash is not None else None,
     )

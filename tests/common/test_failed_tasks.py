@@ -72,7 +72,7 @@ def test_lost_downloads_detections_and_comparisons_are_recorded_and_the_job_comp
     record = state_store.url_records(JOB, ["http://a/2"]).get("http://a/2")
     assert record is not None and record.outcome is DownloadOutcome.FAILED
     assert record.reason is FailureReason.TASK_FAILED and ERROR in (record.detail or "")
-    assert state_store.url_records(JOB, ["http://a/1"])["http://a/1"].outcome is DownloadOutcome.STORED  # type: ignore[union-attr]
+    assert state_store.url_records(JOB, ["http://a/1"])["http://a/1"].outcome is DownloadOutcome.STORED
 
     # The detection of b, and of a (detected already): b is recorded with no crops, a is unchanged.
     _settle(state_store, TaskName.DETECT, {"job_id": JOB, "image_keys": [key_a, key_b]})

@@ -141,15 +141,7 @@ def test_counters_do_not_drift_under_concurrent_writers(sql_url: str) -> None:
     assert counters["discovered"] == 40 + WRITERS * 10 == store.frontier_size(JOB)
     assert store.count_below(JOB, [float("inf")]) == [counters["compared"]]
     assert {k: d for k, d in store.distances(JOB) if k in distance_of} == pytest.approx(distance_of)
-    stored = [
-        u
-        for u in (
-            store.url_records(JOB, [f"http://s{w}/{i}"]).get(f"http://s{w}/{i}")
-            for w in range(WRITERS)
-            for i in range(40)
-        )
-        if u
-    ]
+    stored = list(store.url_records(JOB, [f"http://s{w}/{i}" for w in range(WRITERS) for i in range(40)]).values())
     for i in range(40):  # one copy of each content kept; the others name it
         copies = [r for r in stored if r.sha256 == sha[i]]
         kept = [r for r in copies if r.outcome is DownloadOutcome.STORED]
@@ -259,7 +251,7 @@ def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: st
     proceed.set()
     downstream.join(10)
     supersede.join(10)
-    assert crawler.url_records(JOB, ["http://x/small"])["http://x/small"].outcome is DownloadOutcome.DUPLICATE  # type: ignore[union-attr]
+    assert crawler.url_records(JOB, ["http://x/small"])["http://x/small"].outcome is DownloadOutcome.DUPLICATE
     assert crawler.counters(JOB) == {"downloaded": 1, "duplicates": 1}
     assert crawler.distances(JOB) == []
     worker.close()

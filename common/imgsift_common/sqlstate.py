@@ -1,5 +1,6 @@
-"""The job state in SQL: one implementation of :class:`~imgsift_common.state.StateStore` for
-SQLite (the embedded ``imgsift`` command) and PostgreSQL (the services), over SQLAlchemy Core.
+"""The job state in SQL: the store (:class:`SqlStateStore`, named :data:`StateStore` by its callers),
+one implementation for SQLite (the embedded ``imgsift`` command) and PostgreSQL (the services), over
+SQLAlchemy Core.
 
 The rules of :mod:`imgsift_common.state`, kept by the database:
 

@@ -158,7 +158,7 @@ def new_job(job_id: str, crops: list[tuple[str, Crop, bytes]], references: list[
             crop.model_copy(update={"job_id": job_id, "key": key, "image_key": image_key})
         )
     for image_key, image_crops in by_image.items():
-        state.record_detection(job_id, image_key, image_crops)
+        state.record_detections(job_id, [(image_key, image_crops)])
     return job, [crop.key for image_crops in by_image.values() for crop in image_crops]
 
 

@@ -562,7 +562,7 @@ class SimulatedJob:
     def record(self, distances: np.ndarray) -> None:
         self.state.reset_distances(self.job.id)
         for key, d in zip(self.keys, distances, strict=True):
-            self.state.record_distance(self.job.id, key, float(d))
+            self.state.record_distances(self.job.id, [(key, float(d))])
         self.distances = distances
 
     def forget_answers(self) -> None:

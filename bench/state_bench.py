@@ -67,6 +67,7 @@ from imgsift_common.messages import (
     StoredImage,
 )
 from imgsift_common.neardup import NearDupQuery
+from imgsift_common.state import DownloadItem
 
 CROPS = 3
 # --per-crop: one write per crop's distance, as before the batch write (read by the spawned writers too)
@@ -158,16 +159,16 @@ def record_image(store: Any, job_id: str, i: int, max_images: int) -> None:
     writes (``--one-by-one``), or as the tree before the move records it."""
     record, image, crops, distances = image_records(job_id, i)
     near = near_query(image)
-    final = store.record_download(job_id, record, image, max_images, near=near)
+    final = store.record_downloads(job_id, [DownloadItem(record, image, near=near)], max_images)[0]
     if final.outcome is not DownloadOutcome.STORED:
         return  # random hashes: a rare one lands within 6 bits of another, a near-duplicate, as in a crawl
-    store.record_detection(job_id, image.key, crops)
+    store.record_detections(job_id, [(image.key, crops)])
     scored = [(crop.key, distance) for crop, distance in zip(crops, distances, strict=True)]
     if hasattr(store, "record_distances") and not PER_CROP:  # the worker's one write per scored batch
         store.record_distances(job_id, scored)
     else:  # the tree before the move, or --per-crop: one write per crop
         for key, distance in scored:
-            store.record_distance(job_id, key, distance)
+            store.record_distances(job_id, [(key, distance)])
 
 
 def record_images(store: Any, job_id: str, first: int, last: int, max_images: int) -> None:
@@ -179,7 +180,6 @@ def record_images(store: Any, job_id: str, first: int, last: int, max_images: in
         for i in range(first, last):
             record_image(store, job_id, i, max_images)
         return
-    from imgsift_common.state import DownloadItem
 
     scored: list[tuple[str, float]] = []
     for start in range(first, last, DOWNLOAD_BATCH):

@@ -272,7 +272,9 @@ class EmbeddedRunner:
         return {"detected": detected, "compared": self._compare(job)}
 
     def _compare(self, job: Job) -> int:
-        todo = [k for k in self.state.crop_keys(JOB_ID) if not self.state.has_distance(JOB_ID, k)]
+        crop_keys = self.state.crop_keys(JOB_ID)
+        scored = self.state.distances_of(JOB_ID, crop_keys)
+        todo = [k for k in crop_keys if k not in scored]
         if not todo:
             return 0
         from imgsift_siamese.backbone import WeightsError
@@ -328,7 +330,7 @@ def write_outputs(out: Path, state: SqlStateStore, store: LocalStore, threshold:
             ok = distance <= threshold
             accepted += ok
             rejected += not ok
-            image = state.get_image(JOB_ID, crop.image_key)
+            image = state.get_images(JOB_ID, [crop.image_key]).get(crop.image_key)
             name, link, source = crop_paths(job, crop, image, store)
             output = f"{'accepted' if ok else 'rejected'}/{link}"
             _link_or_copy(source, out / output)
@@ -514,7 +516,7 @@ def crop_names(out: Path, state: SqlStateStore, store: LocalStore, job: Job) -> 
     names: dict[str, str] = {}
     keys_ = [k for k, _ in state.distances(JOB_ID)]
     for crop in state.get_crops(JOB_ID, keys_):
-        name, link, _ = crop_paths(job, crop, state.get_image(JOB_ID, crop.image_key), store)
+        name, link, _ = crop_paths(job, crop, state.get_images(JOB_ID, [crop.image_key]).get(crop.image_key), store)
         for alias in (name, link, f"accepted/{link}", f"rejected/{link}", crop.crop_id):
             if alias:
                 names[alias] = crop.key
@@ -528,7 +530,7 @@ def manifest_names(out: Path, state: SqlStateStore, store: LocalStore, job: Job,
     names = []
     for key in keys_:
         crop = by_key[key]
-        name, link, _ = crop_paths(job, crop, state.get_image(JOB_ID, crop.image_key), store)
+        name, link, _ = crop_paths(job, crop, state.get_images(JOB_ID, [crop.image_key]).get(crop.image_key), store)
         folder = "accepted" if distances.get(key, float("inf")) <= job.spec.threshold else "rejected"
         names.append(name or f"{folder}/{link}")
     return names

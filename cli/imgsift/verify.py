@@ -34,6 +34,7 @@ from imgsift.embedded import (
     write_outputs,
 )
 from imgsift_common.messages import Candidate, DownloadOutcome, JobSpec, Limits, SourceKind, SourceSpec
+from imgsift_common.state import DownloadItem
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_FILES = 1_000_000
@@ -166,21 +167,22 @@ def _ingest(
     tick = progress.stage("read", len(files))
     for path in files:
         url = path.resolve().as_uri()
-        if state.url_record(JOB_ID, url) is None:
+        if url not in state.url_records(JOB_ID, [url]):
             try:
                 rel = str(path.resolve().relative_to(root))
             except ValueError:
                 rel = path.name
             candidate = Candidate(image_url=url, source=SourceKind.FILES, title=rel)
             record, image = store_image(job, candidate, path.read_bytes(), store, settings)  # type: ignore[arg-type]
-            final = state.record_download(JOB_ID, record, image, MAX_FILES)
+            final = state.record_downloads(JOB_ID, [DownloadItem(record, image)], MAX_FILES)[0]
             if image is not None:
                 settle(job, state, store, image, final)
         tick(1)
     unreadable: dict[str, str] = {}
     duplicates = []
+    records = state.url_records(JOB_ID, [path.resolve().as_uri() for path in files])
     for path in files:
-        known = state.url_record(JOB_ID, path.resolve().as_uri())
+        known = records.get(path.resolve().as_uri())
         if known is not None and known.outcome is DownloadOutcome.FAILED:
             why = known.reason.value if known.reason else "failed"
             unreadable[str(path)] = f"{why}: {known.detail}" if known.detail else why

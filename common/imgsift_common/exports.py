@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from imgsift_common import keys
 from imgsift_common.messages import Crop, ExportMessage, ExportOptions, Job, StoredImage, utcnow
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 
 PAGE = 500

@@ -38,7 +38,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from imgsift_common.exports import PAGE, manifest_row, scored_crops
 from imgsift_common.messages import Crop, ExportOptions, Job, StoredImage
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 
 if TYPE_CHECKING:

@@ -45,7 +45,8 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.progress import finish_if_complete
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import DownloadItem
 
 log = logging.getLogger(__name__)
 
@@ -90,28 +91,29 @@ def _settle(state: StateStore, job: Job, task: str, payload: Any, why: str) -> s
         state.set_job_state(job.id, JobState.FAILED, f"discovery stopped: {why}")
         return "the job failed: its discovery chain stopped"
     if task == TaskName.DOWNLOAD and (downloads := _parse(DownloadBatch, payload)):
-        failed = 0
-        for candidate in downloads.candidates:
-            if state.url_record(job.id, candidate.image_url) is None:
-                record = DownloadRecord(
-                    url=candidate.image_url,
-                    outcome=DownloadOutcome.FAILED,
-                    reason=FailureReason.TASK_FAILED,
-                    detail=why[:500],
+        urls = list(dict.fromkeys(c.image_url for c in downloads.candidates))
+        known = state.url_records(job.id, urls)
+        items = [
+            DownloadItem(
+                DownloadRecord(
+                    url=url, outcome=DownloadOutcome.FAILED, reason=FailureReason.TASK_FAILED, detail=why[:500]
                 )
-                final = state.record_download(job.id, record, None, job.spec.limits.max_images)
-                failed += final.reason is FailureReason.TASK_FAILED
+            )
+            for url in urls
+            if url not in known
+        ]
+        finals = state.record_downloads(job.id, items, job.spec.limits.max_images)
+        failed = sum(final.reason is FailureReason.TASK_FAILED for final in finals)
         return f"{failed} URLs recorded as failed ({FailureReason.TASK_FAILED.value})" if failed else ""
     if task == TaskName.DETECT and (images := _parse(ImageBatch, payload)):
-        lost = 0
-        for key in images.image_keys:
-            if state.get_image(job.id, key) is not None and state.record_detection(job.id, key, []):
-                lost += 1
+        kept = state.get_images(job.id, images.image_keys)
+        lost = sum(state.record_detections(job.id, [(key, []) for key in images.image_keys if key in kept]).values())
         return f"{lost} images recorded with no crops" if lost else ""
     if task == TaskName.COMPARE and (crops := _parse(CropBatch, payload)):
         lost = 0
+        scored = state.distances_of(job.id, crops.crop_keys)
         for crop in state.get_crops(job.id, crops.crop_keys):
-            if not state.has_distance(job.id, crop.key) and state.record_compare_failure(job.id, crop.key):
+            if crop.key not in scored and state.record_compare_failure(job.id, crop.key):
                 lost += 1
         return f"{lost} crops counted in compare_failed" if lost else ""
     if task == TaskName.TRAIN and (training := _parse(TrainMessage, payload)):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from imgsift_common.messages import Job, JobState, Stage, StageState
-from imgsift_common.state import Counter, Flag, StateStore
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import Counter, Flag
 
 
 class StageProgress(BaseModel):

@@ -24,7 +24,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from imgsift_common.sqldialect import WRITE, Key, make_engine, migration_lock
 
@@ -291,11 +291,6 @@ def head_revision() -> str:
     return head
 
 
-def current_revision(conn: Connection) -> str | None:
-    """The database's schema revision (None: never migrated)."""
-    return MigrationContext.configure(conn).get_current_revision()
-
-
 def migrate(target: str | Engine) -> None:
     """Bring the database at ``target`` (a URL or an engine) to the schema this code needs."""
     engine = make_engine(target) if isinstance(target, str) else target
@@ -304,7 +299,9 @@ def migrate(target: str | Engine) -> None:
         # take turns instead of one failing when it upgrades its read lock.
         with engine.connect().execution_options(**WRITE) as conn, conn.begin():
             migration_lock(conn)
-            if current_revision(conn) is None and (found := sa.inspect(conn).get_table_names()):
+            if MigrationContext.configure(conn).get_current_revision() is None and (
+                found := sa.inspect(conn).get_table_names()
+            ):
                 raise SchemaMismatch(
                     f"{_where(engine)} holds tables ({', '.join(sorted(found)[:5])}, ...) but no imgsift schema "
                     "revision: it was written by an older imgsift or another program; use a new database "
@@ -322,7 +319,7 @@ def check_schema(engine: Engine) -> None:
     """Raise :class:`SchemaMismatch`, saying how to fix it, unless the database is at this code's revision."""
     head = head_revision()
     with engine.connect() as conn:
-        current = current_revision(conn)
+        current = MigrationContext.configure(conn).get_current_revision()  # None: never migrated
     if current == head:
         return
     known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}

@@ -31,21 +31,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = "imgsift"
 
-_HOLD_LOCK = """
--- KEYS: lock ; ARGV: owner, ttl_ms ; take a free lock, or keep one we hold
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"""
-
 _HOLD_LOCKS = """
--- KEYS: locks ; ARGV: owner, ttl_ms ; _HOLD_LOCK for each key; 1 or 0 for each
+-- KEYS: locks ; ARGV: owner, ttl_ms ; take each free lock, or keep one we hold; 1 or 0 for each
 local held = {}
 for i, key in ipairs(KEYS) do
   local holder = redis.call('GET', key)
@@ -88,8 +75,6 @@ class ServiceStateStore(SqlStateStore):
         assert isinstance(client, redis.Redis)
         # Any: redis-py's hints do not know that decode_responses=True returns str.
         self.r: Any = client
-        self._hold_lock = self.r.register_script(_HOLD_LOCK)
-        self._release_lock = self.r.register_script(_RELEASE_LOCK)
         self._hold_locks = self.r.register_script(_HOLD_LOCKS)
         self._release_locks = self.r.register_script(_RELEASE_LOCKS)
 
@@ -117,10 +102,10 @@ class ServiceStateStore(SqlStateStore):
         return f"{PREFIX}:job:{job_id}:lock:{name}"
 
     def hold_lock(self, job_id: str, name: str, owner: str, ttl: float) -> bool:
-        return self._hold_lock(keys=[self._lock_key(job_id, name)], args=[owner, max(1, int(ttl * 1000))]) == 1
+        return self.hold_locks(job_id, [name], owner, ttl)[0]
 
     def release_lock(self, job_id: str, name: str, owner: str) -> None:
-        self._release_lock(keys=[self._lock_key(job_id, name)], args=[owner])
+        self.release_locks(job_id, [name], owner)
 
     def hold_locks(self, job_id: str, names: Sequence[str], owner: str, ttl: float) -> list[bool]:
         """``hold_lock`` for each name, in one round trip (a download batch's fetch claims)."""

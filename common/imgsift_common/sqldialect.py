@@ -103,17 +103,11 @@ def migration_lock(conn: Connection) -> None:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
 
 
-def engine_url(url: str | sa.URL) -> sa.URL:
-    """``url`` with psycopg 3 as the driver of a plain ``postgresql://`` URL (SQLAlchemy's default is psycopg2)."""
-    parsed = sa.make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed
-
-
 def make_engine(url: str | sa.URL, **kwargs: Any) -> Engine:
     """An engine for ``url`` (``sqlite:///path`` or ``postgresql://...``), set up for the store."""
-    parsed = engine_url(url)
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):  # psycopg 3 (SQLAlchemy's default is psycopg2)
+        parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
         engine = sa.create_engine(parsed, pool_pre_ping=True, **kwargs)
         sa.event.listen(engine, "connect", _postgres_connect)

@@ -1,5 +1,6 @@
-"""The job state in SQL: one implementation of :class:`~imgsift_common.state.StateStore` for
-SQLite (the embedded ``imgsift`` command) and PostgreSQL (the services), over SQLAlchemy Core.
+"""The job state in SQL: the store (:class:`SqlStateStore`, named :data:`StateStore` by its callers),
+one implementation for SQLite (the embedded ``imgsift`` command) and PostgreSQL (the services), over
+SQLAlchemy Core.
 
 The rules of :mod:`imgsift_common.state`, kept by the database:
 
@@ -59,17 +60,7 @@ from imgsift_common.messages import (
 )
 from imgsift_common.neardup import NearDupQuery, band_radii, hamming, within
 from imgsift_common.sqldialect import WRITE, insert, insert_rows, make_engine, one_of, rows_params, snapshot
-from imgsift_common.state import (
-    OUTCOME_COUNTER,
-    Counter,
-    DistancePage,
-    DownloadItem,
-    JobNotFound,
-    StreamState,
-    finalised_job,
-    reason_counter,
-    updated_job,
-)
+from imgsift_common.state import Counter, DownloadItem, StreamState
 
 CHUNK = 500  # rows or keys per statement: well under SQLite's 32,766 bound parameters
 
@@ -82,6 +73,16 @@ EDGES = [MAX_DISTANCE * i / BINS for i in range(1, BINS)]
 # Above this per-band radius (near-duplicate distances of 20 bits or more) the band lookup
 # would return a third of the job or more, so the job's hashes are read instead.
 MAX_BAND_RADIUS = 4
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class DistancePage:
+    items: list[tuple[str, float]]
+    next_after: tuple[float, str] | None
 
 
 def distance_bin(distance: float) -> int:
@@ -188,6 +189,16 @@ def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _by_ids(conn: Connection, query: Any, ids: Iterable[Any], **params: Any) -> list[Any]:
+    """The rows of ``query`` for ``ids`` (its ``:ids`` parameter): a statement per CHUNK of them, in id order."""
+    return [row for chunk in _chunks(sorted(set(ids))) for row in conn.execute(query, {"ids": chunk, **params})]
+
+
+def _put_job(conn: Connection, job: Job) -> Job:
+    conn.execute(sa.update(t.jobs).where(t.jobs.c.id == job.id).values(body=job.model_dump_json(), owner=job.owner))
+    return job
+
+
 def _utc(moment: datetime) -> datetime:
     # SQLite keeps no offset: every time is written in UTC so that they sort.
     return moment.astimezone(UTC) if moment.tzinfo else moment
@@ -203,17 +214,16 @@ def _insert(
     returning: sa.ColumnElement[Any] | None = None,
 ) -> list[Any]:
     """Insert ``rows`` (in the order given: callers sort them by key, a fixed lock order; the first
-    column the job's, the same in every row), leaving a row whose key is taken as it is, or setting
-    its ``update`` columns to the new row's, or adding its ``add`` column to its own; the
-    ``returning`` column of the rows inserted or updated. One statement for any number of rows
-    (:func:`sqldialect.insert_rows`), built once."""
+    column the same in every row), leaving a row whose key is taken as it is, or setting its
+    ``update`` columns to the new row's, or adding its ``add`` column to its own; the ``returning``
+    column (by default the key's first) of the rows inserted or updated. One statement for any
+    number of rows (:func:`sqldialect.insert_rows`), built once."""
     if not rows:
         return []
     dialect = conn.dialect.name
     name = returning.name if returning is not None else ""
     stmt = _insert_statement(dialect, table, tuple(rows[0]), tuple(update), add, name)
-    found = list(conn.execute(stmt, rows_params(dialect, rows)).scalars())
-    return found if returning is not None else []
+    return list(conn.execute(stmt, rows_params(dialect, rows)).scalars())
 
 
 @functools.cache
@@ -248,6 +258,12 @@ def _cached(conn: Connection, key: Any, build: Callable[[], _S]) -> _S:
     return found
 
 
+OUTCOME_COUNTER = {
+    DownloadOutcome.STORED: Counter.DOWNLOADED,
+    DownloadOutcome.DUPLICATE: Counter.DUPLICATES,
+    DownloadOutcome.FAILED: Counter.FAILED,
+    DownloadOutcome.SKIPPED: Counter.SKIPPED,
+}
 RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 columns)
 
 
@@ -255,10 +271,9 @@ RANGES_PER_QUERY = 200  # range counts per statement (PostgreSQL allows 1,664 co
 def _range_counts(n: int) -> sa.Select[Any]:
     """One row of ``n`` counts of a job's distances in (low{i}, high{i}]; built once per ``n``."""
     c = t.crop_distances.c
-    job: sa.BindParameter[int] = sa.bindparam("job")
     counts = (
         sa.select(sa.func.count())
-        .where(c.job == job, c.distance > sa.bindparam(f"low{i}"), c.distance <= sa.bindparam(f"high{i}"))
+        .where(c.job == _JOB, c.distance > sa.bindparam(f"low{i}"), c.distance <= sa.bindparam(f"high{i}"))
         .scalar_subquery()
         .label(f"n{i}")
         for i in range(n)
@@ -283,14 +298,14 @@ class _Tx:
         self.bins[distance_bin(distance)] += by
 
     def flush(self) -> None:
-        """Write the deltas: counters, then bins, each in key order (a fixed lock order)."""
-        self._add(t.job_counters, "name", "value", self.counts)
-        self._add(t.distance_bins, "bin", "crops", self.bins)
-
-    def _add(self, table: sa.Table, key: str, column: str, deltas: Tally[Any]) -> None:
-        """Add ``deltas`` (key -> change) to ``table``'s ``column``, inserting the rows that are missing."""
-        rows = [{"job_id": self.job_id, key: k, column: v} for k, v in sorted(deltas.items()) if v]
-        _insert(self.conn, table, rows, add=column)
+        """Add the deltas to the rows (inserting those missing): counters, then bins, each in key order (a
+        fixed lock order)."""
+        for table, key, column, deltas in (
+            (t.job_counters, "name", "value", self.counts),
+            (t.distance_bins, "bin", "crops", self.bins),
+        ):
+            rows = [{"job_id": self.job_id, key: k, column: v} for k, v in sorted(deltas.items()) if v]
+            _insert(self.conn, table, rows, add=column)
 
 
 @dataclass(frozen=True)
@@ -390,20 +405,17 @@ class SqlStateStore:
 
     # ------------------------------------------------------------------ jobs
     def create_job(self, job: Job) -> bool:
+        row = {"id": job.id, "owner": job.owner, "created_at": _utc(job.created_at), "body": job.model_dump_json()}
         with self._write() as tx:
-            stmt = insert(tx.conn, t.jobs).values(
-                id=job.id, owner=job.owner, created_at=_utc(job.created_at), body=job.model_dump_json()
-            )
-            return tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.jobs.c.id)).first() is not None
+            return bool(_insert(tx.conn, t.jobs, [row], returning=t.jobs.c.id))
 
     def get_job(self, job_id: str) -> Job | None:
         body = self._scalar(sa.select(t.jobs.c.body).where(t.jobs.c.id == job_id))
         return Job.model_validate_json(body) if body is not None else None
 
     def save_job(self, job: Job) -> None:
-        body = job.model_copy(update={"updated_at": utcnow()}).model_dump_json()
         with self._write() as tx:
-            tx.conn.execute(sa.update(t.jobs).where(t.jobs.c.id == job.id).values(body=body, owner=job.owner))
+            _put_job(tx.conn, job.model_copy(update={"updated_at": utcnow()}))
 
     def _locked_job(self, tx: _Tx, job_id: str) -> Job:
         body = tx.conn.execute(sa.select(t.jobs.c.body).where(t.jobs.c.id == job_id).with_for_update()).scalar()
@@ -412,14 +424,15 @@ class SqlStateStore:
         return Job.model_validate_json(body)
 
     def update_job(self, job_id: str, **changes: object) -> Job:
+        # The state has its own rules (set_job_state); an update never rewrites it.
+        if "state" in changes or "id" in changes:
+            raise ValueError("update_job changes neither the state nor the id; use set_job_state")
         with self._write() as tx:
-            new = updated_job(self._locked_job(tx, job_id), changes)
-            tx.conn.execute(
-                sa.update(t.jobs).where(t.jobs.c.id == job_id).values(body=new.model_dump_json(), owner=new.owner)
-            )
-            return new
+            new = self._locked_job(tx, job_id).model_copy(update={**changes, "updated_at": utcnow()})
+            return _put_job(tx.conn, new)
 
     def list_jobs(self, limit: int = 100, owner: str | None = None) -> list[Job]:
+        """The newest jobs first; with ``owner``, only the jobs that API key created."""
         query = sa.select(t.jobs.c.body).order_by(t.jobs.c.created_at.desc(), t.jobs.c.id.desc()).limit(limit)
         if owner is not None:
             query = query.where(t.jobs.c.owner == owner)
@@ -429,15 +442,17 @@ class SqlStateStore:
     def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> Job:
         with self._write() as tx:
             job = self._locked_job(tx, job_id)
-            new = finalised_job(job, state, error)
-            if new is not job:
-                tx.conn.execute(sa.update(t.jobs).where(t.jobs.c.id == job_id).values(body=new.model_dump_json()))
-            return new
+            # A final state is final: a late task cannot turn "cancelled" back into "completed".
+            if job.state.is_final and state is not job.state:
+                return job
+            return _put_job(
+                tx.conn, job.model_copy(update={"state": state, "error": error or job.error, "updated_at": utcnow()})
+            )
 
     def add_note(self, job_id: str, note: str) -> None:
+        row = {"job_id": job_id, "digest": _digest(note), "note": note, "noted_at": utcnow()}
         with self._write(job_id) as tx:
-            row = {"job_id": job_id, "digest": _digest(note), "note": note, "noted_at": utcnow()}
-            tx.conn.execute(insert(tx.conn, t.job_notes).values(row).on_conflict_do_nothing())
+            _insert(tx.conn, t.job_notes, [row])
 
     def notes(self, job_id: str) -> list[str]:
         c = t.job_notes.c
@@ -453,7 +468,7 @@ class SqlStateStore:
 
     def set_flag(self, job_id: str, flag: str) -> None:
         with self._write(job_id) as tx:
-            tx.conn.execute(insert(tx.conn, t.job_flags).values(job_id=job_id, name=flag).on_conflict_do_nothing())
+            _insert(tx.conn, t.job_flags, [{"job_id": job_id, "name": flag}])
 
     def flags(self, job_id: str) -> set[str]:
         with self._read() as conn:
@@ -479,10 +494,7 @@ class SqlStateStore:
 
     def set_marker(self, job_id: str, name: str, value: str) -> None:
         with self._write(job_id) as tx:
-            stmt = insert(tx.conn, t.job_markers).values(job_id=job_id, name=name, value=value)
-            tx.conn.execute(
-                stmt.on_conflict_do_update(index_elements=["job_id", "name"], set_={"value": stmt.excluded.value})
-            )
+            _insert(tx.conn, t.job_markers, [{"job_id": job_id, "name": name, "value": value}], update=["value"])
 
     def get_marker(self, job_id: str, name: str) -> str | None:
         c = t.job_markers.c
@@ -490,6 +502,7 @@ class SqlStateStore:
         return str(value) if value is not None else None
 
     def markers(self, job_id: str, prefix: str) -> dict[str, str]:
+        """Every marker of the job whose name starts with ``prefix``."""
         c = t.job_markers.c
         # substr, not LIKE: LIKE would read % and _ in the prefix, and SQLite's ignores case.
         query = sa.select(c.name, c.value).where(c.job_id == job_id, sa.func.substr(c.name, 1, len(prefix)) == prefix)
@@ -497,16 +510,13 @@ class SqlStateStore:
             return {name: value for name, value in conn.execute(query)}
 
     def claim_idempotency_key(self, key: str, job_id: str, ttl: float) -> str:
+        """Bind ``key`` to ``job_id`` unless it is bound already; the job id it is bound to."""
         digest = hashlib.sha256(key.encode()).hexdigest()
         now = time.time()
         c = t.idempotency_keys.c
         with self._write() as tx:
             tx.conn.execute(sa.delete(t.idempotency_keys).where(c.expires_at < now))
-            tx.conn.execute(
-                insert(tx.conn, t.idempotency_keys)
-                .values(key=digest, job_id=job_id, expires_at=now + ttl)
-                .on_conflict_do_nothing()
-            )
+            _insert(tx.conn, t.idempotency_keys, [{"key": digest, "job_id": job_id, "expires_at": now + ttl}])
             return str(tx.conn.execute(sa.select(c.job_id).where(c.key == digest)).scalar_one())
 
     def raise_progress(self, job_id: str, fraction: float) -> float:
@@ -523,26 +533,16 @@ class SqlStateStore:
         if not by_url:
             return []
         digests = {url: _digest(url) for url in by_url}
-        new: set[bytes] = set()
         with self._write(job_id) as tx:
             # In one order, so two writers of overlapping batches wait rather than deadlock.
-            for chunk in _chunks(sorted(digests.values())):
-                stmt = insert(tx.conn, t.crawl_seen).values([{"job_id": job_id, "url_digest": d} for d in chunk])
-                new.update(
-                    tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.crawl_seen.c.url_digest)).scalars()
-                )
+            seen = [{"job_id": job_id, "url_digest": d} for d in sorted(digests.values())]
+            new = set(_insert(tx.conn, t.crawl_seen, seen, returning=t.crawl_seen.c.url_digest))
             fresh = [c for url, c in by_url.items() if digests[url] in new]
-            for batch in _chunks(fresh):
-                rows = [
-                    {
-                        "job_id": job_id,
-                        "url_digest": digests[c.image_url],
-                        "body": c.model_dump_json(),
-                        "lease_until": 0.0,
-                    }
-                    for c in batch
-                ]
-                tx.conn.execute(sa.insert(t.crawl_frontier).values(rows))
+            rows = [
+                {"job_id": job_id, "url_digest": digests[c.image_url], "body": c.model_dump_json(), "lease_until": 0.0}
+                for c in fresh
+            ]
+            _insert(tx.conn, t.crawl_frontier, rows)  # in discovery order: the ids lease oldest first
             tx.incr(Counter.DISCOVERED, len(fresh))
         return fresh
 
@@ -575,45 +575,17 @@ class SqlStateStore:
         return StreamState.model_validate_json(body) if body is not None else None
 
     def save_stream_state(self, job_id: str, stream_id: str, stream: StreamState) -> None:
+        row = {"job_id": job_id, "stream_id": stream_id, "body": stream.model_dump_json()}
         with self._write(job_id) as tx:
-            stmt = insert(tx.conn, t.crawl_streams).values(
-                job_id=job_id, stream_id=stream_id, body=stream.model_dump_json()
-            )
-            tx.conn.execute(
-                stmt.on_conflict_do_update(index_elements=["job_id", "stream_id"], set_={"body": stmt.excluded.body})
-            )
-
-    def url_record(self, job_id: str, url: str) -> DownloadRecord | None:
-        return self.url_records(job_id, [url]).get(url)
+            _insert(tx.conn, t.crawl_streams, [row], update=["body"])
 
     def url_records(self, job_id: str, urls: Sequence[str]) -> dict[str, DownloadRecord]:
         """The records of those of ``urls`` that have one, in one read (a statement per CHUNK URLs)."""
         if not urls or (job := self._number(job_id)) is None:
             return {}
-        c = t.url_outcomes.c
         by_id = {_url_id(url): url for url in urls}
-        found: dict[str, DownloadRecord] = {}
         with self._read() as conn:
-            for chunk in _chunks(sorted(by_id)):
-                query = sa.select(c.url_digest, c.sha, c.body).where(c.job == job, one_of(conn, c.url_digest, "ids"))
-                rows = conn.execute(query, {"ids": chunk}).all()
-                for row, record in zip(rows, _records(conn, job, job_id, rows), strict=True):
-                    found[by_id[bytes(row.url_digest)]] = record
-        return found
-
-    def record_download(
-        self,
-        job_id: str,
-        record: DownloadRecord,
-        image: StoredImage | None,
-        max_images: int,
-        *,
-        near: NearDupQuery | None = None,
-        across_jobs: bool = False,
-    ) -> DownloadRecord:
-        """Record a URL's outcome once; dedupe a stored image exactly, across jobs if asked, and by near hash."""
-        item = DownloadItem(record, image, near)
-        return self.record_downloads(job_id, [item], max_images, across_jobs=across_jobs)[0]
+            return {by_id[ident]: record for ident, record in _outcomes(conn, job, job_id, by_id).items()}
 
     def record_downloads(
         self,
@@ -623,7 +595,8 @@ class SqlStateStore:
         *,
         across_jobs: bool = False,
     ) -> list[DownloadRecord]:
-        """:meth:`record_download` for a batch (a download task's URLs) in one transaction.
+        """Record each URL's outcome once, a batch (a download task's URLs) in one transaction; dedupe a
+        stored image exactly, across jobs if asked, and by near hash (the item's ``near``).
 
         The outcome is what recording the items one after another would give, each seeing the
         ones before it; the reads and writes are made per batch, not per item: one claim of
@@ -640,29 +613,19 @@ class SqlStateStore:
         """The kept copy ``old`` becomes a duplicate of the larger one at ``url``, downstream included."""
         SqlStateStore._gate(tx, "exclusive")  # work downstream in flight on the old copy ends first
         conn, job_id, job = tx.conn, tx.job_id, tx.job
-        d, dup = t.url_outcomes.c, t.duplicates.c
+        dup = t.duplicates.c
         old_digest, new_digest = _url_id(old.url), _url_id(url)
         # It and every copy filed under it now point at the new copy: one keeper per group.
-        members = sa.select(dup.url_digest).where(dup.job == job, dup.kept_digest == old_digest)
-        group = conn.execute(
-            sa.select(d.url_digest, d.sha, d.body).where(
-                d.job == job, (d.url_digest == old_digest) | d.url_digest.in_(members)
-            )
-        ).all()
-        records = _records(conn, job, job_id, group)
-        for row, record in zip(group, records, strict=True):
-            update: dict[str, object] = {"duplicate_of": url}
-            if row.url_digest == old_digest:
-                update |= {"outcome": DownloadOutcome.DUPLICATE, "hamming": distance}
-            conn.execute(
-                sa.update(t.url_outcomes)
-                .where(d.job == job, d.url_digest == row.url_digest)
-                .values(sha=None, body=record.model_copy(update=update).model_dump_json())
-            )
+        members = conn.execute(sa.select(dup.url_digest).where(dup.job == job, dup.kept_digest == old_digest))
+        group = _outcomes(conn, job, job_id, [old_digest, *members.scalars()])
+        moved = {"outcome": DownloadOutcome.DUPLICATE, "hamming": distance}  # the old copy's own record
+        for digest, record in group.items():
+            group[digest] = record.model_copy(update={"duplicate_of": url} | (moved if digest == old_digest else {}))
+        _rewrite(conn, job, group)
         conn.execute(
             sa.update(t.duplicates).where(dup.job == job, dup.kept_digest == old_digest).values(kept_digest=new_digest)
         )
-        conn.execute(insert(conn, t.duplicates).values(_duplicate_row(job, url, old.url)).on_conflict_do_nothing())
+        _insert(conn, t.duplicates, [_duplicate_row(job, url, old.url)])
         k = t.kept_images.c
         conn.execute(sa.delete(t.kept_images).where(k.sha == old.sha, k.job == job))
         replaced = {"job": job, "prefix": old.sha[:12], "sha": old.sha, "url": url}
@@ -677,21 +640,12 @@ class SqlStateStore:
         tx.incr(Counter.CROPS, -int(found.crops))
         crops = crop_ids(old.sha, found.packed)
         cd, failed = t.crop_distances.c, t.compare_failures.c
-        for chunk in _chunks(crops):
-            scored = sa.delete(t.crop_distances).where(cd.job == job, one_of(conn, cd.crop, "ids"))
-            for value in conn.execute(scored.returning(cd.distance), {"ids": chunk}).scalars():
-                tx.incr(Counter.COMPARED, -1)
-                tx.add_distance(value, -1)
-            lost = conn.execute(
-                sa.delete(t.compare_failures)
-                .where(failed.job == job, one_of(conn, failed.crop, "ids"))
-                .returning(failed.crop),
-                {"ids": chunk},
-            ).all()
-            tx.incr(Counter.COMPARE_FAILED, -len(lost))
-
-    def get_image(self, job_id: str, key: str) -> StoredImage | None:
-        return self.get_images(job_id, [key]).get(key)
+        scored = sa.delete(t.crop_distances).where(cd.job == job, one_of(conn, cd.crop, "ids"))
+        for (value,) in _by_ids(conn, scored.returning(cd.distance), crops):
+            tx.incr(Counter.COMPARED, -1)
+            tx.add_distance(value, -1)
+        lost = sa.delete(t.compare_failures).where(failed.job == job, one_of(conn, failed.crop, "ids"))
+        tx.incr(Counter.COMPARE_FAILED, -len(_by_ids(conn, lost.returning(failed.crop), crops)))
 
     def get_images(self, job_id: str, keys_: Iterable[str]) -> dict[str, StoredImage]:
         """The kept images of those keys that have one, in one read (a statement per CHUNK keys)."""
@@ -699,26 +653,15 @@ class SqlStateStore:
         if not wanted or (job := self._number(job_id)) is None:
             return {}
         k = t.kept_images.c
-        shas: list[bytes] = []
-        foreign: list[str] = []
-        for key in wanted:
-            ident, tail = image_id(job_id, key)
-            if tail is None:
-                foreign.append(key)
-            else:
-                shas.append(ident + tail[:20])
-        found: dict[str, StoredImage] = {}
+        ids = {key: image_id(job_id, key) for key in wanted}
+        shas = [ident + tail[:20] for ident, tail in ids.values() if tail is not None]  # keys.py's layout
+        foreign = [key for key, (_, tail) in ids.items() if tail is None]
         with self._read() as conn:
             by_sha = sa.select(t.kept_images).where(one_of(conn, k.sha, "ids"), k.job == job)
             by_key = sa.select(t.kept_images).where(k.job == job, one_of(conn, k.key, "ids"))
-            queries = [(by_sha, chunk) for chunk in _chunks(sorted(shas))]
-            queries += [(by_key, chunk) for chunk in _chunks(sorted(foreign))]
-            for query, chunk in queries:
-                for row in conn.execute(query, {"ids": chunk}):
-                    image = _stored_image(job_id, row)
-                    if image.key in wanted:
-                        found[image.key] = image
-        return found
+            rows = _by_ids(conn, by_sha, shas) + _by_ids(conn, by_key, foreign)
+        images = (_stored_image(job_id, row) for row in rows)
+        return {image.key: image for image in images if image.key in wanted}
 
     def image_keys(self, job_id: str) -> list[str]:
         if (job := self._number(job_id)) is None:
@@ -729,41 +672,26 @@ class SqlStateStore:
             return sorted(_image_key(job_id, row) for row in rows)
 
     # ------------------------------------------------------------------ detect
-    def is_detected(self, job_id: str, image_key: str) -> bool:
-        return self.detected_count(job_id, image_key) is not None
-
-    def detected_count(self, job_id: str, image_key: str) -> int | None:
-        return self.detected_counts(job_id, [image_key]).get(image_key)
-
     def detected_counts(self, job_id: str, image_keys: Iterable[str]) -> dict[str, int]:
         """The crop count of each of ``image_keys`` recorded as detected, in one read (a statement per CHUNK)."""
         wanted = {image_id(job_id, key)[0]: key for key in image_keys}
         if not wanted or (job := self._number(job_id)) is None:
             return {}
         c = t.detected_images.c
-        found: dict[str, int] = {}
         with self._read() as conn:
             query = sa.select(c.image, c.crops).where(c.job == job, one_of(conn, c.image, "ids"))
-            for chunk in _chunks(sorted(wanted)):
-                for image, crops in conn.execute(query, {"ids": chunk}):
-                    found[wanted[bytes(image)]] = int(crops)
-        return found
+            return {wanted[bytes(image)]: int(crops) for image, crops in _by_ids(conn, query, wanted)}
 
     @staticmethod
     def _superseded(tx: _Tx, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` (image or crop keys) belong to an image replaced by a larger near-duplicate."""
         c = t.superseded.c
         prefixes = {k: _prefix(tx.job_id, k) for k in keys}
-        found: set[bytes] = set()
         query = _cached(
             tx.conn, "superseded", lambda: sa.select(c.prefix).where(c.job == _JOB, one_of(tx.conn, c.prefix, "ids"))
         )
-        for chunk in _chunks(sorted({p for p in prefixes.values() if p is not None})):
-            found.update(tx.conn.execute(query, {"job": tx.job, "ids": chunk}).scalars())
+        found = {p for (p,) in _by_ids(tx.conn, query, {p for p in prefixes.values() if p is not None}, job=tx.job)}
         return {k for k, p in prefixes.items() if p in found}
-
-    def record_detection(self, job_id: str, image_key: str, crops: list[Crop]) -> bool:
-        return self.record_detections(job_id, [(image_key, crops)])[image_key]
 
     def record_detections(self, job_id: str, detections: Sequence[tuple[str, list[Crop]]]) -> dict[str, bool]:
         """Record each image's crops once, a batch (a detect batch's images) in one transaction; per
@@ -802,15 +730,13 @@ class SqlStateStore:
         det = t.detected_images.c
         found: dict[bytes, Crop] = {}
         ids = [crop_id(job_id, key) for key in keys]
-        images = sorted({ident[:12] for ident in ids if len(ident) == 14})
+        images = {ident[:12] for ident in ids if len(ident) == 14}
         with self._read() as conn:
-            for chunk in _chunks(images):
-                query = sa.select(det.image, det.tail, det.packed).where(
-                    det.job == job, one_of(conn, det.image, "ids"), det.packed.is_not(None)
-                )
-                for row in conn.execute(query, {"ids": chunk}):
-                    image_key = image_key_of(job_id, row.image, row.tail)
-                    found.update(unpack_crops(row.packed, job_id, row.image, image_key))
+            query = sa.select(det.image, det.tail, det.packed).where(
+                det.job == job, one_of(conn, det.image, "ids"), det.packed.is_not(None)
+            )
+            for row in _by_ids(conn, query, images):
+                found.update(unpack_crops(row.packed, job_id, row.image, image_key_of(job_id, row.image, row.tail)))
         return [crop for ident in ids if (crop := found.get(ident)) is not None]
 
     def crop_keys(self, job_id: str) -> list[str]:
@@ -822,18 +748,10 @@ class SqlStateStore:
             return sorted(crop_key_of(job_id, ident) for image, packed in rows for ident in crop_ids(image, packed))
 
     # ------------------------------------------------------------------ siamese
-    def has_distance(self, job_id: str, crop_key: str) -> bool:
-        return bool(self.distances_of(job_id, [crop_key]))
-
-    def record_distance(self, job_id: str, crop_key: str, distance: float) -> bool:
-        """Record a crop's distance once (counted once); a second one replaces the value, as ZADD does."""
-        return self.record_distances(job_id, [(crop_key, distance)])[crop_key]
-
     def record_distances(self, job_id: str, distances: Iterable[tuple[str, float]]) -> dict[str, bool]:
-        """:meth:`record_distance` for a batch of crops in one transaction (a scored batch: one commit,
-        one gate, one insert, one counter and histogram write instead of one each per crop); per
-        crop key, whether this call recorded it first. Written in id order, so two deliveries of
-        overlapping batches take their row locks in the same order."""
+        """Record each crop's distance once (counted once; a second one replaces the value), a batch (a
+        scored batch) in one transaction; per crop key, whether this call recorded it first. Written in
+        id order, so two deliveries of overlapping batches take their row locks in the same order."""
         values = {k: float(d) for k, d in distances}
         if not values:
             return {}
@@ -848,16 +766,15 @@ class SqlStateStore:
                 recorded[key] = True
                 tx.incr(Counter.COMPARED)
                 tx.add_distance(values[key])
-            again = sorted(i for i, k in ids.items() if not recorded[k])  # scored before: the new value replaces it
+            again = [i for i, k in ids.items() if not recorded[k]]  # scored before: the new value replaces it
             changed: list[dict[str, Any]] = []
-            for chunk in _chunks(again):
-                query = sa.select(c.crop, c.distance).where(c.job == tx.job, one_of(tx.conn, c.crop, "ids"))
-                for ident, old in tx.conn.execute(query.order_by(c.crop).with_for_update(), {"ids": chunk}):
-                    new = values[ids[ident]]
-                    if old != new:
-                        tx.add_distance(old, -1)
-                        tx.add_distance(new)
-                        changed.append({"ident": ident, "value": new})
+            query = sa.select(c.crop, c.distance).where(c.job == tx.job, one_of(tx.conn, c.crop, "ids"))
+            for ident, old in _by_ids(tx.conn, query.order_by(c.crop).with_for_update(), again):
+                new = values[ids[ident]]
+                if old != new:
+                    tx.add_distance(old, -1)
+                    tx.add_distance(new)
+                    changed.append({"ident": ident, "value": new})
             if changed:
                 update = (
                     sa.update(t.crop_distances)
@@ -870,18 +787,15 @@ class SqlStateStore:
     def record_compare_failure(self, job_id: str, crop_key: str) -> bool:
         with self._write(job_id, numbered=True) as tx:
             self._gate(tx, "share")
-            stmt = insert(tx.conn, t.compare_failures).values(job=tx.job, crop=crop_id(job_id, crop_key))
-            if tx.conn.execute(stmt.on_conflict_do_nothing().returning(t.compare_failures.c.crop)).first() is None:
+            if not _insert(tx.conn, t.compare_failures, [{"job": tx.job, "crop": crop_id(job_id, crop_key)}]):
                 return False
             tx.incr(Counter.COMPARE_FAILED)
             return True
 
-    def count_accepted(self, job_id: str, threshold: float) -> int:
-        return self.count_below(job_id, [threshold])[0]
-
     def count_below(self, job_id: str, thresholds: list[float]) -> list[int]:
-        """Counts from the histogram's bins, plus one indexed range count for a threshold inside a bin
-        that holds distances (none for an edge: every calibration grid threshold is one)."""
+        """For each threshold, how many crops have a distance <= it: the histogram's bins, plus one indexed
+        range count for a threshold inside a bin that holds distances (none for an edge: every calibration
+        grid threshold is one)."""
         b = t.distance_bins.c
         job = self._number(job_id) or 0
         with self._read() as conn:
@@ -917,11 +831,9 @@ class SqlStateStore:
             return {}
         c = t.crop_distances.c
         ids = {crop_id(job_id, k): k for k in crop_keys}
-        found: dict[str, float] = {}
         with self._read() as conn:
-            for chunk in _chunks(sorted(ids)):
-                query = sa.select(c.crop, c.distance).where(c.job == job, one_of(conn, c.crop, "ids"))
-                found.update((ids[ident], float(d)) for ident, d in conn.execute(query, {"ids": chunk}))
+            query = sa.select(c.crop, c.distance).where(c.job == job, one_of(conn, c.crop, "ids"))
+            found = {ids[ident]: float(d) for ident, d in _by_ids(conn, query, ids)}
         return {key: found[key] for key in crop_keys if key in found}
 
     def distances(self, job_id: str) -> list[tuple[str, float]]:
@@ -969,17 +881,13 @@ class SqlStateStore:
 
     # ------------------------------------------------------------------ feedback and resets
     def set_feedback(self, job_id: str, crop_key: str, correct: bool | None) -> None:
-        c = t.feedback.c
+        """A user's mark on a crop: right (True), wrong (False), or no mark (None)."""
+        c, row = t.feedback.c, {"job_id": job_id, "crop_key": crop_key, "correct": correct}
         with self._write(job_id) as tx:
             if correct is None:
                 tx.conn.execute(sa.delete(t.feedback).where(c.job_id == job_id, c.crop_key == crop_key))
-                return
-            stmt = insert(tx.conn, t.feedback).values(job_id=job_id, crop_key=crop_key, correct=correct)
-            tx.conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["job_id", "crop_key"], set_={"correct": stmt.excluded.correct}
-                )
-            )
+            else:
+                _insert(tx.conn, t.feedback, [row], update=["correct"])
 
     def feedback(self, job_id: str) -> dict[str, bool]:
         c = t.feedback.c
@@ -987,11 +895,12 @@ class SqlStateStore:
             return {key: bool(v) for key, v in conn.execute(sa.select(c.crop_key, c.correct).where(c.job_id == job_id))}
 
     def unfinished_work(self, job_id: str) -> tuple[list[str], list[str]]:
+        """Stored images not yet detected, and crops with neither a distance nor a failure."""
         if (job := self._number(job_id)) is None:
             return [], []
         k, det = t.kept_images.c, t.detected_images.c
         todo_images: list[str] = []
-        todo_crops: list[str] = []
+        ended: set[bytes] = set()  # crops with a distance or a failure
         with self._read() as conn:
             snapshot(conn)
             done = set(conn.execute(sa.select(det.image).where(det.job == job)).scalars())
@@ -1001,38 +910,27 @@ class SqlStateStore:
                     todo_images.append(_image_key(job_id, row))
             detected = conn.execute(sa.select(det.image, det.packed).where(det.job == job, det.packed.is_not(None)))
             crops = [ident for image, packed in detected for ident in crop_ids(image, packed)]
-            for chunk in _chunks(sorted(crops)):
-                ended: set[bytes] = set()
-                for table in (t.crop_distances, t.compare_failures):
-                    c = table.c
-                    ended.update(
-                        conn.execute(
-                            sa.select(c.crop).where(c.job == job, one_of(conn, c.crop, "ids")), {"ids": chunk}
-                        ).scalars()
-                    )
-                todo_crops += [crop_key_of(job_id, crop) for crop in chunk if crop not in ended]
-        return sorted(todo_images), sorted(todo_crops)
+            for c in (t.crop_distances.c, t.compare_failures.c):
+                query = sa.select(c.crop).where(c.job == job, one_of(conn, c.crop, "ids"))
+                ended.update(crop for (crop,) in _by_ids(conn, query, crops))
+        return sorted(todo_images), sorted(crop_key_of(job_id, crop) for crop in crops if crop not in ended)
 
     def reset_detections(self, job_id: str) -> None:
+        self.reset_distances(job_id, detections=True)
+
+    def reset_distances(self, job_id: str, *, detections: bool = False) -> None:
+        """Forget the job's distances and compare failures (and with ``detections``, its detections)."""
         with self._write(job_id, numbered=True) as tx:
             self._gate(tx, "exclusive")
-            tx.conn.execute(sa.delete(t.detected_images).where(t.detected_images.c.job == tx.job))
-            self._forget_distances(tx, Counter.DETECTED, Counter.CROPS)
-
-    def reset_distances(self, job_id: str) -> None:
-        with self._write(job_id, numbered=True) as tx:
-            self._gate(tx, "exclusive")
-            self._forget_distances(tx)
-
-    @staticmethod
-    def _forget_distances(tx: _Tx, *counters: Counter) -> None:
-        job_id = tx.job_id
-        tx.conn.execute(sa.delete(t.distance_bins).where(t.distance_bins.c.job_id == job_id))
-        for table in (t.crop_distances, t.compare_failures):
-            tx.conn.execute(sa.delete(table).where(table.c.job == tx.job))
-        names = [n.value for n in (*counters, Counter.COMPARED, Counter.COMPARE_FAILED)]
-        c = t.job_counters.c
-        tx.conn.execute(sa.delete(t.job_counters).where(c.job_id == job_id, c.name.in_(names)))
+            per_image = (t.crop_distances, t.compare_failures) + ((t.detected_images,) if detections else ())
+            for table in per_image:
+                tx.conn.execute(sa.delete(table).where(table.c.job == tx.job))
+            tx.conn.execute(sa.delete(t.distance_bins).where(t.distance_bins.c.job_id == job_id))
+            names = [Counter.COMPARED, Counter.COMPARE_FAILED] + (
+                [Counter.DETECTED, Counter.CROPS] if detections else []
+            )
+            c = t.job_counters.c
+            tx.conn.execute(sa.delete(t.job_counters).where(c.job_id == job_id, c.name.in_(names)))
 
 
 # ---------------------------------------------------------------------------- rows and records
@@ -1167,11 +1065,13 @@ def _image_row(job_id: str, url: str, image: StoredImage, near: NearDupQuery | N
     }
 
 
+PROVENANCE_TEXTS = ("page_url", "title", "license", "license_url", "author")  # packed after the two URLs
+
+
 def pack_provenance(url: str, p: Candidate) -> bytes:
     """The URL kept and the provenance's texts as compact JSON, deflated where that is shorter (first byte: 1)."""
-    image_url = None if p.image_url == url else p.image_url
-    plain = json.dumps([url, image_url, p.page_url, p.title, p.license, p.license_url, p.author], separators=(",", ":"))
-    raw = plain.encode()
+    texts = [url, None if p.image_url == url else p.image_url, *(getattr(p, name) for name in PROVENANCE_TEXTS)]
+    raw = json.dumps(texts, separators=(",", ":")).encode()
     squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: no header or checksum per row
     packed = squeeze.compress(raw) + squeeze.flush()
     return b"\x01" + packed if len(packed) < len(raw) else b"\x00" + raw
@@ -1189,7 +1089,7 @@ def kept_url(packed: bytes) -> str:
 
 def _stored_image(job_id: str, row: Any) -> StoredImage:
     fetched = row.fetched_at
-    url, image_url, page_url, title, license_, license_url, author = _provenance(row.provenance)
+    url, image_url, *texts = _provenance(row.provenance)
     return StoredImage(
         job_id=job_id,
         key=_image_key(job_id, row),
@@ -1200,59 +1100,49 @@ def _stored_image(job_id: str, row: Any) -> StoredImage:
         bytes=row.bytes,
         fetched_at=fetched.replace(tzinfo=UTC) if fetched.tzinfo is None else fetched.astimezone(UTC),
         provenance=Candidate(
-            image_url=image_url or url,
-            page_url=page_url,
-            source=row.source,
-            title=title,
-            license=license_,
-            license_url=license_url,
-            author=author,
+            image_url=image_url or url, source=row.source, **dict(zip(PROVENANCE_TEXTS, texts, strict=True))
         ),
         phash=f"{row.phash & ((1 << 64) - 1):016x}" if row.phash is not None else None,
     )
 
 
-def _compact(record: DownloadRecord, image: StoredImage | None) -> bool:
-    """Whether ``record`` is rebuilt from its kept image's row alone (a URL whose image the job keeps)."""
-    return (
-        image is not None
-        and record.sha256 is not None
-        and record
-        == DownloadRecord(url=record.url, outcome=DownloadOutcome.STORED, sha256=record.sha256, image_key=image.key)
-    )
-
-
 def _outcome_row(job: int, digest: bytes, record: DownloadRecord, image: StoredImage | None) -> dict[str, Any]:
-    if _compact(record, image):
-        assert record.sha256 is not None
-        return {"job": job, "url_digest": digest, "sha": bytes.fromhex(record.sha256), "body": None}
+    # A URL whose image the job keeps: its image's hash, no body (the record is rebuilt from that row).
+    if image is not None and record.sha256:
+        kept = DownloadRecord(url=record.url, outcome=DownloadOutcome.STORED, sha256=record.sha256, image_key=image.key)
+        if record == kept:
+            return {"job": job, "url_digest": digest, "sha": bytes.fromhex(record.sha256), "body": None}
     return {"job": job, "url_digest": digest, "sha": None, "body": record.model_dump_json()}
 
 
-def _records(conn: Connection, job: int, job_id: str, rows: Sequence[Any]) -> list[DownloadRecord]:
-    """The records of ``url_outcomes`` rows (``sha``, ``body``): a kept image's from its row."""
-    k = t.kept_images.c
-    shas = sorted({bytes(row.sha) for row in rows if row.body is None})
-    kept: dict[bytes, Any] = {}
-    for chunk in _chunks(shas):
-        query = sa.select(k.sha, k.provenance, k.format, k.key).where(one_of(conn, k.sha, "ids"), k.job == job)
-        kept.update((bytes(row.sha), row) for row in conn.execute(query, {"ids": chunk}))
-    records = []
+def _outcomes(conn: Connection, job: int, job_id: str, ids: Iterable[bytes]) -> dict[bytes, DownloadRecord]:
+    """The records of those URLs (by :func:`_url_id`) that have one: a kept image's rebuilt from its row."""
+    c, k = t.url_outcomes.c, t.kept_images.c
+    query = sa.select(c.url_digest, c.sha, c.body).where(c.job == job, one_of(conn, c.url_digest, "ids"))
+    rows = _by_ids(conn, query, ids)
+    query = sa.select(k.sha, k.provenance, k.format, k.key).where(one_of(conn, k.sha, "ids"), k.job == job)
+    kept = {bytes(row.sha): row for row in _by_ids(conn, query, [bytes(row.sha) for row in rows if row.body is None])}
+    found: dict[bytes, DownloadRecord] = {}
     for row in rows:
         if row.body is not None:
-            records.append(DownloadRecord.model_validate_json(row.body))
-            continue
-        image = kept[bytes(row.sha)]
-        key = _image_key(job_id, image)
-        records.append(
-            DownloadRecord(
-                url=kept_url(image.provenance),
-                outcome=DownloadOutcome.STORED,
-                sha256=bytes(row.sha).hex(),
-                image_key=key,
+            found[bytes(row.url_digest)] = DownloadRecord.model_validate_json(row.body)
+        else:
+            image, sha = kept[bytes(row.sha)], bytes(row.sha).hex()
+            key = _image_key(job_id, image)
+            found[bytes(row.url_digest)] = DownloadRecord(
+                url=kept_url(image.provenance), outcome=DownloadOutcome.STORED, sha256=sha, image_key=key
             )
-        )
-    return records
+    return found
+
+
+def _rewrite(conn: Connection, job: int, records: dict[bytes, DownloadRecord]) -> None:
+    """Write ``records`` (by URL id) over those URLs' records, in id order."""
+    if not records:
+        return
+    c = t.url_outcomes.c
+    update = sa.update(t.url_outcomes).where(c.job == job, c.url_digest == sa.bindparam("ident"))
+    bodies = [{"ident": d, "new_body": r.model_dump_json()} for d, r in sorted(records.items())]
+    conn.execute(update.values(sha=None, body=sa.bindparam("new_body")), bodies)
 
 
 def _owners(conn: Connection, job: int, shas: Sequence[bytes]) -> dict[bytes, str]:
@@ -1266,11 +1156,9 @@ def _owners(conn: Connection, job: int, shas: Sequence[bytes]) -> dict[bytes, st
             sa.select(s.sha, sa.null(), s.url).where(s.job == _JOB, one_of(conn, s.sha, "ids")),
         ),
     )
-    found: dict[bytes, str] = {}
-    for chunk in _chunks(sorted(set(shas))):
-        rows = conn.execute(query, {"job": job, "ids": chunk}).all()
-        found.update((bytes(sha), kept_url(packed)) for sha, packed, url in rows if url is None)
-        found.update((bytes(sha), url) for sha, _, url in rows if url is not None)  # over a kept copy
+    rows = _by_ids(conn, query, shas, job=job)
+    found = {bytes(sha): kept_url(packed) for sha, packed, url in rows if url is None}
+    found.update((bytes(sha), url) for sha, _, url in rows if url is not None)  # over a kept copy
     return found
 
 
@@ -1328,13 +1216,7 @@ class _Downloads:
         first = {d: item for d, item in reversed(list(zip(ids, items, strict=True)))}
         rows = [_outcome_row(tx.job, d, first[d].record, first[d].image) for d in unique]
         fresh = set(_insert(tx.conn, t.url_outcomes, rows, returning=c.url_digest))
-        answers: dict[bytes, DownloadRecord] = {}  # recorded before: that answer, nothing moves
-        for chunk in _chunks(sorted(set(unique) - fresh)):
-            query = sa.select(c.url_digest, c.sha, c.body).where(c.job == tx.job, one_of(tx.conn, c.url_digest, "ids"))
-            found = tx.conn.execute(query, {"ids": chunk}).all()
-            answers.update(
-                zip((row.url_digest for row in found), _records(tx.conn, tx.job, tx.job_id, found), strict=True)
-            )
+        answers = _outcomes(tx.conn, tx.job, tx.job_id, set(unique) - fresh)  # recorded before: that, nothing moves
         images = [first[d] for d in unique if d in fresh and first[d].image is not None and first[d].record.sha256]
         if images:
             self._look_up(images)
@@ -1346,8 +1228,7 @@ class _Downloads:
                     self.changed[ident] = answers[ident]
             elif self.superseded:  # a supersede may have changed the record since: as it is now
                 self._flush()
-                query = sa.select(c.url_digest, c.sha, c.body).where(c.job == tx.job, c.url_digest == ident)
-                answers[ident] = _records(tx.conn, tx.job, tx.job_id, tx.conn.execute(query).all())[0]
+                answers[ident] = _outcomes(tx.conn, tx.job, tx.job_id, [ident])[ident]
             finals.append(answers[ident])
         self._flush()
         return finals
@@ -1439,8 +1320,8 @@ class _Downloads:
     def _decide(self, item: DownloadItem) -> DownloadRecord:
         tx, record, image, near = self.tx, item.record, item.image, item.near
         if image is None or not record.sha256:
-            if (reason := reason_counter(record)) is not None:
-                tx.incr(reason)
+            if record.reason is not None and record.outcome in (DownloadOutcome.FAILED, DownloadOutcome.SKIPPED):
+                tx.incr(f"{record.outcome.value}:{record.reason.value}")
             tx.incr(OUTCOME_COUNTER[record.outcome])
             return record
         sha = bytes.fromhex(record.sha256)
@@ -1493,13 +1374,8 @@ class _Downloads:
             rest = [] if table is t.duplicates else [name for name in ordered[0] if name not in keys_]
             _insert(conn, table, ordered, update=rest)
         self.pending.clear()
-        if self.changed:
-            c = t.url_outcomes.c
-            update = (
-                sa.update(t.url_outcomes)
-                .where(c.job == self.tx.job, c.url_digest == sa.bindparam("ident"))
-                .values(sha=None, body=sa.bindparam("new_body"))
-            )
-            changed = [{"ident": d, "new_body": r.model_dump_json()} for d, r in sorted(self.changed.items())]
-            conn.execute(update, changed)
-            self.changed.clear()
+        _rewrite(conn, self.tx.job, self.changed)
+        self.changed.clear()
+
+
+StateStore = SqlStateStore  # the store's type, as its callers name it: the one implementation

@@ -35,7 +35,7 @@ from imgsift_common.calibration import (
 
 if TYPE_CHECKING:
     from imgsift_common.messages import Job
-    from imgsift_common.state import StateStore
+    from imgsift_common.sqlstate import StateStore
 
 # The label-free suggestion is used only where it promises at least this much F1 over accepting
 # every crop (its own estimate); bench/quality_bench.py measures the rule (docs/quality.md).

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from imgsift_common.messages import Job, JobState, WebhookEvent, WebhookMessage, utcnow
 from imgsift_common.progress import compute_progress
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 
 SECRET_MARKER = "webhook-secret"
 DELIVERY_PREFIX = "webhook-delivery:"

@@ -16,7 +16,7 @@ from imgsift_common.messages import (
     Crop,
     DiscoverMessage,
 )
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from tests.support.records import record_stored
 
 SPEC = {"target": "person", "threshold": 0.5, "sources": [{"kind": "urls", "urls": ["http://127.0.0.1:9/a.jpg"]}]}
@@ -108,9 +108,9 @@ def _fill(state: StateStore, store, job_id: str, distances: list[float]) -> list
         )  # fmt: skip
         store.put(crop.key, _jpeg((i * 20 % 255, 0, 0)))
         crops.append(crop)
-    state.record_detection(job_id, image_key, crops)
+    state.record_detections(job_id, [(image_key, crops)])
     for crop, d in zip(crops, distances, strict=True):
-        state.record_distance(job_id, crop.key, d)
+        state.record_distances(job_id, [(crop.key, d)])
     return [c.crop_id for c in crops]
 
 

@@ -19,7 +19,8 @@ from imgsift_common.messages import (
     SourceSpec,
     utcnow,
 )
-from imgsift_common.state import Flag, StateStore
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import Flag
 from tests.support.records import crops, record_stored
 
 JOB = "job-failed-tasks"
@@ -61,21 +62,21 @@ def test_lost_downloads_detections_and_comparisons_are_recorded_and_the_job_comp
     a, b = "a" * 64, "b" * 64
     key_a = _store(state_store, a, "http://a/0")
     key_b = _store(state_store, b, "http://a/1")
-    state_store.record_detection(JOB, key_a, crops := _crops(a, 2))
-    state_store.record_distance(JOB, crops[0].key, 0.5)
+    state_store.record_detections(JOB, [(key_a, crops := _crops(a, 2))])
+    state_store.record_distances(JOB, [(crops[0].key, 0.5)])
 
     # The download of a/1 (stored) and a/2 (not yet) failed for good: a/2 is failed, a/1 stays stored.
     candidates = [{"image_url": f"http://a/{i}", "source": "urls"} for i in (1, 2)]
     job = _settle(state_store, TaskName.DOWNLOAD, {"job_id": JOB, "candidates": candidates})
     assert job is not None and job.state is JobState.RUNNING
-    record = state_store.url_record(JOB, "http://a/2")
+    record = state_store.url_records(JOB, ["http://a/2"]).get("http://a/2")
     assert record is not None and record.outcome is DownloadOutcome.FAILED
     assert record.reason is FailureReason.TASK_FAILED and ERROR in (record.detail or "")
-    assert state_store.url_record(JOB, "http://a/1").outcome is DownloadOutcome.STORED  # type: ignore[union-attr]
+    assert state_store.url_records(JOB, ["http://a/1"])["http://a/1"].outcome is DownloadOutcome.STORED
 
     # The detection of b, and of a (detected already): b is recorded with no crops, a is unchanged.
     _settle(state_store, TaskName.DETECT, {"job_id": JOB, "image_keys": [key_a, key_b]})
-    assert state_store.detected_count(JOB, key_b) == 0 and state_store.detected_count(JOB, key_a) == 2
+    assert state_store.detected_counts(JOB, [key_a, key_b]) == {key_a: 2, key_b: 0}
 
     # The comparison of both crops of a: the one scored keeps its distance, the other is counted lost.
     job = _settle(state_store, TaskName.COMPARE, {"job_id": JOB, "crop_keys": [c.key for c in crops]})

@@ -31,6 +31,7 @@ from imgsift_common.neardup import NearDupQuery
 from imgsift_common.schema import SchemaMismatch, check_schema, head_revision, metadata, migrate
 from imgsift_common.sqldialect import make_engine
 from imgsift_common.sqlstate import BINS, SqlStateStore
+from imgsift_common.state import DownloadItem
 from tests.support.records import crops, record_stored, stored_image
 
 JOB = "job-sql"
@@ -105,18 +106,18 @@ def test_counters_do_not_drift_under_concurrent_writers(sql_url: str) -> None:
         for i in range(30):  # the same failures, redelivered to every worker, and some of its own
             url = f"http://f/{i}" if i < 20 else f"http://f{writer}/{i}"
             failed = DownloadRecord(url=url, outcome=DownloadOutcome.FAILED, reason=FailureReason.NOT_AN_IMAGE)
-            steps.append(lambda r=failed: state.record_download(JOB, r, None, max_images))
+            steps.append(lambda r=failed: state.record_downloads(JOB, [DownloadItem(r)], max_images)[0])
         for i in range(40):  # the same bytes under a URL per worker: exact duplicates
             record, image = stored_image(JOB, sha[i], url=f"http://s{writer}/{i}")
-            steps.append(lambda r=record, im=image: state.record_download(JOB, r, im, max_images))
+            steps.append(lambda r=record, im=image: state.record_downloads(JOB, [DownloadItem(r, im)], max_images)[0])
         for i in range(40, 50):  # one URL, redelivered to every worker
             record, image = stored_image(JOB, sha[i], url=f"http://same/{i}")
-            steps.append(lambda r=record, im=image: state.record_download(JOB, r, im, max_images))
+            steps.append(lambda r=record, im=image: state.record_downloads(JOB, [DownloadItem(r, im)], max_images)[0])
         for key in shared_crops:  # the same distances, and some of its own
-            steps.append(lambda k=key: state.record_distance(JOB, k, distance_of[k]))
+            steps.append(lambda k=key: state.record_distances(JOB, [(k, distance_of[k])])[k])
         for i in range(20):
             own = keys.crop_key(JOB, keys.crop_id(_sha(1000 + writer * 100 + i), 0))
-            steps.append(lambda k=own: state.record_distance(JOB, k, rng.random()))
+            steps.append(lambda k=own: state.record_distances(JOB, [(k, rng.random())])[k])
             steps.append(lambda k=own: state.record_compare_failure(JOB, f"{k}.lost"))
         candidates = [Candidate(image_url=f"http://c/{i}", source=SourceKind.URLS) for i in range(40)]
         candidates += [Candidate(image_url=f"http://c{writer}/{i}", source=SourceKind.URLS) for i in range(10)]
@@ -140,7 +141,7 @@ def test_counters_do_not_drift_under_concurrent_writers(sql_url: str) -> None:
     assert counters["discovered"] == 40 + WRITERS * 10 == store.frontier_size(JOB)
     assert store.count_below(JOB, [float("inf")]) == [counters["compared"]]
     assert {k: d for k, d in store.distances(JOB) if k in distance_of} == pytest.approx(distance_of)
-    stored = [u for u in (store.url_record(JOB, f"http://s{w}/{i}") for w in range(WRITERS) for i in range(40)) if u]
+    stored = list(store.url_records(JOB, [f"http://s{w}/{i}" for w in range(WRITERS) for i in range(40)]).values())
     for i in range(40):  # one copy of each content kept; the others name it
         copies = [r for r in stored if r.sha256 == sha[i]]
         kept = [r for r in copies if r.outcome is DownloadOutcome.STORED]
@@ -183,20 +184,20 @@ def test_concurrent_near_duplicates_keep_the_largest_and_take_back_the_rest(sql_
             phash = bases[g] ^ (1 << writer)  # within 2 bits of the other copies
             record, image = stored_image(JOB, sha, url=f"http://n{writer}/{g}", size=(side, side))
             image = image.model_copy(update={"phash": f"{phash:016x}"})
-            outcome = state.record_download(JOB, record, image, 1000, near=NearDupQuery(phash, 6))
+            outcome = state.record_downloads(JOB, [DownloadItem(record, image, near=NearDupQuery(phash, 6))], 1000)[0]
             if outcome.outcome is DownloadOutcome.STORED:
                 (crop,) = crops(JOB, sha, 1)
-                state.record_detection(JOB, image.key, [crop])
-                state.record_distance(JOB, crop.key, 0.1 * (writer + 1))
+                state.record_detections(JOB, [(image.key, [crop])])
+                state.record_distances(JOB, [(crop.key, 0.1 * (writer + 1))])
 
     _in_parallel(sql_url, work)
 
     largest = WRITERS - 1
     for g in range(groups):
-        kept = store.url_record(JOB, f"http://n{largest}/{g}")
+        kept = store.url_records(JOB, [f"http://n{largest}/{g}"]).get(f"http://n{largest}/{g}")
         assert kept is not None and kept.outcome is DownloadOutcome.STORED
         for writer in range(largest):
-            copy = store.url_record(JOB, f"http://n{writer}/{g}")
+            copy = store.url_records(JOB, [f"http://n{writer}/{g}"]).get(f"http://n{writer}/{g}")
             assert copy is not None and copy.outcome is DownloadOutcome.DUPLICATE, (g, writer, copy)
             assert copy.duplicate_of == kept.url
     assert store.counters(JOB) == {
@@ -220,10 +221,10 @@ def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: st
     phash = 0x0F0F0F0F0F0F0F0F
     small_record, small = stored_image(JOB, _sha(1), url="http://x/small", size=(100, 100))
     small = small.model_copy(update={"phash": f"{phash:016x}"})
-    worker.record_download(JOB, small_record, small, 10, near=NearDupQuery(phash, 6))
+    worker.record_downloads(JOB, [DownloadItem(small_record, small, near=NearDupQuery(phash, 6))], 10)
     (crop,) = crops(JOB, _sha(1), 1)
     if table == "crop_distances":
-        worker.record_detection(JOB, small.key, [crop])
+        worker.record_detections(JOB, [(small.key, [crop])])
     inside, proceed = threading.Event(), threading.Event()
 
     def pause(_conn: object, _cursor: object, statement: str, *_: object) -> None:
@@ -233,17 +234,16 @@ def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: st
 
     sa.event.listen(worker.engine, "before_cursor_execute", pause)
     if table == "detected_images":
-        downstream = threading.Thread(target=worker.record_detection, args=(JOB, small.key, [crop]))
+        downstream = threading.Thread(target=worker.record_detections, args=(JOB, [(small.key, [crop])]))
     else:
-        downstream = threading.Thread(target=worker.record_distance, args=(JOB, crop.key, 0.2))
+        downstream = threading.Thread(target=worker.record_distances, args=(JOB, [(crop.key, 0.2)]))
     downstream.start()
     assert inside.wait(10)
     big_record, big = stored_image(JOB, _sha(2), url="http://x/big", size=(400, 400))
     big = big.model_copy(update={"phash": f"{phash ^ 1:016x}"})
     supersede = threading.Thread(
-        target=crawler.record_download,
-        args=(JOB, big_record, big, 10),
-        kwargs={"near": NearDupQuery(phash ^ 1, 6)},
+        target=crawler.record_downloads,
+        args=(JOB, [DownloadItem(big_record, big, near=NearDupQuery(phash ^ 1, 6))], 10),
     )
     supersede.start()
     supersede.join(0.5)
@@ -251,7 +251,7 @@ def test_a_supersede_waits_for_downstream_work_in_flight(sql_url: str, table: st
     proceed.set()
     downstream.join(10)
     supersede.join(10)
-    assert crawler.url_record(JOB, "http://x/small").outcome is DownloadOutcome.DUPLICATE  # type: ignore[union-attr]
+    assert crawler.url_records(JOB, ["http://x/small"])["http://x/small"].outcome is DownloadOutcome.DUPLICATE
     assert crawler.counters(JOB) == {"downloaded": 1, "duplicates": 1}
     assert crawler.distances(JOB) == []
     worker.close()
@@ -266,15 +266,15 @@ def test_histogram_counts_equal_exact_counts(sql_url: str) -> None:
     values = [rng.random() * 1.2 for _ in range(400)] + rng.sample(edges, 40) + [0.0, 0.0, 1.2, 2.0, 2.5, -0.01]
     keys_ = [f"jobs/{JOB}/crops/{i:024x}-000.jpg" for i in range(len(values))]
     for key, value in zip(keys_, values, strict=True):
-        assert store.record_distance(JOB, key, value)
+        assert store.record_distances(JOB, [(key, value)])[key]
     for key in rng.sample(keys_, 60):  # a second score replaces the first: the value moves bins
-        assert not store.record_distance(JOB, key, rng.random() * MAX_DISTANCE)
+        assert not store.record_distances(JOB, [(key, rng.random() * MAX_DISTANCE)])[key]
     recorded = [d for _, d in store.distances(JOB)]
     thresholds = [rng.random() * 1.3 for _ in range(300)] + rng.sample(edges, 60) + [recorded[7], recorded[-3]]
     thresholds += [-1.0, -0.01, 0.0, 1.995, 2.0, 2.4, 9.0, float("inf"), float("-inf")]
     exact = [sum(d <= t for d in recorded) for t in thresholds]
     assert store.count_below(JOB, thresholds) == exact
-    assert [store.count_accepted(JOB, t) for t in thresholds[:20]] == exact[:20]
+    assert [store.count_below(JOB, [t])[0] for t in thresholds[:20]] == exact[:20]
     store.reset_distances(JOB)
     assert store.count_below(JOB, [0.5, float("inf")]) == [0, 0]
     store.close()
@@ -287,7 +287,7 @@ def test_keys_sort_by_bytes_whatever_the_database_collation(sql_url: str) -> Non
     _job(store)
     names = ["a-b", "aB", "a_b", "Ab", "a.b", "ab", "a b", "b", "B", "ä"]
     for name in names:
-        store.record_distance(JOB, name, 0.5)
+        store.record_distances(JOB, [(name, 0.5)])
     assert [k for k, _ in store.distances(JOB)] == sorted(names)
     walked, after = [], None
     while True:
@@ -366,7 +366,7 @@ def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(e
     big = big.model_copy(update={"phash": f"{phash:016x}"})
     old = SqlStateStore(engine)  # the code at 0002 wrote the same rows: only the indexes differ
     _job(old)
-    assert old.record_download(JOB, big_record, big, 10, near=NearDupQuery(phash, 6)) == big_record
+    assert old.record_downloads(JOB, [DownloadItem(big_record, big, near=NearDupQuery(phash, 6))], 10)[0] == big_record
     upgrade("head")
     upgrade("0002", command.downgrade)
     upgrade("head")
@@ -381,9 +381,12 @@ def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(e
     store = SqlStateStore.open(empty_url)
     small_record, small = stored_image(JOB, _sha(2), url="http://x/small", size=(40, 30))
     small = small.model_copy(update={"phash": f"{phash ^ 0b101:016x}"})
-    copy = store.record_download(JOB, small_record, small, 10, near=NearDupQuery(phash ^ 0b101, 6))
+    copy = store.record_downloads(JOB, [DownloadItem(small_record, small, near=NearDupQuery(phash ^ 0b101, 6))], 10)[0]
     assert (copy.outcome, copy.duplicate_of, copy.hamming) == (DownloadOutcome.DUPLICATE, "http://x/big", 2)
-    assert store.url_record(JOB, "http://x/big") == big_record and store.get_image(JOB, big.key) == big
+    assert (
+        store.url_records(JOB, ["http://x/big"]).get("http://x/big") == big_record
+        and store.get_images(JOB, [big.key]).get(big.key) == big
+    )
     store.close()
 
 
@@ -463,7 +466,7 @@ def test_downstream_writes_do_not_wait_for_a_download_batch_deciding(sql_url: st
     _job(worker)
     record_stored(worker, JOB, _sha(1))
     (crop,) = crops(JOB, _sha(1), 1)
-    worker.record_detection(JOB, keys.image_key(JOB, _sha(1), "JPEG"), [crop])
+    worker.record_detections(JOB, [(keys.image_key(JOB, _sha(1), "JPEG"), [crop])])
     inside, proceed = threading.Event(), threading.Event()
 
     def pause(_conn: object, _cursor: object, statement: str, *_: object) -> None:
@@ -473,16 +476,16 @@ def test_downstream_writes_do_not_wait_for_a_download_batch_deciding(sql_url: st
 
     sa.event.listen(crawler.engine, "before_cursor_execute", pause)
     record, image = stored_image(JOB, _sha(2), url="http://x/2")
-    batch = threading.Thread(target=crawler.record_download, args=(JOB, record, image, 10))
+    batch = threading.Thread(target=crawler.record_downloads, args=(JOB, [DownloadItem(record, image)], 10))
     batch.start()
     assert inside.wait(10)
-    scored = threading.Thread(target=worker.record_distance, args=(JOB, crop.key, 0.3))
+    scored = threading.Thread(target=worker.record_distances, args=(JOB, [(crop.key, 0.3)]))
     scored.start()
     scored.join(5)
     assert not scored.is_alive()  # it did not wait for the batch
     third = SqlStateStore.open(sql_url)
     blocked = threading.Thread(
-        target=third.record_download, args=(JOB, *stored_image(JOB, _sha(3), url="http://x/3"), 10)
+        target=third.record_downloads, args=(JOB, [DownloadItem(*stored_image(JOB, _sha(3), url="http://x/3"))], 10)
     )
     blocked.start()
     blocked.join(0.5)

@@ -23,7 +23,7 @@ from imgsift_common.messages import (
     StoredImage,
 )
 from imgsift_common.progress import compute_progress, finish_if_complete
-from imgsift_common.state import Flag, StreamState
+from imgsift_common.state import DownloadItem, Flag, StreamState
 from tests.support.records import stored_image
 
 JOB = "job-state"
@@ -63,23 +63,26 @@ def test_download_records_are_once_per_url_and_dedupe_by_content(state_store) ->
     _job(state_store)
     a = "a" * 64
     record, image = _image(a, "http://x/1")
-    assert state_store.record_download(JOB, record, image, 10).outcome is DownloadOutcome.STORED
+    assert state_store.record_downloads(JOB, [DownloadItem(record, image)], 10)[0].outcome is DownloadOutcome.STORED
     # redelivery of the same URL: same answer, no counter moves
-    assert state_store.record_download(JOB, record, image, 10).outcome is DownloadOutcome.STORED
+    assert state_store.record_downloads(JOB, [DownloadItem(record, image)], 10)[0].outcome is DownloadOutcome.STORED
     copy, copy_image = _image(a, "http://x/copy")
-    dup = state_store.record_download(JOB, copy, copy_image, 10)
+    dup = state_store.record_downloads(JOB, [DownloadItem(copy, copy_image)], 10)[0]
     assert dup.outcome is DownloadOutcome.DUPLICATE and dup.duplicate_of == "http://x/1"
     failed = DownloadRecord(url="http://x/bad", outcome=DownloadOutcome.FAILED, reason=FailureReason.NOT_AN_IMAGE)
-    state_store.record_download(JOB, failed, None, 10)
-    state_store.record_download(JOB, failed, None, 10)
+    state_store.record_downloads(JOB, [DownloadItem(failed)], 10)
+    state_store.record_downloads(JOB, [DownloadItem(failed)], 10)
     assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1, "failed": 1, "failed:not_an_image": 1}
-    assert state_store.get_image(JOB, image.key) == image
+    assert state_store.get_images(JOB, [image.key]).get(image.key) == image
     assert state_store.image_keys(JOB) == [image.key]
 
 
 def test_image_limit_is_exact(state_store) -> None:  # type: ignore[no-untyped-def]
     _job(state_store)
-    outcomes = [state_store.record_download(JOB, *_image(f"{i:064x}", f"http://x/{i}"), 2).outcome for i in range(4)]
+    outcomes = [
+        state_store.record_downloads(JOB, [DownloadItem(*_image(f"{i:064x}", f"http://x/{i}"))], 2)[0].outcome
+        for i in range(4)
+    ]
     assert outcomes == [DownloadOutcome.STORED] * 2 + [DownloadOutcome.SKIPPED] * 2
     assert state_store.counters(JOB)["skipped:limit_reached"] == 2
 
@@ -93,26 +96,26 @@ def test_detections_and_distances_are_recorded_once(state_store) -> None:  # typ
              image_key=image_key, box=(0, 0, 1, 1), padded_box=(0, 0, 1, 1), score=0.5, class_name="dog")
         for i in range(3)
     ]  # fmt: skip
-    assert state_store.record_detection(JOB, image_key, crops)
-    assert not state_store.record_detection(JOB, image_key, crops)
-    assert state_store.is_detected(JOB, image_key)
-    assert state_store.detected_count(JOB, image_key) == 3
-    assert state_store.detected_count(JOB, "jobs/job-state/images/none.jpg") is None
+    assert state_store.record_detections(JOB, [(image_key, crops)])[image_key]
+    assert not state_store.record_detections(JOB, [(image_key, crops)])[image_key]
+    assert image_key in state_store.detected_counts(JOB, [image_key])
+    assert state_store.detected_counts(JOB, [image_key]).get(image_key) == 3
+    assert state_store.detected_counts(JOB, ["jobs/job-state/images/none.jpg"]) == {}
     for crop, d in zip(crops, [0.2, 0.4, 0.9], strict=True):
-        assert state_store.record_distance(JOB, crop.key, d)
-        assert not state_store.record_distance(JOB, crop.key, d)
+        assert state_store.record_distances(JOB, [(crop.key, d)])[crop.key]
+        assert not state_store.record_distances(JOB, [(crop.key, d)])[crop.key]
     assert state_store.counters(JOB) == {"detected": 1, "crops": 3, "compared": 3}
     assert state_store.record_compare_failure(JOB, "lost-crop")
     assert not state_store.record_compare_failure(JOB, "lost-crop")
     assert state_store.counters(JOB)["compare_failed"] == 1
-    assert state_store.count_accepted(JOB, 0.4) == 2
+    assert state_store.count_below(JOB, [0.4])[0] == 2
     assert state_store.get_crops(JOB, [crops[1].key]) == [crops[1]]
     state_store.reset_distances(JOB)
     assert state_store.counters(JOB) == {"detected": 1, "crops": 3}
     assert state_store.record_compare_failure(JOB, "lost-crop")  # forgotten with the distances
     state_store.reset_detections(JOB)
     assert state_store.counters(JOB) == {}
-    assert not state_store.is_detected(JOB, image_key)
+    assert image_key not in state_store.detected_counts(JOB, [image_key])
 
 
 def test_a_batch_of_distances_is_recorded_as_one_by_one(state_store) -> None:  # type: ignore[no-untyped-def]
@@ -137,7 +140,7 @@ def test_distance_pages_walk_every_crop_once_with_ties(state_store) -> None:  # 
     rng = random.Random(7)
     distances = {f"k{i:03d}": rng.choice([0.1, 0.25, 0.25, 0.25, 0.5, 0.75, 1.0]) for i in range(40)}
     for key, d in distances.items():
-        state_store.record_distance(JOB, key, d)
+        state_store.record_distances(JOB, [(key, d)])
     bounds: list[dict[str, float]] = [{}, {"max_distance": 0.5}, {"min_distance_exclusive": 0.25}]
     for kwargs in bounds:
         for descending in (False, True):
@@ -168,7 +171,7 @@ def test_frontier_leases_and_releases_on_outcome(state_store) -> None:  # type: 
     # An outcome takes a URL out of the frontier; the others are handed out again once
     # their lease runs out (the worker that had them died).
     record, image = _image("d" * 64, first[0].image_url)
-    state_store.record_download(JOB, record, image, 10)
+    state_store.record_downloads(JOB, [DownloadItem(record, image)], 10)
     assert state_store.frontier_size(JOB) == 4
     time.sleep(0.3)
     again = state_store.lease_candidates(JOB, 10, lease_seconds=60)
@@ -207,11 +210,11 @@ def test_progress_and_completion(state_store) -> None:  # type: ignore[no-untype
     state_store.set_flag(JOB, Flag.DISCOVERY_DONE)
     assert finish_if_complete(state_store, JOB).state is JobState.RUNNING  # the URL is not handled yet
     record, image = _image("c" * 64, "http://x/1")
-    state_store.record_download(JOB, record, image, 10)
+    state_store.record_downloads(JOB, [DownloadItem(record, image)], 10)
     progress = compute_progress(state_store.counters(JOB), state_store.flags(JOB))
     assert progress.stages["crawl"].state == "done" and progress.stages["detect"].state == "pending"
     assert 0.3 < progress.fraction < 0.7
-    state_store.record_detection(JOB, image.key, [])  # an image without objects
+    state_store.record_detections(JOB, [(image.key, [])])  # an image without objects
     assert finish_if_complete(state_store, JOB).state is JobState.COMPLETED
     assert compute_progress(state_store.counters(JOB), state_store.flags(JOB)).complete
 
@@ -281,11 +284,13 @@ def test_near_duplicate_smaller_copy_is_recorded_as_duplicate(state_store, dista
     small = _sized("b" * 64, "http://x/small", 400, 300, h ^ flip)
     other = _sized("c" * 64, "http://x/other", 400, 300, h ^ 0xFFFF0000)  # 16 bits away
     for record, image in (big, small, other):
-        state_store.record_download(JOB, record, image, 10, near=NearDupQuery(int(image.phash, 16), distance))
-    kept = state_store.url_record(JOB, "http://x/small")
+        state_store.record_downloads(
+            JOB, [DownloadItem(record, image, near=NearDupQuery(int(image.phash, 16), distance))], 10
+        )
+    kept = state_store.url_records(JOB, ["http://x/small"]).get("http://x/small")
     assert kept.outcome is DownloadOutcome.DUPLICATE and kept.duplicate_of == "http://x/big"
     assert kept.hamming == flip.bit_count()
-    assert state_store.url_record(JOB, "http://x/other").outcome is DownloadOutcome.STORED
+    assert state_store.url_records(JOB, ["http://x/other"])["http://x/other"].outcome is DownloadOutcome.STORED
     assert state_store.counters(JOB) == {"downloaded": 2, "duplicates": 1}
 
 
@@ -299,10 +304,12 @@ def test_near_duplicate_beyond_the_band_radius_reads_the_jobs_hashes(state_store
     small = _sized("b" * 64, "http://x/small", 400, 300, h ^ 0xFFFFF0)  # 20 bits away
     other = _sized("c" * 64, "http://x/other", 400, 300, h ^ ((1 << 64) - 1))  # 64 bits away
     for record, image in (big, small, other):
-        state_store.record_download(JOB, record, image, 10, near=NearDupQuery(int(image.phash, 16), 24))
-    kept = state_store.url_record(JOB, "http://x/small")
+        state_store.record_downloads(
+            JOB, [DownloadItem(record, image, near=NearDupQuery(int(image.phash, 16), 24))], 10
+        )
+    kept = state_store.url_records(JOB, ["http://x/small"]).get("http://x/small")
     assert kept.outcome is DownloadOutcome.DUPLICATE and kept.duplicate_of == "http://x/big" and kept.hamming == 20
-    assert state_store.url_record(JOB, "http://x/other").outcome is DownloadOutcome.STORED
+    assert state_store.url_records(JOB, ["http://x/other"])["http://x/other"].outcome is DownloadOutcome.STORED
 
 
 def test_near_duplicate_larger_copy_replaces_the_kept_one_downstream_too(state_store) -> None:  # type: ignore[no-untyped-def]
@@ -311,34 +318,34 @@ def test_near_duplicate_larger_copy_replaces_the_kept_one_downstream_too(state_s
     _job(state_store)
     h = 0x0F0F0F0F0F0F0F0F
     small_record, small = _sized("a" * 64, "http://x/small", 400, 300, h)
-    state_store.record_download(JOB, small_record, small, 10, near=NearDupQuery(h, 6))
+    state_store.record_downloads(JOB, [DownloadItem(small_record, small, near=NearDupQuery(h, 6))], 10)
     # The small copy went downstream: two crops, one compared.
     crops = [
         Crop(job_id=JOB, key=keys.crop_key(JOB, keys.crop_id("a" * 64, i)), crop_id=keys.crop_id("a" * 64, i),
              image_key=small.key, box=(0, 0, 1, 1), padded_box=(0, 0, 1, 1), score=0.5, class_name="dog")
         for i in range(2)
     ]  # fmt: skip
-    state_store.record_detection(JOB, small.key, crops)
-    state_store.record_distance(JOB, crops[0].key, 0.3)
+    state_store.record_detections(JOB, [(small.key, crops)])
+    state_store.record_distances(JOB, [(crops[0].key, 0.3)])
     assert state_store.counters(JOB) == {"downloaded": 1, "detected": 1, "crops": 2, "compared": 1}
 
     big_record, big = _sized("b" * 64, "http://x/big", 1600, 1200, h ^ 1)
-    final = state_store.record_download(JOB, big_record, big, 10, near=NearDupQuery(h ^ 1, 6))
+    final = state_store.record_downloads(JOB, [DownloadItem(big_record, big, near=NearDupQuery(h ^ 1, 6))], 10)[0]
 
     assert final.outcome is DownloadOutcome.STORED
-    demoted = state_store.url_record(JOB, "http://x/small")
+    demoted = state_store.url_records(JOB, ["http://x/small"]).get("http://x/small")
     assert demoted.outcome is DownloadOutcome.DUPLICATE and demoted.duplicate_of == "http://x/big"
     # As if the small copy never went downstream: no detection, no crop, no distance counted.
     assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
     assert state_store.image_keys(JOB) == [big.key]
-    assert state_store.count_accepted(JOB, 2.0) == 0
+    assert state_store.count_below(JOB, [2.0])[0] == 0
     # Work on the small copy still in flight is dropped when it lands.
-    assert not state_store.record_distance(JOB, crops[1].key, 0.2)
-    assert state_store.count_accepted(JOB, 2.0) == 0
+    assert not state_store.record_distances(JOB, [(crops[1].key, 0.2)])[crops[1].key]
+    assert state_store.count_below(JOB, [2.0])[0] == 0
     assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
     # Exact copies of the small bytes now point at the copy kept.
     copy = DownloadRecord(url="http://x/copy", outcome=DownloadOutcome.STORED, sha256="a" * 64, image_key=small.key)
-    assert state_store.record_download(JOB, copy, small, 10).duplicate_of == "http://x/big"
+    assert state_store.record_downloads(JOB, [DownloadItem(copy, small)], 10)[0].duplicate_of == "http://x/big"
 
 
 def test_superseded_image_detected_later_records_nothing(state_store) -> None:  # type: ignore[no-untyped-def]
@@ -348,8 +355,8 @@ def test_superseded_image_detected_later_records_nothing(state_store) -> None:  
     h = 0x1111222233334444
     small_record, small = _sized("a" * 64, "http://x/small", 100, 100, h)
     big_record, big = _sized("b" * 64, "http://x/big", 200, 200, h)
-    state_store.record_download(JOB, small_record, small, 10, near=NearDupQuery(h, 6))
-    state_store.record_download(JOB, big_record, big, 10, near=NearDupQuery(h, 6))
+    state_store.record_downloads(JOB, [DownloadItem(small_record, small, near=NearDupQuery(h, 6))], 10)
+    state_store.record_downloads(JOB, [DownloadItem(big_record, big, near=NearDupQuery(h, 6))], 10)
     crop_id = keys.crop_id("a" * 64, 0)
     crop = Crop(
         job_id=JOB,
@@ -361,8 +368,8 @@ def test_superseded_image_detected_later_records_nothing(state_store) -> None:  
         score=0.5,
         class_name="dog",
     )
-    assert not state_store.record_detection(JOB, small.key, [crop])
-    assert state_store.is_detected(JOB, small.key)  # a redelivery stops early
+    assert not state_store.record_detections(JOB, [(small.key, [crop])])[small.key]
+    assert small.key in state_store.detected_counts(JOB, [small.key])  # a redelivery stops early
     assert state_store.counters(JOB) == {"downloaded": 1, "duplicates": 1}
 
 
@@ -373,14 +380,17 @@ def test_exact_copies_across_jobs_only_when_asked(state_store) -> None:  # type:
     )
     state_store.create_job(other)
     record, image = _image("e" * 64, "http://x/first")
-    state_store.record_download(JOB, record, image, 10)
+    state_store.record_downloads(JOB, [DownloadItem(record, image)], 10)
     again = DownloadRecord(url="http://y/same", outcome=DownloadOutcome.STORED, sha256="e" * 64)
     other_image = image.model_copy(update={"job_id": "job-other", "key": keys.image_key("job-other", "e" * 64, "JPEG")})
-    assert state_store.record_download("job-other", again, other_image, 10).outcome is DownloadOutcome.STORED
+    assert (
+        state_store.record_downloads("job-other", [DownloadItem(again, other_image)], 10)[0].outcome
+        is DownloadOutcome.STORED
+    )
     third = DownloadRecord(url="http://z/same", outcome=DownloadOutcome.STORED, sha256="e" * 64)
     state_store.create_job(other.model_copy(update={"id": "job-third"}))
     third_image = image.model_copy(update={"job_id": "job-third", "key": keys.image_key("job-third", "e" * 64, "JPEG")})
-    dup = state_store.record_download("job-third", third, third_image, 10, across_jobs=True)
+    dup = state_store.record_downloads("job-third", [DownloadItem(third, third_image)], 10, across_jobs=True)[0]
     assert dup.outcome is DownloadOutcome.DUPLICATE
     assert dup.duplicate_of in (f"job {JOB} http://x/first", "job job-other http://y/same")
 
@@ -422,7 +432,6 @@ def _download_items(job_id: str, seed: int) -> list:  # type: ignore[type-arg]
     """A crawl's worth of outcomes that exercise every rule: exact copies, near copies smaller and
     larger (superseding, within a batch too), a URL delivered twice, failures, the image limit."""
     from imgsift_common.neardup import NearDupQuery
-    from imgsift_common.state import DownloadItem
 
     rng = random.Random(seed)
     centres = [rng.getrandbits(64) for _ in range(5)]
@@ -445,10 +454,10 @@ def _download_items(job_id: str, seed: int) -> list:  # type: ignore[type-arg]
 
 def _state_of(store, job_id: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
     urls = {f"http://x/{i}" for i in range(55)}
-    records = {url: store.url_record(job_id, url) for url in urls}
+    records = store.url_records(job_id, sorted(urls))
     return {
         "counters": store.counters(job_id),
-        "records": {u: r.model_dump_json().replace(job_id, "J") if r else None for u, r in records.items()},
+        "records": {u: records[u].model_dump_json().replace(job_id, "J") if u in records else None for u in urls},
         "images": [key.replace(job_id, "J") for key in store.image_keys(job_id)],
         "crops": [key.replace(job_id, "J") for key in store.crop_keys(job_id)],
         "accepted": store.count_below(job_id, [0.5, 2.0]),
@@ -473,12 +482,11 @@ def test_batches_of_downloads_and_detections_record_as_one_by_one(state_store, s
                 got += state_store.record_downloads(job_id, items[lo:hi], 12)
                 before = state_store.counters(job_id)
                 again = state_store.record_downloads(job_id, items[lo:hi], 12)  # redelivered: the records as they are
-                assert again == [state_store.url_record(job_id, i.record.url) for i in items[lo:hi]]
+                records = state_store.url_records(job_id, [i.record.url for i in items[lo:hi]])
+                assert again == [records.get(i.record.url) for i in items[lo:hi]]
                 assert state_store.counters(job_id) == before
         else:
-            got = [
-                state_store.record_download(job_id, i.record, i.image, 12, near=i.near) for i in items
-            ]  # fmt: skip
+            got = [state_store.record_downloads(job_id, [item], 12)[0] for item in items]
         finals[job_id] = [r.model_dump_json().replace(job_id, "J") for r in got]
         # Every image, stored or superseded since, goes to the detector; superseded ones record nothing.
         detections = []
@@ -498,10 +506,10 @@ def test_batches_of_downloads_and_detections_record_as_one_by_one(state_store, s
                 recorded |= state_store.record_detections(job_id, detections[lo : lo + 7] * 2)  # listed twice
             assert not any(state_store.record_detections(job_id, detections).values())  # redelivered
         else:
-            recorded = {key: state_store.record_detection(job_id, key, crops) for key, crops in detections}
+            recorded = {key: state_store.record_detections(job_id, [(key, crops)])[key] for key, crops in detections}
         finals[job_id].append(sorted((k.replace(job_id, "J"), v) for k, v in recorded.items()))
         for key in state_store.crop_keys(job_id):
-            state_store.record_distance(job_id, key, 0.4)
+            state_store.record_distances(job_id, [(key, 0.4)])
     assert finals["batched"] == finals["one-by-one"]
     assert _state_of(state_store, "batched") == _state_of(state_store, "one-by-one")
     counters = state_store.counters("batched")
@@ -513,7 +521,6 @@ def test_url_records_reads_the_records_of_many_urls_at_once(state_store) -> None
     """url_records gives what url_record gives for each URL (the URLs without a record left out),
     over more URLs than one statement takes."""
     from imgsift_common.sqlstate import CHUNK
-    from imgsift_common.state import DownloadItem
 
     _job(state_store)
     items = [DownloadItem(*_image(f"{i:064x}", f"http://x/{i}")) for i in range(0, CHUNK + 100, 2)]
@@ -522,7 +529,9 @@ def test_url_records_reads_the_records_of_many_urls_at_once(state_store) -> None
     state_store.record_downloads(JOB, [*items, DownloadItem(failed), copy], 1000)
     asked = [f"http://x/{i}" for i in range(CHUNK + 100)] + ["http://x/bad", "http://x/copy", "http://x/never"]
     found = state_store.url_records(JOB, asked)
-    assert found == {url: record for url in asked if (record := state_store.url_record(JOB, url)) is not None}
+    assert found == {
+        url: record for url in asked if (record := state_store.url_records(JOB, [url]).get(url)) is not None
+    }
     assert len(found) == len(items) + 2
     assert found["http://x/copy"].outcome is DownloadOutcome.DUPLICATE
     assert state_store.url_records(JOB, []) == {}

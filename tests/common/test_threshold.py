@@ -162,7 +162,7 @@ def test_the_job_rule_reads_counts_marks_and_held_out_answers(state_store) -> No
     job = _job(state_store, "job-thr", positives)
     keys = [f"jobs/job-thr/crops/{i:024x}-000.jpg" for i in range(len(crops))]
     for key, d in zip(keys, crops, strict=True):
-        state_store.record_distance(job.id, key, d)
+        state_store.record_distances(job.id, [(key, d)])
 
     found = for_job(job, state_store)
     assert found.answers == 0 and found.crops.n == 300

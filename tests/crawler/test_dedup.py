@@ -37,16 +37,17 @@ def test_the_largest_copy_is_kept_and_the_others_point_to_it(  # type: ignore[no
     crawler_settings = crawler_settings.model_copy(update={"download_concurrency": 1})  # the order given
     _run(job, state_store, local_store, crawler_settings, fetcher)
 
-    records = {name: state_store.url_record(job.id, url) for name, url in urls.items()}
+    found = state_store.url_records(job.id, list(urls.values()))
+    records = {name: found.get(url) for name, url in urls.items()}
     assert records["large"].outcome is DownloadOutcome.STORED
     for name in ("small", "original"):
         assert records[name].outcome is DownloadOutcome.DUPLICATE, name
         assert records[name].duplicate_of == urls["large"]
         assert records[name].hamming is not None and records[name].hamming <= 6
-    assert state_store.url_record(job.id, different).outcome is DownloadOutcome.STORED
+    assert state_store.url_records(job.id, [different])[different].outcome is DownloadOutcome.STORED
     assert state_store.counters(job.id)["downloaded"] == 2
     assert state_store.counters(job.id)["duplicates"] == 2
-    kept = [state_store.get_image(job.id, k) for k in state_store.image_keys(job.id)]
+    kept = state_store.get_images(job.id, state_store.image_keys(job.id)).values()
     assert sorted(i.width for i in kept) == sorted([round(rgb.width * 1.5), Image.open(coco128.images[4]).width])
 
 

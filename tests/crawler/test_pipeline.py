@@ -62,11 +62,14 @@ def test_site_job_stores_unique_images_with_provenance(  # type: ignore[no-untyp
     )
     assert Flag.DISCOVERY_DONE in state_store.flags(job.id)
     pair = {web.url("/copy.jpg"), web.url(f"/img/{photos[0].name}")}
-    records = {u: state_store.url_record(job.id, u) for u in pair}
+    records = state_store.url_records(job.id, list(pair))
     assert sorted(r.outcome for r in records.values()) == [DownloadOutcome.DUPLICATE, DownloadOutcome.STORED]
     dup = next(r for r in records.values() if r.outcome is DownloadOutcome.DUPLICATE)
     assert dup.duplicate_of == (pair - {dup.url}).pop()
-    assert state_store.url_record(job.id, web.url("/fake.jpg")).reason is FailureReason.NOT_AN_IMAGE
+    assert (
+        state_store.url_records(job.id, [web.url("/fake.jpg")])[web.url("/fake.jpg")].reason
+        is FailureReason.NOT_AN_IMAGE
+    )
 
     image = next(i for i in stored if i.provenance.source == "site")
     assert object_store.get(image.key) == next(p for p in photos if p.name in image.provenance.image_url).read_bytes()
@@ -88,8 +91,8 @@ def test_rerun_downloads_nothing_and_changes_no_counter(  # type: ignore[no-unty
 
     # A further step finds discovery done and nothing to lease; a redelivered batch returns the same images.
     assert pipeline.crawl_step(job, state_store, fetcher, crawler_settings).finished
-    candidates = [state_store.url_record(job.id, web.url(f"/img/{p.name}")) for p in coco128.images[:4]]
-    assert all(r is not None and r.outcome is DownloadOutcome.STORED for r in candidates)
+    candidates = list(state_store.url_records(job.id, [web.url(f"/img/{p.name}") for p in coco128.images[:4]]).values())
+    assert len(candidates) == 4 and all(r.outcome is DownloadOutcome.STORED for r in candidates)
     from imgsift_common.messages import Candidate
 
     again = pipeline.download_batch(
@@ -159,7 +162,7 @@ def test_a_url_another_live_task_is_fetching_is_left_to_it(  # type: ignore[no-u
     stored = pipeline.download_batch(job, batch, local_store, state_store, crawler_settings, fetcher, "task-b")
 
     assert [i.provenance.image_url for i in stored] == [urls[1]]
-    assert state_store.url_record(job.id, urls[0]) is None  # left to task A: no record, no request
+    assert state_store.url_records(job.id, [urls[0]]).get(urls[0]) is None  # left to task A: no record, no request
     assert [r for r in web.requests if r.startswith("/c")] == ["/c1.jpg"]
     assert not state_store.hold_lock(job.id, claim, "task-c", 60)  # still A's
     # task B released the claim it took on urls[1] once recorded
@@ -243,7 +246,6 @@ def test_a_batch_asks_the_state_per_batch_not_per_url(  # type: ignore[no-untype
 
     assert sorted(i.provenance.image_url for i in stored) == sorted(urls)
     calls = counted.calls
-    assert (calls.get("url_record"), calls.get("sha_owner")) == (None, None)
     assert (calls["url_records"], calls["counters"], calls["record_downloads"]) == (1, 1, 1)
     if isinstance(state_store, BatchLocks):
         assert (calls["hold_locks"], calls.get("hold_lock")) == (1, None)
@@ -273,7 +275,7 @@ def test_an_exact_copy_leaves_the_kept_image_and_its_provenance_as_they_are(  # 
 
     assert [i.provenance.image_url for i in stored] == [kept]
     for url in (same_batch, later):
-        record = state_store.url_record(job.id, url)
+        record = state_store.url_records(job.id, [url]).get(url)
         assert record.outcome is DownloadOutcome.DUPLICATE and record.duplicate_of == kept
     image = stored[0]
     assert local_store.get(image.key) == photo.read_bytes()

@@ -28,8 +28,8 @@ def test_unfinished_work_lists_undetected_images_and_unscored_crops(state_store)
     )
     a, b, c = (_store_image(state_store, ch * 64) for ch in "abc")
     crops = records.crops(JOB, "a" * 64, 3)
-    state_store.record_detection(JOB, a, crops)
-    state_store.record_distance(JOB, crops[0].key, 0.3)
+    state_store.record_detections(JOB, [(a, crops)])
+    state_store.record_distances(JOB, [(crops[0].key, 0.3)])
     state_store.record_compare_failure(JOB, crops[1].key)
     images, unscored = state_store.unfinished_work(JOB)
     assert images == sorted([b, c])
@@ -44,7 +44,7 @@ def test_stalled_work_waits_for_a_quiet_period_then_hands_on(state_store) -> Non
     assert stalled_work(job, state_store, 60, now=1059.0) is None  # not quiet long enough
     # Progress restarts the watch: a slow stage is not a stalled one.
     crops = records.crops(JOB, "a" * 64, 2)
-    state_store.record_detection(JOB, a, crops)
+    state_store.record_detections(JOB, [(a, crops)])
     assert stalled_work(job, state_store, 60, now=1070.0) is None
     assert stalled_work(job, state_store, 60, now=1120.0) is None
     assert stalled_work(job, state_store, 60, now=1130.0) == ([b], sorted(c.key for c in crops))

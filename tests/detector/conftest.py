@@ -17,7 +17,8 @@ from imgsift_common.messages import (
     SourceSpec,
     StoredImage,
 )
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import DownloadItem
 from imgsift_common.storage import ObjectStore
 from imgsift_detector.model import Detector, get_detector
 from imgsift_detector.settings import DetectorSettings
@@ -57,7 +58,7 @@ def add_image(
     record, image = stored_image(JOB_ID, sha, url=url, size=size, nbytes=len(data))
     if store_object:
         store.put(key, data, "image/jpeg")
-    state.record_download(JOB_ID, record, image, max_images=1000)
+    state.record_downloads(JOB_ID, [DownloadItem(record, image)], 1000)
     return image
 
 

@@ -209,8 +209,8 @@ def test_missing_and_broken_images_are_recorded_without_crops(  # type: ignore[n
     counters = sqlite_state.counters(JOB_ID)
     assert counters[Counter.DETECTED] == 4
     assert counters[Counter.CROPS] == len(crops)
-    assert all(sqlite_state.is_detected(JOB_ID, i.key) for i in (broken, html, missing))
-    assert not sqlite_state.is_detected(JOB_ID, stranger)
+    detected = sqlite_state.detected_counts(JOB_ID, [i.key for i in (broken, html, missing)] + [stranger])
+    assert detected.keys() == {broken.key, html.key, missing.key}
     notes = sqlite_state.notes(JOB_ID)
     assert any(broken.key in n and "decode" in n for n in notes)
     assert any(html.key in n and "decode" in n for n in notes)
@@ -248,13 +248,14 @@ def test_a_failed_crop_write_fails_the_batch_and_records_nothing_unstored(  # ty
 
     # Each model batch's images are recorded in one write after all their crops are stored: the
     # first batch is, the failed one records nothing (its stored crop is overwritten on redelivery).
-    detected = [sqlite_state.is_detected(JOB_ID, i.key) for i in images]
+    found = sqlite_state.detected_counts(JOB_ID, [i.key for i in images])
+    detected = [i.key in found for i in images]
     assert detected == [True, True] + [False] * (len(images) - 2)
     assert sqlite_state.counters(JOB_ID)[Counter.CROPS] == 2
 
     # The redelivered batch detects the rest.
     crops = detect_batch(job, [i.key for i in images], local_store, sqlite_state, fixed, settings)
-    assert len(crops) == 4 and all(sqlite_state.is_detected(JOB_ID, i.key) for i in images)
+    assert len(crops) == 4 and len(sqlite_state.detected_counts(JOB_ID, [i.key for i in images])) == len(images)
 
 
 class StepWatchingDetector(FixedDetector):
@@ -273,9 +274,9 @@ class StepWatchingDetector(FixedDetector):
             done = sum(self.calls)
             previous = self.keys[done - self.calls[-1] : done]
             deadline = time.monotonic() + 10
-            while not all(self.state.is_detected(JOB_ID, k) for k in previous) and time.monotonic() < deadline:
+            while len(self.state.detected_counts(JOB_ID, previous)) < len(previous) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            self.recorded_before.append(all(self.state.is_detected(JOB_ID, k) for k in previous))
+            self.recorded_before.append(len(self.state.detected_counts(JOB_ID, previous)) == len(previous))
         self.calls.append(len(images))
         return super().predict(images, **options)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from imgsift_common import keys
 from imgsift_common.messages import Crop, Job, JobSpec, JobState, SourceKind, SourceSpec
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectStore
 
 JOB_ID = "elephants-0001"
@@ -55,7 +55,7 @@ def put_crops(
             score=0.9,
             class_name=class_name,
         )
-        state.record_detection(job_id, image_key, [crop])
+        state.record_detections(job_id, [(image_key, [crop])])
         crop_keys.append(crop_key)
     return crop_keys
 

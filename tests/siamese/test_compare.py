@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from imgsift_common import keys
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectStore
 from imgsift_siamese import compare, features
 from imgsift_siamese.compare import ReferenceImagesError, compare_batch, reference_embeddings
@@ -48,9 +48,9 @@ def test_compare_batch_records_distances_once(
 
     # The threshold is applied when read: moving it changes the count, nothing is recomputed.
     between = (max(distances[k] for k in elephant_keys) + min(distances[k] for k in other_keys)) / 2
-    assert state_store.count_accepted(job.id, 0.0) == 0
-    assert state_store.count_accepted(job.id, between) == 3
-    assert state_store.count_accepted(job.id, 2.0) == 6
+    assert state_store.count_below(job.id, [0.0])[0] == 0
+    assert state_store.count_below(job.id, [between])[0] == 3
+    assert state_store.count_below(job.id, [2.0])[0] == 6
     assert state_store.counters(job.id)["compared"] == 6
 
     # Redelivery of the same batch: nothing embedded, nothing recorded, counters unchanged.

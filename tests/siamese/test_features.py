@@ -11,8 +11,7 @@ from PIL import Image
 
 from imgsift_common import keys
 from imgsift_common.messages import Crop, Job, SiameseModel, utcnow
-from imgsift_common.sqlstate import SqlStateStore
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import SqlStateStore, StateStore
 from imgsift_common.storage import LocalStore, ObjectStore
 from imgsift_siamese import compare, features
 from imgsift_siamese.compare import compare_batch
@@ -73,7 +72,7 @@ def test_a_batch_redelivered_before_its_distances_were_recorded_reads_its_featur
 
     # Died half-way through recording: the rest is recorded from the same stored rows.
     sqlite_state.reset_distances(job.id)
-    sqlite_state.record_distance(job.id, crop_keys[0], first[crop_keys[0]])
+    sqlite_state.record_distances(job.id, [(crop_keys[0], first[crop_keys[0]])])
     rest = compare_batch(job, crop_keys, object_store, sqlite_state, embedder, siamese_settings)
 
     assert trunk.calls == calls
@@ -205,7 +204,7 @@ def test_a_crop_cut_again_under_its_key_is_not_scored_from_the_old_rows(
     sqlite_state.reset_detections(job.id)
     local_store.put(key, jpeg(crops_by_class["bowl"][1]))
     recut = Crop(**{**crop.model_dump(), "padded_box": (10.0, 10.0, 90.0, 70.0), "class_name": "bowl"})
-    sqlite_state.record_detection(job.id, crop.image_key, [recut])
+    sqlite_state.record_detections(job.id, [(crop.image_key, [recut])])
     images = trunk.images
 
     compare_batch(job, [key], local_store, sqlite_state, embedder, siamese_settings)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from imgsift_common import keys
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import LocalStore
 from imgsift_siamese.compare import compare_batch
 from imgsift_siamese.distance import decided_distance, reference_distance

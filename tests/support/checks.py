@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 
 
 def assert_each_image_and_crop_handled_once(
@@ -16,7 +16,8 @@ def assert_each_image_and_crop_handled_once(
     counts = status["counts"]
     image_keys, crops = state.image_keys(job_id), state.crop_keys(job_id)
     assert counts["downloaded"] == len(image_keys) == images, counts
-    assert counts["detected"] == len(image_keys) and all(state.is_detected(job_id, k) for k in image_keys)
+    detected = state.detected_counts(job_id, image_keys)
+    assert counts["detected"] == len(image_keys) == len(detected)
     assert counts["crops"] == len(crops) == len(set(crops))  # no duplicate crop
     assert counts["compared"] + counts["compare_failed"] == len(crops) == len(state.distances(job_id)), counts
-    assert sum(state.detected_count(job_id, k) or 0 for k in image_keys) == len(crops)  # no crop counted twice
+    assert sum(detected.values()) == len(crops)  # no crop counted twice

@@ -25,7 +25,8 @@ from imgsift_common.messages import (
     StoredImage,
     utcnow,
 )
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import DownloadItem
 from imgsift_common.storage import ObjectStore
 from tests.support.coco import Coco128
 
@@ -53,7 +54,7 @@ def stored_image(
 def record_stored(state: StateStore, job_id: str, sha: str, *, max_images: int = 100, **image: object) -> str:
     """Record a stored image with the job (its object is the caller's to put); returns its key."""
     record, stored = stored_image(job_id, sha, **image)  # type: ignore[arg-type]
-    outcome = state.record_download(job_id, record, stored, max_images).outcome
+    outcome = state.record_downloads(job_id, [DownloadItem(record, stored)], max_images)[0].outcome
     assert outcome is DownloadOutcome.STORED, f"{sha[:12]} was not recorded as stored: {outcome}"
     return stored.key
 
@@ -104,10 +105,10 @@ def fill_job(state: StateStore, store: ObjectStore, coco128: Coco128, job_id: st
             rgb.crop(tuple(round(v) for v in label.box)).save(buffer, "JPEG")
             store.put(crop.key, buffer.getvalue())
             crops.append(crop)
-        state.record_detection(job_id, image_key, crops)
+        state.record_detections(job_id, [(image_key, crops)])
         for crop in crops:
             distance = 0.1 + 0.01 * n if n % 2 == 0 else 0.7 + 0.01 * n
-            state.record_distance(job_id, crop.key, distance)
+            state.record_distances(job_id, [(crop.key, distance)])
             accepted = distance <= EXPORT_THRESHOLD
             expected[crop.crop_id] = {
                 "class": crop.class_name, "box": crop.box, "distance": distance, "accepted": accepted,

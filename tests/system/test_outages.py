@@ -25,7 +25,7 @@ import pytest
 
 from imgsift_common.celery_app import DeadLetter, TaskName
 from imgsift_common.messages import DownloadOutcome, FailureReason
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from tests.conftest import free_port
 from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128
@@ -298,16 +298,18 @@ def test_outage_past_the_retry_budget_is_recorded_not_silent(
     assert letters, "the outage must have cost the job something"
     assert all(x.retries == 1 and "MaxRetryError" in x.error for x in letters), letters
     # Every URL has an outcome, every stored image is detected, every crop scored or counted lost.
-    assert all(state.url_record(job_id, u) is not None for u in urls)
+    found = state.url_records(job_id, urls)
+    assert all(u in found for u in urls)
     assert counts["downloaded"] + counts["failed"] == PHOTOS
-    assert all(state.is_detected(job_id, k) for k in state.image_keys(job_id))
+    image_keys = state.image_keys(job_id)
+    assert len(state.detected_counts(job_id, image_keys)) == len(image_keys)
     assert counts["compared"] + counts["compare_failed"] == counts["crops"]
     # What each lost task cost is in the status, with its reason: the URLs of the download tasks
     # given up that had no outcome yet are failed with reason task_failed.
     in_lost_batches = {
         c["image_url"] for x in letters if x.task == TaskName.DOWNLOAD for c in json.loads(x.args)[0]["candidates"]
     }
-    records = {u: state.url_record(job_id, u) for u in urls}
+    records = {u: found.get(u) for u in urls}
     failed = {u for u, r in records.items() if r is not None and r.outcome is DownloadOutcome.FAILED}
     assert failed and failed <= in_lost_batches, (failed, in_lost_batches)
     assert all(r is not None and r.reason is FailureReason.TASK_FAILED for u, r in records.items() if u in failed)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from imgsift_common.messages import DownloadOutcome
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from tests.support.checks import assert_each_image_and_crop_handled_once
 from tests.support.coco import Coco128
 from tests.support.web import TestWeb
@@ -65,7 +65,7 @@ def test_killed_crawler_resumes_without_refetching_or_losing_urls(
                 time.sleep(0.1)
             running.stop("crawler", signal.SIGKILL)  # the worker and its pool children, no warning
             fetched_now = Tally(r for r in web.requests if r.startswith("/slow/"))
-            stored = {u for u in urls if state.url_record(job_id, u) is not None}
+            stored = set(state.url_records(job_id, urls))
             assert at <= len(stored) < PHOTOS, "the kill must land mid-crawl"
             for u in stored:
                 fetched_when_stored.setdefault(u, fetched_now[u.removeprefix(web.base)])
@@ -75,7 +75,8 @@ def test_killed_crawler_resumes_without_refetching_or_losing_urls(
 
     assert status["state"] == "completed", status
     # No queued URL lost: every URL has an outcome, the frontier is empty.
-    records = {u: state.url_record(job_id, u) for u in urls}
+    found = state.url_records(job_id, urls)
+    records = {u: found.get(u) for u in urls}
     assert all(r is not None and r.outcome is DownloadOutcome.STORED for r in records.values()), records
     assert status["counts"]["downloaded"] == PHOTOS and state.frontier_size(job_id) == 0
     # Nothing stored before a kill was fetched after it; what was in flight may have been.

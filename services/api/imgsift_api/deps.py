@@ -10,7 +10,7 @@ from fastapi import Depends, HTTPException, Path, Request, status
 from imgsift_api.auth import Principal
 from imgsift_api.settings import ApiSettings
 from imgsift_common.messages import JOB_ID_PATTERN, Job
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectStore
 
 

@@ -20,14 +20,15 @@ from imgsift_api.schemas import (
 from imgsift_common.celery_app import TRAIN_REQUEST_MARKER
 from imgsift_common.messages import Crop, Job, StoredImage
 from imgsift_common.progress import compute_progress, reported_progress
-from imgsift_common.state import Counter, Flag, StateStore, discovery_reason
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import Counter, Flag, discovery_reason
 from imgsift_common.threshold import Estimates, JobThreshold, for_job, questions
 
 
 def job_status(job: Job, state: StateStore) -> JobStatus:
     counters = state.counters(job.id)
     c = {name: counters.get(name, 0) for name in Counter}
-    accepted = state.count_accepted(job.id, job.spec.threshold)
+    accepted = state.count_below(job.id, [job.spec.threshold])[0]
     flags = state.flags(job.id)
     progress = compute_progress(counters, flags)
     return JobStatus(

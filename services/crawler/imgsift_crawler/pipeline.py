@@ -41,7 +41,8 @@ from imgsift_common.messages import (
     StoredImage,
     utcnow,
 )
-from imgsift_common.state import BatchLocks, Counter, DownloadItem, Flag, StateStore, StreamState, discovery_reason
+from imgsift_common.sqlstate import StateStore
+from imgsift_common.state import BatchLocks, Counter, DownloadItem, Flag, StreamState, discovery_reason
 from imgsift_common.storage import ObjectStore, put_json
 from imgsift_crawler.dedup import query_for
 from imgsift_crawler.fetch import Fetcher, FetchError, Purpose
@@ -135,7 +136,7 @@ def _stop_reason(job: Job, state: StateStore) -> DiscoveryReason | None:
     if state.counters(job.id).get(Counter.DOWNLOADED, 0) >= job.spec.limits.max_images:
         return DiscoveryReason.LIMIT_REACHED
     want = job.spec.want_accepted
-    if want is not None and state.count_accepted(job.id, job.spec.threshold) >= want:
+    if want is not None and state.count_below(job.id, [job.spec.threshold])[0] >= want:
         return DiscoveryReason.TARGET_REACHED
     return None
 
@@ -149,7 +150,7 @@ def _wants_more(job: Job, state: StateStore, settings: CrawlerSettings) -> bool:
     if want is None:
         return True
     c = state.counters(job.id)
-    accepted = state.count_accepted(job.id, job.spec.threshold)
+    accepted = state.count_below(job.id, [job.spec.threshold])[0]
     # Yields measured so far, optimistic (1) before there is anything to measure.
     per_image = accepted / c[Counter.DETECTED] if c.get(Counter.DETECTED) else 1.0
     per_crop = accepted / c[Counter.COMPARED] if c.get(Counter.COMPARED) else 1.0
@@ -274,7 +275,7 @@ def _finish_discovery(job: Job, state: StateStore, reason: DiscoveryReason) -> N
         while left := state.lease_candidates(job.id, 1000, 0.0):
             for candidate in left:
                 record = DownloadRecord(url=candidate.image_url, outcome=DownloadOutcome.SKIPPED, reason=why)
-                state.record_download(job.id, record, None, job.spec.limits.max_images)
+                state.record_downloads(job.id, [DownloadItem(record)], job.spec.limits.max_images)
     state.set_flag(job.id, Flag.DISCOVERY_REASON + reason.value)
     state.set_flag(job.id, Flag.DISCOVERY_DONE)
     log.info("discovery done", extra={"job_id": job.id, "stage": "crawl", "reason": reason.value})
@@ -527,7 +528,7 @@ def download_batch(
                 # its image goes to the detector again, which is idempotent, so a lost detect
                 # message is sent again; its provenance is written again, in case that delivery
                 # stopped before it did.
-                image = state.get_image(job.id, record.image_key)
+                image = state.get_images(job.id, [record.image_key]).get(record.image_key)
                 if image is not None and image.provenance.image_url == record.url:
                     put_json(store, keys.image_meta_key(job.id, image.sha256), image.model_dump(mode="json"))
                 if image is not None:
@@ -566,6 +567,6 @@ def download_batch(
 
 def _drop_unrecorded(job: Job, state: StateStore, store: ObjectStore, image: StoredImage) -> None:
     """Remove an object stored for a URL whose record lost the race (duplicate or over the limit)."""
-    if state.get_image(job.id, image.key) is None:
+    if state.get_images(job.id, [image.key]).get(image.key) is None:
         store.delete(image.key)
         store.delete(keys.image_meta_key(job.id, image.sha256))

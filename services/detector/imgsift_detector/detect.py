@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from imgsift_common import keys
 from imgsift_common.messages import Box, Crop, Detection, DetectMode, Job, Stage, StoredImage
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_detector.coco import resolve_target
 from imgsift_detector.model import Detector
@@ -228,7 +228,7 @@ def _record_detect_mode(job: Job, targets: frozenset[int] | None, weights_id: st
 
 def _recorded_crops(job_id: str, image: StoredImage, state: StateStore, count: int | None = None) -> list[Crop]:
     """The crops recorded for an image earlier (their indices count up from 0); ``count``: how many, if known."""
-    count = (state.detected_count(job_id, image.key) or 0) if count is None else count
+    count = (state.detected_counts(job_id, [image.key]).get(image.key) or 0) if count is None else count
     return state.get_crops(job_id, [keys.crop_key(job_id, keys.crop_id(image.sha256, i)) for i in range(count)])
 
 
@@ -246,7 +246,7 @@ def _record_unreadable(job_id: str, image: StoredImage, problem: str, state: Sta
     """A missing or broken image is recorded with no crops and a note, so the job can finish."""
     log.warning("image unreadable; recorded with no crops", extra=_log_fields(job_id, image.key))
     state.add_note(job_id, f"image {image.key} has no crops: {problem}")
-    state.record_detection(job_id, image.key, [])
+    state.record_detections(job_id, [(image.key, [])])
 
 
 def _whole_image(pixels: Image.Image) -> tuple[Detection, Box]:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from imgsift_common import keys
 from imgsift_common.messages import Distance, Job, Stage
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_siamese import features as stored
 from imgsift_siamese.distance import judged_distances

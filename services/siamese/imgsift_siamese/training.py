@@ -29,7 +29,7 @@ from PIL import Image
 
 from imgsift_common import keys
 from imgsift_common.messages import Job, SiameseModel, Stage, utcnow
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectStore
 from imgsift_siamese.compare import compare_batch, read_image_or_none, score_stored_features
 from imgsift_siamese.embed import get_embedder, job_embedder

@@ -47,7 +47,7 @@ from imgsift_common.messages import (
     utcnow,
 )
 from imgsift_common.source_checks import unmet_requirements
-from imgsift_common.state import StateStore
+from imgsift_common.sqlstate import StateStore
 from imgsift_common.storage import ObjectNotFound, ObjectStore
 from imgsift_common.webhooks import Delivery
 
@@ -255,7 +255,7 @@ def mark_crop(job: JobDep, state: StateDep, crop_id: str, body: Feedback) -> Cal
     (right) or the hard negatives (wrong) of the next training. A crop must have a distance.
     """
     crop = _crop(job, state, crop_id)
-    if body.correct is not None and not state.has_distance(job.id, crop.key):
+    if body.correct is not None and not state.distances_of(job.id, [crop.key]):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"crop {crop_id} has no distance yet, so its answer could not calibrate anything; answer it once "
@@ -346,7 +346,7 @@ def crop_image(job: JobDep, state: StateDep, store: StoreDep, crop_id: str) -> R
 def crop_original(job: JobDep, state: StateDep, store: StoreDep, crop_id: str) -> Response:
     """The stored original image the crop was cut from."""
     crop = _crop(job, state, crop_id)
-    image = state.get_image(job.id, crop.image_key)
+    image = state.get_images(job.id, [crop.image_key]).get(crop.image_key)
     return _object(store, crop.image_key, f"image/{image.format.lower()}" if image else "application/octet-stream")
 
 

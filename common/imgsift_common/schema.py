@@ -206,6 +206,21 @@ kept_images = sa.Table(  # the images a job keeps, with their provenance
     postgresql_with={"autovacuum_vacuum_insert_scale_factor": KEPT_IMAGES_INSERT_SCALE},
 )
 
+# The near hashes each download batch that decided under the gate kept, numbered in the order the
+# batches took it: a batch runs its band lookup before taking the gate, and under it checks the
+# hashes kept since (sqlstate._Downloads._look_up). A ring of NEAR_LOG_SLOTS rows per job, each
+# overwritten in place (a batch whose number has left the ring looks up again under the gate).
+NEAR_LOG_SLOTS = 64
+
+near_log = sa.Table(
+    "near_log",
+    metadata,
+    _job_no(),
+    sa.Column("slot", sa.SmallInteger, primary_key=True),  # seq % NEAR_LOG_SLOTS
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("nears", sa.LargeBinary, nullable=False),  # the kept near hashes, 8 bytes each, big-endian
+)
+
 superseded = sa.Table(  # images replaced by a larger near-duplicate: their copies point at it, work on them is dropped
     "superseded",
     metadata,

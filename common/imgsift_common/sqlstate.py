@@ -1193,6 +1193,8 @@ class _Downloads:
         self.owners: dict[bytes, str] = {}  # sha -> the URL its exact copies are filed under
         self.elsewhere: dict[bytes, str] = {}  # sha -> "job <id> <url>" of another job's copy
         self.kept: dict[bytes, tuple[int, _Kept]] = {}  # sha -> (hash, row): near-duplicate candidates
+        self.seq = 0  # the job's last near log number, read under the gate
+        self.logged: list[int] = []  # the near hashes the batch keeps, for the log
         self.downloaded = 0
         self.superseded = False  # whether an item of the batch replaced a kept image
         self.pending: dict[sa.Table, dict[tuple[Any, ...], dict[str, Any]]] = {}
@@ -1230,12 +1232,25 @@ class _Downloads:
                 self._flush()
                 answers[ident] = _outcomes(tx.conn, tx.job, tx.job_id, [ident])[ident]
             finals.append(answers[ident])
+        if self.logged:
+            seq, nears = self.seq + 1, struct.pack(f">{len(self.logged)}Q", *self.logged)
+            self._add(t.near_log, {"job": tx.job, "slot": seq % t.NEAR_LOG_SLOTS, "seq": seq, "nears": nears})
         self._flush()
         return finals
 
     def _look_up(self, items: list[DownloadItem]) -> None:
-        """The gate, and every row the batch's decisions read: exact owners, other jobs' copies, near hashes."""
+        """The gate, and every row the batch's decisions read: exact owners, other jobs' copies, near hashes.
+
+        The band lookup, the costly read, runs before the gate, beside the batch deciding; under it,
+        the near hashes kept since are read from the job's near log (schema.near_log): every batch
+        that decided after the log number read first (``seen``) logged what it kept, and every other
+        one had committed before the lookup began. Rows are read in full under the gate."""
         tx = self.tx
+        queries = [item.near for item in items if item.near is not None]
+        g, seen, near = t.near_log.c, 0, set()
+        if queries:
+            last = _cached(tx.conn, "near seen", lambda: sa.select(sa.func.max(g.seq)).where(g.job == _JOB))
+            seen, near = tx.conn.execute(last, {"job": tx.job}).scalar() or 0, self._band_lookup(queries)
         self.downloaded = self.store._gate(tx, "decide")
         shas = sorted({bytes.fromhex(item.record.sha256) for item in items if item.record.sha256})
         self.owners.update(_owners(tx.conn, tx.job, shas))
@@ -1252,11 +1267,39 @@ class _Downloads:
                 copies += [(sha, job_id, url) for sha, job_id, url in tx.conn.execute(replaced, {"ids": chunk})]
                 for sha, job_id, url in sorted(copies, key=lambda c: (bytes(c[0]), c[1])):
                     self.elsewhere.setdefault(bytes(sha), f"job {job_id} {url}")
-        queries = [item.near for item in items if item.near is not None]
         if not queries:
             return
+        since = _cached(
+            tx.conn, "near log", lambda: sa.select(g.seq, g.nears).where(g.job == _JOB, g.seq > sa.bindparam("seen"))
+        )
+        logged = sorted(tx.conn.execute(since, {"job": tx.job, "seen": seen}).all())
+        self.seq = logged[-1].seq if logged else seen
+        if [entry.seq for entry in logged] != list(range(seen + 1, self.seq + 1)):  # some left the ring: look up again
+            near = self._band_lookup(queries)
+        for entry in logged:
+            values = struct.unpack(f">{len(entry.nears) // 8}Q", entry.nears)
+            near.update(
+                _signed64(v) for v in values if any((q.hash ^ v).bit_count() <= q.max_distance for q in queries)
+            )
         k = t.kept_images.c
+        mask = (1 << t.PHASH_BAND_BITS) - 1
+        full = _cached(
+            tx.conn,
+            "near rows",
+            lambda: sa.select(k.sha, k.near, k.width, k.height, k.format, k.key, k.provenance).where(
+                k.job == _JOB, one_of(tx.conn, k.band0, "b0"), one_of(tx.conn, k.near, "near")
+            ),
+        )
+        for chunk in _chunks(sorted(near)):
+            b0 = sorted({value & mask for value in chunk})
+            for row in tx.conn.execute(full, {"job": tx.job, "b0": b0, "near": chunk}):
+                sha, pixels = bytes(row.sha), int(row.width) * int(row.height)
+                value = row.near & (1 << 64) - 1
+                self.kept[sha] = (value, _Kept(sha, pixels, _image_key(tx.job_id, row), kept_url(row.provenance)))
 
+    def _band_lookup(self, queries: list[NearDupQuery]) -> set[int]:
+        """The near values (as stored: signed) of the job's kept images within a query's reach, by band."""
+        tx = self.tx
         # Candidates by band are many more than matches (a 16-bit band value is shared by one image
         # in 65,536: at a million images some thousand candidates per image), so they are read as
         # near value and the band that found them, from the band's index alone ((job, bandN, near):
@@ -1292,19 +1335,7 @@ class _Downloads:
                 )
                 if any((h ^ value).bit_count() <= d for h, d in asking):
                     near.add(stored)
-        full = _cached(
-            tx.conn,
-            "near rows",
-            lambda: sa.select(k.sha, k.near, k.width, k.height, k.format, k.key, k.provenance).where(
-                k.job == _JOB, one_of(tx.conn, k.band0, "b0"), one_of(tx.conn, k.near, "near")
-            ),
-        )
-        for chunk in _chunks(sorted(near)):
-            b0 = sorted({value & mask for value in chunk})
-            for row in tx.conn.execute(full, {"job": tx.job, "b0": b0, "near": chunk}):
-                sha, pixels = bytes(row.sha), int(row.width) * int(row.height)
-                value = row.near & (1 << 64) - 1
-                self.kept[sha] = (value, _Kept(sha, pixels, _image_key(tx.job_id, row), kept_url(row.provenance)))
+        return near
 
     def _nearest(self, near: NearDupQuery, sha: bytes) -> tuple[int, _Kept] | None:
         """The kept image nearest to ``near`` within its max distance (ties: the first URL)."""
@@ -1355,6 +1386,7 @@ class _Downloads:
         self._add(t.kept_images, {"job": tx.job, **_image_row(tx.job_id, record.url, image, near)})
         if near is not None:
             self.kept[sha] = (near.hash, _Kept(sha, pixels, image.key, record.url))
+            self.logged.append(near.hash)
         tx.incr(Counter.DOWNLOADED)
         return record
 

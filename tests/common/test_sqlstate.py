@@ -28,7 +28,7 @@ from imgsift_common.messages import (
     SourceSpec,
 )
 from imgsift_common.neardup import NearDupQuery
-from imgsift_common.schema import SchemaMismatch, check_schema, head_revision, metadata, migrate
+from imgsift_common.schema import NEAR_LOG_SLOTS, SchemaMismatch, check_schema, head_revision, metadata, migrate
 from imgsift_common.sqldialect import make_engine
 from imgsift_common.sqlstate import BINS, SqlStateStore
 from imgsift_common.state import DownloadItem
@@ -337,10 +337,11 @@ def test_a_state_file_of_an_older_imgsift_is_refused_with_how_to_go_on(tmp_path:
         SqlStateStore.sqlite(path)
 
 
-def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(empty_url: str) -> None:
+def test_revisions_0002_to_0004_upgrade_and_carry_the_kept_images_over(empty_url: str) -> None:
     """0002 replaces the per-image tables without carrying their rows over: it says so rather than
-    drop them. 0003 changes only kept_images' band indexes: a job recorded at 0002 finds its near
-    duplicates at 0003, and 0003 goes back and forth."""
+    drop them. 0003 changes only kept_images' band indexes, 0004 adds the near log: a job's kept
+    images, taken down to 0002 (its near log dropped) and up again, are found as near duplicates,
+    and 0003 and 0004 go back and forth."""
     from alembic import command
 
     from imgsift_common.schema import alembic_config
@@ -360,14 +361,16 @@ def test_revisions_0002_and_0003_upgrade_and_0003_carries_the_kept_images_over(e
         upgrade("head")
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM downloads"))
-    upgrade("0002")
+    upgrade("head")
     phash = 0x8123456789ABCDEF  # negative as a signed 64-bit value, as half the hashes are
     big_record, big = stored_image(JOB, _sha(1), url="http://x/big", size=(400, 300))
     big = big.model_copy(update={"phash": f"{phash:016x}"})
-    old = SqlStateStore(engine)  # the code at 0002 wrote the same rows: only the indexes differ
+    old = SqlStateStore(engine)  # the code at 0002 and 0003 wrote the same rows, less the near log's
     _job(old)
     assert old.record_downloads(JOB, [DownloadItem(big_record, big, near=NearDupQuery(phash, 6))], 10)[0] == big_record
-    upgrade("head")
+    upgrade("0003", command.downgrade)
+    with engine.connect() as conn:
+        assert "near_log" not in sa.inspect(conn).get_table_names()
     upgrade("0002", command.downgrade)
     upgrade("head")
     check_schema(engine)
@@ -497,3 +500,55 @@ def test_downstream_writes_do_not_wait_for_a_download_batch_deciding(sql_url: st
     assert worker.counters(JOB)["downloaded"] == 3
     for store in (worker, crawler, third):
         store.close()
+
+
+@pytest.mark.parametrize("between", [1, 1 + NEAR_LOG_SLOTS])
+@pytest.mark.parametrize("first_larger", [False, True])
+def test_a_near_copy_kept_while_a_batch_looks_up_is_seen_under_the_gate(
+    sql_url: str, first_larger: bool, between: int
+) -> None:
+    """A batch has run its band lookup (before the gate) when a near copy of its image is kept by
+    another batch: under the gate it still finds it (in the near log, or, once the log has moved on
+    past what it read, by looking up again), so exactly one copy is kept whichever is larger."""
+    if sql_url.startswith("sqlite"):
+        pytest.skip("SQLite has one writer at a time: its batches look up under their write lock")
+    slow, fast = SqlStateStore.open(sql_url), SqlStateStore.open(sql_url)
+    _job(slow)
+    phash = 0x0123456789ABCDEF
+    sides = (400, 100) if first_larger else (100, 400)
+    looked, proceed = threading.Event(), threading.Event()
+
+    def pause(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "FOR NO KEY UPDATE" in statement:  # the gate: the band lookup is done
+            looked.set()
+            proceed.wait(10)
+
+    sa.event.listen(slow.engine, "before_cursor_execute", pause)
+    record, image = stored_image(JOB, _sha(1), url="http://x/slow", size=(sides[0], sides[0]))
+    image = image.model_copy(update={"phash": f"{phash:016x}"})
+    done: list[DownloadRecord] = []
+    batch = threading.Thread(
+        target=lambda: done.extend(
+            slow.record_downloads(JOB, [DownloadItem(record, image, near=NearDupQuery(phash, 6))], 1000)
+        )
+    )
+    batch.start()
+    assert looked.wait(10)
+    rng = random.Random(5)
+    for i in range(between):  # the near copy, then batches of far images that fill the log's ring
+        other = phash ^ 0b11 if i == 0 else rng.getrandbits(64)
+        near_record, near_image = stored_image(JOB, _sha(2 + i), url=f"http://x/{i}", size=(sides[1], sides[1]))
+        near_image = near_image.model_copy(update={"phash": f"{other:016x}"})
+        near = DownloadItem(near_record, near_image, near=NearDupQuery(other, 6))
+        assert fast.record_downloads(JOB, [near], 1000) == [near_record]
+    proceed.set()
+    batch.join(10)
+    small, large = ("http://x/0", "http://x/slow") if first_larger else ("http://x/slow", "http://x/0")
+    records = fast.url_records(JOB, [small, large])
+    copy = records[small]
+    assert (copy.outcome, copy.duplicate_of, copy.hamming) == (DownloadOutcome.DUPLICATE, large, 2)
+    assert records[large].outcome is DownloadOutcome.STORED
+    assert fast.counters(JOB) == {"downloaded": between, "duplicates": 1}
+    assert done[0].outcome is (DownloadOutcome.STORED if first_larger else DownloadOutcome.DUPLICATE)
+    slow.close()
+    fast.close()

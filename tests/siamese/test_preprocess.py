@@ -141,3 +141,26 @@ def test_the_runners_normalisation_is_to_arrays(crops_by_class: dict[str, list[I
 
     assert got.dtype == np.float32 and got.shape == (2, 3, 96, 96)
     assert np.array_equal(got, np.stack([to_array(letterbox(im, 96)) for im in images]))
+
+
+def _pasted(image: Image.Image, size: int) -> np.ndarray:
+    """The letterbox as Pillow composes it: the resized image pasted on a canvas of the pad colour."""
+    image = image.convert("RGB")
+    width, height = letterboxed_size(*image.size, size)
+    canvas = Image.new("RGB", (size, size), PAD_COLOUR)
+    canvas.paste(image.resize((width, height), Image.Resampling.BILINEAR), ((size - width) // 2, (size - height) // 2))
+    return np.asarray(canvas)
+
+
+@pytest.mark.parametrize("size", [224, 97])
+def test_pixels_are_the_pillow_letterbox_bit_for_bit(crops_by_class: dict[str, list[Image.Image]], size: int) -> None:
+    """``pixels`` places the resized image in numpy, not on a Pillow canvas: the same pixels for real
+    crops smaller and larger than the square, odd sizes, one that already has the letterbox's size,
+    and other modes."""
+    images = [im for crops in crops_by_class.values() for im in crops[:3]]
+    images += [images[0].resize((size, size // 3)), images[1].convert("L"), images[2].convert("P")]
+    for image in images:
+        got = pixels(image, size)
+        assert got.dtype == np.uint8 and got.shape == (size, size, 3) and got.flags.writeable
+        assert np.array_equal(got, _pasted(image, size)), image.size
+        assert np.array_equal(np.asarray(letterbox(image, size)), got)

@@ -9,6 +9,7 @@ twice the letterbox is decoded at a reduced scale (``Image.draft``: libjpeg's DC
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -34,9 +35,10 @@ def decode_image(data: bytes, size: int | None = None) -> Image.Image:
         if size is not None:
             width, height = opened.size
             opened.draft(None, letterboxed_size(width, height, size))  # JPEG only; a no-op for other formats
-        image = ImageOps.exif_transpose(opened)
-        image.load()
-    return to_rgb(image)
+        # In place (loads it): otherwise exif_transpose returns a copy of an image already upright, as
+        # the detector's crops are. Leaving the block only lets go of the bytes, not the pixels.
+        ImageOps.exif_transpose(opened, in_place=True)
+    return to_rgb(opened)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -56,12 +58,7 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
     # COCO128 crops from 0.66 to 0.69 for person vs other classes (0.75 to 0.79 in a second
     # run with 3 references) and from 0.80 to 0.94 for elephant vs other animals with one set
     # of references (averaged over 20 random triples of references both give 0.89).
-    image = to_rgb(image)
-    resized_size = letterboxed_size(*image.size, size)
-    resized = image.resize(resized_size, Image.Resampling.BILINEAR)
-    canvas = Image.new("RGB", (size, size), PAD_COLOUR)
-    canvas.paste(resized, ((size - resized_size[0]) // 2, (size - resized_size[1]) // 2))
-    return canvas
+    return Image.fromarray(pixels(image, size))
 
 
 def letterboxed_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -71,8 +68,27 @@ def letterboxed_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def pixels(image: Image.Image, size: int) -> np.ndarray:
-    """The trunk's input for one image: ``image`` letterboxed into ``size``, ``(size, size, 3)`` uint8."""
-    return np.asarray(letterbox(image, size))
+    """The trunk's input for one image: ``image`` letterboxed into ``size`` (:func:`letterbox`),
+    ``(size, size, 3)`` uint8."""
+    # Only the resized image passes from Pillow to numpy, into a copy of the padded square: not a
+    # Pillow canvas that the image is pasted on and that is then copied out whole: the same pixels
+    # (tests/siamese/test_preprocess.py) for less CPU (bench/embed_bench.py --exports: the letterbox part).
+    image = to_rgb(image)
+    width, height = letterboxed_size(*image.size, size)
+    resized = image if image.size == (width, height) else image.resize((width, height), Image.Resampling.BILINEAR)
+    out = _pad_square(size).copy()
+    left, top = (size - width) // 2, (size - height) // 2
+    out[top : top + height, left : left + width] = np.asarray(resized)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _pad_square(size: int) -> np.ndarray:
+    """A ``(size, size, 3)`` square of the pad colour (read-only: copied, never written)."""
+    square = np.empty((size, size, 3), dtype=np.uint8)
+    square[:] = PAD_COLOUR
+    square.flags.writeable = False
+    return square
 
 
 # (x / 255 - mean) / std as one multiply-add per channel: in to_array (numpy) and normalise (torch,

@@ -37,6 +37,8 @@ configure_logging(settings.log_level)
 CROPS_PER_MESSAGE = 64
 
 
+# Opened at the worker's start (create_celery_app's worker_init hook waits for the database through
+# it), before any task thread asks for it.
 @cache
 def state() -> ServiceStateStore:
     return ServiceStateStore.from_settings(settings)

@@ -75,7 +75,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from imgsift_common.servicestate import ServiceStateStore  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
-from tests.support.stack import Stack  # noqa: E402
+from tests.support.stack import Stack, compose_file  # noqa: E402
 
 API_KEY = "isk_scalebench_0123456789abcdef0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -100,6 +100,13 @@ def server_processes(ports: dict[str, int]) -> dict[str, psutil.Process]:
             if name not in found and re.search(rf"(-p |--port |:){port}\b", command):
                 found[name] = proc
     return found
+
+
+def task_slots(service: str) -> int:
+    """Tasks one worker of ``service`` runs at once: its compose command's ``--concurrency`` (crawler 4,
+    detector 2 threads sharing one model, Siamese 1)."""
+    command = compose_file()["services"][service]["command"]
+    return int(command[command.index("--concurrency") + 1]) if "--concurrency" in command else 1
 
 
 def machine_busy_seconds() -> float:
@@ -449,7 +456,7 @@ def run_e2e(
     stages = {}
     for stage in STAGES:
         trees = [n for n in names if n.split("-")[0] == SERVICE_OF[stage]]
-        workers = args.replicas * (4 if stage == "crawl" else 1)  # crawler: --concurrency 4 in compose
+        workers = args.replicas * task_slots(SERVICE_OF[stage])  # busy time adds up every slot's
         stages[stage] = {
             "items": counters.get(STAGE_COUNTER[stage], 0),
             **busy[stage],

@@ -6,7 +6,7 @@ from imgsift_detector.settings import DetectorSettings
 
 USAGE = """imgsift detector: finds the job's target with YOLO and stores padded crops.
 
-Start a worker:  celery -A imgsift_detector.worker worker -Q detect --concurrency 1
+Start a worker:  celery -A imgsift_detector.worker worker -Q detect --pool threads --concurrency 2
 
 Settings (environment variables; see .env.example for the shared IMGSIFT_* ones):"""
 

@@ -1,7 +1,10 @@
 """The YOLO model behind the detector: loaded once per process, answering with our own records.
 
-ultralytics is imported only when a model is loaded, so the Celery prefork parent never
-imports torch or touches a GPU; each worker process loads its model on its first task.
+ultralytics is imported only when a model is loaded, on the worker's first task. The worker
+runs Celery's threads pool (``--pool threads --concurrency 2``): its tasks share the process's
+one model, loaded once (:func:`get_detector` holds a lock while it loads), and take turns on it
+(:meth:`Detector.predict` holds the detector's lock for each forward pass), so one task's reads,
+decoding and crop writes overlap the other task's forward passes.
 ultralytics ``Results`` become :class:`~imgsift_common.messages.Detection` records right
 after ``predict``: nothing outside this module sees them.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,7 +142,10 @@ def _rect_batch_predictor(base: type) -> type:
 
 
 class Detector:
-    """A YOLO model on one device, predicting in batches. Not thread-safe: one per worker process.
+    """A YOLO model on one device, predicting in batches; one per worker process.
+
+    Threads may share it: its forward passes run one at a time (ultralytics' predictor keeps the
+    call's arguments and its buffers on the model, and an export's runtime has one inference request).
 
     ``export`` runs an OpenVINO or ONNX export of the weights, made once for ``imgsz`` and
     cached in ``export_dir``, instead of the .pt weights (CPU only); ``imgsz`` matters for nothing else.
@@ -156,6 +163,7 @@ class Detector:
         threads: int = 0,
     ) -> None:
         export = ExportFormat(export)
+        self._lock = threading.Lock()  # one forward pass at a time (predict)
         if export is not ExportFormat.NONE and device != "cpu":
             raise WeightsError(f"exported {export.value} models run on the CPU, not on {device!r}")
         with _pillow_open_kept():
@@ -270,17 +278,19 @@ class Detector:
         each pass of images that letterbox to the same shape."""
         found: list[list[Detection]] = [[] for _ in images]
         for indices in shape_batches([image.size for image in images], imgsz, batch_size):
-            # Without stream=True predict() returns a list of Results (its hint also allows a Tensor).
-            results: list[Results] = self._model.predict(  # type: ignore[assignment]
-                [images[i] for i in indices],
-                conf=conf,
-                iou=iou,
-                imgsz=imgsz,
-                device=self.device,
-                verbose=False,
-                predictor=self._predictor,
-                **self._precision,
-            )
+            # One pass at a time: another task's thread waits here while this one runs the model.
+            with self._lock:
+                # Without stream=True predict() returns a list of Results (its hint also allows a Tensor).
+                results: list[Results] = self._model.predict(  # type: ignore[assignment]
+                    [images[i] for i in indices],
+                    conf=conf,
+                    iou=iou,
+                    imgsz=imgsz,
+                    device=self.device,
+                    verbose=False,
+                    predictor=self._predictor,
+                    **self._precision,
+                )
             for index, result in zip(indices, results, strict=True):
                 found[index] = _detections(result)
         return found
@@ -300,7 +310,10 @@ def get_detector(
     exported model's runtime (0: one per core; torch's are set apart, by :func:`limit_torch_threads`)."""
     if ExportFormat(export) is ExportFormat.NONE:
         imgsz, export_dir, threads = 640, None, 0  # they choose an export only: one torch model whatever they are
-    return _cached_detector(weights, device, half, ExportFormat(export), export_dir, imgsz, threads)
+    # Two tasks of a threads-pool worker starting together load one model, not one each (functools.cache
+    # would run both loads); a task that finds the model loading waits for it.
+    with _loading:
+        return _cached_detector(weights, device, half, ExportFormat(export), export_dir, imgsz, threads)
 
 
 def detector_from_settings(settings: DetectorSettings) -> Detector:
@@ -318,6 +331,9 @@ def detector_from_settings(settings: DetectorSettings) -> Detector:
     # sets the model up, which the detector does once, at its warm-up.
     limit_torch_threads(settings.torch_threads)
     return detector
+
+
+_loading = threading.Lock()
 
 
 # Device, precision and export decide how the model is set up in memory (ultralytics before 8.4

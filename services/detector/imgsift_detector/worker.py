@@ -1,14 +1,19 @@
 """Celery task of the detector: a thin wrapper that parses a message, runs the stage, enqueues the next.
 
-Start with ``celery -A imgsift_detector.worker worker -Q detect --concurrency 1``: one model
-per process, batches inside. Settings are read at import, so a bad configuration stops the
-worker at start; the object store, the state and the model are opened on the first task, in
-the worker process and never in the prefork parent.
+Start with ``celery -A imgsift_detector.worker worker -Q detect --pool threads --concurrency 2``:
+one process and one model, two tasks at a time on threads. While one task's images are in the
+model, the other's are read, decoded, cropped, stored and recorded (a task's own pipeline
+overlaps only its steps, and waits for its first reads and last writes); the model's forward
+passes take turns (:mod:`imgsift_detector.model`). Settings are read at import, so a bad
+configuration stops the worker at start; the object store and the model are opened on the first
+task, once for the process (a prefork worker, ``--concurrency 1``, still works: one model per
+child, opened in the child).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cache
 from typing import Any
 
@@ -32,6 +37,8 @@ configure_logging(settings.log_level)
 CROPS_PER_MESSAGE = 64
 
 
+# Opened at the worker's start (create_celery_app's worker_init hook waits for the database through
+# it), before any task thread asks for it.
 @cache
 def state() -> ServiceStateStore:
     return ServiceStateStore.from_settings(settings)
@@ -40,9 +47,18 @@ def state() -> ServiceStateStore:
 app = create_celery_app("imgsift-detector", settings.redis_url, state)
 
 
+_opening = threading.Lock()
+
+
 @cache
-def store() -> ObjectStore:
+def _store() -> ObjectStore:
     return store_from_settings(settings)
+
+
+def store() -> ObjectStore:
+    """This process's object store, opened once even when two task threads ask for it first together."""
+    with _opening:
+        return _store()
 
 
 @app.task(

@@ -9,4 +9,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff format --check .
 .venv/bin/mypy common/imgsift_common services/crawler/imgsift_crawler services/detector/imgsift_detector \
     services/siamese/imgsift_siamese services/api/imgsift_api cli/imgsift clients/python/imgsift_client
-.venv/bin/python -m pytest "$@"
+# Two workers, a test file each at a time (--dist loadfile keeps a file's fixtures in one worker):
+# the suite waits on its servers and subprocesses more than it computes, so one worker left a core
+# idle (26 min on one, load average about 1). IMGSIFT_TEST_WORKERS=0 runs in one process.
+.venv/bin/python -m pytest -n "${IMGSIFT_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from PIL import Image
@@ -69,3 +75,20 @@ def add_photos(state: StateStore, store: ObjectStore, paths: list[Path]) -> list
             size = opened.size
         images.append(add_image(state, store, path.read_bytes(), size))
     return images
+
+
+@contextmanager
+def imported_worker() -> Iterator[ModuleType]:
+    """imgsift_detector.worker imported afresh, as a worker process imports it (settings from the
+    environment); its state closed and the logging it configured restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # the worker configures logging for its process
+    sys.modules.pop("imgsift_detector.worker", None)
+    try:
+        module = importlib.import_module("imgsift_detector.worker")
+        yield module
+        if module.state.cache_info().currsize:
+            module.state().close()
+    finally:
+        sys.modules.pop("imgsift_detector.worker", None)
+        root.handlers[:], root.level = handlers, level

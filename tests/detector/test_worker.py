@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import importlib
 import json
-import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +18,7 @@ from imgsift_common.settings import DEFAULT_TASK_MAX_RETRIES
 from imgsift_common.state import Counter, Flag
 from imgsift_common.storage import LocalStore
 from imgsift_detector.model import WeightsError
-from tests.detector.conftest import JOB_ID, add_photos, make_job
+from tests.detector.conftest import JOB_ID, add_photos, imported_worker, make_job
 
 PHOTOS = ["000000000036", "000000000136"]  # three labelled persons between them
 
@@ -36,17 +33,8 @@ def worker(
     monkeypatch.setenv("IMGSIFT_STORAGE", "local")
     monkeypatch.setenv("IMGSIFT_LOCAL_STORAGE_DIR", str(tmp_path / "objects"))
     monkeypatch.setenv("IMGSIFT_DETECTOR_WEIGHTS", str(yolo_weights))
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # the worker configures logging for its process
-    sys.modules.pop("imgsift_detector.worker", None)
-    try:
-        module = importlib.import_module("imgsift_detector.worker")
+    with imported_worker() as module:
         yield module
-        if module.state.cache_info().currsize:
-            module.state().close()
-    finally:
-        sys.modules.pop("imgsift_detector.worker", None)
-        root.handlers[:], root.level = handlers, level
 
 
 def _queued(redis_url: str, queue: str) -> list[tuple[str, dict[str, Any]]]:

@@ -9,10 +9,7 @@ overlap; and two tasks starting together load one model between them.
 from __future__ import annotations
 
 import functools
-import importlib
-import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +26,7 @@ from imgsift_common.messages import ImageBatch
 from imgsift_common.state import Counter
 from imgsift_detector import model
 from tests.conftest import S3_TEST_CREDENTIALS
-from tests.detector.conftest import JOB_ID, add_photos, make_job
+from tests.detector.conftest import JOB_ID, add_photos, imported_worker, make_job
 from tests.support.coco import Coco128
 from tests.support.stack import compose_file
 
@@ -56,17 +53,8 @@ def worker(
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("IMGSIFT_DETECTOR_WEIGHTS", str(yolo_weights))
     monkeypatch.setenv("IMGSIFT_DETECTOR_PIPELINE_STEP", "2")
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # the worker configures logging for its process
-    sys.modules.pop("imgsift_detector.worker", None)
-    try:
-        module = importlib.import_module("imgsift_detector.worker")
+    with imported_worker() as module:
         yield module
-        if module.state.cache_info().currsize:
-            module.state().close()
-    finally:
-        sys.modules.pop("imgsift_detector.worker", None)
-        root.handlers[:], root.level = handlers, level
 
 
 @dataclass
